@@ -1,0 +1,114 @@
+"""
+Config overrides, nanoGPT style, but strict. A train script defines its config as plain module-level
+variables, then calls
+
+    config = configure(globals())
+
+which applies, in order, every positional config file (`config/x.py`, plain Python assignments) and
+every `--key=value`, and returns the final {key: value} dict. Rules:
+  - an unknown key (on the command line *or* inside a config file) is an error naming the closest key;
+  - a value must have its default's type (an int is accepted for a float; None defaults take anything);
+  - values are Python literals (`--flag=False` is False, `--betas=(0.9,0.95)`); a bare word is a string;
+  - `--help` lists every key with its default.
+"""
+import ast
+import difflib
+import os
+import sys
+
+CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def config_keys(globs):
+    """The script's config: public module-level values of plain types defined before configure()."""
+    return {k: v for k, v in globs.items()
+            if not k.startswith("_") and isinstance(v, CONFIG_TYPES) and not callable(v)}
+
+
+def check_key(key, defaults, where):
+    if key not in defaults:
+        close = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def check_type(key, value, default, where):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, (tuple, list))
+        value = type(default)(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"config key '{key}' in {where} expects {type(default).__name__} "
+                          f"(default {default!r}) but got {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word: a string
+
+
+def apply_config_file(path, defaults, values):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    namespace = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), namespace)
+    for key, value in namespace.items():
+        if key.startswith("_") or type(value).__name__ == "module":
+            continue
+        check_key(key, defaults, path)
+        values[key] = check_type(key, value, defaults[key], path)
+
+
+def parse_args(defaults, argv):
+    """Pure function (tests call it): defaults + argv -> final config dict, or ConfigError."""
+    values = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):
+            apply_config_file(arg, defaults, values)
+            continue
+        if "=" not in arg:
+            raise ConfigError(f"expected --key=value, got '{arg}'")
+        key, text = arg[2:].split("=", 1)
+        check_key(key, defaults, "the command line")
+        values[key] = check_type(key, parse_value(text), defaults[key], "the command line")
+    return values
+
+
+def help_text(defaults, script):
+    lines = [f"usage: python {script} [config/file.py ...] [--key=value ...]", "", "config keys (default):"]
+    width = max(len(k) for k in defaults)
+    lines += [f"  --{k:<{width}} = {v!r}" for k, v in defaults.items()]
+    return "\n".join(lines)
+
+
+def configure(globs, argv=None):
+    """Apply config files and --key=value to the calling script's globals; returns the config dict."""
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = config_keys(globs)
+    if "--help" in argv or "-h" in argv:
+        print(help_text(defaults, os.path.basename(globs.get("__file__", "train.py"))))
+        sys.exit(0)
+    try:
+        values = parse_args(defaults, argv)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    changed = {k: v for k, v in values.items() if v != defaults[k]}
+    if changed:
+        print("overrides: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+    globs.update(values)
+    return values

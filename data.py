@@ -1,0 +1,189 @@
+"""
+Everything about data in and answers out: tokenizer, image I/O, seeded batching with DDP sharding,
+results.json, and (below the foundations) one synthetic generator, real readers and metrics per recipe.
+"""
+import json
+import os
+import subprocess
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# tokenizer: byte-level tiktoken built offline + named special tokens, addressed by id
+
+
+class Tokenizer:
+    """Byte-level tiktoken encoding (256 byte ranks) plus named special tokens with ids 256, 257, ...
+
+    Special tokens are only ever inserted by id (`tok["<|image|>"]`); encode() never turns text that
+    happens to spell a special token into that token. base='gpt2' (or another tiktoken name) uses a named
+    BPE when it is available offline; the specials are then appended after its vocabulary."""
+
+    BASE_SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|image|>")
+
+    def __init__(self, specials=(), base="bytes"):
+        import tiktoken
+        names = list(dict.fromkeys(self.BASE_SPECIALS + tuple(specials)))
+        if base == "bytes":
+            ranks = {bytes([i]): i for i in range(256)}
+            pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+        else:
+            try:
+                named = tiktoken.get_encoding(base)
+            except Exception as e:  # tiktoken downloads named encodings; offline that fails
+                from model import InputError
+                raise InputError(f"tiktoken encoding '{base}' is not available offline ({e}); use base='bytes'") from None
+            ranks, pat = named._mergeable_ranks, named._pat_str
+        first = len(ranks)
+        self.special = {name: first + i for i, name in enumerate(names)}
+        self.enc = tiktoken.Encoding(name=f"{base}+{len(names)}specials", pat_str=pat,
+                                     mergeable_ranks=ranks, special_tokens=self.special)
+        self.n_base = first
+        self.vocab_size = first + len(names)
+
+    def __getitem__(self, name):
+        return self.special[name]
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids, skip_special=True):
+        ids = [int(i) for i in ids if not (skip_special and int(i) >= self.n_base)]
+        return self.enc.decode(ids, errors="replace")
+
+# -----------------------------------------------------------------------------
+# image I/O (Pillow)
+
+
+def load_image(path, size=None):
+    """-> float tensor (3, H, W) in [0, 1]. size: int (square) or (W, H)."""
+    from PIL import Image
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    img = Image.open(path).convert("RGB")
+    if size is not None:
+        img = img.resize((size, size) if isinstance(size, int) else tuple(size), Image.BILINEAR)
+    return pil_to_tensor(img)
+
+
+def pil_to_tensor(img):
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def to_pil(x):
+    """(3, H, W) or (H, W) float tensor in [0, 1], or a uint8 HWC array -> PIL image."""
+    from PIL import Image
+    if isinstance(x, Image.Image):
+        return x.convert("RGB")
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu()
+        x = (x.clamp(0, 1) * 255).round().byte()
+        x = x.permute(1, 2, 0).numpy() if x.dim() == 3 else x.numpy()
+    x = np.asarray(x)
+    if x.ndim == 2:
+        x = np.stack([x] * 3, -1)
+    return Image.fromarray(x.astype(np.uint8)).convert("RGB")
+
+
+def normalize(x, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def save_png(img, path):
+    """Write an image (tensor, array or PIL) as PNG, creating the folder; written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    to_pil(img).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def image_grid(images, cols):
+    """List of PIL images (same size) -> one PIL image, `cols` per row."""
+    from PIL import Image
+    images = [to_pil(im) for im in images]
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+# -----------------------------------------------------------------------------
+# seeded batching: every sample is a pure function of (seed, split, index)
+
+
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "probe": 3}
+
+
+def sample_rng(seed, split, index):
+    """The RNG of one sample. Train and val draw from disjoint streams, so the held-out split is fixed by
+    the seed and can never overlap training; resume is exact because index is a function of the step."""
+    if split not in SPLIT_IDS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLIT_IDS)}")
+    return np.random.default_rng([seed, SPLIT_IDS[split], index])
+
+
+def batch_indices(step, batch_size, rank=0, world_size=1):
+    """Global sample indices of this rank's share of step `step`'s global batch (batch_size per rank).
+    The union over ranks equals one process's batch of batch_size * world_size: DDP sees the same data."""
+    start = step * batch_size * world_size + rank * batch_size
+    return list(range(start, start + batch_size))
+
+
+def shard(items, rank=0, world_size=1):
+    """A real dataset's share for this rank (DistributedSampler without padding)."""
+    return items[rank::world_size]
+
+
+def epoch_order(n, seed, epoch):
+    """Shuffled order of a finite dataset for one epoch, the same on every rank."""
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+# -----------------------------------------------------------------------------
+# results.json: one shape for every recipe
+
+
+def target_met(value, op, threshold):
+    return {">=": value >= threshold, "<=": value <= threshold, ">": value > threshold,
+            "<": value < threshold}[op]
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_results(out_dir, recipe, split, n_eval, metrics, targets, **fields):
+    """Writes out_dir/results.json: {"recipe", "split", "n_eval", "metrics", "targets", "met", ...fields}.
+    targets: {metric: (op, threshold)}; "met" is True only if every target metric is present and met."""
+    met = all(k in metrics and target_met(metrics[k], op, thr) for k, (op, thr) in targets.items())
+    results = dict(recipe=recipe, split=split, n_eval=n_eval,
+                   metrics={k: float(v) for k, v in metrics.items()},
+                   targets={k: [op, thr] for k, (op, thr) in targets.items()},
+                   met=met, git=git_commit(), **fields)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+    return results
+
+
+def format_metrics(metrics, targets=None):
+    """'name 0.962 (>= 0.95 ok)' pairs on one line, for the eval print."""
+    parts = []
+    for k, v in metrics.items():
+        s = f"{k} {v:.4g}"
+        if targets and k in targets:
+            op, thr = targets[k]
+            s += f" ({op} {thr} {'ok' if target_met(v, op, thr) else 'MISS'})"
+        parts.append(s)
+    return " | ".join(parts)

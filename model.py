@@ -1,0 +1,670 @@
+"""
+The shared core: every module and training mechanism used by two or more recipes.
+
+  GPT        decoder-only LM (RMSNorm, rotary, SDPA attention, explicit GQA, relu^2 MLP,
+             untied head), vision-token scatter, KV-cache generation. Parameter names follow
+             nanochat's GPT so its checkpoints load without renaming.
+  ViT        patch encoder with per-layer patch K/V that can be cached, and query tokens that
+             read the patches at every layer (deep) or only at the last one (shallow).
+  Projector  vision width -> LM width.
+  training   optimizer groups, warmup+cosine LR, DDP setup, autocast, compile, FLOPs/MFU,
+             atomic checkpoints, from_pretrained (local dir or hf:owner/name).
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class InputError(ValueError):
+    """Bad input from the user (config, data, checkpoint): printed as one clear line, no traceback."""
+
+
+def install_error_hook():
+    """Scripts call this once: an InputError (or a missing file) prints one line instead of a traceback."""
+    default_hook = sys.excepthook
+
+    def hook(kind, err, tb):
+        if isinstance(err, (InputError, FileNotFoundError)) and not os.environ.get("VLM_TRACEBACK"):
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            default_hook(kind, err, tb)
+    sys.excepthook = hook
+
+# -----------------------------------------------------------------------------
+# GPT
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 512
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4          # < n_head gives grouped-query attention
+    n_embd: int = 256
+    sequence_len: int = 512     # rotary table covers 4x this
+    image_token_id: int = -1    # token whose positions receive vision embeddings (-1: none)
+    logit_softcap: float = 15.0  # nanochat's tanh softcap; 0 disables
+    rope_base: float = 10000.0
+
+
+def norm(x):
+    # parameter-free RMSNorm, as nanochat
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, T, H, D); cos/sin: (T, D/2) or (B, T, D/2)
+    if cos.dim() == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1).to(x.dtype)
+
+
+def repeat_kv(x, n_rep):
+    """(B, Hkv, T, D) -> (B, Hkv*n_rep, T, D). Explicit, so GQA works on every torch (no enable_gqa)."""
+    if n_rep == 1:
+        return x
+    B, H, T, D = x.shape
+    return x[:, :, None].expand(B, H, n_rep, T, D).reshape(B, H * n_rep, T, D)
+
+
+class KVCache:
+    """Per-layer key/value cache for generation. Keyword-only so two sizes can never be swapped silently."""
+
+    def __init__(self, *, batch_size, num_heads, seq_len, head_dim, num_layers,
+                 device="cpu", dtype=torch.float32, max_gib=64.0):
+        sizes = dict(batch_size=batch_size, num_heads=num_heads, seq_len=seq_len,
+                     head_dim=head_dim, num_layers=num_layers)
+        for name, value in sizes.items():
+            if not isinstance(value, int) or value <= 0:
+                raise InputError(f"KVCache {name} must be a positive int, got {value!r}")
+        gib = 2 * batch_size * num_heads * seq_len * head_dim * num_layers * torch.finfo(dtype).bits / 8 / 2**30
+        if gib > max_gib:
+            raise InputError(f"KVCache would allocate {gib:.1f} GiB for {sizes}: are two arguments swapped?")
+        shape = (num_layers, batch_size, num_heads, seq_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_valid = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # rotary position per row
+        self.pos = 0  # number of cache slots written (shared by all rows: prompts are left-padded)
+        self.shape = shape
+
+    def insert_kv(self, layer, k, v):
+        L, B, H, S, D = self.shape
+        assert k.shape == v.shape and k.dim() == 4, f"k {tuple(k.shape)} v {tuple(v.shape)}"
+        assert (k.shape[0], k.shape[1], k.shape[3]) == (B, H, D), \
+            f"KVCache holds (batch={B}, heads={H}, head_dim={D}) but got k of shape {tuple(k.shape)}"
+        T = k.shape[2]
+        assert self.pos + T <= S, f"KVCache full: {self.pos} + {T} > seq_len {S}"
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        if layer == L - 1:
+            self.pos = end
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK norm
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        n_rep = self.n_head // self.n_kv_head
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        # never both attn_mask and is_causal: the CPU backend rejects the pair
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
+        x = x + self.attn(norm(x), cos, sin, attn_mask, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        head_dim = config.n_embd // config.n_head
+        cos, sin = rotary_table(4 * config.sequence_len, head_dim, config.rope_base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.apply(init_weights)
+        for block in self.transformer.h:  # residual projections start at zero: every block starts as identity
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+
+    # -- embedding and the vision-token scatter
+    def embed(self, idx, vision_embeds=None):
+        """Token embeddings, with `vision_embeds` rows written in order where idx == image_token_id."""
+        x = self.transformer.wte(idx)
+        image_id = self.config.image_token_id
+        n_slots = int((idx == image_id).sum()) if image_id >= 0 else 0
+        n_rows = 0 if vision_embeds is None else vision_embeds.reshape(-1, vision_embeds.shape[-1]).shape[0]
+        if n_slots != n_rows:
+            raise InputError(f"vision token count mismatch: the prompt has {n_slots} image-token positions "
+                             f"(id {image_id}) but {n_rows} vision embeddings were given")
+        if n_rows:
+            rows = vision_embeds.reshape(-1, x.shape[-1]).to(x.dtype)
+            x = x.masked_scatter((idx == image_id).unsqueeze(-1), rows)
+        return x
+
+    # -- the transformer on embeddings (so recipes can feed soft/continuous inputs)
+    def forward_embeds(self, x, pad_mask=None, kv_cache=None):
+        """x: (B, T, C) -> final hidden states (B, T, C). pad_mask: (B, T) bool, True = real token (left padding)."""
+        B, T, _ = x.shape
+        attn_mask, positions = None, None
+        if kv_cache is not None or pad_mask is not None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if pad_mask is None else pad_mask.bool()
+            start = 0 if kv_cache is None else kv_cache.pos
+            positions = torch.cumsum(valid.long(), 1) - 1
+            if kv_cache is not None:
+                kv_cache.key_valid[:, start:start + T] = valid
+                positions = positions + kv_cache.next_pos[:, None]
+                kv_cache.next_pos += valid.long().sum(1)
+                key_valid = kv_cache.key_valid[:, :start + T]
+            else:
+                key_valid = valid
+            positions = positions.clamp(min=0)
+            q_idx = torch.arange(start, start + T, device=x.device)[:, None]
+            k_idx = torch.arange(start + T, device=x.device)[None, :]
+            attn_mask = ((k_idx <= q_idx)[None] & key_valid[:, None, :]) | (k_idx == q_idx)[None]
+            attn_mask = attn_mask[:, None]  # (B, 1, T, S); a row always sees itself, so no row is all -inf
+        if positions is None:
+            if T > self.cos.shape[0]:
+                raise InputError(f"sequence of {T} tokens exceeds the rotary table ({self.cos.shape[0]})")
+            cos, sin = self.cos[:T], self.sin[:T]
+        else:
+            if int(positions.max()) >= self.cos.shape[0]:
+                raise InputError(f"position {int(positions.max())} exceeds the rotary table ({self.cos.shape[0]})")
+            cos, sin = self.cos[positions], self.sin[positions]
+        x = norm(x)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, attn_mask, kv_cache)
+        return norm(x)
+
+    def logits(self, h):
+        logits = self.lm_head(h).float()
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def forward(self, idx, targets=None, vision_embeds=None, pad_mask=None, kv_cache=None, loss_reduction="mean"):
+        """Returns (logits, loss). targets == -1 are ignored."""
+        h = self.forward_embeds(self.embed(idx, vision_embeds), pad_mask, kv_cache)
+        logits = self.logits(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1, reduction=loss_reduction)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, vision_embeds=None, pad_mask=None, temperature=0.0, top_k=None,
+                 eos_id=None, suppress_ids=(), use_cache=True, generator=None):
+        """Batched generation. idx: (B, T) prompts, left-padded with pad_mask (B, T) False on pads.
+        vision_embeds are scattered once at prefill and reused. The image token and `suppress_ids`
+        (other input-only tokens) are never generated. temperature 0 = greedy. Returns (B, <=max_new_tokens);
+        rows that stopped at eos_id are filled with eos_id afterwards."""
+        B, T = idx.shape
+        banned = list(suppress_ids) + ([self.config.image_token_id] if self.config.image_token_id >= 0 else [])
+        if pad_mask is None:
+            pad_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+        cache = None
+        if use_cache:
+            cfg = self.config
+            cache = KVCache(batch_size=B, num_heads=cfg.n_kv_head, seq_len=T + max_new_tokens,
+                            head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer,
+                            device=idx.device, dtype=self.lm_head.weight.dtype)
+        x = self.embed(idx, vision_embeds)
+        logits = self.logits(self.forward_embeds(x, pad_mask, cache)[:, -1])
+        seq, mask, out = idx, pad_mask, []
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, banned, generator)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out.append(nxt)
+            if eos_id is not None and bool(done.all()):
+                break
+            if use_cache:
+                h = self.forward_embeds(self.transformer.wte(nxt[:, None]), kv_cache=cache)
+            else:  # full recomputation (the reference the cache is tested against)
+                seq = torch.cat([seq, nxt[:, None]], 1)
+                mask = torch.cat([mask, torch.ones_like(nxt[:, None], dtype=torch.bool)], 1)
+                h = self.forward_embeds(self.embed(seq, vision_embeds), mask)
+            logits = self.logits(h[:, -1])
+        return torch.stack(out, 1) if out else idx.new_zeros(B, 0)
+
+    def resize_token_embeddings(self, new_vocab):
+        """Grow (never shrink) the embedding and head, keeping old rows: e.g. adding <|image|> to a text LM."""
+        old = self.config.vocab_size
+        if new_vocab < old:
+            raise InputError(f"cannot shrink vocab from {old} to {new_vocab}")
+        if new_vocab == old:
+            return
+        wte, head = nn.Embedding(new_vocab, self.config.n_embd), nn.Linear(self.config.n_embd, new_vocab, bias=False)
+        wte.to(self.lm_head.weight.device, self.lm_head.weight.dtype)
+        head.to(self.lm_head.weight.device, self.lm_head.weight.dtype)
+        init_weights(wte), init_weights(head)
+        with torch.no_grad():
+            wte.weight[:old] = self.transformer.wte.weight
+            head.weight[:old] = self.lm_head.weight
+        self.transformer.wte, self.lm_head = wte, head
+        self.config.vocab_size = new_vocab
+
+    def num_params(self, exclude_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wte.weight.numel() if exclude_embedding else n
+
+
+def rotary_table(length, head_dim, base=10000.0):
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def init_weights(module):
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=1.0 / math.sqrt(module.weight.shape[1]))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=1.0)
+
+
+def sample_next(logits, temperature=0.0, top_k=None, banned=(), generator=None):
+    """logits (B, V) -> next ids (B,). Banned ids get -inf before greedy or sampling."""
+    logits = logits.clone()
+    if banned:
+        logits[:, list(banned)] = float("-inf")
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
+
+
+def left_pad(seqs, pad_id=0, device="cpu"):
+    """List of token lists -> (ids (B, T), pad_mask (B, T)) left-padded, the layout generate() expects."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, T - len(s):] = True
+    return ids.to(device), mask.to(device)
+
+# -----------------------------------------------------------------------------
+# ViT with cacheable per-layer patch K/V and query tokens
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 64
+    patch_size: int = 8
+    in_chans: int = 3
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    patch_embed: bool = True       # False: forward() takes (B, N, n_embd) tokens (e.g. conv features)
+    num_tokens: int = 0            # with patch_embed=False: how many input tokens (for the position table)
+    query_mode: str = "deep"       # deep: queries read the patches at every layer; shallow: at the last only
+    attn_temperature: float = 1.0  # divides the query->patch attention logits (<1 sharper)
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.n_head = c.n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(c.n_embd), nn.LayerNorm(c.n_embd)
+        self.qkv = nn.Linear(c.n_embd, 3 * c.n_embd)
+        self.proj = nn.Linear(c.n_embd, c.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(c.n_embd, 4 * c.n_embd), nn.GELU(), nn.Linear(4 * c.n_embd, c.n_embd))
+
+    def heads(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).split(C, dim=-1)
+        return [t.view(B, N, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]
+
+    def forward(self, x):
+        """Patch tokens attend to patch tokens only. Returns (x, (k, v)) so queries can reuse this layer's K/V."""
+        q, k, v = self.heads(x)
+        y = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(y.transpose(1, 2).reshape(x.shape))
+        return x + self.mlp(self.ln_2(x)), (k, v)
+
+    def read(self, qx, patch_k, patch_v, temperature=1.0):
+        """Query tokens attend to [this layer's patch K/V, themselves]; patches never see the queries.
+        Attention is written out (queries are few) so the query->patch map can be returned."""
+        q, k, v = self.heads(qx)
+        keys, values = torch.cat([patch_k, k], 2), torch.cat([patch_v, v], 2)
+        scores = (q @ keys.transpose(-2, -1)) / (math.sqrt(q.shape[-1]) * temperature)
+        att = scores.float().softmax(-1).to(q.dtype)
+        y = (att @ values).transpose(1, 2).reshape(qx.shape)
+        qx = qx + self.proj(y)
+        qx = qx + self.mlp(self.ln_2(qx))
+        return qx, att[..., :patch_k.shape[2]].mean(1)  # (B, Q, N) head-averaged map over patches
+
+
+class ViT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        if c.patch_embed:
+            self.patch = nn.Conv2d(c.in_chans, c.n_embd, c.patch_size, stride=c.patch_size)
+            n_tokens = (c.image_size // c.patch_size) ** 2
+        else:
+            n_tokens = c.num_tokens
+        self.pos = nn.Parameter(torch.randn(1, n_tokens, c.n_embd) * 0.02)
+        self.blocks = nn.ModuleList([ViTBlock(c) for _ in range(c.n_layer)])
+        self.ln_f = nn.LayerNorm(c.n_embd)
+
+    def tokens(self, images):
+        if self.config.patch_embed:
+            images = self.patch(images).flatten(2).transpose(1, 2)
+        if images.shape[1] != self.pos.shape[1]:
+            raise InputError(f"ViT expects {self.pos.shape[1]} tokens but got {images.shape[1]}")
+        return images + self.pos
+
+    def encode(self, images):
+        """-> dict(features (B, N, C) final normed patches, layers [per-layer outputs], kv [per-layer (k, v)]).
+        Encode a frame once, then read() it with as many query sets as needed."""
+        x = self.tokens(images)
+        layers, kv = [], []
+        for block in self.blocks:
+            x, layer_kv = block(x)
+            layers.append(x)
+            kv.append(layer_kv)
+        return dict(features=self.ln_f(x), layers=layers, kv=kv)
+
+    def read(self, queries, cache, temperature=None):
+        """queries (B, Q, C) -> (outputs (B, Q, C), [attention maps (B, Q, N) per layer read])."""
+        t = self.config.attn_temperature if temperature is None else temperature
+        first = 0 if self.config.query_mode == "deep" else len(self.blocks) - 1
+        maps = []
+        for i in range(first, len(self.blocks)):
+            queries, att = self.blocks[i].read(queries, *cache["kv"][i], temperature=t)
+            maps.append(att)
+        return self.ln_f(queries), maps
+
+    def forward(self, images):
+        return self.encode(images)["features"]
+
+
+class Projector(nn.Sequential):
+    """Vision width -> LM width: Linear, GELU, Linear (the LLaVA-1.5 / nanoVLM shape)."""
+
+    def __init__(self, in_dim, out_dim, hidden=None):
+        hidden = hidden or out_dim
+        super().__init__(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+# -----------------------------------------------------------------------------
+# training mechanisms
+
+
+def configure_optimizers(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
+    """AdamW with weight decay on matrices (dim >= 2) only; fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    extra = dict(fused=True) if device_type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **extra)
+
+
+def get_lr(step, max_steps, lr, warmup_steps=0, min_lr_frac=0.1):
+    """Linear warmup, then cosine decay to min_lr_frac * lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def init_distributed(device="auto"):
+    """torchrun env -> process group (nccl on CUDA, gloo on CPU). Returns a dict every script uses."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dict(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world, device=device,
+                device_type="cuda" if device.startswith("cuda") else "cpu", master=rank == 0)
+
+
+def autocast_ctx(device_type, dtype="auto"):
+    """bf16 autocast on CUDA; on CPU fp32 unless dtype='bfloat16' is asked for."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    if dtype == "float32":
+        return nullcontext(), "float32"
+    if dtype != "bfloat16":
+        raise InputError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16), "bfloat16"
+
+
+def maybe_compile(model, compile, device_type):
+    """torch.compile on CUDA when asked (on CPU it costs a long cold start for a small gain)."""
+    return torch.compile(model) if compile and device_type == "cuda" else model
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers (saved without '_orig_mod.' prefixes)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def gpt_flops_per_token(config, n_params):
+    """6N for the matmuls plus attention's 12 * L * H * D * T (PaLM appendix B accounting)."""
+    head_dim = config.n_embd // config.n_head
+    return 6 * n_params + 12 * config.n_layer * config.n_head * head_dim * config.sequence_len
+
+
+def measure_matmul_peak(device="cpu", dtype=torch.float32, n=1024, seconds=1.0):
+    """Measured (not datasheet) matmul FLOP/s: the denominator of every MFU this repo prints."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    sync(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def check_finite(loss, step):
+    """A NaN/inf loss stops the run (the last checkpoint on disk is kept)."""
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; the last saved checkpoint is kept")
+
+
+def log_line(step, max_steps, loss, lr, dt, tokens=None, flops_per_step=None, peak=None, extra=""):
+    """One line per log interval: step 100/2000 | loss 0.512 | lr 3.0e-04 | 41 ms | 9.8k tok/s | mfu 31%"""
+    s = f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.1e} | {dt * 1000:.0f} ms"
+    if tokens:
+        s += f" | {tokens / dt / 1000:.1f}k tok/s"
+    if flops_per_step and peak:
+        s += f" | mfu {100 * flops_per_step / dt / peak:.0f}%"
+    return s + (f" | {extra}" if extra else "")
+
+# -----------------------------------------------------------------------------
+# checkpoints: <dir>/model.safetensors + meta.json (+ optim.pt), swapped in atomically
+
+
+def save_checkpoint(ckpt_dir, model, optimizer=None, meta=None):
+    """Writes a complete checkpoint to a temp dir, then swaps it in: an interrupted save leaves the
+    previous checkpoint readable (at ckpt_dir, or at ckpt_dir.prev in the instant between renames)."""
+    from safetensors.torch import save_file
+    ckpt_dir = os.path.normpath(ckpt_dir)
+    tmp, prev = ckpt_dir + ".tmp", ckpt_dir + ".prev"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    save_file(state, os.path.join(tmp, "model.safetensors"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optim.pt"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta or {}, f, indent=1, default=str)
+    if os.path.exists(ckpt_dir):
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(ckpt_dir, prev)
+    os.replace(tmp, ckpt_dir)
+    shutil.rmtree(prev, ignore_errors=True)
+
+
+def resolve_checkpoint(src):
+    """A checkpoint dir, or 'hf:owner/name' downloaded through huggingface_hub -> local dir."""
+    if src.startswith("hf:"):
+        from huggingface_hub import snapshot_download
+        return snapshot_download(repo_id=src[3:])
+    src = os.path.normpath(src)
+    if not os.path.exists(os.path.join(src, "meta.json")) and os.path.exists(os.path.join(src + ".prev", "meta.json")):
+        return src + ".prev"  # a save was interrupted between its two renames
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"checkpoint directory not found: {src}")
+    return src
+
+
+def load_meta(src):
+    path = os.path.join(resolve_checkpoint(src), "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no meta.json in checkpoint {os.path.dirname(path)}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"checkpoint meta {path} is corrupted: {e}") from None
+
+
+def load_checkpoint(src, model, optimizer=None, strict=True):
+    """Loads weights (and optimizer state, with weights_only=True) into model. Returns meta."""
+    from safetensors.torch import load_file
+    src = resolve_checkpoint(src)
+    meta = load_meta(src)
+    path = os.path.join(src, "model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model.safetensors in checkpoint {src}")
+    try:
+        state = load_file(path)
+    except Exception as e:  # safetensors raises its own error types on truncated/garbled files
+        raise InputError(f"checkpoint weights {path} are corrupted or unreadable: {e}") from None
+    missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise InputError(f"checkpoint {src} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if optimizer is not None:
+        opt_path = os.path.join(src, "optim.pt")
+        if not os.path.exists(opt_path):
+            raise FileNotFoundError(f"no optim.pt in checkpoint {src} (needed to resume)")
+        optimizer.load_state_dict(torch.load(opt_path, map_location="cpu", weights_only=True))
+    return meta
+
+
+def rng_state():
+    """Everything random a resume must restore (the data order itself is a function of the step)."""
+    import random
+    import numpy as np
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(torch=torch.get_rng_state().tolist(), python=[version, list(mt), gauss],
+                numpy=[kind, keys.tolist(), pos, has_gauss, cached])
+
+
+def set_rng_state(state):
+    import random
+    import numpy as np
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def from_pretrained(src, build_model):
+    """src: a checkpoint dir or 'hf:owner/name'. build_model(meta) -> nn.Module. Returns (model, meta)."""
+    src = resolve_checkpoint(src)
+    model = build_model(load_meta(src))
+    return model, load_checkpoint(src, model)
+
+
+def gpt_from_pretrained(src):
+    """A bare GPT checkpoint (meta['gpt'] holds its GPTConfig)."""
+    return from_pretrained(src, lambda meta: GPT(dataclass_from_dict(GPTConfig, meta["gpt"])))[0]
+
+
+def dataclass_from_dict(cls, d):
+    """Build a config dataclass from a meta dict, ignoring keys it does not know."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
