@@ -668,3 +668,40 @@ def dataclass_from_dict(cls, d):
     """Build a config dataclass from a meta dict, ignoring keys it does not know."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def run_dir(out_dir, recipe, init_from="scratch"):
+    """Where a run writes. out_dir='' gives a fresh unique out/<recipe>-<timestamp> (runs never overwrite
+    each other's checkpoints); init_from='resume' with out_dir='' picks the newest run of this recipe."""
+    if out_dir:
+        return out_dir
+    if init_from == "resume":
+        runs = sorted(d for d in os.listdir("out") if d.startswith(recipe + "-")) if os.path.isdir("out") else []
+        runs = [d for d in runs if os.path.exists(os.path.join("out", d, "ckpt", "meta.json"))]
+        if not runs:
+            raise FileNotFoundError(f"init_from='resume' but no out/{recipe}-*/ckpt to resume; pass --out_dir=")
+        return os.path.join("out", runs[-1])
+    return os.path.join("out", f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class WandbLogger:
+    """wandb when asked (wandb_log=True, master rank only), otherwise a no-op. Works with WANDB_MODE=offline."""
+
+    def __init__(self, enabled, project, run_name, config, out_dir):
+        self.run = None
+        if enabled:
+            import wandb
+            self.wandb = wandb
+            self.run = wandb.init(project=project, name=run_name, config=config, dir=out_dir)
+
+    def log(self, scalars, step, images=None):
+        if self.run is None:
+            return
+        data = dict(scalars)
+        for name, path in (images or {}).items():
+            data[name] = self.wandb.Image(path)
+        self.run.log(data, step=step)
+
+    def finish(self):
+        if self.run is not None:
+            self.run.finish()
