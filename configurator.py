@@ -85,13 +85,16 @@ def parse_args(defaults, argv):
             raise ConfigError(f"expected --key=value, got '{arg}'")
         key, text = arg[2:].split("=", 1)
         check_key(key, defaults, "the command line")
-        values[key] = check_type(key, parse_value(text), defaults[key], "the command line")
+        value = parse_value(text)
+        if isinstance(defaults[key], str) and not isinstance(value, str):
+            value = text  # a string key takes the text as written: --out_dir=2024 is '2024', not an int error
+        values[key] = check_type(key, value, defaults[key], "the command line")
     return values
 
 
 def help_text(defaults, script):
     lines = [f"usage: python {script} [config/file.py ...] [--key=value ...]", "", "config keys (default):"]
-    width = max(len(k) for k in defaults)
+    width = max((len(k) for k in defaults), default=0)
     lines += [f"  --{k:<{width}} = {v!r}" for k, v in defaults.items()]
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ The shared core: every module and training mechanism used by two or more recipes
 """
 import json
 import math
+import numbers
 import os
 import shutil
 import sys
@@ -88,7 +89,7 @@ class KVCache:
         sizes = dict(batch_size=batch_size, num_heads=num_heads, seq_len=seq_len,
                      head_dim=head_dim, num_layers=num_layers)
         for name, value in sizes.items():
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, numbers.Integral) or value <= 0:
                 raise InputError(f"KVCache {name} must be a positive int, got {value!r}")
         gib = 2 * batch_size * num_heads * seq_len * head_dim * num_layers * torch.finfo(dtype).bits / 8 / 2**30
         if gib > max_gib:
@@ -192,6 +193,10 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         image_id = self.config.image_token_id
         n_slots = int((idx == image_id).sum()) if image_id >= 0 else 0
+        if vision_embeds is not None and vision_embeds.shape[-1] != x.shape[-1]:
+            # otherwise reshape(-1, n_embd) below would silently re-cut the rows (e.g. 2x as many, half used)
+            raise InputError(f"vision embeddings are {vision_embeds.shape[-1]} wide but the LM's n_embd is "
+                             f"{x.shape[-1]} (a missing or mis-sized projector?)")
         n_rows = 0 if vision_embeds is None else vision_embeds.reshape(-1, vision_embeds.shape[-1]).shape[0]
         if n_slots != n_rows:
             raise InputError(f"vision token count mismatch: the prompt has {n_slots} image-token positions "
@@ -520,7 +525,8 @@ def unwrap(model):
 
 
 def gpt_flops_per_token(config, n_params):
-    """6N for the matmuls plus attention's 12 * L * H * D * T (PaLM appendix B accounting)."""
+    """6N for the matmuls plus attention's 12 * L * H * D * T (PaLM appendix B accounting).
+    n_params must exclude the token embedding (a lookup, not a matmul): gpt.num_params(exclude_embedding=True)."""
     head_dim = config.n_embd // config.n_head
     return 6 * n_params + 12 * config.n_layer * config.n_head * head_dim * config.sequence_len
 
@@ -621,6 +627,12 @@ def load_checkpoint(src, model, optimizer=None, strict=True):
         state = load_file(path)
     except Exception as e:  # safetensors raises its own error types on truncated/garbled files
         raise InputError(f"checkpoint weights {path} are corrupted or unreadable: {e}") from None
+    own = unwrap(model).state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:  # load_state_dict would raise a multi-line RuntimeError listing every tensor
+        raise InputError(f"checkpoint {src} does not match the model: {len(wrong)} shape mismatches, "
+                         f"e.g. {'; '.join(wrong[:3])}")
     missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         raise InputError(f"checkpoint {src} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -628,7 +640,14 @@ def load_checkpoint(src, model, optimizer=None, strict=True):
         opt_path = os.path.join(src, "optim.pt")
         if not os.path.exists(opt_path):
             raise FileNotFoundError(f"no optim.pt in checkpoint {src} (needed to resume)")
-        optimizer.load_state_dict(torch.load(opt_path, map_location="cpu", weights_only=True))
+        try:
+            opt_state = torch.load(opt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated/garbled file: pickle/zip errors
+            raise InputError(f"checkpoint optimizer state {opt_path} is corrupted or unreadable: {e}") from None
+        try:
+            optimizer.load_state_dict(opt_state)
+        except ValueError as e:  # a different parameter grouping
+            raise InputError(f"checkpoint optimizer state {opt_path} does not match the optimizer: {e}") from None
     return meta
 
 
@@ -677,7 +696,7 @@ def run_dir(out_dir, recipe, init_from="scratch"):
         return out_dir
     if init_from == "resume":
         runs = sorted(d for d in os.listdir("out") if d.startswith(recipe + "-")) if os.path.isdir("out") else []
-        runs = [d for d in runs if os.path.exists(os.path.join("out", d, "ckpt", "meta.json"))]
+        runs = [d for d in runs if any(os.path.exists(os.path.join("out", d, c, "meta.json")) for c in ("ckpt", "ckpt.prev"))]
         if not runs:
             raise FileNotFoundError(f"init_from='resume' but no out/{recipe}-*/ckpt to resume; pass --out_dir=")
         return os.path.join("out", runs[-1])
@@ -705,3 +724,24 @@ class WandbLogger:
     def finish(self):
         if self.run is not None:
             self.run.finish()
+
+
+def write_model_card(ckpt_dir, recipe, metrics=None, config=None):
+    """A README.md model card beside the weights: what it is, its measured metrics, its config."""
+    lines = [f"---\nlibrary_name: pytorch\ntags: [vision-language, {recipe}]\n---", f"# {recipe}", "",
+             f"Trained with `train_{recipe}.py`. Load with `python train_{recipe}.py --init_from=hf:<this repo> "
+             f"--eval_only=True`.", "", "## Metrics (held-out split, measured at save time)", ""]
+    lines += [f"- {k}: {v:.4g}" for k, v in (metrics or {}).items()] or ["- (none recorded)"]
+    lines += ["", "## Config", "", "```json", json.dumps(config or {}, indent=1, default=str), "```", ""]
+    with open(os.path.join(ckpt_dir, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def push_to_hub(ckpt_dir, repo_id, recipe, metrics=None, config=None):
+    """Uploads a checkpoint dir (safetensors + meta.json + a generated model card) to the Hub.
+    Only when asked (push_to_hub='owner/name'); optimizer state stays local."""
+    from huggingface_hub import HfApi
+    write_model_card(ckpt_dir, recipe, metrics, config)
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=ckpt_dir, repo_id=repo_id, ignore_patterns=["optim.pt"])

@@ -1,0 +1,80 @@
+"""A 2-process gloo DDP step (through model.init_distributed and torchrun's environment variables) gives the
+same gradients as one process on the same global batch, and the ranks' data shards come from
+data.batch_indices."""
+import math
+import os
+import socket
+import time
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+WORLD, B, T = 2, 3, 10
+
+
+def build_model():
+    import model as M
+    torch.manual_seed(0)
+    m = M.GPT(M.GPTConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, sequence_len=32))
+    for mod in m.modules():  # random residual projections, so every parameter gets a gradient
+        if isinstance(mod, nn.Linear):
+            nn.init.normal_(mod.weight, std=1.0 / math.sqrt(mod.weight.shape[1]))
+    return m
+
+
+def rows(indices):
+    import data
+    return torch.as_tensor(np.stack([data.sample_rng(0, "train", i).integers(0, 64, T + 1) for i in indices]))
+
+
+def worker(rank, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import data
+    import model as M
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    info = M.init_distributed("cpu")
+    assert info["ddp"] and info["rank"] == rank and info["world_size"] == WORLD and info["device"] == "cpu"
+    assert torch.distributed.get_backend() == "gloo"
+    m = build_model()
+    ddp = DDP(m)
+    idx = rows(data.batch_indices(0, B, rank, WORLD))
+    _, loss = ddp(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    assert M.unwrap(ddp) is m
+    torch.save({n: p.grad for n, p in m.named_parameters()}, os.path.join(out_dir, f"grads{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_step_equals_one_process(tmp_path):
+    import data
+    ctx = mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.time() + 120
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            raise TimeoutError("DDP workers did not finish in 120 s")
+
+    # one process, the same global batch (B * WORLD rows, the union of the ranks' shares)
+    m = build_model()
+    idx = rows(data.batch_indices(0, B * WORLD))
+    _, loss = m(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    ref = {n: p.grad for n, p in m.named_parameters()}
+
+    grads = [torch.load(tmp_path / f"grads{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert grads[0].keys() == ref.keys()
+    for name, g in ref.items():
+        assert g is not None and g.abs().max() > 0, name
+        for r in range(WORLD):
+            assert (grads[r][name] - g).abs().max() < 1e-6, (r, name)

@@ -1,0 +1,794 @@
+"""Tests of model.py: GPT against a naive float64 reference, causality, KV-cache generation, the vision
+scatter, KVCache guards, ViT queries and cached K/V, training mechanisms, checkpoints, resume, from_pretrained.
+Everything is tiny and on CPU."""
+import json
+import math
+import os
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import model as M
+from model import GPT, GPTConfig, InputError, KVCache, ViT, ViTConfig
+
+F32_EPS = torch.finfo(torch.float32).eps
+
+
+def tiny_gpt(seed=0, **kw):
+    cfg = dict(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, sequence_len=64)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(**cfg))
+    # GPT zero-initialises the residual projections (every block starts as the identity), which would make
+    # attention invisible to these tests: give every matrix random weights.
+    for mod in m.modules():
+        if isinstance(mod, nn.Linear):
+            nn.init.normal_(mod.weight, std=1.0 / math.sqrt(mod.weight.shape[1]))
+    return m.eval()
+
+
+# -----------------------------------------------------------------------------
+# naive float64 reference: explicit softmax(QK^T / sqrt(d)) with a causal mask, rotary, QK-norm, GQA
+
+
+def rms(x):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + F32_EPS)
+
+
+def naive_rope(x, positions, base):
+    """x (B, T, H, D) float64; the pair (i, i + D/2) is rotated by -pos * base^(-2i/D) (nanochat's convention)."""
+    D = x.shape[-1]
+    inv = base ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = positions.double()[..., None] * inv          # (T, D/2) or (B, T, D/2)
+    if ang.dim() == 2:
+        ang = ang[None]
+    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]
+    x1, x2 = x[..., :D // 2], x[..., D // 2:]
+    return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], -1)
+
+
+def naive_attention(attn, x, positions, key_valid=None, base=10000.0):
+    """x (B, T, C) float64. key_valid (B, T) bool: keys that may be attended (left padding)."""
+    B, T, C = x.shape
+    H, Hkv = attn.n_head, attn.n_kv_head
+    D = C // H
+    W = lambda lin: lin.weight.detach().double()
+    q = naive_rope((x @ W(attn.c_q).T).view(B, T, H, D), positions, base)
+    k = naive_rope((x @ W(attn.c_k).T).view(B, T, Hkv, D), positions, base)
+    v = (x @ W(attn.c_v).T).view(B, T, Hkv, D)
+    q, k = rms(q), rms(k)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    y = torch.zeros(B, T, H, D, dtype=torch.float64)
+    for b in range(B):
+        allowed = causal.clone()
+        if key_valid is not None:
+            allowed &= key_valid[b][None, :]
+            allowed |= torch.eye(T, dtype=torch.bool)
+        for h in range(H):
+            g = h // (H // Hkv)                      # query head h reads kv head h // n_rep
+            s = q[b, :, h] @ k[b, :, g].T / math.sqrt(D)
+            s = s.masked_fill(~allowed, float("-inf"))
+            p = torch.exp(s - s.max(-1, keepdim=True).values)
+            p = p / p.sum(-1, keepdim=True)
+            y[b, :, h] = p @ v[b, :, g]
+    return y.reshape(B, T, C) @ W(attn.c_proj).T
+
+
+def naive_gpt_logits(m, idx, pad_mask=None):
+    cfg = m.config
+    if pad_mask is None:
+        pad_mask = torch.ones_like(idx, dtype=torch.bool)
+    positions = (pad_mask.long().cumsum(1) - 1).clamp(min=0)
+    x = rms(m.transformer.wte.weight.detach().double()[idx])
+    for blk in m.transformer.h:
+        x = x + naive_attention(blk.attn, rms(x), positions, pad_mask, cfg.rope_base)
+        h = rms(x) @ blk.mlp.c_fc.weight.detach().double().T
+        x = x + torch.relu(h).square() @ blk.mlp.c_proj.weight.detach().double().T
+    logits = rms(x) @ m.lm_head.weight.detach().double().T
+    cap = cfg.logit_softcap
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_attention_module_matches_naive_float64(n_kv_head):
+    m = tiny_gpt(n_kv_head=n_kv_head)
+    attn = m.transformer.h[0].attn
+    torch.manual_seed(1)
+    x = torch.randn(2, 11, 32)
+    T = x.shape[1]
+    got = attn(x, m.cos[:T], m.sin[:T])
+    ref = naive_attention(attn, x.double(), torch.arange(T))
+    assert (got.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("n_kv_head,softcap", [(4, 15.0), (2, 15.0), (1, 0.0)])
+def test_gpt_logits_match_naive_float64(n_kv_head, softcap):
+    m = tiny_gpt(n_kv_head=n_kv_head, logit_softcap=softcap)
+    idx = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(0))
+    logits, _ = m(idx)
+    ref = naive_gpt_logits(m, idx)
+    assert (logits.double() - ref).abs().max() < 1e-4
+    # the explicit-mask path (pad_mask all True) is the same computation as is_causal
+    logits_masked, _ = m(idx, pad_mask=torch.ones_like(idx, dtype=torch.bool))
+    assert (logits_masked - logits).abs().max() < 1e-5
+
+
+def test_left_padded_logits_match_naive_and_unpadded():
+    m = tiny_gpt()
+    ids, mask = M.left_pad([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10]], pad_id=0)
+    logits, _ = m(ids, pad_mask=mask)
+    ref = naive_gpt_logits(m, ids, mask)
+    assert (logits.double() - ref).abs()[mask].max() < 1e-4
+    alone, _ = m(torch.tensor([[8, 9, 10]]))
+    assert (logits[1, -3:] - alone[0]).abs().max() < 1e-5
+
+
+def test_loss_ignores_minus_one_targets():
+    m = tiny_gpt()
+    idx = torch.randint(0, 64, (2, 8))
+    tgt = idx.roll(-1, 1)
+    tgt[:, :4] = -1
+    logits, loss = m(idx, tgt)
+    ref = F.cross_entropy(logits[:, 4:].reshape(-1, 64), tgt[:, 4:].reshape(-1))
+    assert torch.allclose(loss, ref)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_causal_mask_future_tokens_never_change_earlier_logits(padded):
+    m = tiny_gpt()
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 64, (2, 16), generator=g)
+    mask = torch.ones_like(idx, dtype=torch.bool) if padded else None
+    base, _ = m(idx, pad_mask=mask)
+    for t in (1, 7, 15):
+        changed = idx.clone()
+        changed[:, t:] = (changed[:, t:] + 1 + torch.randint(0, 62, changed[:, t:].shape, generator=g)) % 64
+        out, _ = m(changed, pad_mask=mask)
+        assert (out[:, :t] - base[:, :t]).abs().max() < 1e-6
+        assert (out[:, t:] - base[:, t:]).abs().max() > 1e-3  # and the model does look at the tokens
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+VOCAB, IMG = 64, 63
+
+
+def vlm_prompts(B, n_img, seed=0, lengths=None):
+    """Prompts with n_img image tokens each (after one text token), and matching vision embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = lengths or [9] * B
+    seqs = []
+    for L in lengths:
+        text = torch.randint(0, IMG, (L,), generator=g).tolist()
+        seqs.append(text[:1] + [IMG] * n_img + text[1:])
+    vis = torch.randn(B, n_img, 32, generator=g) if n_img else None
+    return seqs, vis
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("n_img", [0, 4])
+def test_kv_cache_greedy_equals_full_recomputation(B, n_img):
+    m = tiny_gpt(image_token_id=IMG)
+    seqs, vis = vlm_prompts(B, n_img)
+    idx = torch.tensor(seqs)
+    cached = m.generate(idx, 20, vision_embeds=vis, use_cache=True)
+    full = m.generate(idx, 20, vision_embeds=vis, use_cache=False)
+    assert cached.shape == (B, 20)
+    assert torch.equal(cached, full)
+    assert len(set(cached.flatten().tolist())) > 3  # not a degenerate constant output
+
+
+def test_kv_cache_logits_equal_full_forward():
+    """Prefill + one-token decode steps through the cache give the same logits as the full forward."""
+    m = tiny_gpt()
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    full, _ = m(idx)
+    cache = KVCache(batch_size=2, num_heads=2, seq_len=12, head_dim=8, num_layers=2)
+    pre, _ = m(idx[:, :7], kv_cache=cache)
+    steps = [m(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(7, 12)]
+    got = torch.cat([pre] + steps, 1)
+    assert (got - full).abs().max() < 1e-5
+    assert cache.pos == 12
+
+
+@pytest.mark.parametrize("n_img", [0, 3])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batch_equals_each_prompt_alone(n_img, use_cache):
+    m = tiny_gpt(image_token_id=IMG)
+    seqs, vis = vlm_prompts(3, n_img, seed=1, lengths=[2, 9, 5])
+    ids, mask = M.left_pad(seqs)
+    batch = m.generate(ids, 12, vision_embeds=vis, pad_mask=mask, use_cache=use_cache)
+    for i, s in enumerate(seqs):
+        alone = m.generate(torch.tensor([s]), 12, vision_embeds=None if vis is None else vis[i:i + 1])
+        assert torch.equal(batch[i], alone[0]), i
+
+
+def test_image_token_never_generated():
+    m = tiny_gpt()
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    free = m.generate(prompt, 8)
+    m.config.image_token_id = int(free[0, 0])  # the token greedy decoding wants most
+    out = m.generate(prompt, 8)
+    assert int(free[0, 0]) not in out.tolist()[0]
+    sampled = m.generate(prompt.repeat(64, 1), 8, temperature=5.0,
+                         generator=torch.Generator().manual_seed(0))
+    assert not (sampled == m.config.image_token_id).any()
+    # suppress_ids bans other input-only tokens the same way
+    banned = int(out[0, 0])
+    assert banned not in m.generate(prompt, 8, suppress_ids=[banned]).tolist()[0]
+
+
+def test_eos_stops_generation_and_pads_finished_rows():
+    m = tiny_gpt()
+    prompts = torch.tensor([[1, 2, 3, 4], [9, 8, 7, 6]])
+    free = m.generate(prompts, 10)
+    eos = int(free[0, 2])
+    out = m.generate(prompts, 10, eos_id=eos)
+    first = [row.index(eos) if eos in row else None for row in free.tolist()]
+    assert out.shape[1] == (10 if None in first else max(first) + 1)  # stops once every row has ended
+    k = first[0]
+    assert torch.equal(out[0, :k + 1], free[0, :k + 1])
+    assert (out[0, k + 1:] == eos).all()  # a finished row is filled with eos
+    single = m.generate(prompts[:1], 10, eos_id=eos)
+    assert single.tolist()[0] == free[0, :k + 1].tolist()  # stops right after eos
+
+
+def test_top_k_sampling_only_picks_from_top_k():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    top = torch.topk(logits, 5, dim=-1).indices
+    g = torch.Generator().manual_seed(1)
+    picks = torch.stack([M.sample_next(logits, temperature=2.0, top_k=5, generator=g) for _ in range(300)], 1)
+    for b in range(4):
+        assert set(picks[b].tolist()) <= set(top[b].tolist())
+        assert len(set(picks[b].tolist())) == 5  # high temperature: all five do occur
+    # banned ids are removed before top-k
+    best = logits.argmax(-1)
+    picks = M.sample_next(logits, temperature=0.0, banned=best.tolist())
+    assert not (picks == best).any()
+    # generate: top_k=1 is greedy whatever the temperature
+    m = tiny_gpt()
+    prompt = torch.tensor([[1, 2, 3]])
+    assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_k=1), m.generate(prompt, 6))
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    m = tiny_gpt()
+    prompt = torch.tensor([[1, 2, 3]] * 2)
+    a = m.generate(prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    b = m.generate(prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+# -----------------------------------------------------------------------------
+# vision-token scatter
+
+
+def test_scatter_writes_rows_in_order():
+    m = tiny_gpt(image_token_id=IMG)
+    idx = torch.tensor([[1, IMG, IMG, 2], [IMG, 3, 4, IMG]])
+    vis = torch.randn(2, 2, 32)
+    x = m.embed(idx, vis)
+    assert torch.equal(x[0, 1], vis[0, 0]) and torch.equal(x[0, 2], vis[0, 1])
+    assert torch.equal(x[1, 0], vis[1, 0]) and torch.equal(x[1, 3], vis[1, 1])
+    assert torch.equal(x[0, 0], m.transformer.wte.weight[1])
+
+
+def test_scatter_count_mismatch_raises_naming_both_counts():
+    m = tiny_gpt(image_token_id=IMG)
+    idx = torch.tensor([[1] + [IMG] * 256 + [2]])
+    with pytest.raises(ValueError) as e:
+        m.embed(idx, torch.randn(1, 257, 32))
+    assert "256" in str(e.value) and "257" in str(e.value)
+    with pytest.raises(ValueError, match="256"):
+        m(idx)  # image tokens but no embeddings
+    with pytest.raises(ValueError, match="5"):
+        tiny_gpt()(torch.tensor([[1, 2]]), vision_embeds=torch.randn(1, 5, 32))  # no image token at all
+
+
+def test_scatter_width_mismatch_raises():
+    m = tiny_gpt(image_token_id=IMG)
+    idx = torch.tensor([[1, IMG, IMG, 2]])
+    with pytest.raises(ValueError, match="64"):
+        m.embed(idx, torch.randn(1, 2, 64))  # projector output 64 wide, LM 32 wide
+
+
+# -----------------------------------------------------------------------------
+# KVCache guards
+
+
+def test_kvcache_is_keyword_only():
+    with pytest.raises(TypeError):
+        KVCache(1, 2, 16, 8, 2)
+
+
+@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(num_heads=-1), dict(seq_len=2.5), dict(head_dim=None)])
+def test_kvcache_rejects_invalid_sizes(bad):
+    sizes = dict(batch_size=1, num_heads=2, seq_len=16, head_dim=8, num_layers=2)
+    sizes.update(bad)
+    with pytest.raises(InputError, match=list(bad)[0]):
+        KVCache(**sizes)
+
+
+def test_kvcache_refuses_huge_allocation_with_a_message():
+    # seq_len and head_dim swapped with a vocab-sized number: refused before allocating anything
+    with pytest.raises(InputError, match="GiB.*swapped"):
+        KVCache(batch_size=64, num_heads=32, seq_len=50304, head_dim=4096, num_layers=32)
+
+
+def test_kvcache_insert_rejects_wrong_shapes():
+    cache = KVCache(batch_size=2, num_heads=2, seq_len=16, head_dim=8, num_layers=2)
+    ok = torch.randn(2, 2, 5, 8)
+    with pytest.raises(AssertionError, match="heads"):
+        cache.insert_kv(0, torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8))  # wrong head count
+    with pytest.raises(AssertionError):
+        cache.insert_kv(0, ok.transpose(1, 2), ok.transpose(1, 2))  # (B, T, H, D) instead of (B, H, T, D)
+    with pytest.raises(AssertionError):
+        cache.insert_kv(0, ok, torch.randn(2, 2, 4, 8))  # k and v disagree
+    with pytest.raises(AssertionError, match="full"):
+        cache.insert_kv(0, torch.randn(2, 2, 17, 8), torch.randn(2, 2, 17, 8))
+    k, v = cache.insert_kv(0, ok, ok)
+    assert k.shape == (2, 2, 5, 8) and cache.pos == 0  # pos advances after the last layer
+    cache.insert_kv(1, ok, ok)
+    assert cache.pos == 5
+
+
+def test_kvcache_built_with_swapped_heads_and_head_dim_fails_at_first_use():
+    m = tiny_gpt()  # 2 kv heads of dim 8
+    cache = KVCache(batch_size=1, num_heads=8, seq_len=16, head_dim=2, num_layers=2)
+    with pytest.raises(AssertionError):
+        m(torch.tensor([[1, 2, 3]]), kv_cache=cache)
+
+
+# -----------------------------------------------------------------------------
+# ViT: deep/shallow queries, cached patch K/V, attention maps
+
+
+def tiny_vit(mode="deep", seed=0, **kw):
+    cfg = dict(image_size=16, patch_size=4, n_layer=3, n_head=2, n_embd=32, query_mode=mode)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    return ViT(ViTConfig(**cfg)).eval()
+
+
+def joint_reference(vit, images, queries):
+    """Recompute from scratch: patches and queries in one sequence through the blocks, with a mask under
+    which patches see patches only and queries see everything (the deep/shallow rule applied per layer)."""
+    x = vit.tokens(images)
+    N = x.shape[1]
+    first = 0 if vit.config.query_mode == "deep" else len(vit.blocks) - 1
+    qx = queries
+    for i, blk in enumerate(vit.blocks):
+        if i < first:
+            x = blk(x)[0]
+            continue
+        z = torch.cat([x, qx], 1)
+        B, S, C = z.shape
+        q, k, v = blk.heads(z)
+        allowed = torch.ones(S, S, dtype=torch.bool)
+        allowed[:N, N:] = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        z = z + blk.proj(y.transpose(1, 2).reshape(B, S, C))
+        z = z + blk.mlp(blk.ln_2(z))
+        x, qx = z[:, :N], z[:, N:]
+    return vit.ln_f(x), vit.ln_f(qx)
+
+
+@pytest.mark.parametrize("mode", ["deep", "shallow"])
+def test_vit_reading_cached_kv_equals_joint_recomputation(mode):
+    vit = tiny_vit(mode)
+    images = torch.rand(2, 3, 16, 16)
+    queries = torch.randn(2, 5, 32)
+    cache = vit.encode(images)
+    out, maps = vit.read(queries, cache)
+    ref_patches, ref_queries = joint_reference(vit, images, queries)
+    assert (cache["features"] - ref_patches).abs().max() < 1e-5
+    assert (out - ref_queries).abs().max() < 1e-5
+    assert len(maps) == (3 if mode == "deep" else 1)
+    assert len(cache["layers"]) == 3 and len(cache["kv"]) == 3
+    assert torch.equal(vit(images), cache["features"])
+
+
+def test_vit_patch_features_unaffected_by_queries_and_cache_reusable():
+    vit = tiny_vit("deep")
+    images = torch.rand(1, 3, 16, 16)
+    cache = vit.encode(images)
+    kv_before = [(k.clone(), v.clone()) for k, v in cache["kv"]]
+    feats_before = cache["features"].clone()
+    q1, q2 = torch.randn(1, 4, 32), torch.randn(1, 7, 32)
+    out1, _ = vit.read(q1, cache)
+    vit.read(q2, cache)
+    for (k, v), (k0, v0) in zip(cache["kv"], kv_before):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+    assert torch.equal(cache["features"], feats_before)
+    # one frame encoded once, queried many times == encoded afresh for each query set
+    fresh, _ = vit.read(q1, vit.encode(images))
+    assert torch.equal(out1, fresh)
+    # in the joint recomputation too, the patch features never depend on the queries
+    assert torch.equal(joint_reference(vit, images, q2)[0], joint_reference(vit, images, q1)[0])
+
+
+def test_vit_deep_and_shallow_queries_differ():
+    deep, shallow = tiny_vit("deep"), tiny_vit("shallow")
+    shallow.load_state_dict(deep.state_dict())
+    images, queries = torch.rand(2, 3, 16, 16), torch.randn(2, 4, 32)
+    cd, cs = deep.encode(images), shallow.encode(images)
+    assert torch.equal(cd["features"], cs["features"])  # patches do not care about the query mode
+    od, _ = deep.read(queries, cd)
+    os_, _ = shallow.read(queries, cs)
+    assert (od - os_).abs().max() > 1e-2
+
+
+def test_vit_attention_maps_and_temperature():
+    vit = tiny_vit("deep")
+    images, queries = torch.rand(2, 3, 16, 16), torch.randn(2, 4, 32)
+    cache = vit.encode(images)
+    _, maps = vit.read(queries, cache)
+    for att in maps:
+        assert att.shape == (2, 4, 16)
+        s = att.sum(-1)
+        assert (att >= 0).all() and (s <= 1 + 1e-5).all() and (s > 0).all()
+
+    def entropy(att):
+        p = att / att.sum(-1, keepdim=True)
+        return -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+
+    # a single-head, single-layer read, where the sharpening is exact: lower temperature, lower entropy
+    vit1 = tiny_vit("shallow", n_layer=1, n_head=1)
+    cache1 = vit1.encode(images)
+    ents = [entropy(vit1.read(queries, cache1, temperature=t)[1][0]) for t in (2.0, 1.0, 0.5, 0.1)]
+    assert all(a > b for a, b in zip(ents, ents[1:])), ents
+    # the config default is what read() uses when no temperature is passed
+    vit1.config.attn_temperature = 0.5
+    assert torch.equal(vit1.read(queries, cache1)[1][0], vit1.read(queries, cache1, temperature=0.5)[1][0])
+
+
+def test_vit_token_input_mode_and_count_check():
+    vit = tiny_vit(patch_embed=False, num_tokens=10)
+    feats = vit(torch.randn(2, 10, 32))
+    assert feats.shape == (2, 10, 32)
+    with pytest.raises(InputError, match="10"):
+        vit(torch.randn(2, 11, 32))
+
+
+# -----------------------------------------------------------------------------
+# training mechanisms
+
+
+def test_get_lr_warmup_and_cosine():
+    lr = 1.0
+    assert M.get_lr(0, 100, lr, warmup_steps=10) == pytest.approx(0.1)
+    assert M.get_lr(4, 100, lr, warmup_steps=10) == pytest.approx(0.5)
+    assert M.get_lr(9, 100, lr, warmup_steps=10) == pytest.approx(1.0)
+    assert M.get_lr(10, 100, lr, warmup_steps=10) == pytest.approx(1.0)
+    assert M.get_lr(55, 100, lr, warmup_steps=10, min_lr_frac=0.1) == pytest.approx(0.55)  # half way
+    assert M.get_lr(100, 100, lr, warmup_steps=10, min_lr_frac=0.1) == pytest.approx(0.1)
+    assert M.get_lr(1000, 100, lr, warmup_steps=10, min_lr_frac=0.1) == pytest.approx(0.1)
+    assert M.get_lr(0, 100, 3e-4) == pytest.approx(3e-4)  # no warmup
+    lrs = [M.get_lr(s, 100, lr, warmup_steps=10) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    M.set_lr(opt, 0.25)
+    assert opt.param_groups[0]["lr"] == 0.25
+
+
+def test_configure_optimizers_groups():
+    m = nn.Sequential(tiny_gpt(), nn.LayerNorm(8), nn.Linear(8, 8))
+    m[2].weight.requires_grad_(False)
+    opt = M.configure_optimizers(m, 1e-3, weight_decay=0.1, betas=[0.9, 0.95])
+    assert isinstance(opt, torch.optim.AdamW)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    trainable = [id(p) for p in m.parameters() if p.requires_grad]
+    assert sorted(ids) == sorted(trainable) and len(set(ids)) == len(ids)
+    assert len(no_decay["params"]) == 3  # LayerNorm weight + bias, Linear bias
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["lr"] == 1e-3
+
+
+def test_resize_token_embeddings_keeps_old_rows():
+    m = tiny_gpt()
+    wte, head = m.transformer.wte.weight.clone(), m.lm_head.weight.clone()
+    idx = torch.tensor([[1, 2, 3]])
+    before, _ = m(idx)
+    m.config.logit_softcap = 0.0
+    before_nocap, _ = m(idx)
+    m.resize_token_embeddings(70)
+    assert m.transformer.wte.weight.shape == (70, 32) and m.lm_head.weight.shape == (70, 32)
+    assert torch.equal(m.transformer.wte.weight[:64], wte) and torch.equal(m.lm_head.weight[:64], head)
+    assert m.config.vocab_size == 70
+    after, _ = m(idx)
+    assert torch.allclose(after[..., :64], before_nocap, atol=1e-6)
+    m.resize_token_embeddings(70)  # no-op
+    with pytest.raises(InputError, match="shrink"):
+        m.resize_token_embeddings(10)
+    assert before.shape[-1] == 64
+
+
+def test_autocast_compile_unwrap_and_finite_check():
+    ctx, name = M.autocast_ctx("cpu")
+    assert name == "float32"
+    with ctx:
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    ctx, name = M.autocast_ctx("cpu", "bfloat16")
+    with ctx:
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(InputError):
+        M.autocast_ctx("cpu", "float16")
+    m = tiny_gpt()
+    assert M.maybe_compile(m, True, "cpu") is m
+    assert M.unwrap(m) is m
+    with pytest.raises(FloatingPointError, match="step 7"):
+        M.check_finite(torch.tensor(float("nan")), 7)
+    cfg = m.config
+    n = m.num_params()
+    assert M.gpt_flops_per_token(cfg, n) == 6 * n + 12 * 2 * 4 * 8 * 64
+    assert m.num_params(exclude_embedding=True) == n - 64 * 32
+    line = M.log_line(100, 2000, 0.512, 3e-4, 0.041, tokens=410, flops_per_step=1e9, peak=1e11)
+    assert line.startswith("step 100/2000 | loss 0.5120 | lr 3.0e-04 | 41 ms | 10.0k tok/s | mfu ")
+
+
+def test_init_distributed_without_torchrun(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    d = M.init_distributed("cpu")
+    assert d == dict(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", device_type="cpu", master=True)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def train_steps(m, opt, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        idx = torch.randint(0, 64, (2, 9), generator=g)
+        _, loss = m(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def trained(seed=0):
+    m = tiny_gpt(seed).train()
+    opt = M.configure_optimizers(m, 1e-3)
+    train_steps(m, opt, 2, seed)
+    return m, opt
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def assert_same_optim(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for i in sa["state"]:
+        for k in sa["state"][i]:
+            assert torch.equal(torch.as_tensor(sa["state"][i][k]), torch.as_tensor(sb["state"][i][k])), (i, k)
+
+
+def test_checkpoint_round_trip_is_bit_exact_without_compile_prefixes(tmp_path):
+    from safetensors import safe_open
+    m, opt = trained()
+    ckpt = tmp_path / "ckpt"
+    compiled = torch.compile(m)  # only wrapped (never run): its state_dict has '_orig_mod.' prefixes
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    M.save_checkpoint(str(ckpt), compiled, opt, meta=dict(step=2, gpt=asdict(m.config)))
+    assert sorted(os.listdir(ckpt)) == ["meta.json", "model.safetensors", "optim.pt"]
+    assert not os.path.exists(str(ckpt) + ".tmp") and not os.path.exists(str(ckpt) + ".prev")
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
+
+    m2 = tiny_gpt(seed=1).train()
+    opt2 = M.configure_optimizers(m2, 1e-3)
+    meta = M.load_checkpoint(str(ckpt), m2, opt2)
+    assert meta["step"] == 2 and meta["gpt"]["n_kv_head"] == 2
+    assert_same_state(m, m2)
+    assert_same_optim(opt, opt2)
+    # and training continues identically
+    train_steps(m, opt, 1, seed=9)
+    train_steps(m2, opt2, 1, seed=9)
+    assert_same_state(m, m2)
+
+
+def test_checkpoint_interrupted_write_keeps_previous_readable(tmp_path, monkeypatch):
+    ckpt = str(tmp_path / "ckpt")
+    m1, opt1 = trained(0)
+    M.save_checkpoint(ckpt, m1, opt1, meta=dict(step=1))
+    m2, opt2 = trained(1)
+
+    # 1) the process dies while writing the new checkpoint's files (here: the optimizer state)
+    def die(*a, **k):
+        raise KeyboardInterrupt("killed")
+    with monkeypatch.context() as mp:
+        mp.setattr(M.torch, "save", die)
+        with pytest.raises(KeyboardInterrupt):
+            M.save_checkpoint(ckpt, m2, opt2, meta=dict(step=2))
+    assert os.path.isdir(ckpt + ".tmp")  # the half-written one is left aside
+    probe = tiny_gpt(5)
+    assert M.load_checkpoint(ckpt, probe)["step"] == 1
+    assert_same_state(probe, m1)
+
+    # 2) the process dies between the two renames (old moved to .prev, new not yet in place)
+    real_replace, calls = os.replace, []
+
+    def replace_then_die(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+    with monkeypatch.context() as mp:
+        mp.setattr(M.os, "replace", replace_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            M.save_checkpoint(ckpt, m2, opt2, meta=dict(step=2))
+    assert not os.path.exists(ckpt) and os.path.isdir(ckpt + ".prev")
+    probe, probe_opt = tiny_gpt(5).train(), None
+    probe_opt = M.configure_optimizers(probe, 1e-3)
+    assert M.load_checkpoint(ckpt, probe, probe_opt)["step"] == 1
+    assert_same_state(probe, m1)
+    assert_same_optim(probe_opt, opt1)
+
+    # 3) the next save recovers: the new checkpoint is in place and the leftovers are gone
+    M.save_checkpoint(ckpt, m2, opt2, meta=dict(step=2))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    probe = tiny_gpt(5)
+    assert M.load_checkpoint(ckpt, probe)["step"] == 2
+    assert_same_state(probe, m2)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "empty"])
+def test_corrupted_weights_give_input_error(tmp_path, damage):
+    ckpt = tmp_path / "ckpt"
+    m, opt = trained()
+    M.save_checkpoint(str(ckpt), m, opt, meta=dict(step=2))
+    path = ckpt / "model.safetensors"
+    raw = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"\x13\x37" * 100)
+    elif damage == "truncate":
+        path.write_bytes(raw[:len(raw) // 2])
+    else:
+        path.write_bytes(b"")
+    damaged = path.read_bytes()
+    with pytest.raises(InputError) as e:
+        M.load_checkpoint(str(ckpt), tiny_gpt())
+    msg = str(e.value)
+    assert "model.safetensors" in msg and "corrupt" in msg and "\n" not in msg
+    assert path.read_bytes() == damaged  # nothing overwritten
+
+
+def test_corrupted_optimizer_state_gives_input_error(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    m, opt = trained()
+    M.save_checkpoint(str(ckpt), m, opt, meta=dict(step=2))
+    raw = (ckpt / "optim.pt").read_bytes()
+    (ckpt / "optim.pt").write_bytes(raw[:len(raw) // 3])
+    m2 = tiny_gpt()
+    with pytest.raises(InputError, match="optim.pt.*corrupt"):
+        M.load_checkpoint(str(ckpt), m2, M.configure_optimizers(m2, 1e-3))
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        M.load_checkpoint(str(tmp_path / "nope"), tiny_gpt())
+    ckpt = str(tmp_path / "ckpt")
+    m, opt = trained()
+    M.save_checkpoint(ckpt, m, None, meta=dict(gpt=asdict(m.config)))
+    with pytest.raises(FileNotFoundError, match="optim.pt"):
+        M.load_checkpoint(ckpt, tiny_gpt(), M.configure_optimizers(tiny_gpt(), 1e-3))
+    # a checkpoint of another shape: one clear InputError, not a state_dict traceback
+    with pytest.raises(InputError, match="does not match"):
+        M.load_checkpoint(ckpt, tiny_gpt(n_embd=64))
+    with pytest.raises(InputError, match="does not match"):
+        M.load_checkpoint(ckpt, tiny_gpt(n_layer=3))
+    with open(os.path.join(ckpt, "meta.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(InputError, match="meta"):
+        M.load_checkpoint(ckpt, tiny_gpt())
+
+
+def test_resume_continues_with_identical_losses(tmp_path):
+    """6 steps straight == 3 steps, save, rebuild everything from the checkpoint, 3 more steps. The step
+    uses the global RNG (random target masking), so restoring RNG state matters, and batches come from
+    data.sample_rng(seed, 'train', index) with index a function of the step."""
+    seed, B, T = 1234, 2, 12
+
+    def batch(step):
+        rows = [data.sample_rng(seed, "train", i).integers(0, 64, T + 1) for i in data.batch_indices(step, B)]
+        return torch.as_tensor(np.stack(rows), dtype=torch.long)
+
+    def step_fn(m, opt, step):
+        idx = batch(step)
+        tgt = idx[:, 1:].clone()
+        tgt[torch.rand(tgt.shape) < 0.2] = -1  # global-RNG randomness inside the step
+        M.set_lr(opt, M.get_lr(step, 6, 1e-2, warmup_steps=2))
+        _, loss = m(idx[:, :-1], tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    def fresh(init_seed):
+        m = tiny_gpt(init_seed).train()
+        return m, M.configure_optimizers(m, 1e-2)
+
+    torch.manual_seed(0)
+    m, opt = fresh(0)
+    straight = [step_fn(m, opt, s) for s in range(6)]
+
+    torch.manual_seed(0)
+    m, opt = fresh(0)
+    first = [step_fn(m, opt, s) for s in range(3)]
+    M.save_checkpoint(str(tmp_path / "ckpt"), m, opt, meta=dict(step=3, rng=M.rng_state(), gpt=asdict(m.config)))
+    del m, opt
+    torch.manual_seed(999)  # a "fresh process": different RNG, different init, until restored
+    np.random.seed(999)
+    m2, opt2 = fresh(7)
+    meta = M.load_checkpoint(str(tmp_path / "ckpt"), m2, opt2)
+    meta = json.loads(json.dumps(meta))
+    M.set_rng_state(meta["rng"])
+    rest = [step_fn(m2, opt2, s) for s in range(meta["step"], 6)]
+    assert first + rest == straight
+    assert len(set(straight)) == 6
+
+
+def test_rng_state_round_trip_through_json():
+    import random
+    state = json.loads(json.dumps(M.rng_state()))
+    a = (torch.rand(3), random.random(), np.random.rand())
+    M.set_rng_state(state)
+    b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+# -----------------------------------------------------------------------------
+# from_pretrained
+
+
+def test_from_pretrained_local_dir_and_hf(tmp_path, monkeypatch):
+    m = tiny_gpt(3, n_kv_head=1)
+    ckpt = str(tmp_path / "pretrained")
+    M.save_checkpoint(ckpt, m, meta=dict(gpt=asdict(m.config), note="x"))
+    idx = torch.tensor([[5, 6, 7]])
+    ref, _ = m(idx)
+
+    loaded = M.gpt_from_pretrained(ckpt)
+    assert loaded.config == m.config
+    assert_same_state(loaded, m)
+    assert torch.equal(loaded.eval()(idx)[0], ref)
+
+    built, meta = M.from_pretrained(ckpt, lambda meta: GPT(M.dataclass_from_dict(GPTConfig, meta["gpt"])))
+    assert meta["note"] == "x"
+    assert_same_state(built, m)
+
+    import huggingface_hub
+    asked = []
+
+    def fake_snapshot_download(repo_id, **kw):
+        asked.append(repo_id)
+        return ckpt
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    hub = M.gpt_from_pretrained("hf:owner/name")
+    assert asked and set(asked) == {"owner/name"}
+    assert_same_state(hub, m)
+    assert M.resolve_checkpoint("hf:owner/name") == ckpt
+
+    with pytest.raises(FileNotFoundError):
+        M.gpt_from_pretrained(str(tmp_path / "missing"))
+
+
+def test_dataclass_from_dict_ignores_unknown_keys():
+    cfg = M.dataclass_from_dict(GPTConfig, dict(n_layer=3, extra="x"))
+    assert cfg.n_layer == 3 and cfg == GPTConfig(n_layer=3)
