@@ -595,7 +595,11 @@ def resolve_checkpoint(src):
     """A checkpoint dir, or 'hf:owner/name' downloaded through huggingface_hub -> local dir."""
     if src.startswith("hf:"):
         from huggingface_hub import snapshot_download
-        return snapshot_download(repo_id=src[3:])
+        try:
+            return snapshot_download(repo_id=src[3:])
+        except Exception as e:  # offline, no such repo, no access: one line that names the repo
+            raise InputError(f"could not fetch '{src}' from the Hugging Face Hub: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
     src = os.path.normpath(src)
     if not os.path.exists(os.path.join(src, "meta.json")) and os.path.exists(os.path.join(src + ".prev", "meta.json")):
         return src + ".prev"  # a save was interrupted between its two renames

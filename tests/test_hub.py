@@ -1,0 +1,77 @@
+"""Hugging Face Hub round trip without the network: push_to_hub uploads into a fake Hub that writes the
+same on-disk layout huggingface_hub's cache uses, and 'hf:owner/name' is then resolved from that cache
+by the real snapshot_download with HF_HUB_OFFLINE=1."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+import model as M
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi: upload_folder writes a snapshot in the hub cache layout."""
+    cache = None
+    created = []
+
+    def create_repo(self, repo_id, exist_ok=False):
+        FakeHfApi.created.append(repo_id)
+
+    def upload_folder(self, folder_path, repo_id, ignore_patterns=()):
+        base = os.path.join(FakeHfApi.cache, "models--" + repo_id.replace("/", "--"))
+        snap = os.path.join(base, "snapshots", "0" * 40)
+        shutil.copytree(folder_path, snap, ignore=shutil.ignore_patterns(*ignore_patterns))
+        os.makedirs(os.path.join(base, "refs"), exist_ok=True)
+        with open(os.path.join(base, "refs", "main"), "w") as f:
+            f.write("0" * 40)
+
+
+def tiny_gpt():
+    torch.manual_seed(0)
+    return M.GPT(M.GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=32))
+
+
+def test_push_then_load_from_hf_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+    FakeHfApi.cache = str(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    gpt = tiny_gpt()
+    ckpt = str(tmp_path / "ckpt")
+    opt = M.configure_optimizers(gpt, 1e-3)
+    M.save_checkpoint(ckpt, gpt, opt, meta=dict(gpt=gpt.config.__dict__, step=7))
+    M.push_to_hub(ckpt, "me/tiny-gpt", "lanelm", metrics={"tusimple_acc": 0.9}, config={"lr": 1e-3})
+
+    snap = os.path.join(FakeHfApi.cache, "models--me--tiny-gpt", "snapshots", "0" * 40)
+    assert FakeHfApi.created == ["me/tiny-gpt"]
+    assert sorted(os.listdir(snap)) == ["README.md", "meta.json", "model.safetensors"]  # no optimizer state
+    card = open(os.path.join(snap, "README.md")).read()
+    assert "tusimple_acc: 0.9" in card and '"lr": 0.001' in card
+
+    # a fresh process resolves hf:me/tiny-gpt through the real snapshot_download, offline
+    code = ("import model as M, torch; g = M.gpt_from_pretrained('hf:me/tiny-gpt'); "
+            "print(sum(float(p.double().sum()) for p in g.parameters()))")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=FakeHfApi.cache, PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    expected = sum(float(p.double().sum()) for p in gpt.parameters())
+    assert abs(float(out.stdout.strip()) - expected) < 1e-9
+
+
+def test_missing_hf_repo_offline_is_a_clear_error(tmp_path):
+    code = "import model as M; M.gpt_from_pretrained('hf:nobody/nothing')"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path), PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode != 0
+    assert "nobody/nothing" in out.stderr
+
+
+def test_model_card_without_metrics(tmp_path):
+    M.write_model_card(str(tmp_path), "ocr")
+    text = open(tmp_path / "README.md").read()
+    assert "# ocr" in text and "(none recorded)" in text
+    assert json.loads(text.split("```json")[1].split("```")[0]) == {}
