@@ -97,8 +97,10 @@ class KVCache:
         shape = (num_layers, batch_size, num_heads, seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.key_valid = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # rotary position per row
+        # used only once a padded chunk arrives (has_pad): which slots hold real tokens, and each row's next position
+        self.key_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.has_pad = False
         self.pos = 0  # number of cache slots written (shared by all rows: prompts are left-padded)
         self.shape = shape
 
@@ -139,12 +141,16 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         n_rep = self.n_head // self.n_kv_head
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        # never both attn_mask and is_causal: the CPU backend rejects the pair
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if T == 1 and n_rep > 1:
+            # one-token decode: fold the query heads that share a kv head into the query length, so the cached
+            # K/V are read as they are instead of copied n_rep times every step (same result as repeat_kv)
+            q = q.reshape(B, self.n_kv_head, n_rep, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).reshape(B, self.n_head, 1, self.head_dim)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+            # attn_mask=None means plain causal (or a single query that sees every key); never pass both a mask
+            # and is_causal=True: the CPU backend rejects the pair
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -210,35 +216,45 @@ class GPT(nn.Module):
     def forward_embeds(self, x, pad_mask=None, kv_cache=None):
         """x: (B, T, C) -> final hidden states (B, T, C). pad_mask: (B, T) bool, True = real token (left padding)."""
         B, T, _ = x.shape
-        attn_mask, positions = None, None
-        if kv_cache is not None or pad_mask is not None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if pad_mask is None else pad_mask.bool()
-            start = 0 if kv_cache is None else kv_cache.pos
-            positions = torch.cumsum(valid.long(), 1) - 1
-            if kv_cache is not None:
-                kv_cache.key_valid[:, start:start + T] = valid
-                positions = positions + kv_cache.next_pos[:, None]
-                kv_cache.next_pos += valid.long().sum(1)
-                key_valid = kv_cache.key_valid[:, :start + T]
-            else:
-                key_valid = valid
-            positions = positions.clamp(min=0)
-            q_idx = torch.arange(start, start + T, device=x.device)[:, None]
-            k_idx = torch.arange(start + T, device=x.device)[None, :]
-            attn_mask = ((k_idx <= q_idx)[None] & key_valid[:, None, :]) | (k_idx == q_idx)[None]
-            attn_mask = attn_mask[:, None]  # (B, 1, T, S); a row always sees itself, so no row is all -inf
-        if positions is None:
-            if T > self.cos.shape[0]:
-                raise InputError(f"sequence of {T} tokens exceeds the rotary table ({self.cos.shape[0]})")
-            cos, sin = self.cos[:T], self.sin[:T]
+        start = 0 if kv_cache is None else kv_cache.pos
+        padded = pad_mask is not None and not bool(pad_mask.all())
+        if not padded and (kv_cache is None or not kv_cache.has_pad):
+            # the common path: positions start..start+T, no mask to build (decode steps stay cheap)
+            if start + T > self.cos.shape[0]:
+                raise InputError(f"position {start + T - 1} exceeds the rotary table ({self.cos.shape[0]})")
+            cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+            attn_mask = None
+            if T > 1 and start > 0:  # chunked prefill: causal with an offset
+                k_idx = torch.arange(start + T, device=x.device)
+                attn_mask = (k_idx[None, :] <= k_idx[start:, None])[None, None]
         else:
-            if int(positions.max()) >= self.cos.shape[0]:
-                raise InputError(f"position {int(positions.max())} exceeds the rotary table ({self.cos.shape[0]})")
-            cos, sin = self.cos[positions], self.sin[positions]
+            cos, sin, attn_mask = self.padded_positions_and_mask(B, T, start, pad_mask, kv_cache, x.device)
         x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos, sin, attn_mask, kv_cache)
         return norm(x)
+
+    def padded_positions_and_mask(self, B, T, start, pad_mask, kv_cache, device):
+        """Left-padded rows: per-row rotary positions that skip the pads, and a (B, 1, T, S) boolean mask."""
+        valid = torch.ones(B, T, dtype=torch.bool, device=device) if pad_mask is None else pad_mask.bool()
+        positions = torch.cumsum(valid.long(), 1) - 1
+        key_valid = valid
+        if kv_cache is not None:
+            if not kv_cache.has_pad:  # every earlier row was unpadded: positions so far equal the slot index
+                kv_cache.has_pad = True
+                kv_cache.next_pos.fill_(start)
+            kv_cache.key_valid[:, start:start + T] = valid
+            positions = positions + kv_cache.next_pos[:, None]
+            kv_cache.next_pos += valid.long().sum(1)
+            key_valid = kv_cache.key_valid[:, :start + T]
+        positions = positions.clamp(min=0)
+        if int(positions.max()) >= self.cos.shape[0]:
+            raise InputError(f"position {int(positions.max())} exceeds the rotary table ({self.cos.shape[0]})")
+        q_idx = torch.arange(start, start + T, device=device)[:, None]
+        k_idx = torch.arange(start + T, device=device)[None, :]
+        attn_mask = ((k_idx <= q_idx)[None] & key_valid[:, None, :]) | (k_idx == q_idx)[None]
+        # a row always sees itself, so a pad row is never all -inf (no NaN)
+        return self.cos[positions], self.sin[positions], attn_mask[:, None]
 
     def logits(self, h):
         logits = self.lm_head(h).float()
