@@ -1,0 +1,27 @@
+# LaneLM on synthetic roads: the default (the same values as train_lanelm.py's config block).
+# 2-core CPU, <= 10 min: python train_lanelm.py config/lanelm_synthetic.py
+dataset = 'synthetic'
+img_w = 160
+img_h = 96
+h_step = 20
+max_lanes = 4
+max_rows = 56
+tokenization = 'relative_disjoint'
+nbins_x = 200
+max_abs_dx = 32
+vis_levels = 'p5'
+conv_width = 16
+conv_norm = 'group'
+n_layer = 4
+n_head = 4
+n_embd = 128
+max_steps = 700
+max_train_seconds = 460.0
+batch_size = 8
+lr = 2e-3
+min_lr_frac = 0.02
+warmup_steps = 60
+weight_decay = 0.05
+grad_clip = 0.5
+eval_interval = 350
+n_eval = 500

@@ -1,0 +1,51 @@
+# The default: synthetic referring scenes on a CPU (the same values as train_pointer.py's defaults).
+# python train_pointer.py config/pointer_synthetic.py
+out_dir = ""                 # '' -> out/pointer-<timestamp>
+init_from = "scratch"        # scratch | resume | <checkpoint dir> | hf:owner/name
+eval_only = False
+seed = 1337
+device = "auto"
+dtype = "auto"
+compile = False
+dataset = "synthetic"        # synthetic | jsonl
+train_jsonl = ""             # jsonl: {"image": path, "query": str, "points": [[x, y], ...]} per line
+val_jsonl = ""
+img_size = 96                # rendered/resized image side (px); errors are still measured at 384 px
+patch_size = 12
+vit_layers = 4
+vit_embd = 128
+vit_heads = 4
+n_layer = 3                  # GPT
+n_embd = 128
+n_head = 4
+n_kv_head = 4
+head_mode = "attend"         # attend: point token attends over image tokens (soft-argmax + offsets) plus
+                             #   x_head/y_head refinement; mlp: x_head/y_head of the hidden state alone
+max_points = 3               # longest point sequence (multi-target queries)
+max_query_len = 48           # query tokens kept
+word_tokens = True           # one token per word of the synthetic grammar (unknown words: bytes)
+loss = "three_stage"         # three_stage | three_stage_cont | l1 | smooth_l1
+done_weight = 0.2            # weight of the done BCE
+patch_weight = 1.0           # attend mode: cross-entropy of the point token's attention over image patches
+                             #   toward the patch holding the target (0 = off)
+mask_weight = 1.0            # attend mode: BCE of a per-image-token "belongs to a referred object" logit (a
+                             #   dense grounding label: image tokens read the query, which comes first)
+augment = False              # translate/scale/flip (synthetic scenes are infinite, so off by default)
+max_steps = 1500
+time_budget_s = 480.0         # > 0: stop training after this many seconds (then eval); LR decays on time too
+batch_size = 32
+lr = 2e-3
+min_lr_frac = 0.05
+warmup_steps = 100
+weight_decay = 0.05
+grad_clip = 1.0
+log_interval = 25
+eval_interval = 250
+n_eval = 500                 # held-out single-target queries
+n_eval_multi = 200           # held-out "every ..." queries, rolled out until done
+n_train_eval = 200           # training queries evaluated for the train/val gap
+patience = 5                 # early stopping: evals without a better val mean pixel error
+n_vis = 8
+wandb_log = False
+wandb_project = "vlm-pointer"
+wandb_run_name = "pointer"

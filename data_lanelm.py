@@ -1,0 +1,410 @@
+"""
+LaneLM data: the lane coordinate tokenizer, synthetic road scenes with TuSimple-form labels, the TuSimple
+reader, the official TuSimple metric (accuracy / FP / FN, plus F1) and the drawing helper. Merged into
+data.py by the lead; every public name starts with `lane_` or `tusimple_`.
+
+Coordinates. Labels always live in the label frame (TuSimple: 1280 x 720): a lane is a list of x values,
+one per `h_samples` row, -2 where the lane is absent. Images are rendered/resized to a small model frame
+(160 x 96 by default) but labels are never rescaled, so the official 20 px threshold keeps its meaning
+(20 label px = 2.5 model px at 160 wide).
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+from data import load_image, to_pil
+
+TUSIMPLE_W, TUSIMPLE_H = 1280, 720
+TUSIMPLE_H_SAMPLES = list(range(160, 720, 10))  # the 56 rows of TuSimple's test set
+LANE_TOKENIZATIONS = ("relative_disjoint", "absolute", "relative")
+
+# -----------------------------------------------------------------------------
+# lane tokenizer
+
+
+class LaneTokenizer:
+    """Lane <-> tokens. One sequence per lane:  BOS_k ROW_r p_r p_r-1 ... EOS   (empty lane: BOS_k EOS).
+
+    BOS_k is the lane-id prompt (one BOS per lane index: the one-to-many fix), ROW_r says at which
+    h_samples row the lane starts, then one point token per row until EOS. Lanes are written bottom-up
+    (bottom_up=True): the first, absolute point is the nearest one, where lanes are wide apart and easy to
+    tell apart, and the relative steps walk towards the vanishing point. A point is an x bin
+    (bin = floor(x / (label_w / nbins_x)), decoded at the bin centre, so a round trip is within half a bin).
+
+    Id layout (relative_disjoint, nbins_x=200, max_abs_dx=32, max_rows=56, max_lanes=4 -> vocab 333):
+        [0, nbins_x)                 ABS x bin
+        [nbins_x, +2*max_abs_dx+1)   DX  signed bin step -max_abs_dx..+max_abs_dx (relative_disjoint only)
+        [.., +max_rows)              ROW start row index into h_samples
+        GAP                          this row is absent inside a lane (next point re-anchors absolutely)
+        REANCHOR                     'relative' only: the next ABS-range token is an absolute bin
+        EOS
+        BOS_0 .. BOS_{max_lanes-1}
+        IMAGE                        vision-token slot (input only)
+        PAD                          right padding (input only, never a target)
+
+    Modes: relative_disjoint (default): first point ABS, then DX in its own id range; a step larger than
+    max_abs_dx is written as an ABS token (re-anchor), never clamped. absolute: every point ABS.
+    relative (kept for the ablation; the origin's overlapping layout): DX codes reuse the ABS id range
+    (code = nbins_x//2 + dx), their meaning set by position; a large step is REANCHOR + ABS."""
+
+    def __init__(self, mode="relative_disjoint", nbins_x=200, max_abs_dx=32, max_rows=56, max_lanes=4,
+                 label_w=TUSIMPLE_W, bottom_up=True):
+        if mode not in LANE_TOKENIZATIONS:
+            raise ValueError(f"tokenization must be one of {LANE_TOKENIZATIONS}, got {mode!r}")
+        if mode == "relative" and max_abs_dx >= nbins_x // 2:
+            raise ValueError(f"relative mode shares the ABS range: max_abs_dx ({max_abs_dx}) must be < nbins_x//2")
+        self.mode, self.nbins, self.max_dx, self.step = mode, nbins_x, max_abs_dx, -1 if bottom_up else 1
+        self.max_rows, self.max_lanes, self.label_w = max_rows, max_lanes, label_w
+        self.bin_w = label_w / nbins_x
+        n_dx = 2 * max_abs_dx + 1 if mode == "relative_disjoint" else 0
+        self.dx0 = nbins_x                       # first DX id
+        self.row0 = self.dx0 + n_dx              # first ROW id
+        self.gap = self.row0 + max_rows
+        self.reanchor = self.gap + 1
+        self.eos = self.gap + 2
+        self.bos0 = self.gap + 3
+        self.image = self.bos0 + max_lanes
+        self.pad = self.image + 1
+        self.vocab_size = self.pad + 1
+
+    def bos(self, lane_id):
+        if not 0 <= lane_id < self.max_lanes:
+            raise ValueError(f"lane id {lane_id} outside 0..{self.max_lanes - 1}")
+        return self.bos0 + lane_id
+
+    def x_bin(self, x):
+        return int(min(self.nbins - 1, max(0, math.floor(x / self.bin_w))))
+
+    def bin_x(self, b):
+        return (b + 0.5) * self.bin_w
+
+    def encode(self, xs, lane_id):
+        """xs: x per h_samples row (label px, < 0 = absent) -> [BOS_k, ROW, points..., EOS]."""
+        if len(xs) > self.max_rows:
+            raise ValueError(f"lane has {len(xs)} rows but the tokenizer has max_rows={self.max_rows}")
+        ids = [self.bos(lane_id)]
+        valid = [i for i, x in enumerate(xs) if x >= 0]
+        if not valid:
+            return ids + [self.eos]
+        first, last = (valid[-1], valid[0]) if self.step < 0 else (valid[0], valid[-1])
+        ids.append(self.row0 + first)
+        prev = None  # previous bin; None = the next point must be absolute
+        for r in range(first, last + self.step, self.step):
+            if xs[r] < 0:
+                ids.append(self.gap)
+                prev = None
+                continue
+            b = self.x_bin(xs[r])
+            if self.mode == "absolute" or prev is None:
+                ids.append(b)
+            elif abs(b - prev) <= self.max_dx:
+                ids.append(self.dx0 + self.max_dx + (b - prev) if self.mode == "relative_disjoint"
+                           else self.nbins // 2 + (b - prev))
+            elif self.mode == "relative_disjoint":
+                ids.append(b)  # disjoint ranges: an ABS token re-anchors unambiguously
+            else:
+                ids += [self.reanchor, b]
+            prev = b
+        return ids + [self.eos]
+
+    def decode(self, ids, n_rows):
+        """Tokens after the prompt (a leading BOS is skipped) -> (xs list of n_rows, -2 absent; ok flag).
+        Never raises: an invalid sequence returns what was decoded so far and ok=False."""
+        xs = [-2.0] * n_rows
+        ids = [int(i) for i in ids]
+        if ids and self.bos0 <= ids[0] < self.bos0 + self.max_lanes:
+            ids = ids[1:]
+        if not ids or ids[0] == self.eos:
+            return xs, bool(ids)
+        if not self.row0 <= ids[0] < self.row0 + self.max_rows:
+            return xs, False
+        row, prev, absolute_next = ids[0] - self.row0, None, True
+        for t in ids[1:]:
+            if t == self.eos:
+                return xs, True
+            if t == self.gap:
+                row, prev, absolute_next = row + self.step, None, True
+                continue
+            if t == self.reanchor:
+                absolute_next = True
+                continue
+            if not 0 <= row < n_rows:
+                return xs, False  # runs past the first/last row
+            if t < self.nbins:
+                if self.mode == "relative" and not absolute_next:
+                    b = prev + t - self.nbins // 2
+                else:
+                    b = t
+            elif self.mode == "relative_disjoint" and self.dx0 <= t < self.row0 and prev is not None:
+                b = prev + t - self.dx0 - self.max_dx
+            else:
+                return xs, False  # a DX with nothing to be relative to, a ROW/BOS/IMAGE/PAD mid-lane
+            if not 0 <= b < self.nbins:
+                return xs, False  # stepped off the image
+            xs[row] = self.bin_x(b)
+            row, prev, absolute_next = row + self.step, b, self.mode == "absolute"
+        return xs, False  # no EOS
+
+    def describe(self):
+        return (f"{self.mode}: ABS 0..{self.nbins - 1}"
+                + (f", DX {self.dx0}..{self.row0 - 1}" if self.row0 > self.dx0 else "")
+                + f", ROW {self.row0}..{self.gap - 1}, GAP {self.gap}, REANCHOR {self.reanchor}, EOS {self.eos}, "
+                f"BOS {self.bos0}..{self.image - 1}, IMAGE {self.image}, PAD {self.pad} (vocab {self.vocab_size})")
+
+
+def lane_sort(lanes):
+    """Non-empty lanes, left to right by the x of their lowest labelled point."""
+    lanes = [list(map(float, l)) for l in lanes if any(x >= 0 for x in l)]
+    return sorted(lanes, key=lambda l: [x for x in l if x >= 0][-1])
+
+
+def lane_slots(lanes, max_lanes=4, centre=TUSIMPLE_W / 2):
+    """Lane id = an ego-relative slot (the CULane convention): with 4 slots, 0 = second lane left of the
+    camera, 1 = first left, 2 = first right, 3 = second right; sides by the x of the lowest labelled point
+    against the image centre. Which lane a BOS_k asks for is then a local question about the image
+    (the 'k-th lane from the left' needs counting). -> (max_lanes lanes or None, lanes that had no slot)."""
+    lanes = lane_sort(lanes)
+    left = [l for l in lanes if [x for x in l if x >= 0][-1] < centre][::-1]   # nearest first
+    right = [l for l in lanes if [x for x in l if x >= 0][-1] >= centre]
+    half = max_lanes // 2
+    slots = [None] * max_lanes
+    for j, l in enumerate(left[:half]):
+        slots[half - 1 - j] = l
+    for j, l in enumerate(right[:max_lanes - half]):
+        slots[half + j] = l
+    return slots, max(0, len(left) - half) + max(0, len(right) - (max_lanes - half))
+
+# -----------------------------------------------------------------------------
+# synthetic road scenes
+
+
+def lane_synthetic_sample(rng, img_w=160, img_h=96, h_samples=None, max_lanes=4, supersample=2):
+    """One road scene: 2..max_lanes lanes as smooth perspective curves converging to a vanishing point
+    (camera tilt moves the horizon), solid or dashed, white or yellow, occluded by vehicles, with shadows,
+    lighting and texture noise. Returns dict(image (3, img_h, img_w) float [0,1], lanes (left to right,
+    TuSimple form in the 1280x720 label frame), h_samples)."""
+    from PIL import Image, ImageDraw
+    hs = np.asarray(TUSIMPLE_H_SAMPLES if h_samples is None else h_samples, dtype=np.float64)
+    W, H = TUSIMPLE_W, TUSIMPLE_H
+    for _ in range(50):  # rejection: every lane must be visible on >= 6 rows
+        # a dash camera in its lane: 1-2 lanes each side of the image centre (2..max_lanes in all)
+        half = max_lanes // 2
+        n_left, n_right = int(rng.integers(1, half + 1)), int(rng.integers(1, max_lanes - half + 1))
+        n = n_left + n_right
+        vy = rng.uniform(250, 330)                     # horizon (camera tilt)
+        vx = rng.uniform(540, 740)                     # camera yaw
+        bend = rng.uniform(-160, 160) * (rng.random() < 0.7)  # road curvature, felt near the horizon
+        lane_w = rng.uniform(330, 480)                 # lane spacing at the bottom row
+        ego = rng.uniform(0.3, 0.7)                    # where in its lane the camera sits
+        xb = W / 2 - ego * lane_w + (np.arange(n) - n_left + 1) * lane_w
+        start = vy + rng.uniform(12, 45, size=n)      # lanes fade out before the horizon
+        D = H - vy
+
+        def lane_x(k, y):
+            t = (y - vy) / D
+            return vx + bend * (1 - t) ** 2 + (xb[k] - vx) * t
+
+        lanes = []
+        for k in range(n):
+            x = lane_x(k, hs)
+            ok = (hs >= start[k]) & (x >= 0) & (x < W)
+            lanes.append(np.where(ok, np.round(x, 1), -2.0))
+        if all((l >= 0).sum() >= 6 for l in lanes):
+            break
+    S = supersample
+    cw, ch = img_w * S, img_h * S
+    sx, sy = cw / W, ch / H
+    # sky, ground, road
+    sky = np.array([rng.uniform(120, 220), rng.uniform(140, 225), rng.uniform(170, 240)])
+    grass = np.array([rng.uniform(40, 110), rng.uniform(60, 130), rng.uniform(30, 90)])
+    road = rng.uniform(55, 135)
+    img = Image.new("RGB", (cw, ch), tuple(int(c) for c in grass))
+    draw = ImageDraw.Draw(img)
+    hy = vy * sy
+    for i in range(8):  # sky: a coarse vertical gradient
+        f = i / 8
+        draw.rectangle([0, f * hy, cw, (f + 0.125) * hy + 1], fill=tuple(int(c * (0.85 + 0.15 * f)) for c in sky))
+    margin = 0.7 * lane_w
+    left = [(vx + bend) * sx, hy], [(xb[0] - margin) * sx, ch]
+    right = [(xb[-1] + margin) * sx, ch], [(vx + bend) * sx, hy]
+    draw.polygon([tuple(p) for p in (*left, *right)], fill=(int(road),) * 3)
+    # texture: patches of lighter/darker asphalt and a few shadow bands
+    for _ in range(int(rng.integers(3, 9))):
+        y0 = rng.uniform(hy, ch)
+        r = rng.uniform(4, 30) * S * (y0 - hy) / (ch - hy + 1e-6) + 1
+        x0 = rng.uniform(0, cw)
+        g = int(np.clip(road + rng.uniform(-25, 25), 0, 255))
+        draw.ellipse([x0 - 2 * r, y0 - r, x0 + 2 * r, y0 + r], fill=(g, g, g))
+    for _ in range(int(rng.integers(0, 3))):
+        y0, h0 = rng.uniform(hy, ch), rng.uniform(2, 10) * S
+        g = int(road * rng.uniform(0.45, 0.75))
+        draw.polygon([(0, y0), (cw, y0 + rng.uniform(-8, 8) * S), (cw, y0 + h0), (0, y0 + h0)], fill=(g, g, g))
+    # lane markings, drawn densely in y; dashes are periodic in ground distance (~ 1 / (y - vy))
+    ys = np.arange(vy + 2, H + 5, 5.0)
+    for k in range(n):
+        yellow = rng.random() < 0.2
+        colour = (235, 200, 60) if yellow else (int(rng.uniform(190, 255)),) * 3
+        dashed = rng.random() < 0.5
+        period, duty, phase = rng.uniform(0.6, 1.0), rng.uniform(0.35, 0.6), rng.uniform()
+        width = rng.uniform(12, 22)  # label px at the bottom row
+        for y0, y1 in zip(ys[:-1], ys[1:]):
+            if y0 < start[k]:
+                continue
+            t = (y0 - vy) / D
+            if dashed and ((1.0 / t) * period * 0.25 + phase) % 1.0 > duty:
+                continue
+            w = max(1, int(round(width * t * sx)))
+            draw.line([(lane_x(k, y0) * sx, y0 * sy), (lane_x(k, y1) * sx, y1 * sy)], fill=colour, width=w)
+    # vehicles: boxes standing on the road, nearer ones drawn last; they hide lane marks, labels stay
+    n_cars = int(rng.choice([0, 1, 1, 2, 2, 3]))
+    cars = sorted(rng.uniform(0.15, 0.95, size=n_cars))
+    for t in cars:
+        y_bot = vy + t * D
+        pos = rng.uniform(-0.5, n - 0.5)  # fractional lane index: straddles a marking sometimes
+        x_mid = np.interp(pos, np.arange(n), [lane_x(k, y_bot) for k in range(n)], left=None, right=None)
+        if n > 1:
+            x_mid += (pos - np.clip(pos, 0, n - 1)) * (lane_x(1, y_bot) - lane_x(0, y_bot))
+        cw_ = 0.75 * lane_w * t
+        chh = cw_ * rng.uniform(0.6, 0.9)
+        col = tuple(int(c) for c in rng.uniform(10, 240, size=3))
+        box = [(x_mid - cw_ / 2) * sx, (y_bot - chh) * sy, (x_mid + cw_ / 2) * sx, y_bot * sy]
+        draw.rectangle(box, fill=col)
+        draw.rectangle([box[0], box[3] - 0.15 * (box[3] - box[1]), box[2], box[3]], fill=(20, 20, 20))
+    img = img.resize((img_w, img_h), Image.BOX)
+    x = np.asarray(img, dtype=np.float32) / 255.0  # numpy, not torch: tiny torch ops thrash a loaded CPU
+    # lighting (brightness, contrast, colour cast, gamma) and sensor noise
+    x = (x - 0.5) * rng.uniform(0.7, 1.2) + 0.5 * rng.uniform(0.7, 1.25)
+    x = x * rng.uniform(0.9, 1.1, size=3).astype(np.float32)
+    x = np.clip(x, 0, 1) ** rng.uniform(0.8, 1.25)
+    x = x + rng.standard_normal((img_h, img_w, 1)).astype(np.float32) * rng.uniform(0.005, 0.04)
+    x = torch.from_numpy(np.ascontiguousarray(np.clip(x, 0, 1).transpose(2, 0, 1), dtype=np.float32))
+    return dict(image=x, lanes=[l.tolist() for l in lanes], h_samples=hs.astype(int).tolist(), raw_file="")
+
+# -----------------------------------------------------------------------------
+# TuSimple reader
+
+
+def tusimple_read_labels(root, label_files):
+    """TuSimple label files (one JSON object per line: lanes, h_samples, raw_file) -> list of entries.
+    label_files: list or comma-separated string of paths relative to root."""
+    if isinstance(label_files, str):
+        label_files = [f for f in label_files.split(",") if f]
+    entries = []
+    for name in label_files:
+        path = os.path.join(root, name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"TuSimple label file not found: {path}")
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    e = json.loads(line)
+                    lanes, hs, raw = e["lanes"], e["h_samples"], e["raw_file"]
+                except (json.JSONDecodeError, KeyError) as err:
+                    raise ValueError(f"{path}:{n}: not a TuSimple label line ({err})") from None
+                if any(len(l) != len(hs) for l in lanes):
+                    raise ValueError(f"{path}:{n}: a lane has a different length than h_samples ({len(hs)})")
+                entries.append(dict(lanes=lanes, h_samples=hs, raw_file=raw))
+    return entries
+
+
+def tusimple_sample(entry, root, img_w=160, img_h=96):
+    """A label entry -> the same sample dict as the synthetic generator (image resized, labels untouched)."""
+    image = load_image(os.path.join(root, entry["raw_file"]), size=(img_w, img_h))
+    return dict(image=image, lanes=[list(map(float, l)) for l in entry["lanes"]],
+                h_samples=list(entry["h_samples"]), raw_file=entry["raw_file"])
+
+# -----------------------------------------------------------------------------
+# the official TuSimple metric (evaluate/lane.py of tusimple-benchmark), re-implemented without sklearn
+
+
+def tusimple_angle(xs, y_samples):
+    """Angle of the least-squares line x = k y + b through the lane's points (0 for < 2 points)."""
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(y_samples, dtype=np.float64)
+    xs, ys = xs[xs >= 0], ys[xs >= 0]
+    if len(xs) <= 1:
+        return 0.0
+    yc = ys - ys.mean()
+    denom = (yc ** 2).sum()
+    k = (yc * (xs - xs.mean())).sum() / denom if denom > 0 else 0.0
+    return math.atan(k)
+
+
+def tusimple_line_accuracy(pred, gt, thresh):
+    """Share of the gt's rows (absent rows included) where |pred - gt| < thresh, absent = -100."""
+    pred = np.array([p if p >= 0 else -100 for p in pred], dtype=np.float64)
+    gt = np.array([g if g >= 0 else -100 for g in gt], dtype=np.float64)
+    return float(np.sum(np.abs(pred - gt) < thresh) / len(gt))
+
+
+def tusimple_bench(pred, gt, y_samples, running_time=0.0, pixel_thresh=20, pt_thresh=0.85):
+    """One image, exactly as LaneEval.bench: -> (accuracy, fp rate, fn rate, matched gt lanes).
+    Per gt lane: threshold 20 / cos(angle); its best pred's point accuracy; matched if >= 0.85.
+    FP = (#pred - #matched) / #pred; FN = #unmatched / min(#gt, 4); with > 4 gt lanes the worst lane is
+    dropped from the accuracy and one FN forgiven. More than #gt + 2 predictions scores (0, 0, 1)."""
+    if any(len(p) != len(y_samples) for p in pred):
+        raise ValueError("Format of lanes error: a predicted lane's length differs from h_samples")
+    if running_time > 200 or len(gt) + 2 < len(pred):
+        return 0.0, 0.0, 1.0, 0
+    threshs = [pixel_thresh / math.cos(tusimple_angle(x, y_samples)) for x in gt]
+    line_accs, fn, matched = [], 0.0, 0.0
+    for x_gts, thresh in zip(gt, threshs):
+        accs = [tusimple_line_accuracy(x_preds, x_gts, thresh) for x_preds in pred]
+        max_acc = max(accs) if accs else 0.0
+        if max_acc < pt_thresh:
+            fn += 1
+        else:
+            matched += 1
+        line_accs.append(max_acc)
+    fp = len(pred) - matched
+    if len(gt) > 4 and fn > 0:
+        fn -= 1
+    s = sum(line_accs)
+    if len(gt) > 4:
+        s -= min(line_accs)
+    return (s / max(min(4.0, len(gt)), 1.0), fp / len(pred) if len(pred) > 0 else 0.0,
+            fn / max(min(len(gt), 4.0), 1.0), int(matched))
+
+
+def tusimple_metrics(preds, gts, y_samples_list):
+    """Dataset means of accuracy, FP, FN (as bench_one_submit), plus F1 from the totals of matched lanes,
+    predictions and gt lanes (precision = matched / #pred, recall = matched / #gt).
+    preds, gts: per image a list of lanes (x per row, -2 absent); all-absent predictions are dropped."""
+    acc = fp = fn = 0.0
+    n_match = n_pred = n_gt = 0
+    for pred, gt, ys in zip(preds, gts, y_samples_list):
+        pred = [p for p in pred if any(x >= 0 for x in p)]
+        a, p, f, m = tusimple_bench(pred, gt, ys)
+        acc, fp, fn = acc + a, fp + p, fn + f
+        n_match, n_pred, n_gt = n_match + m, n_pred + len(pred), n_gt + len(gt)
+    n = max(len(gts), 1)
+    precision = n_match / n_pred if n_pred else 0.0
+    recall = n_match / n_gt if n_gt else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return dict(tusimple_acc=acc / n, fp=fp / n, fn=fn / n, f1=f1)
+
+# -----------------------------------------------------------------------------
+# drawing
+
+
+def lane_draw(image, h_samples, gt=(), pred=(), scale=3, label_w=TUSIMPLE_W, label_h=TUSIMPLE_H):
+    """Image with ground-truth lanes in green and predictions in red (points joined per row) -> PIL."""
+    from PIL import Image, ImageDraw
+    im = to_pil(image)
+    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(im)
+    sx, sy = im.width / label_w, im.height / label_h
+    for lanes, colour, w in ((gt, (0, 255, 0), 3), (pred, (255, 0, 0), 1)):
+        for lane in lanes:
+            pts = [(x * sx, y * sy) if x >= 0 else None for x, y in zip(lane, h_samples)]
+            for a, b in zip(pts[:-1], pts[1:]):
+                if a is not None and b is not None:
+                    draw.line([a, b], fill=colour, width=w)
+            for p in pts:
+                if p is not None:
+                    draw.ellipse([p[0] - w, p[1] - w, p[0] + w, p[1] + w], fill=colour)
+    return im

@@ -1,0 +1,439 @@
+"""
+Pointer recipe data: synthetic referring scenes, a PixMo-Points-like JSONL reader, coordinate-correct
+augmentation, pixel-error / sequential metrics and the red-green-yellow drawing. Merged into data.py later.
+
+Coordinates everywhere are normalised to [-1, 1] with -1 the left/top image EDGE and +1 the right/bottom
+edge (pixel i covers [i, i+1), so its centre is (i + 0.5) / W * 2 - 1; torch's align_corners=False).
+Pixel errors are measured in a "frame": 384 x 384 for synthetic scenes, 384 tall and 384*W/H wide for
+real images (they are not square), so 0.1 in normalised units is 19.2 px vertically.
+"""
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from PIL import Image, ImageDraw
+
+from data import load_image, sample_rng, to_pil
+from model import InputError
+
+POINTER_FRAME = 384
+POINTER_COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
+                   "magenta": (220, 60, 220), "cyan": (40, 220, 230)}
+POINTER_SHAPES = ("circle", "square", "triangle", "diamond")
+POINTER_SIZES = {"small": (12, 17), "large": (24, 32)}  # half-extent range in 384-frame px
+POINTER_RELATIONS = ("left of", "right of", "above", "below")
+POINTER_KINDS = ("attr", "size", "single_attr", "relation", "multi")
+POINTER_WORDS = (tuple(POINTER_COLOURS) + POINTER_SHAPES + tuple(POINTER_SIZES)
+                 + ("the", "every", "object", "left", "right", "of", "above", "below"))
+
+# -----------------------------------------------------------------------------
+# synthetic scenes
+
+
+def pointer_matches(query, objects):
+    """Indices of the objects a structured query refers to (the ground truth is defined by this function)."""
+    def has(o, colour=None, shape=None, size=None):
+        return ((colour is None or o["colour"] == colour) and (shape is None or o["shape"] == shape)
+                and (size is None or o["size"] == size))
+    if query["kind"] != "relation":
+        return [i for i, o in enumerate(objects) if has(o, query.get("colour"), query.get("shape"), query.get("size"))]
+    ref = objects[query["ref"]]
+    rel = {"left of": lambda o: o["x"] < ref["x"], "right of": lambda o: o["x"] > ref["x"],
+           "above": lambda o: o["y"] < ref["y"], "below": lambda o: o["y"] > ref["y"]}[query["relation"]]
+    return [i for i, o in enumerate(objects) if i != query["ref"] and has(o, query["colour"]) and rel(o)]
+
+
+def pointer_query_text(q, objects):
+    if q["kind"] == "relation":
+        ref = objects[q["ref"]]
+        return f"the {q['colour']} object {q['relation']} the {ref['colour']} {ref['shape']}"
+    words = [w for w in (q.get("size"), q.get("colour"), q.get("shape")) if w]
+    noun = "" if q.get("shape") else " object"
+    return ("every " if q["kind"] == "multi" else "the ") + " ".join(words) + noun
+
+
+def _place(rng, objects, half, frame, overlap):
+    """A centre (integer px in the frame) inside the frame. Objects may overlap partially, but no centre
+    lies inside another object's box (so every target centre stays visible)."""
+    for _ in range(100):
+        x, y = (int(v) for v in rng.integers(half + 2, frame - half - 2, size=2))
+        if all(max(abs(x - o["x"]), abs(y - o["y"])) >= max(half, o["half"]) + 3
+               and math.hypot(x - o["x"], y - o["y"]) >= overlap * (half + o["half"]) for o in objects):
+            return x, y
+    return None
+
+
+def _random_object(rng, colours, shapes):
+    size = str(rng.choice(list(POINTER_SIZES)))
+    lo, hi = POINTER_SIZES[size]
+    return dict(colour=str(rng.choice(colours)), shape=str(rng.choice(shapes)), size=size,
+                half=int(rng.integers(lo, hi + 1)))
+
+
+POINTER_KIND_WEIGHTS = {"attr": 0.3, "size": 0.15, "single_attr": 0.1, "relation": 0.2, "multi": 0.25}
+
+
+def pointer_scene(rng, kind=None, frame=POINTER_FRAME, min_objects=3, max_objects=6, max_points=3, overlap=0.6,
+                  kinds=POINTER_KINDS):
+    """One scene and one query. Distractors share the target's colour or shape (each scene draws from a
+    small palette), some objects overlap partially. Returns dict(objects, query, text, points (K, 2) in
+    frame px, kind). Rejection-sampled until the query refers to exactly the intended targets.
+    kind=None draws one of `kinds` with POINTER_KIND_WEIGHTS."""
+    if kind is None:
+        w = np.array([POINTER_KIND_WEIGHTS[k] for k in kinds])
+        kind = str(rng.choice(list(kinds), p=w / w.sum()))
+    for _ in range(200):
+        colours = list(rng.choice(list(POINTER_COLOURS), size=int(rng.integers(2, 4)), replace=False))
+        shapes = list(rng.choice(POINTER_SHAPES, size=int(rng.integers(2, 4)), replace=False))
+        n = int(rng.integers(min_objects, max_objects + 1))
+        protos = [_random_object(rng, colours, shapes) for _ in range(n)]
+        if kind == "size":  # a same colour+shape twin of the other size
+            twin = dict(protos[0], size="large" if protos[0]["size"] == "small" else "small")
+            twin["half"] = int(rng.integers(*POINTER_SIZES[twin["size"]]))
+            protos[1] = twin
+        if kind == "multi":  # 1..max_points copies of one colour+shape
+            k = int(rng.integers(1, max_points + 1))
+            for j in range(1, min(k, n)):
+                protos[j] = dict(_random_object(rng, colours, shapes), colour=protos[0]["colour"], shape=protos[0]["shape"])
+        objects = []
+        for p in protos:
+            xy = _place(rng, objects, p["half"], frame, overlap)
+            if xy is not None:
+                objects.append(dict(p, x=xy[0], y=xy[1]))
+        query = _pointer_query(rng, kind, objects, max_points)
+        if query is not None:
+            targets = pointer_matches(query, objects)
+            if kind == "multi":  # reading order of a sequence: left to right, then top to bottom
+                targets = sorted(targets, key=lambda i: (objects[i]["x"], objects[i]["y"]))
+            points = np.array([[objects[i]["x"] + 0.5, objects[i]["y"] + 0.5] for i in targets], dtype=np.float32)
+            halves = np.array([objects[i]["half"] for i in targets], dtype=np.float32)
+            return dict(objects=objects, query=query, text=pointer_query_text(query, objects), points=points,
+                        halves=halves, kind=kind)
+    raise RuntimeError(f"could not build a '{kind}' scene")  # not reached with these settings
+
+
+def _pointer_query(rng, kind, objects, max_points):
+    if not objects:
+        return None
+    t = objects[0]
+    if kind == "multi":
+        q = dict(kind=kind, colour=t["colour"], shape=t["shape"])
+        return q if 1 <= len(pointer_matches(q, objects)) <= max_points else None
+    if kind == "relation":
+        for i, r in itertools.product(rng.permutation(len(objects)), rng.permutation(len(objects))):
+            if i == r or len(pointer_matches(dict(kind="attr", colour=objects[r]["colour"], shape=objects[r]["shape"]), objects)) != 1:
+                continue
+            for rel in rng.permutation(POINTER_RELATIONS):
+                q = dict(kind=kind, colour=objects[i]["colour"], relation=str(rel), ref=int(r))
+                # unambiguous by a margin: no same-colour object within 8 px of the reference's line
+                axis = "x" if rel in ("left of", "right of") else "y"
+                near = any(abs(o[axis] - objects[r][axis]) < 8 for j, o in enumerate(objects)
+                           if j != r and o["colour"] == objects[i]["colour"])
+                if pointer_matches(q, objects) == [int(i)] and not near:
+                    return q
+        return None
+    options = {"attr": [("colour", "shape")], "size": [("size", "colour", "shape")],
+               "single_attr": [("shape",), ("colour",)]}[kind]
+    for keys in options:
+        q = dict(kind=kind, **{k: t[k] for k in keys})
+        if pointer_matches(q, objects) == [0]:
+            return q
+    return None
+
+
+def pointer_render(objects, size, frame=POINTER_FRAME, background=(24, 24, 28)):
+    """Draw at the frame's resolution (integer centres, symmetric shapes: the centre is exact), then
+    box-filter down to `size` px, so sub-pixel positions survive as antialiased edges. -> (3, size, size)."""
+    img = Image.new("RGB", (frame, frame), background)
+    d = ImageDraw.Draw(img)
+    for o in objects:
+        x, y, h, c = o["x"], o["y"], o["half"], POINTER_COLOURS[o["colour"]]
+        if o["shape"] == "circle":
+            d.ellipse([x - h, y - h, x + h, y + h], fill=c)
+        elif o["shape"] == "square":
+            d.rectangle([x - h, y - h, x + h, y + h], fill=c)
+        elif o["shape"] == "triangle":  # bounding box centred on (x, y), like every shape
+            d.polygon([(x, y - h), (x + h, y + h), (x - h, y + h)], fill=c)
+        else:
+            d.polygon([(x, y - h), (x + h, y), (x, y + h), (x - h, y)], fill=c)
+    if size != frame:
+        img = img.resize((size, size), Image.BOX)
+    # transpose in numpy: torch's strided copy of a small HWC image costs milliseconds on a busy CPU
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.float32).transpose(2, 0, 1)) / 255.0)
+
+
+def pointer_normalize(points_px, frame_wh):
+    """Frame pixel coordinates (K, 2) -> [-1, 1]."""
+    wh = np.asarray(frame_wh, dtype=np.float32)
+    return np.asarray(points_px, dtype=np.float32).reshape(-1, 2) / wh * 2 - 1
+
+
+def pointer_denormalize(points, frame_wh):
+    wh = np.asarray(frame_wh, dtype=np.float32)
+    return (np.asarray(points, dtype=np.float32).reshape(-1, 2) + 1) / 2 * wh
+
+
+def pointer_synthetic_sample(seed, split, index, img_size, kind=None, max_points=3, kinds=POINTER_KINDS):
+    """A pure function of (seed, split, index): dict(image (3, S, S), text, points (K, 2) in [-1, 1], frame, kind)."""
+    rng = sample_rng(seed, split, index)
+    s = pointer_scene(rng, kind=kind, max_points=max_points, kinds=kinds)
+    return dict(image=pointer_render(s["objects"], img_size), text=s["text"], kind=s["kind"],
+                points=pointer_normalize(s["points"], (POINTER_FRAME, POINTER_FRAME)),
+                halves=s["halves"] / (POINTER_FRAME / 2), frame=(POINTER_FRAME, POINTER_FRAME), objects=s["objects"])
+
+def pointer_word_specials():
+    """Special-token names for the synthetic grammar's closed vocabulary (one token per word)."""
+    return [f"<w:{w}>" for w in POINTER_WORDS]
+
+
+def pointer_encode(tok, text, word_tokens=True):
+    """Query -> token ids. word_tokens: each known word of the synthetic grammar is one token (added as
+    specials, looked up by id), any other word falls back to bytes; otherwise plain byte tokens."""
+    if not word_tokens:
+        return tok.encode(text)
+    ids = []
+    for i, w in enumerate(text.split(" ")):
+        name = f"<w:{w.lower()}>"
+        ids += [tok[name]] if name in tok.special else tok.encode(("" if i == 0 else " ") + w)
+    return ids
+
+# -----------------------------------------------------------------------------
+# real data: JSONL {"image": path, "query": str, "points": [[x, y], ...] in image pixels}
+
+
+def pointer_read_jsonl(path):
+    """-> list of records (image path resolved relative to the JSONL file). Pixel points are converted
+    with each image's own size when the sample is loaded (images are not square)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"JSONL file not found: {path}")
+    root, records = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                pts = [[float(x), float(y)] for x, y in r["points"]]
+                rec = dict(image=os.path.join(root, r["image"]), text=str(r["query"]), points_px=pts)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise InputError(f"{path}:{n}: bad record ({type(e).__name__}: {e}); expected "
+                                 '{"image": str, "query": str, "points": [[x, y], ...]}') from None
+            records.append(rec)
+    if not records:
+        raise InputError(f"{path} holds no records")
+    return records
+
+
+def pointer_load_record(rec, img_size):
+    """Record -> sample dict like the synthetic one. Points outside the image raise InputError."""
+    with Image.open(rec["image"]) as im:
+        w, h = im.size
+    pts = np.asarray(rec["points_px"], dtype=np.float32).reshape(-1, 2)
+    if len(pts) and ((pts < 0).any() or (pts[:, 0] > w).any() or (pts[:, 1] > h).any()):
+        raise InputError(f"{rec['image']}: a point lies outside the {w}x{h} image: {pts.tolist()}")
+    order = np.lexsort((pts[:, 1], pts[:, 0])) if len(pts) else []
+    frame = (round(POINTER_FRAME * w / h), POINTER_FRAME)
+    return dict(image=load_image(rec["image"], img_size), text=rec["text"], kind="multi" if len(pts) > 1 else "attr",
+                points=pointer_normalize(pts[order], (w, h)), halves=np.zeros(len(pts), np.float32), frame=frame,
+                objects=None)
+
+# -----------------------------------------------------------------------------
+# augmentation: one affine map applied to the image and to the points
+
+
+def pointer_augment(image, points, text, rng, max_shift=0.1, scale_range=(0.9, 1.1), flip_prob=0.5):
+    """Random scale s, translation t and horizontal flip f: a point p (normalised) moves to
+    p' = s * (f * p) + t; the image is resampled with the inverse map (grid_sample, align_corners=False,
+    the same [-1, 1] convention as the points). A flip swaps 'left'/'right' in the query and re-sorts the
+    points left to right. If a point would leave the image, the sample is returned unchanged."""
+    s = float(rng.uniform(*scale_range))
+    t = rng.uniform(-max_shift, max_shift, size=2).astype(np.float32)
+    flip = bool(rng.random() < flip_prob)
+    f = np.array([-1.0 if flip else 1.0, 1.0], dtype=np.float32)
+    new = (s * (f * points) + t).astype(np.float32)
+    if len(new) and (np.abs(new) > 0.98).any():
+        return image, points, text, 1.0
+    # output pixel at q samples input at p = f * (q - t) / s  (f is its own inverse)
+    theta = torch.tensor([[f[0] / s, 0.0, -f[0] * t[0] / s], [0.0, 1.0 / s, -t[1] / s]], dtype=torch.float32)
+    grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
+    out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    if flip:
+        text = text.replace("left", "\0").replace("right", "left").replace("\0", "right")
+        new = new[np.lexsort((new[:, 1], new[:, 0]))] if len(new) else new
+    return out, new, text, s
+
+
+def pointer_patch_mask(points, halves, grid):
+    """(grid*grid,) float mask of the patches whose centre lies inside a target's box (half-extent `halves`,
+    normalised; at least half a patch, so every target marks its own patch): the dense grounding label."""
+    c = (np.arange(grid, dtype=np.float32) + 0.5) / grid * 2 - 1
+    xs, ys = np.meshgrid(c, c)  # raster order, like the ViT's patch tokens
+    mask = np.zeros((grid, grid), dtype=bool)
+    for (x, y), h in zip(np.asarray(points).reshape(-1, 2), np.asarray(halves).reshape(-1)):
+        r = max(float(h), 1.0 / grid)
+        mask |= (np.abs(xs - x) <= r) & (np.abs(ys - y) <= r)
+    return mask.reshape(-1).astype(np.float32)
+
+POINTER_N_COLOUR, POINTER_N_SHAPE, POINTER_N_SIZE = len(POINTER_COLOURS) + 1, len(POINTER_SHAPES) + 1, len(POINTER_SIZES) + 1
+
+
+def pointer_dense_labels(objects, grid, frame=POINTER_FRAME):
+    """Dense per-patch scene labels (raster order, like the ViT's patch tokens), for EVERY object, whatever
+    the query: -> (grid*grid, 5) float32 [offset_x, offset_y, colour, shape, size]. A patch belongs to the
+    object whose box (grown to at least half a patch, so small objects own the patch holding their centre)
+    contains the patch centre, the nearest centre winning; offset = object centre - patch centre in patch
+    widths; class ids index POINTER_COLOURS / POINTER_SHAPES / POINTER_SIZES, the last id is background
+    (offset NaN = no offset target). objects=None (real data, augmented scenes): every label ignored (-1)."""
+    n = grid * grid
+    if objects is None:
+        return np.concatenate([np.full((n, 2), np.nan, np.float32), np.full((n, 3), -1, np.float32)], 1)
+    cell = frame / grid
+    c = (np.arange(grid, dtype=np.float32) + 0.5) * cell
+    px, py = (v.reshape(-1) for v in np.meshgrid(c, c))
+    out = np.concatenate([np.full((n, 2), np.nan, np.float32),
+                          np.tile(np.array([[POINTER_N_COLOUR - 1, POINTER_N_SHAPE - 1, POINTER_N_SIZE - 1]], np.float32), (n, 1))], 1)
+    best = np.full(n, np.inf)
+    colours, sizes = list(POINTER_COLOURS), list(POINTER_SIZES)
+    for o in objects:
+        cx, cy, r = o["x"] + 0.5, o["y"] + 0.5, max(o["half"], cell / 2)
+        dist = np.hypot(px - cx, py - cy)
+        own = (np.abs(px - cx) <= r) & (np.abs(py - cy) <= r) & (dist < best)
+        best[own] = dist[own]
+        out[own, 0], out[own, 1] = (cx - px[own]) / cell, (cy - py[own]) / cell
+        out[own, 2:] = colours.index(o["colour"]), POINTER_SHAPES.index(o["shape"]), sizes.index(o["size"])
+    return out
+
+
+def pointer_curriculum_kinds(step, curriculum_steps):
+    """The query kinds a training sample may draw at `step`: first the attribute-only kinds (what to look
+    for: colour, shape, size words), then every kind (relations, "every ..."). 0 = no curriculum."""
+    if curriculum_steps > 0 and step < curriculum_steps:
+        return ("attr", "size", "single_attr")
+    return POINTER_KINDS
+
+# -----------------------------------------------------------------------------
+# coordinate losses on the L1 distance d = |dx| + |dy| in [-1, 1] units (0.05 = 9.6 px, 0.1 = 19.2 px at 384 px)
+
+
+def pointer_loss_three_stage(pred, gt):
+    """The journal's loss, exactly: 10 d^2 (d < 0.05), d^2 (0.05 <= d < 0.1), 0.2 d + 0.01 (d >= 0.1).
+    Discontinuous (0.025 just below 0.05 vs 0.0025 just above; 0.01 vs 0.03 at 0.1), so NOT monotonic
+    in the error: never early-stop or select on it; pixel errors are the measure."""
+    d = (pred - gt).abs().sum(-1)
+    return torch.where(d < 0.05, 10.0 * d ** 2, torch.where(d < 0.1, d ** 2, 0.2 * d + 0.01)).mean()
+
+
+def pointer_loss_three_stage_cont(pred, gt):
+    """The same three pieces with the same gradients (20 d, 2 d, 0.2), shifted by constants so the loss is
+    continuous and monotonic: 10 d^2; d^2 + 0.0225; 0.2 d + 0.0125."""
+    d = (pred - gt).abs().sum(-1)
+    return torch.where(d < 0.05, 10.0 * d ** 2, torch.where(d < 0.1, d ** 2 + 0.0225, 0.2 * d + 0.0125)).mean()
+
+
+def pointer_loss_l1(pred, gt):
+    return (pred - gt).abs().sum(-1).mean()
+
+
+def pointer_loss_smooth_l1(pred, gt, beta=0.02):
+    """Huber per axis (quadratic below beta = 0.02 = 3.84 px), summed over the two axes."""
+    return F.smooth_l1_loss(pred, gt, beta=beta, reduction="none").sum(-1).mean()
+
+
+POINTER_LOSSES = dict(three_stage=pointer_loss_three_stage, three_stage_cont=pointer_loss_three_stage_cont,
+                      l1=pointer_loss_l1, smooth_l1=pointer_loss_smooth_l1)
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def pointer_pixel_errors(pred, gt, frame_wh):
+    """Euclidean errors in frame pixels. pred, gt: (N, 2) normalised; frame_wh: (W, H) or (N, 2)."""
+    wh = np.broadcast_to(np.asarray(frame_wh, dtype=np.float64), np.shape(gt))
+    d = (np.asarray(pred, dtype=np.float64) - np.asarray(gt, dtype=np.float64)) * wh / 2
+    return np.sqrt((d ** 2).sum(-1))
+
+
+def pointer_pixel_metrics(pred, gt, frame_wh, thresholds=(2, 5, 10, 15)):
+    """mean/median/p95 pixel error and % within each threshold, plus per-axis MSE in normalised units
+    (the journal's val_loss_x / val_loss_y) and per-axis mean absolute error in px."""
+    pred, gt = np.asarray(pred, dtype=np.float64).reshape(-1, 2), np.asarray(gt, dtype=np.float64).reshape(-1, 2)
+    err = pointer_pixel_errors(pred, gt, frame_wh)
+    wh = np.broadcast_to(np.asarray(frame_wh, dtype=np.float64), gt.shape)
+    m = dict(mean_px=float(err.mean()), median_px=float(np.median(err)), p95_px=float(np.percentile(err, 95)))
+    for t in thresholds:
+        m[f"within_{t}px"] = float((err <= t).mean())
+    m["loss_x"] = float(((pred[:, 0] - gt[:, 0]) ** 2).mean())
+    m["loss_y"] = float(((pred[:, 1] - gt[:, 1]) ** 2).mean())
+    m["mae_x_px"] = float((np.abs(pred[:, 0] - gt[:, 0]) * wh[:, 0] / 2).mean())
+    m["mae_y_px"] = float((np.abs(pred[:, 1] - gt[:, 1]) * wh[:, 1] / 2).mean())
+    return m
+
+
+def pointer_match(pred_px, gt_px, radius):
+    """Largest one-to-one matching of predicted to ground-truth points within `radius` px (exact: brute
+    force over assignments, point sets are small; ties broken by the smaller total distance)."""
+    pred_px, gt_px = np.asarray(pred_px, dtype=np.float64).reshape(-1, 2), np.asarray(gt_px, dtype=np.float64).reshape(-1, 2)
+    if len(pred_px) == 0 or len(gt_px) == 0:
+        return 0
+    d = np.sqrt(((pred_px[:, None] - gt_px[None]) ** 2).sum(-1))
+    if len(pred_px) > 7 or len(gt_px) > 7:  # greedy beyond brute-force sizes
+        pairs, used_p, used_g = sorted((d[i, j], i, j) for i in range(len(pred_px)) for j in range(len(gt_px))), set(), set()
+        for dist, i, j in pairs:
+            if dist <= radius and i not in used_p and j not in used_g:
+                used_p.add(i), used_g.add(j)
+        return len(used_p)
+    small, big, dd = (pred_px, gt_px, d) if len(pred_px) <= len(gt_px) else (gt_px, pred_px, d.T)
+    best = 0
+    for perm in itertools.permutations(range(len(big)), len(small)):
+        best = max(best, sum(dd[i, j] <= radius for i, j in enumerate(perm)))
+    return int(best)
+
+
+def pointer_sequence_metrics(preds, gts, frames, radius=5.0):
+    """Sequential pointing from rolled-out sequences. preds/gts: lists of (K, 2) normalised arrays.
+    precision = matched / predicted points, recall = matched / ground-truth points (one-to-one within
+    `radius` px, summed over queries); count accuracy and count MAE of the number of points emitted."""
+    matched = n_pred = n_gt = exact = 0
+    abs_err = []
+    for p, g, fr in zip(preds, gts, frames):
+        p_px, g_px = pointer_denormalize(p, fr), pointer_denormalize(g, fr)
+        matched += pointer_match(p_px, g_px, radius)
+        n_pred, n_gt = n_pred + len(p_px), n_gt + len(g_px)
+        exact += len(p_px) == len(g_px)
+        abs_err.append(abs(len(p_px) - len(g_px)))
+    r = int(radius)
+    return {f"seq_precision_{r}px": matched / max(n_pred, 1), f"seq_recall_{r}px": matched / max(n_gt, 1),
+            "count_acc": exact / max(len(gts), 1), "count_mae": float(np.mean(abs_err)) if abs_err else 0.0}
+
+# -----------------------------------------------------------------------------
+# drawing: predicted point red, ground truth green, a yellow line between, err=XXpx
+
+
+def pointer_draw(image, pred, gt, text="", size=256):
+    """(3, H, W) image, pred/gt (K, 2) normalised -> PIL image `size` px wide with the points drawn.
+    The error label is measured in the image's 384-px-tall frame (the same frame as the metrics)."""
+    im = to_pil(image)
+    h = round(size * im.height / im.width)
+    im = im.resize((size, h), Image.NEAREST)
+    frame = (round(POINTER_FRAME * im.width / im.height), POINTER_FRAME)
+    d = ImageDraw.Draw(im)
+    pred, gt = np.asarray(pred, dtype=np.float64).reshape(-1, 2), np.asarray(gt, dtype=np.float64).reshape(-1, 2)
+    to_px = lambda p: ((p[0] + 1) / 2 * size, (p[1] + 1) / 2 * h)
+    labels = []
+    for i in range(max(len(pred), len(gt))):
+        if i < len(pred) and i < len(gt):
+            d.line([to_px(pred[i]), to_px(gt[i])], fill=(255, 255, 0), width=1)
+            labels.append(f"{pointer_pixel_errors(pred[i:i + 1], gt[i:i + 1], frame)[0]:.1f}")
+        for pts, colour in ((gt, (0, 255, 0)), (pred, (255, 0, 0))):
+            if i < len(pts):
+                x, y = to_px(pts[i])
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], outline=colour, width=2)
+    d.text((2, 2), text[:42], fill=(255, 255, 255))
+    d.text((2, h - 12), "err=" + ",".join(labels) + "px" + (f" n={len(pred)}/{len(gt)}" if len(gt) != 1 else ""),
+           fill=(255, 255, 0))
+    return im

@@ -1,0 +1,275 @@
+"""LaneLM: tokenizer round trips on real lane shapes and its id layout, the official TuSimple metric on
+hand-computed cases, the TuSimple reader on files written here, the synthetic scenes, and a short
+end-to-end run of train_lanelm.py (loss falls, results.json + PNG + checkpoint, resume)."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from data import sample_rng
+from data_lanelm import (TUSIMPLE_H_SAMPLES, LaneTokenizer, lane_draw, lane_slots, lane_sort, lane_synthetic_sample,
+                         tusimple_angle, tusimple_bench, tusimple_line_accuracy, tusimple_metrics,
+                         tusimple_read_labels, tusimple_sample)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HS = TUSIMPLE_H_SAMPLES  # 160..710 step 10, 56 rows
+
+
+def real_lanes(n_images=12):
+    """Lane shapes from the synthetic generator at TuSimple's own 56 rows (curves, side exits)."""
+    lanes = []
+    for i in range(n_images):
+        s = lane_synthetic_sample(sample_rng(0, "val", i), 80, 48, HS)
+        lanes += lane_sort(s["lanes"])
+    return lanes
+
+
+def max_err(xs, ref):
+    assert [x < 0 for x in xs] == [r < 0 for r in ref], "decoded rows differ from the lane's rows"
+    return max(abs(a - b) for a, b in zip(xs, ref) if b >= 0)
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def test_id_layout_default():
+    tok = LaneTokenizer()
+    assert (tok.nbins, tok.max_dx) == (200, 32)
+    ranges = dict(abs=range(0, 200), dx=range(tok.dx0, tok.row0), row=range(tok.row0, tok.gap),
+                  bos=range(tok.bos0, tok.image))
+    assert len(ranges["dx"]) == 65 and len(ranges["row"]) == 56 and len(ranges["bos"]) == 4
+    singles = [tok.gap, tok.reanchor, tok.eos, tok.image, tok.pad]
+    ids = [i for r in ranges.values() for i in r] + singles
+    assert sorted(ids) == list(range(tok.vocab_size)) and tok.vocab_size == 330  # disjoint, no holes
+    assert [tok.bos(k) for k in range(4)] == list(range(tok.bos0, tok.bos0 + 4))  # one BOS per lane id
+    with pytest.raises(ValueError):
+        tok.bos(4)
+    for mode in ("absolute", "relative"):
+        t = LaneTokenizer(mode)
+        assert t.row0 == 200 and t.vocab_size == 330 - 65  # no DX range: codes are ABS or shared
+
+
+@pytest.mark.parametrize("bottom_up", [True, False])
+@pytest.mark.parametrize("mode", ["relative_disjoint", "absolute", "relative"])
+def test_round_trip_real_lanes_within_half_a_bin(mode, bottom_up):
+    tok = LaneTokenizer(mode, bottom_up=bottom_up)
+    lanes = real_lanes()
+    assert len(lanes) >= 30
+    for k, lane in enumerate(lanes):
+        ids = tok.encode(lane, k % 4)
+        assert ids[0] == tok.bos(k % 4) and ids[-1] == tok.eos
+        xs, ok = tok.decode(ids, len(HS))
+        assert ok
+        assert max_err(xs, lane) <= tok.bin_w / 2 + 1e-9  # 3.2 px at 1280 / 200
+
+
+def test_straight_lane_is_not_clamped_to_the_image_edge():
+    """The origin bug: every relative code was clamped to the last ABS bin, so a straight lane became
+    [50, 199, 199, ...] and decoded to the image edge."""
+    tok = LaneTokenizer()
+    lane = [-2.0] * 10 + [50 * tok.bin_w + 1.0] * 40 + [-2.0] * 6
+    ids = tok.encode(lane, 0)
+    assert ids[:4] == [tok.bos(0), tok.row0 + 49, 50, tok.dx0 + 32]  # bottom-up: row 49, ABS 50, then dx = 0
+    assert ids[3:-1] == [tok.dx0 + 32] * 39 and tok.nbins - 1 not in ids
+    xs, ok = tok.decode(ids, 56)
+    assert ok and max(x for x in xs if x >= 0) < 330
+
+
+@pytest.mark.parametrize("mode", ["relative_disjoint", "relative"])
+def test_large_jump_reanchors_instead_of_clamping(mode):
+    tok = LaneTokenizer(mode)
+    lane = [100.0, 110.0, 700.0, 705.0, -2.0, -2.0]  # a 600 px (94 bin) jump > max_abs_dx
+    ids = tok.encode(lane, 1)
+    if mode == "relative_disjoint":
+        assert [t for t in ids if t < tok.nbins] == [tok.x_bin(705.0), tok.x_bin(110.0)]  # ABS re-anchors
+    else:
+        assert tok.reanchor in ids
+    xs, ok = tok.decode(ids, 6)
+    assert ok and max_err(xs, lane) <= tok.bin_w / 2
+
+
+def test_gap_inside_lane_and_empty_lane():
+    tok = LaneTokenizer()
+    lane = [-2, 300.0, 305.0, -2, -2, 330.0, 334.0, -2]
+    ids = tok.encode(lane, 2)
+    assert ids.count(tok.gap) == 2
+    xs, ok = tok.decode(ids, 8)
+    assert ok and max_err(xs, lane) <= tok.bin_w / 2
+    assert tok.encode([-2.0] * 8, 3) == [tok.bos(3), tok.eos]
+    assert tok.decode([tok.bos(3), tok.eos], 8) == ([-2.0] * 8, True)
+
+
+def test_invalid_sequences_are_flagged_not_raised():
+    tok = LaneTokenizer()
+    d = lambda ids: tok.decode(ids, 5)  # noqa: E731
+    assert d([tok.dx0 + 32, tok.eos])[1] is False                      # no ROW first
+    assert d([tok.row0, tok.dx0 + 33, tok.eos])[1] is False            # DX with nothing before it
+    assert d([tok.row0, 10, tok.dx0 + 32])[1] is False                 # no EOS
+    assert d([tok.row0, 10, tok.row0 + 1, tok.eos])[1] is False        # ROW mid-lane
+    assert d([tok.row0, 1, tok.dx0, tok.eos])[1] is False              # steps off the image (bin -31)
+    xs, ok = d([tok.row0 + 1, 10, 11, 12, tok.eos])                    # bottom-up: runs past row 0
+    assert not ok and xs[1] == tok.bin_x(10) and xs[0] == tok.bin_x(11)
+    assert d([])[1] is False
+
+def test_lane_slots_are_ego_relative():
+    lane = lambda x_bottom: [-2.0, x_bottom + 50, x_bottom]  # noqa: E731
+    slots, dropped = lane_slots([lane(800), lane(100), lane(1200), lane(500)], 4)
+    assert [s[-1] for s in slots] == [100, 500, 800, 1200] and dropped == 0
+    slots, dropped = lane_slots([lane(500), lane(800), lane(1200)], 4)
+    assert slots[0] is None and [s[-1] for s in slots[1:]] == [500, 800, 1200]
+    slots, dropped = lane_slots([lane(50), lane(300), lane(500), lane(800), [-2.0] * 3], 4)
+    assert [s[-1] for s in slots[:2]] == [300, 500] and slots[3] is None and dropped == 1
+    sides = [[-2.0, 30.0, -2.0], [-2.0, 1270.0, -2.0]]  # exits the image side: the side decides
+    assert lane_slots(sides, 4)[0][1] == sides[0] and lane_slots(sides, 4)[0][2] == sides[1]
+
+# -----------------------------------------------------------------------------
+# the official TuSimple metric, on hand-computed cases
+
+
+def test_line_accuracy_and_angle_by_hand():
+    ys = [100, 200, 300, 400]
+    assert tusimple_angle([10, 10, 10, 10], ys) == 0.0
+    assert tusimple_angle([100, 200, 300, 400], ys) == pytest.approx(math.pi / 4)  # x = y: 45 degrees
+    assert tusimple_angle([-2, -2, 5, -2], ys) == 0.0                              # one point
+    # |diff| < 20 at rows 0, 1; row 2 diff 20 is not < 20; row 3 both absent (-100 vs -100) counts
+    assert tusimple_line_accuracy([10, 29, 30, -2], [10, 10, 10, -2], 20) == pytest.approx(3 / 4)
+    # a prediction where the gt is absent is wrong, and vice versa
+    assert tusimple_line_accuracy([10, 10, 10, 10], [10, 10, -2, -2], 20) == pytest.approx(2 / 4)
+
+
+def test_bench_threshold_is_angle_adjusted():
+    ys = list(range(10, 110, 10))
+    gt_vertical = [[500.0] * 10]
+    assert tusimple_bench([[519.0] * 10], gt_vertical, ys)[:3] == (1.0, 0.0, 0.0)
+    assert tusimple_bench([[521.0] * 10], gt_vertical, ys)[:3] == (0.0, 1.0, 1.0)  # FP and FN
+    gt_diag = [[float(y) + 300 for y in ys]]  # 45 degrees: threshold 20 / cos(45) = 28.28
+    assert tusimple_bench([[y + 325.0 for y in ys]], gt_diag, ys)[:3] == (1.0, 0.0, 0.0)
+    assert tusimple_bench([[y + 329.0 for y in ys]], gt_diag, ys)[0] == 0.0
+
+
+def test_bench_point_threshold_fp_fn_by_hand():
+    ys = list(range(10, 110, 10))
+    gt = [[100.0] * 10, [600.0] * 10]
+    nine = [100.0] * 9 + [300.0]   # 9 / 10 rows within 20 px: matched (>= 0.85)
+    eight = [600.0] * 8 + [900.0, 900.0]  # 8 / 10: not matched
+    acc, fp, fn, matched = tusimple_bench([nine, eight], gt, ys)
+    assert (acc, fp, fn, matched) == (pytest.approx((0.9 + 0.8) / 2), 0.5, 0.5, 1)
+    spurious = [1000.0] * 10
+    acc, fp, fn, matched = tusimple_bench([gt[0], gt[1], spurious], gt, ys)
+    assert (acc, fp, fn, matched) == (1.0, pytest.approx(1 / 3), 0.0, 2)
+    assert tusimple_bench([gt[0]] * 5, gt, ys) == (0.0, 0.0, 1.0, 0)  # > #gt + 2 predictions
+    assert tusimple_bench([], gt, ys) == (0.0, 0.0, 1.0, 0)
+    with pytest.raises(ValueError):
+        tusimple_bench([[1.0] * 9], gt, ys)
+
+
+def test_bench_five_gt_lanes_drop_the_worst():
+    ys = list(range(10, 110, 10))
+    gt = [[100.0 + 200 * i] * 10 for i in range(5)]
+    pred = gt[:4]  # lane 4 missed
+    acc, fp, fn, matched = tusimple_bench(pred, gt, ys)
+    # accuracies [1, 1, 1, 1, 0]: the worst is dropped, /4 -> 1.0; one FN forgiven -> 0
+    assert (acc, fp, fn, matched) == (1.0, 0.0, 0.0, 4)
+
+
+def test_dataset_metrics_and_f1_by_hand():
+    ys = list(range(10, 110, 10))
+    gt_a, gt_b = [[100.0] * 10, [600.0] * 10], [[300.0] * 10]
+    preds = [[gt_a[0], gt_a[1]], [[800.0] * 10, [-2.0] * 10]]  # image 2: one wrong lane, one empty (dropped)
+    m = tusimple_metrics(preds, [gt_a, gt_b], [ys, ys])
+    assert m["tusimple_acc"] == pytest.approx((1.0 + 0.0) / 2)
+    assert m["fp"] == pytest.approx((0 + 1.0) / 2) and m["fn"] == pytest.approx((0 + 1.0) / 2)
+    # totals: matched 2, predicted 3, gt 3 -> precision = recall = 2/3
+    assert m["f1"] == pytest.approx(2 / 3)
+
+# -----------------------------------------------------------------------------
+# data: synthetic scenes and the TuSimple reader
+
+
+def test_synthetic_scenes_are_seeded_tusimple_form():
+    a = lane_synthetic_sample(sample_rng(7, "train", 3), 160, 96)
+    b = lane_synthetic_sample(sample_rng(7, "train", 3), 160, 96)
+    c = lane_synthetic_sample(sample_rng(7, "val", 3), 160, 96)
+    assert torch.equal(a["image"], b["image"]) and a["lanes"] == b["lanes"]
+    assert a["lanes"] != c["lanes"]
+    assert a["image"].shape == (3, 96, 160) and 0 <= float(a["image"].min()) <= float(a["image"].max()) <= 1
+    counts = set()
+    for i in range(20):
+        s = lane_synthetic_sample(sample_rng(7, "train", i), 80, 48)
+        counts.add(len(s["lanes"]))
+        assert s["h_samples"] == HS
+        for lane in s["lanes"]:
+            assert len(lane) == len(HS) and sum(x >= 0 for x in lane) >= 6
+            assert all(x == -2 or 0 <= x < 1280 for x in lane)
+            valid = [i for i, x in enumerate(lane) if x >= 0]
+            assert valid == list(range(valid[0], valid[-1] + 1))  # one contiguous run per lane
+    assert counts <= {2, 3, 4} and len(counts) >= 2
+
+
+def test_tusimple_reader_on_written_files(tmp_path):
+    clip = tmp_path / "clips" / "0313-1" / "60"
+    clip.mkdir(parents=True)
+    Image.new("RGB", (1280, 720), (90, 90, 90)).save(clip / "20.jpg")
+    hs = [240, 250, 260, 270]
+    lines = [dict(lanes=[[-2, 632, 625, 617], [719, 734, 748, -2]], h_samples=hs, raw_file="clips/0313-1/60/20.jpg"),
+             dict(lanes=[[-2, -2, -2, -2]], h_samples=hs, raw_file="clips/0313-1/60/20.jpg")]
+    (tmp_path / "label_data_0313.json").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    entries = tusimple_read_labels(str(tmp_path), "label_data_0313.json")
+    assert len(entries) == 2 and entries[0]["h_samples"] == hs
+    s = tusimple_sample(entries[0], str(tmp_path), 160, 96)
+    assert s["image"].shape == (3, 96, 160) and abs(float(s["image"].mean()) - 90 / 255) < 0.01
+    assert s["lanes"] == [[-2, 632, 625, 617], [719, 734, 748, -2]]  # labels keep the 1280x720 frame
+    assert lane_sort(entries[1]["lanes"]) == []
+    tok = LaneTokenizer()
+    for k, lane in enumerate(lane_sort(s["lanes"])):
+        xs, ok = tok.decode(tok.encode(lane, k), len(hs))
+        assert ok and max_err(xs, lane) <= 3.2 + 1e-9
+    (tmp_path / "bad.json").write_text('{"lanes": [[1, 2]], "h_samples": [1], "raw_file": "x"}\n')
+    with pytest.raises(ValueError, match="bad.json:1"):
+        tusimple_read_labels(str(tmp_path), "bad.json")
+    with pytest.raises(FileNotFoundError):
+        tusimple_read_labels(str(tmp_path), "missing.json")
+    img = lane_draw(s["image"], hs, gt=s["lanes"], pred=s["lanes"], scale=2)
+    assert img.size == (320, 192) and img.getpixel((int(632 / 4), int(250 / 3.75)))[0] == 255  # red on top
+
+# -----------------------------------------------------------------------------
+# end to end: the script trains (loss falls), evaluates with decoding, writes results/PNG/ckpt, resumes
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--conv_width=8", "--batch_size=4", "--lr=3e-3",
+        "--warmup_steps=5", "--log_interval=5", "--n_eval=8", "--n_eval_tf=4", "--eval_batch=8",
+        "--n_vis=4", "--torch_threads=1", "--h_step=40", "--max_train_seconds=0"]
+
+
+def run(args):
+    r = subprocess.run([sys.executable, "train_lanelm.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout
+
+
+def test_train_eval_resume_end_to_end(tmp_path):
+    out = str(tmp_path / "run")
+    log = run(TINY + ["--max_steps=40", "--eval_interval=40", "--out_dir=" + out])
+    losses = [float(x) for x in re.findall(r"step \d+/\d+ \| loss ([\d.]+)", log)]
+    assert len(losses) == 8 and losses[-1] < 0.7 * losses[0], log
+    assert "tf_token_acc" in log and "tusimple_acc" in log
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["recipe"] == "lanelm" and res["step"] == 40 and res["n_eval"] == 8
+    for k in ("tusimple_acc", "fp", "fn", "f1", "tf_token_acc", "invalid_seq"):
+        assert k in res["metrics"]
+    assert res["targets"]["tusimple_acc"] == [">=", 0.95]
+    assert os.path.exists(os.path.join(out, "val_00040.png"))
+    assert os.path.exists(os.path.join(out, "ckpt", "model.safetensors"))
+    log = run(TINY + ["--max_steps=50", "--eval_interval=50", "--init_from=resume", "--out_dir=" + out])
+    assert "step 45/50" in log and "step 5/50" not in log
+    assert json.load(open(os.path.join(out, "results.json")))["step"] == 50
+    log = run(["--eval_only=True", "--init_from=" + os.path.join(out, "ckpt"), "--out_dir=" + str(tmp_path / "ev"),
+               "--n_eval=4", "--n_eval_tf=2", "--torch_threads=1", "--n_layer=3"])
+    assert "from checkpoint: n_layer=1" in log  # the checkpoint's model shape wins
+    assert json.load(open(tmp_path / "ev" / "results.json"))["n_eval"] == 4

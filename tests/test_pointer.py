@@ -1,0 +1,289 @@
+"""Pointer recipe: losses at their thresholds, pixel/sequence metrics on worked examples, the augmentation's
+coordinate transform, the synthetic generator, the JSONL reader on files written here, and a short run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from data_pointer import (POINTER_COLOURS, POINTER_FRAME, pointer_augment, pointer_encode, pointer_patch_mask,
+                          pointer_word_specials, pointer_draw, pointer_load_record, pointer_loss_l1,
+                          pointer_loss_smooth_l1, pointer_loss_three_stage, pointer_loss_three_stage_cont,
+                          pointer_match, pointer_matches, pointer_pixel_errors, pointer_pixel_metrics,
+                          pointer_read_jsonl, pointer_render, pointer_scene, pointer_sequence_metrics,
+                          pointer_synthetic_sample)
+from data import Tokenizer, sample_rng
+from model import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def at(d):
+    """A prediction whose L1 distance to the origin is d (all of it on x)."""
+    return torch.tensor([[d, 0.0]], dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+
+# -----------------------------------------------------------------------------
+# losses
+
+
+@pytest.mark.parametrize("d,expected", [
+    (0.0, 0.0), (0.02, 10 * 0.02 ** 2), (0.049999, 10 * 0.049999 ** 2),
+    (0.05, 0.05 ** 2), (0.07, 0.07 ** 2), (0.099999, 0.099999 ** 2),
+    (0.1, 0.2 * 0.1 + 0.01), (0.5, 0.2 * 0.5 + 0.01), (2.0, 0.41)])
+def test_three_stage_values_at_and_around_thresholds(d, expected):
+    assert pointer_loss_three_stage(*at(d)).item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_three_stage_uses_l1_distance_and_is_not_monotonic():
+    # d = |dx| + |dy|: 0.03 + 0.03 = 0.06 lies in the d^2 stage, not the 10 d^2 one
+    pred, gt = torch.tensor([[0.03, -0.03]]), torch.zeros(1, 2)
+    assert pointer_loss_three_stage(pred, gt).item() == pytest.approx(0.06 ** 2)
+    inside, outside = pointer_loss_three_stage(*at(0.0499)).item(), pointer_loss_three_stage(*at(0.0501)).item()
+    assert inside == pytest.approx(0.024900, abs=1e-6) and outside == pytest.approx(0.00251, abs=1e-5)
+    assert inside > 9 * outside  # a larger error gets a 10x smaller loss: the journal's jump
+    assert pointer_loss_three_stage(*at(0.0999)).item() < pointer_loss_three_stage(*at(0.1)).item() - 0.019
+
+
+def test_three_stage_gradients_match_the_journal_table():
+    for d, grad in [(0.026, 20 * 0.026), (0.07, 2 * 0.07), (0.3, 0.2)]:
+        pred, gt = at(d)
+        pred.requires_grad_(True)
+        pointer_loss_three_stage(pred, gt).backward()
+        assert pred.grad[0, 0].item() == pytest.approx(grad, rel=1e-6)
+
+
+def test_continuous_variant_is_continuous_monotonic_and_keeps_gradients():
+    ds = np.linspace(0, 0.3, 3001)
+    vals = [pointer_loss_three_stage_cont(*at(d)).item() for d in ds]
+    assert np.all(np.diff(vals) >= 0)
+    for t in (0.05, 0.1):
+        lo, hi = pointer_loss_three_stage_cont(*at(t - 1e-7)).item(), pointer_loss_three_stage_cont(*at(t)).item()
+        assert abs(hi - lo) < 1e-6
+    assert pointer_loss_three_stage_cont(*at(0.1)).item() == pytest.approx(0.0325)
+    assert pointer_loss_three_stage_cont(*at(0.03)).item() == pytest.approx(pointer_loss_three_stage(*at(0.03)).item())
+
+
+def test_l1_and_smooth_l1():
+    pred, gt = torch.tensor([[0.1, -0.2], [0.0, 0.01]]), torch.zeros(2, 2)
+    assert pointer_loss_l1(pred, gt).item() == pytest.approx((0.3 + 0.01) / 2)
+    # beta 0.02: 0.1 -> 0.09, 0.2 -> 0.19 (linear); 0.01 -> 0.5 * 0.01^2 / 0.02 = 0.0025 (quadratic)
+    assert pointer_loss_smooth_l1(pred, gt).item() == pytest.approx((0.09 + 0.19 + 0.0025) / 2)
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def test_pixel_errors_worked_example():
+    gt = np.zeros((4, 2))
+    pred = np.array([[0.1, 0.0], [0.0, 0.01], [3 / 192, 4 / 192], [0.0, 0.0]])  # 19.2, 1.92, 5.0, 0 px
+    err = pointer_pixel_errors(pred, gt, (384, 384))
+    assert err == pytest.approx([19.2, 1.92, 5.0, 0.0])
+    m = pointer_pixel_metrics(pred, gt, (384, 384))
+    assert m["mean_px"] == pytest.approx((19.2 + 1.92 + 5.0) / 4)
+    assert m["median_px"] == pytest.approx((1.92 + 5.0) / 2)
+    assert m["within_2px"] == 0.5 and m["within_5px"] == 0.75 and m["within_10px"] == 0.75 and m["within_15px"] == 0.75
+    assert m["p95_px"] == pytest.approx(np.percentile([19.2, 1.92, 5.0, 0.0], 95))
+    assert m["loss_x"] == pytest.approx((0.1 ** 2 + (3 / 192) ** 2) / 4)
+    assert m["mae_y_px"] == pytest.approx((1.92 + 4.0) / 4)
+
+
+def test_pixel_errors_non_square_frame():
+    # a 768 x 384 frame (an image twice as wide as tall): 0.1 in x is 38.4 px, in y 19.2 px
+    e = pointer_pixel_errors(np.array([[0.1, 0.0], [0.0, 0.1]]), np.zeros((2, 2)), (768, 384))
+    assert e == pytest.approx([38.4, 19.2])
+
+
+def test_one_to_one_matching():
+    gt = np.array([[10.0, 10.0], [50.0, 50.0]])
+    assert pointer_match(np.array([[11.0, 10.0], [12.0, 10.0]]), gt, 5) == 1  # two predictions, one target
+    assert pointer_match(np.array([[52.0, 50.0], [11.0, 10.0]]), gt, 5) == 2  # order does not matter
+    assert pointer_match(np.array([[20.0, 10.0]]), gt, 5) == 0
+    assert pointer_match(np.zeros((0, 2)), gt, 5) == 0
+    # greedy nearest-first would take (10,10)-(13,10) and lose one; the exact matching finds both
+    assert pointer_match(np.array([[13.0, 10.0], [17.5, 10.0]]), np.array([[10.0, 10.0], [14.0, 10.0]]), 4) == 2
+
+
+def test_sequence_metrics_worked_example():
+    f = (384, 384)
+    to_n = lambda px: np.asarray(px, dtype=np.float64) / 384 * 2 - 1
+    gts = [to_n([[100, 100], [200, 200]]), to_n([[50, 50]])]
+    preds = [to_n([[101, 100], [300, 300], [201, 199]]), to_n([[50, 52]])]
+    m = pointer_sequence_metrics(preds, gts, [f, f], radius=5)
+    assert m["seq_precision_5px"] == pytest.approx(3 / 4) and m["seq_recall_5px"] == pytest.approx(3 / 3)
+    assert m["count_acc"] == 0.5 and m["count_mae"] == 0.5
+
+# -----------------------------------------------------------------------------
+# augmentation: the image and the points move together
+
+
+def blob_image(x, y, size=64):
+    """A 2x2 white square centred on (x, y) in normalised coordinates."""
+    img = torch.zeros(3, size, size)
+    cx, cy = (x + 1) / 2 * size, (y + 1) / 2 * size
+    img[:, int(round(cy)) - 1:int(round(cy)) + 1, int(round(cx)) - 1:int(round(cx)) + 1] = 1.0
+    return img
+
+
+def centroid(img):
+    w = img[0]
+    ys, xs = torch.meshgrid(torch.arange(w.shape[0]) + 0.5, torch.arange(w.shape[1]) + 0.5, indexing="ij")
+    return np.array([(w * xs).sum() / w.sum() / w.shape[1] * 2 - 1, (w * ys).sum() / w.sum() / w.shape[0] * 2 - 1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_augment_moves_points_with_the_image(seed):
+    p = np.array([[0.25, -0.375]], dtype=np.float32)
+    img = blob_image(*p[0])
+    assert centroid(img) == pytest.approx(p[0], abs=1e-6)
+    rng = np.random.default_rng(seed)
+    out, q, text, _ = pointer_augment(img, p, "the red object left of the blue circle", rng, max_shift=0.2,
+                                   scale_range=(0.8, 1.2), flip_prob=0.5)
+    assert centroid(out) == pytest.approx(q[0], abs=0.02)  # bilinear resampling blurs by < 1 px of 64
+    assert ("right of" in text) == (q[0, 0] < 0)  # flipped exactly when the point changed side
+
+
+def test_augment_flip_swaps_words_and_reorders_points():
+    class FlipOnly:  # an rng that asks for scale 1, no shift, a flip
+        def uniform(self, lo, hi, size=None):
+            return np.zeros(size, dtype=np.float32) if size else 1.0
+
+        def random(self):
+            return 0.0
+    pts = np.array([[-0.5, 0.0], [0.5, 0.2]], dtype=np.float32)
+    img = torch.rand(3, 8, 8)
+    out, q, text, s = pointer_augment(img, pts, "every red square right of the blue circle", FlipOnly())
+    assert text == "every red square left of the blue circle" and s == 1.0
+    assert np.allclose(q, [[-0.5, 0.2], [0.5, 0.0]])  # mirrored, then re-sorted left to right
+    assert torch.allclose(out, img.flip(-1), atol=1e-5)  # a pure flip resamples exactly
+
+# -----------------------------------------------------------------------------
+# synthetic scenes
+
+
+def test_scenes_are_deterministic_and_splits_disjoint():
+    a, b = pointer_synthetic_sample(1, "train", 5, 64), pointer_synthetic_sample(1, "train", 5, 64)
+    assert a["text"] == b["text"] and np.array_equal(a["points"], b["points"]) and torch.equal(a["image"], b["image"])
+    v = pointer_synthetic_sample(1, "val", 5, 64)
+    assert not (v["text"] == a["text"] and np.array_equal(v["points"], a["points"]))
+
+
+def test_scene_queries_resolve_to_their_points_and_centres_are_visible():
+    kinds = set()
+    for i in range(60):
+        s = pointer_scene(sample_rng(0, "train", i))
+        kinds.add(s["kind"])
+        idx = pointer_matches(s["query"], s["objects"])
+        assert len(idx) == len(s["points"]) >= 1
+        if s["kind"] != "multi":
+            assert len(idx) == 1
+        img = pointer_render(s["objects"], POINTER_FRAME)  # full resolution: the centre pixel is exact
+        for x, y in s["points"]:
+            pix = (img[:, int(y), int(x)] * 255).round().tolist()
+            owners = [o for o in s["objects"] if o["x"] == int(x) and o["y"] == int(y)]
+            assert len(owners) == 1
+            assert pix == list(POINTER_COLOURS[owners[0]["colour"]])  # not hidden by another object
+    assert kinds == {"attr", "size", "single_attr", "relation", "multi"}
+
+
+def test_patch_mask_marks_the_target_box():
+    # 4x4 grid (patch width 0.5): a target at (0.0, -0.6) with half-extent 0.3 covers patch centres
+    # x in {-0.25, 0.25} and y in {-0.75}; a zero-size target still marks its own patch
+    m = pointer_patch_mask(np.array([[0.0, -0.6], [0.8, 0.8]]), np.array([0.3, 0.0]), 4).reshape(4, 4)
+    assert m.sum() == 3 and m[0, 1] == 1 and m[0, 2] == 1 and m[3, 3] == 1
+
+
+def test_word_tokens_and_byte_fallback():
+    tok = Tokenizer(specials=["<|point|>"] + pointer_word_specials())
+    ids = pointer_encode(tok, "the red mug left of the circle")
+    assert ids[:2] == [tok["<w:the>"], tok["<w:red>"]]
+    assert tok.decode(ids) == " mug"  # only the unknown word is bytes; specials are skipped by decode
+    assert pointer_encode(tok, "the red", word_tokens=False) == tok.encode("the red")
+    assert pointer_encode(tok, "<w:red>") == tok.encode("<w:red>")  # text spelling a special stays bytes
+
+
+def test_drawing_labels_the_error():
+    s = pointer_synthetic_sample(0, "val", 0, 64)
+    im = pointer_draw(s["image"], s["points"] + 0.05, s["points"], s["text"], size=128)
+    arr = np.asarray(im)
+    assert im.size == (128, 128)
+    assert ((arr[..., 0] > 200) & (arr[..., 1] < 60)).any()  # red prediction
+    assert ((arr[..., 1] > 200) & (arr[..., 0] < 60) & (arr[..., 2] < 60)).any()  # green ground truth
+
+# -----------------------------------------------------------------------------
+# JSONL reader on files written here
+
+
+def test_jsonl_reader_converts_pixels_with_each_image_size(tmp_path):
+    img = Image.new("RGB", (200, 100), (0, 0, 0))
+    ImageDraw.Draw(img).rectangle([148, 23, 151, 26], fill=(255, 255, 255))
+    img.save(tmp_path / "wide.png")
+    Image.new("RGB", (50, 80)).save(tmp_path / "tall.png")
+    with open(tmp_path / "d.jsonl", "w") as f:
+        f.write(json.dumps({"image": "wide.png", "query": "the white dot", "points": [[150, 25]]}) + "\n\n")
+        f.write(json.dumps({"image": "tall.png", "query": "every corner", "points": [[40, 10], [5, 70]]}) + "\n")
+    recs = pointer_read_jsonl(str(tmp_path / "d.jsonl"))
+    assert len(recs) == 2 and recs[0]["text"] == "the white dot"
+    s = pointer_load_record(recs[0], 32)
+    assert s["image"].shape == (3, 32, 32)
+    assert np.allclose(s["points"], [[150 / 200 * 2 - 1, 25 / 100 * 2 - 1]])
+    assert s["frame"] == (768, 384)  # 384 tall, width by the aspect ratio
+    t = pointer_load_record(recs[1], 32)
+    assert np.allclose(t["points"], [[5 / 50 * 2 - 1, 70 / 80 * 2 - 1], [40 / 50 * 2 - 1, 10 / 80 * 2 - 1]])
+    assert t["frame"] == (240, 384)
+
+
+def test_jsonl_reader_rejects_bad_input(tmp_path):
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "query": "x"}\n')
+    with pytest.raises(InputError, match="bad.jsonl:1"):
+        pointer_read_jsonl(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "out.jsonl").write_text('{"image": "a.png", "query": "x", "points": [[25, 3]]}\n')
+    with pytest.raises(InputError, match="outside"):
+        pointer_load_record(pointer_read_jsonl(str(tmp_path / "out.jsonl"))[0], 16)
+    with pytest.raises(FileNotFoundError):
+        pointer_read_jsonl(str(tmp_path / "missing.jsonl"))
+
+# -----------------------------------------------------------------------------
+# end to end: the script trains, its pixel error falls, it writes results/PNG/checkpoint, and resumes
+
+
+TINY = ["--img_size=32", "--patch_size=8", "--vit_layers=1", "--vit_embd=32", "--vit_heads=2", "--n_layer=1",
+        "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--batch_size=16", "--n_eval=40", "--n_eval_multi=8",
+        "--n_train_eval=8", "--log_interval=10", "--warmup_steps=5", "--lr=3e-3", "--max_query_len=24", "--time_budget_s=0"]
+
+
+def run(args, env_threads=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1") if env_threads else None
+    r = subprocess.run([sys.executable, "train_pointer.py", *TINY, *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout
+
+
+def test_train_eval_resume(tmp_path):
+    out = str(tmp_path / "run")
+    run(["--eval_only=True", "--out_dir=" + out])
+    untrained = json.load(open(os.path.join(out, "results.json")))["metrics"]["mean_px"]
+    run(["--max_steps=60", "--eval_interval=30", "--out_dir=" + out])
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["step"] == 60 and res["recipe"] == "pointer" and res["n_eval"] == 40
+    for k in ("mean_px", "median_px", "p95_px", "within_5px", "loss_x", "seq_recall_5px", "count_mae",
+              "gap_px", "grad_x_head", "grad_done_head"):
+        assert k in res["metrics"], k
+    # 60 tiny steps learn the layout (not yet the grounding): the error must fall clearly below the untrained one
+    assert res["metrics"]["mean_px"] < 0.95 * untrained, (untrained, res["metrics"]["mean_px"])
+    assert os.path.exists(os.path.join(out, "points_step00060.png"))
+    assert os.path.exists(os.path.join(out, "ckpt", "model.safetensors"))
+    stdout = run(["--max_steps=70", "--eval_interval=30", "--init_from=resume", "--out_dir=" + out])
+    assert "resumed" in stdout and "at step 60" in stdout
+    assert json.load(open(os.path.join(out, "results.json")))["step"] == 70
+
+
+def test_bad_loss_name_is_one_line_error():
+    r = subprocess.run([sys.executable, "train_pointer.py", "--loss=mse"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "loss must be one of" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,483 @@
+"""
+LaneLM: lane detection as language modelling. A small conv pyramid encodes the road image; its P5 features
+(P3-P5 as an option) become prefix vision tokens of a small GPT, which writes each lane as a sequence of
+coordinate tokens after a lane-id prompt:
+
+    <|image|> x N   BOS_k   ROW_r   x_bin   dx dx dx ...   EOS        (one sequence per lane id k)
+
+Inference prompts every lane id of an image in one batch and decodes greedily with the KV cache; decoded
+lanes are scored with the official TuSimple metric (accuracy / FP / FN) on held-out images, next to the
+teacher-forced token accuracy (a large gap between the two is this approach's known failure).
+
+    python train_lanelm.py                              # synthetic roads, 2-core CPU, <= 10 min
+    python train_lanelm.py --overfit=True               # one image, 4 lanes: loss < 0.26, 4/4 decoded
+    python train_lanelm.py config/lanelm_tusimple.py    # real TuSimple (GPU)
+    torchrun --nproc_per_node=8 train_lanelm.py config/lanelm_tusimple.py
+"""
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import (GPT, GPTConfig, norm, Projector, WandbLogger, autocast_ctx, check_finite, configure_optimizers,
+                   get_lr, gpt_flops_per_token, init_distributed, install_error_hook, load_checkpoint, load_meta,
+                   log_line, maybe_compile, measure_matmul_peak, rng_state, run_dir,
+                   save_checkpoint, set_lr, set_rng_state, InputError)
+from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
+from configurator import configure
+from data_lanelm import (LaneTokenizer, lane_draw, lane_slots, lane_sort, lane_synthetic_sample,
+                         tusimple_metrics, tusimple_read_labels, tusimple_sample)
+
+install_error_hook()
+
+# -----------------------------------------------------------------------------
+# config (defaults = config/lanelm_synthetic.py)
+out_dir = ''                 # '' -> out/lanelm-<timestamp>
+init_from = 'scratch'        # 'scratch' | 'resume' | checkpoint dir | 'hf:owner/name'
+eval_only = False
+overfit = False              # one training image with 4 lanes, repeated: loss must go < 0.26, 4/4 lanes decoded
+overfit_steps = 300
+seed = 1337
+device = 'auto'
+dtype = 'auto'
+compile = False
+torch_threads = 0            # 0 = auto: the cores idle at start (a loaded CPU runs 1 thread ~4x faster than 2)
+# data: labels stay in the 1280x720 TuSimple frame; images are resized to img_w x img_h for the model
+dataset = 'synthetic'        # 'synthetic' | 'tusimple'
+data_root = ''               # TuSimple root holding clips/ and the label files
+train_labels = 'label_data_0313.json,label_data_0531.json,label_data_0601.json'
+val_labels = 'test_label.json'
+img_w = 160
+img_h = 96
+max_lanes = 4                # lane ids (BOS tokens); TuSimple has up to 5 lanes per image
+max_rows = 56                # ROW tokens = the most h_samples rows an image may have (TuSimple: 56)
+h_step = 20                  # synthetic label rows: h_samples = 160, 160 + h_step, ... < 720 (TuSimple's own: 10)
+# tokenizer
+tokenization = 'relative_disjoint'  # 'relative_disjoint' | 'absolute' | 'relative'
+nbins_x = 200
+max_abs_dx = 32
+# model
+vis_levels = 'p5'            # 'p5' | 'p3p4p5'
+conv_width = 16              # channels of the stem (P3 = 2x, P4 = 4x, P5 = 8x)
+conv_norm = 'group'          # 'group' | 'batch' (measured equal at 300 steps; group has no train/eval or DDP-rank gap)
+n_layer = 4
+n_head = 4
+n_embd = 128
+# training
+max_steps = 700
+max_train_seconds = 460.0    # wall-clock training budget (0 = off): on a loaded CPU training stops early, the
+                             # LR schedule follows whichever of steps / seconds is further along, then eval runs
+batch_size = 8               # images per step and rank (x max_lanes sequences)
+lr = 2e-3
+min_lr_frac = 0.02
+warmup_steps = 60
+weight_decay = 0.05
+grad_clip = 0.5
+key_token_weight = 3.0       # loss weight of the first x, start-row and EOS tokens (1.0 = plain token mean)
+log_interval = 50
+eval_interval = 350
+n_eval = 500                 # held-out images scored with the TuSimple metric
+n_eval_tf = 128              # held-out images for the teacher-forced token accuracy
+eval_batch = 50              # images per decoding batch (x max_lanes prompts)
+n_vis = 8                    # images drawn in the eval PNG
+wandb_log = False
+wandb_project = 'lanelm'
+wandb_run_name = 'lanelm'
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+RECIPE = 'lanelm'
+TARGETS = {"tusimple_acc": (">=", 0.95), "fp": ("<=", 0.05), "fn": ("<=", 0.05)}
+OVERFIT_TARGETS = {"train_loss": ("<", 0.26), "lanes_decoded": (">=", 4)}
+# keys that define the model: a checkpoint's values win over the command line when loading it
+MODEL_KEYS = ('img_w', 'img_h', 'max_lanes', 'max_rows', 'tokenization', 'nbins_x', 'max_abs_dx',
+              'vis_levels', 'conv_width', 'conv_norm', 'n_layer', 'n_head', 'n_embd')
+
+if torch_threads == 0 and device in ('auto', 'cpu') and not torch.cuda.is_available():
+    torch_threads = max(1, min(os.cpu_count() or 1, round((os.cpu_count() or 1) - os.getloadavg()[0])))
+if torch_threads > 0:
+    torch.set_num_threads(torch_threads)
+ddp = init_distributed(device)
+master, device_type = ddp['master'], ddp['device_type']
+ctx, dtype_name = autocast_ctx(device_type, dtype)
+resume = init_from == 'resume'
+out_dir = run_dir(out_dir, RECIPE, init_from)
+ckpt_src = os.path.join(out_dir, 'ckpt') if resume else (None if init_from == 'scratch' else init_from)
+if ckpt_src is not None:
+    meta = load_meta(ckpt_src)
+    for k in MODEL_KEYS:
+        if k in meta['config'] and meta['config'][k] != config[k]:
+            if master:
+                print(f"from checkpoint: {k}={meta['config'][k]!r}")
+            config[k] = meta['config'][k]
+    globals().update({k: config[k] for k in MODEL_KEYS})
+if vis_levels not in ('p5', 'p3p4p5'):
+    raise InputError(f"vis_levels must be 'p5' or 'p3p4p5', got {vis_levels!r}")
+if overfit:  # one image, every step; eval = decode that image
+    max_steps, batch_size, n_eval, n_eval_tf, warmup_steps, eval_interval = overfit_steps, 1, 1, 1, 20, overfit_steps
+    max_train_seconds = 0.0
+    config.update(max_steps=max_steps, batch_size=batch_size, n_eval=n_eval, n_eval_tf=n_eval_tf,
+                  warmup_steps=warmup_steps, eval_interval=eval_interval, max_train_seconds=max_train_seconds)
+torch.manual_seed(seed + ddp['rank'])
+tok = LaneTokenizer(tokenization, nbins_x, max_abs_dx, max_rows=max_rows, max_lanes=max_lanes)
+
+# -----------------------------------------------------------------------------
+# data: every sample is a pure function of (seed, split, index) -> exact resume, DDP = one big batch
+
+if dataset == 'synthetic':
+    H_SAMPLES = list(range(160, 720, h_step))
+    if len(H_SAMPLES) > max_rows:
+        raise InputError(f"h_step={h_step} gives {len(H_SAMPLES)} rows > max_rows={max_rows}")
+    split_entries = None
+elif dataset == 'tusimple':
+    if not data_root:
+        raise InputError("dataset='tusimple' needs --data_root=<dir with clips/ and label_data_*.json>")
+    split_entries = dict(train=tusimple_read_labels(data_root, train_labels), val=tusimple_read_labels(data_root, val_labels))
+    H_SAMPLES = None
+else:
+    raise InputError(f"dataset must be 'synthetic' or 'tusimple', got {dataset!r}")
+
+
+def get_sample(split, index):
+    if dataset == 'synthetic':
+        return lane_synthetic_sample(sample_rng(seed, split, index), img_w, img_h, H_SAMPLES, max_lanes)
+    entries = split_entries[split]
+    if split == 'train':  # a fresh shuffle per epoch, the same on every rank
+        index = epoch_order(len(entries), seed, index // len(entries))[index % len(entries)]
+    return tusimple_sample(entries[index % len(entries)], data_root, img_w, img_h)
+
+
+if overfit:  # the first training image with max_lanes lanes
+    OVERFIT_INDEX = next(i for i in range(1000) if len(lane_sort(get_sample('train', i)['lanes'])) >= max_lanes)
+    get_sample_any = get_sample
+    get_sample = lambda split, index: get_sample_any('train', OVERFIT_INDEX)  # noqa: E731
+
+# -----------------------------------------------------------------------------
+# model: conv pyramid -> projector -> prefix vision tokens of a GPT
+
+
+def conv_stage(cin, cout, second=True):
+    Norm = (lambda c: nn.BatchNorm2d(c)) if conv_norm == 'batch' else (lambda c: nn.GroupNorm(8, c))
+    layers = [nn.Conv2d(cin, cout, 3, 2, 1), Norm(cout), nn.GELU()]
+    if second:
+        layers += [nn.Conv2d(cout, cout, 3, 1, 1), Norm(cout), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
+def sincos_2d(h, w, dim):
+    """(h * w, dim) fixed 2D sin-cos table: half the channels encode the row, half the column."""
+    d = dim // 4
+    freq = 1.0 / (100.0 ** (torch.arange(d) / d))
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing='ij')
+    parts = [f(t.reshape(-1, 1) * freq) for t in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, 1)
+
+
+class LaneLM(nn.Module):
+    """Conv pyramid with P3/P4/P5 at strides 4/8/16 of the model frame (160x96 -> P5 10x6 = 60 tokens).
+    Input = RGB + 2 coordinate channels (x, y in [-1, 1]): lanes are positions, so make position explicit."""
+
+    def __init__(self):
+        super().__init__()
+        w = conv_width
+        self.levels = ['p5'] if vis_levels == 'p5' else ['p3', 'p4', 'p5']
+        self.stem = conv_stage(5, w, second=False)  # stride 2
+        self.p3 = conv_stage(w, 2 * w)              # stride 4
+        self.p4 = conv_stage(2 * w, 4 * w)          # stride 8
+        self.p5 = conv_stage(4 * w, 8 * w)          # stride 16
+        chans = dict(p3=2 * w, p4=4 * w, p5=8 * w)
+        grid = {lv: (math.ceil(img_h / s), math.ceil(img_w / s)) for lv, s in (('p3', 4), ('p4', 8), ('p5', 16))}
+        self.proj = nn.ModuleDict({lv: Projector(chans[lv], n_embd) for lv in self.levels})
+        # 2D sin-cos positions at the scale of the features (learnable): attention can find "where" from step 0
+        self.pos = nn.ParameterDict({lv: nn.Parameter(sincos_2d(*grid[lv], n_embd)) for lv in self.levels})
+        self.n_vis = sum(grid[lv][0] * grid[lv][1] for lv in self.levels)
+        self.gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_head,
+                                 n_embd=n_embd, sequence_len=self.n_vis + 2 * max_rows + 4,
+                                 image_token_id=tok.image))
+
+    def vision(self, images):
+        """(B, 3, H, W) in [0, 1] -> (B, n_vis, n_embd) vision tokens, coarse-to-fine order P5 last."""
+        B, _, H, W = images.shape
+        ys = torch.linspace(-1, 1, H, device=images.device).view(1, 1, H, 1).expand(B, 1, H, W)
+        xs = torch.linspace(-1, 1, W, device=images.device).view(1, 1, 1, W).expand(B, 1, H, W)
+        x = self.stem(torch.cat([(images - 0.5) / 0.25, xs, ys], 1))
+        feats = {}
+        feats['p3'] = x = self.p3(x)
+        feats['p4'] = x = self.p4(x)
+        feats['p5'] = self.p5(x)
+        toks = [self.proj[lv](feats[lv].flatten(2).transpose(1, 2)) + self.pos[lv] for lv in self.levels]
+        return torch.cat(toks, 1)
+
+    def forward(self, images, idx, seg, pos, targets):
+        """-> (loss to optimise: key tokens up-weighted, plain mean token loss to report)."""
+        losses = packed_loss(self.gpt, idx, seg, pos, targets, self.vision(images), reduction='none').view(targets.shape)
+        m = (targets >= 0).float()
+        # the tokens that need the image most (first x, start row, EOS = lane present or not) are ~1/10 of the
+        # targets; without the weight the dx tokens dominate and the LM learns a blind prior first
+        key = (targets < tok.nbins) | ((targets >= tok.row0) & (targets < tok.gap)) | (targets == tok.eos)
+        w = m * (1 + (key_token_weight - 1) * key.float())
+        return (losses * w).sum() / w.sum(), (losses * m).sum() / m.sum()
+
+
+def packed_hidden(gpt, idx, seg, pos, vision):
+    """The GPT on packed rows: one image's vision tokens, then all its lane sequences back to back.
+    seg: 0 for image slots, k+1 for lane k, -1 for padding; pos: rotary position. Each lane attends
+    (causally) to the image and to itself only, with positions n_vis, n_vis+1, ... exactly as its own
+    [IMAGE]*n_vis + [BOS_k ...] sequence at inference: the same maths as max_lanes separate sequences,
+    but the image prefix is computed once instead of max_lanes times (2x fewer tokens on CPU).
+    (model.GPT.forward_embeds takes no custom mask/positions, so the block loop is repeated here.)"""
+    T = idx.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    visible = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+    mask = (causal[None] & visible) | torch.eye(T, dtype=torch.bool, device=idx.device)[None]
+    cos, sin = gpt.cos[pos], gpt.sin[pos]
+    x = norm(gpt.embed(idx, vision))
+    for block in gpt.transformer.h:
+        x = block(x, cos, sin, mask[:, None])
+    return norm(x)
+
+
+def packed_loss(gpt, idx, seg, pos, targets, vision, reduction='mean'):
+    logits = gpt.logits(packed_hidden(gpt, idx, seg, pos, vision))
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=reduction)
+
+
+def build_batch(samples, n_vis):
+    """Samples -> images (B, 3, H, W) and packed rows (B, T): idx, seg, pos, targets.
+    Row b = [IMAGE]*n_vis + [BOS_0 ROW points EOS] + [BOS_1 ...] + ... + PAD. Targets are the next token
+    of the same lane (-1 on image slots, on each EOS and on padding)."""
+    images = torch.stack([s['image'] for s in samples])
+    rows, dropped = [], 0
+    for s in samples:
+        slots, n_drop = lane_slots(s['lanes'], max_lanes)
+        dropped += n_drop
+        n = len(s['h_samples'])
+        ids, seg, pos = [tok.image] * n_vis, [0] * n_vis, list(range(n_vis))
+        for k in range(max_lanes):
+            lane = tok.encode(slots[k] if slots[k] is not None else [-2.0] * n, k)
+            ids, seg, pos = ids + lane, seg + [k + 1] * len(lane), pos + list(range(n_vis, n_vis + len(lane)))
+        rows.append((ids, seg, pos))
+    T = max(len(r[0]) for r in rows)
+    idx = torch.full((len(rows), T), tok.pad, dtype=torch.long)
+    seg = torch.full((len(rows), T), -1, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (a, b, c) in enumerate(rows):
+        idx[i, :len(a)], seg[i, :len(b)], pos[i, :len(c)] = torch.tensor(a), torch.tensor(b), torch.tensor(c)
+    targets = torch.full_like(idx, -1)
+    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
+    targets[:, :-1] = torch.where(same, idx[:, 1:], torch.full_like(idx[:, 1:], -1))
+    return images, idx, seg, pos, targets, dropped
+
+
+def conv_flops(module, H, W):
+    """Forward FLOPs of the conv pyramid for one image (2 * MACs), counted with hooks once."""
+    total = []
+    hooks = [m.register_forward_hook(lambda m, i, o: total.append(2 * o.numel() * m.in_channels * m.kernel_size[0]
+                                                                 * m.kernel_size[1] // m.groups))
+             for m in module.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        module.vision(torch.zeros(1, 3, H, W))
+    for h in hooks:
+        h.remove()
+    return sum(total)
+
+
+@torch.no_grad()
+def check_packing(model):
+    """Packed training rows must give the logits of separate [IMAGE]*n_vis + [BOS_k ...] sequences (the
+    inference layout); a mismatch here would mean training and decoding see different models."""
+    model.eval()
+    images, idx, seg, pos, _, _ = build_batch([get_sample('val', i) for i in range(2)], model.n_vis)
+    vis = model.vision(images)
+    packed = model.gpt.logits(packed_hidden(model.gpt, idx, seg, pos, vis))
+    for b in range(2):
+        for k in range(max_lanes):
+            cols = (seg[b] == k + 1).nonzero().squeeze(1)
+            alone = torch.cat([idx[b, :model.n_vis], idx[b, cols]])[None]
+            logits, _ = model.gpt(alone, vision_embeds=vis[b:b + 1])
+            err = (logits[0, model.n_vis:] - packed[b, cols]).abs().max().item()
+            if err > 1e-3:
+                raise RuntimeError(f"packed rows differ from separate lane sequences by {err:.2e} (lane {k})")
+    model.train()
+
+
+model = LaneLM().to(ddp['device'])
+check_packing(model)
+N_VIS = model.n_vis
+optimizer = configure_optimizers(model, lr, weight_decay, device_type=device_type)
+step = 0
+if ckpt_src is not None:
+    meta = load_checkpoint(ckpt_src, model, optimizer if resume else None)
+    if resume:
+        step = meta['step']
+        set_rng_state(meta['rng'])
+n_params = sum(p.numel() for p in model.parameters())
+flops_per_image = 3 * conv_flops(model, img_h, img_w)
+flops_per_token = gpt_flops_per_token(model.gpt.config, model.gpt.num_params())
+if master:
+    print(f"LaneLM: {n_params / 1e6:.2f}M params, {N_VIS} vision tokens ({vis_levels}), device {ddp['device']}, "
+          f"{dtype_name}, {torch.get_num_threads()} threads, out_dir {out_dir}")
+    print(f"tokenizer {tok.describe()}")
+raw_model = model
+model = maybe_compile(model, compile, device_type)
+if ddp['ddp']:
+    model = nn.parallel.DistributedDataParallel(model, device_ids=[ddp['local_rank']] if device_type == 'cuda' else None)
+
+# -----------------------------------------------------------------------------
+# eval: rollout (KV-cache greedy decoding per lane-id prompt) + teacher-forced token accuracy
+
+
+@torch.no_grad()
+def decode_lanes(images, n_rows):
+    """(B, 3, H, W), rows per image -> (per image its decoded lanes (x per row, -2 absent), n invalid sequences).
+    All lane ids of all images go in one batch: prompt = [IMAGE]*n_vis + [BOS_k]."""
+    B = images.shape[0]
+    with ctx:
+        vis = raw_model.vision(images.to(ddp['device'])).repeat_interleave(max_lanes, 0)
+        prompts = torch.tensor([[tok.image] * N_VIS + [tok.bos(k)] for _ in range(B) for k in range(max_lanes)],
+                               device=ddp['device'])
+        most = max(n_rows)
+        max_new = most + 2 + (most if tokenization == 'relative' else 0)
+        out = raw_model.gpt.generate(prompts, max_new, vision_embeds=vis, temperature=0.0, eos_id=tok.eos,
+                                     suppress_ids=[tok.pad] + [tok.bos(k) for k in range(max_lanes)])
+    lanes, invalid = [], 0
+    for b in range(B):
+        lanes.append([])
+        for k in range(max_lanes):
+            xs, ok = tok.decode(out[b * max_lanes + k].tolist(), n_rows[b])
+            invalid += not ok
+            lanes[-1].append(xs)
+    return lanes, invalid
+
+
+@torch.no_grad()
+def teacher_forced(samples):
+    """Token accuracy and loss with the ground-truth prefix (the number that hid the origin's failure)."""
+    correct = total = 0
+    loss_sum = 0.0
+    for i in range(0, len(samples), eval_batch):
+        batch = build_batch(samples[i:i + eval_batch], N_VIS)[:5]
+        images, idx, seg, pos, y = [t.to(ddp['device']) for t in batch]
+        with ctx:
+            logits = raw_model.gpt.logits(packed_hidden(raw_model.gpt, idx, seg, pos, raw_model.vision(images)))
+        m = y >= 0
+        correct += int((logits.argmax(-1)[m] == y[m]).sum())
+        loss_sum += float(F.cross_entropy(logits[m].float(), y[m], reduction='sum'))
+        total += int(m.sum())
+    return correct / max(total, 1), loss_sum / max(total, 1)
+
+
+def evaluate(step):
+    raw_model.eval()
+    t0 = time.time()
+    preds, gts, ys, invalid, vis_panels = [], [], [], 0, []
+    for i in range(0, n_eval, eval_batch):
+        samples = [get_sample('val', j) for j in range(i, min(n_eval, i + eval_batch))]
+        lanes, bad = decode_lanes(torch.stack([s['image'] for s in samples]), [len(s['h_samples']) for s in samples])
+        invalid += bad
+        for s, pred in zip(samples, lanes):
+            preds.append(pred)
+            gts.append([l for l in s['lanes'] if any(x >= 0 for x in l)])
+            ys.append(s['h_samples'])
+            if len(vis_panels) < n_vis:
+                vis_panels.append(lane_draw(s['image'], s['h_samples'], gt=gts[-1], pred=preds[-1]))
+    metrics = tusimple_metrics(preds, gts, ys)
+    metrics['invalid_seq'] = invalid / (len(preds) * max_lanes)
+    tf_acc, tf_loss = teacher_forced([get_sample('val', j) for j in range(min(n_eval_tf, n_eval))])
+    metrics['tf_token_acc'], metrics['val_loss_tf'] = tf_acc, tf_loss
+    png = save_png(image_grid(vis_panels, 4), os.path.join(out_dir, f'val_{step:05d}.png'))
+    raw_model.train()
+    return metrics, png, preds, gts, ys, time.time() - t0
+
+
+def checkpoint(step):
+    save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer,
+                    meta=dict(recipe=RECIPE, step=step, config=config, rng=rng_state(),
+                              gpt=vars(raw_model.gpt.config), tokenizer=tok.describe(), n_vis=N_VIS))
+
+
+def report(step, train_seconds, extra_metrics=None):
+    """Eval, print, PNG, results.json, checkpoint (master only)."""
+    metrics, png, preds, gts, _, eval_s = evaluate(step)
+    metrics.update(extra_metrics or {})
+    targets = TARGETS
+    if overfit:
+        metrics['lanes_decoded'] = sum(round(len(g) * (1 - metrics['fn'])) for g in gts[:1])
+        targets = OVERFIT_TARGETS
+    print(f"eval step {step} ({eval_s:.0f}s, {'the overfit training image' if overfit else f'{n_eval} held-out images'}): "
+          + format_metrics(metrics, targets))
+    print(f"  rollout vs teacher-forced: tusimple_acc {metrics['tusimple_acc']:.4f} vs tf_token_acc "
+          f"{metrics['tf_token_acc']:.4f}; wrote {png}")
+    write_results(out_dir, RECIPE, 'train[overfit]' if overfit else 'val', n_eval, metrics, targets, step=step,
+                  train_seconds=round(train_seconds, 1), device=ddp['device'], dtype=dtype_name, params=n_params,
+                  config=config)
+    wandb.log(metrics, step, images={'val': png})
+    checkpoint(step)
+    return metrics
+
+
+wandb = WandbLogger(wandb_log and master, wandb_project, wandb_run_name, config, out_dir)
+if eval_only:
+    if master:
+        report(step, 0.0)
+    raise SystemExit(0)
+
+# -----------------------------------------------------------------------------
+# training loop
+
+peak = measure_matmul_peak(ddp['device'], torch.bfloat16 if dtype_name == 'bfloat16' else torch.float32,
+                           seconds=0.3) if master else None
+model.train()
+train_seconds, t_log, losses, dropped = 0.0, time.time(), [], 0
+while step < max_steps:
+    t0 = time.time()
+    lr_step = step if max_train_seconds <= 0 else max(step, int(max_steps * train_seconds / max_train_seconds))
+    lr_now = get_lr(min(lr_step, max_steps), max_steps, lr, warmup_steps, min_lr_frac)
+    set_lr(optimizer, lr_now)
+    idxs = batch_indices(step, batch_size, ddp['rank'], ddp['world_size'])
+    *batch, n_drop = build_batch([get_sample('train', i) for i in idxs], N_VIS)
+    dropped += n_drop
+    images, idx, seg, pos, y = [t.to(ddp['device']) for t in batch]
+    with ctx:
+        loss, plain_loss = model(images, idx, seg, pos, y)
+    check_finite(loss, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    losses.append(plain_loss.item())
+    step += 1
+    dt = time.time() - t0
+    train_seconds += dt
+    out_of_time = 0 < max_train_seconds <= train_seconds
+    if ddp['ddp']:  # every rank stops at the same step
+        flag = torch.tensor(float(out_of_time), device=ddp['device'])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        out_of_time = bool(flag.item())
+    last = step == max_steps or out_of_time
+    if master and (step % log_interval == 0 or last):
+        tokens = idx.numel() * ddp['world_size']
+        flops = flops_per_token * tokens + flops_per_image * images.shape[0] * ddp['world_size']
+        avg = (time.time() - t_log) / min(log_interval, step) if step % log_interval == 0 else dt
+        print(log_line(step, max_steps, plain_loss.item(), lr_now, avg, tokens, flops, peak))
+        t_log = time.time()
+        wandb.log(dict(loss=plain_loss.item(), loss_weighted=loss.item(), lr=lr_now), step)
+    if master and (step % eval_interval == 0 or last):
+        extra = dict(train_loss=float(np.mean(losses[-10:])))
+        report(step, train_seconds, extra)
+    if out_of_time:
+        if master:
+            print(f"stopping at step {step}/{max_steps}: max_train_seconds={max_train_seconds:.0f} reached")
+        break
+if master:
+    if dropped:
+        print(f"note: {dropped} lanes had no lane-id slot (max_lanes={max_lanes}) and were left out of training targets")
+    print(f"done: {step} steps, {train_seconds:.0f}s training, results in {out_dir}/results.json")
+wandb.finish()
+if ddp['ddp']:
+    torch.distributed.destroy_process_group()

@@ -1,0 +1,528 @@
+"""
+Pointing with a small VLM at pixel precision: image + text query -> (x, y) of the referred object(s).
+
+ViT -> Projector -> GPT over [bos, query bytes, image x N, <|point|> ...]. The hidden state of each
+<|point|> token feeds x_head / y_head (coordinates in [-1, 1]) and a done head. Sequential pointing: the
+next <|point|> token carries the previous point (Fourier features), and `done` says "no more points".
+Pixel errors are measured in a 384 x 384 frame (the image itself is rendered at img_size px).
+
+    python train_pointer.py                                  # synthetic scenes, CPU, <= 10 min
+    python train_pointer.py --loss=l1 --max_steps=600        # loss ablation
+    python train_pointer.py config/pointer_jsonl.py          # PixMo-Points-like JSONL on a GPU
+"""
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config (every key can be overridden: python train_pointer.py config/x.py --key=value)
+out_dir = ""                 # '' -> out/pointer-<timestamp>
+init_from = "scratch"        # scratch | resume | <checkpoint dir> | hf:owner/name
+eval_only = False
+seed = 1337
+device = "auto"
+dtype = "auto"
+compile = False
+dataset = "synthetic"        # synthetic | jsonl
+train_jsonl = ""             # jsonl: {"image": path, "query": str, "points": [[x, y], ...]} per line
+val_jsonl = ""
+img_size = 96                # rendered/resized image side (px); errors are still measured at 384 px
+patch_size = 12
+vit_layers = 4
+vit_embd = 128
+vit_heads = 4
+n_layer = 3                  # GPT
+n_embd = 128
+n_head = 4
+n_kv_head = 4
+head_mode = "attend"         # attend: point token attends over image tokens (soft-argmax + offsets) plus
+                             #   x_head/y_head refinement; mlp: x_head/y_head of the hidden state alone
+max_points = 3               # longest point sequence (multi-target queries)
+max_query_len = 48           # query tokens kept
+word_tokens = True           # one token per word of the synthetic grammar (unknown words: bytes)
+loss = "three_stage"         # three_stage | three_stage_cont | l1 | smooth_l1
+done_weight = 0.2            # weight of the done BCE
+patch_weight = 1.0           # attend mode: cross-entropy of the point token's attention over image patches
+                             #   toward the patch holding the target (0 = off)
+mask_weight = 1.0            # attend mode: BCE of a per-image-token "belongs to a referred object" logit (a
+                             #   dense grounding label: image tokens read the query, which comes first)
+dense_weight = 1.0           # dense scene parsing of EVERY object (synthetic only): per-patch colour/shape/size
+                             #   classes on the ViT features + per-patch offset to its object's centre (attend)
+window = 1                   # attend mode: the answer's soft-argmax only over the (2w+1)^2 patches around the
+                             #   best patch (far patches never leak into the point); -1 = over all patches
+curriculum_steps = 0         # > 0: training queries are attribute-only (no relations / "every") before this step
+augment = False              # translate/scale/flip (synthetic scenes are infinite, so off by default)
+max_steps = 1500
+time_budget_s = 480.0         # > 0: stop training after this many seconds (then eval); LR decays on time too
+batch_size = 32
+lr = 2e-3
+min_lr_frac = 0.05
+warmup_steps = 100
+weight_decay = 0.05
+grad_clip = 1.0
+log_interval = 25
+eval_interval = 250
+n_eval = 500                 # held-out single-target queries
+n_eval_multi = 200           # held-out "every ..." queries, rolled out until done
+n_train_eval = 200           # training queries evaluated for the train/val gap
+patience = 5                 # early stopping: evals without a better val mean pixel error
+n_vis = 8
+wandb_log = False
+wandb_project = "vlm-pointer"
+wandb_run_name = "pointer"
+
+from configurator import configure  # noqa: E402
+config = configure(globals())
+
+from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
+                   autocast_ctx, check_finite, configure_optimizers, dataclass_from_dict, get_lr,
+                   gpt_flops_per_token, init_distributed, install_error_hook, left_pad, load_checkpoint,
+                   load_meta, log_line, maybe_compile, measure_matmul_peak, rng_state, run_dir,
+                   save_checkpoint, set_lr, set_rng_state, unwrap)
+from data import Tokenizer, batch_indices, epoch_order, format_metrics, image_grid, normalize, save_png, write_results  # noqa: E402
+from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
+                          POINTER_N_SIZE, pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_draw,
+                          pointer_encode, pointer_load_record, pointer_patch_mask, pointer_pixel_metrics,
+                          pointer_read_jsonl, pointer_sequence_metrics, pointer_synthetic_sample,
+                          pointer_word_specials)
+
+install_error_hook()
+RECIPE = "pointer"
+TARGETS = {"within_5px": (">=", 0.95), "mean_px": ("<", 3.0)}
+SINGLE_KINDS = tuple(k for k in POINTER_KINDS if k != "multi")
+if loss not in POINTER_LOSSES:
+    raise InputError(f"loss must be one of {' | '.join(POINTER_LOSSES)}, got {loss!r}")
+if dataset not in ("synthetic", "jsonl"):
+    raise InputError(f"dataset must be 'synthetic' or 'jsonl', got {dataset!r}")
+
+# -----------------------------------------------------------------------------
+# the model: ViT -> Projector -> GPT, point token -> x_head / y_head / done_head
+
+
+def fourier(xy, n_freq=8):
+    """(…, 2) in [-1, 1] -> (…, 4 n_freq) sin/cos features: how a point is fed back into the sequence."""
+    freqs = (2.0 ** torch.arange(n_freq, device=xy.device, dtype=xy.dtype)) * math.pi / 2
+    ang = xy[..., None] * freqs
+    return torch.cat([ang.sin(), ang.cos()], -1).flatten(-2)
+
+
+def coord_channels(images):
+    """Two extra input channels holding each pixel's own (x, y) in [-1, 1] (CoordConv): every patch
+    embedding then knows exactly where it is, which a learned position table only learns slowly."""
+    B, _, H, W = images.shape
+    ys = (torch.arange(H, device=images.device, dtype=images.dtype) + 0.5) / H * 2 - 1
+    xs = (torch.arange(W, device=images.device, dtype=images.dtype) + 0.5) / W * 2 - 1
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1])
+    return torch.cat([images, grid[None].expand(B, 2, H, W)], 1)
+
+
+def head(n):
+    return nn.Sequential(nn.Linear(n, n), nn.GELU(), nn.Linear(n, 1))
+
+
+class Pointer(nn.Module):
+    def __init__(self, vit_cfg, gpt_cfg, point_id, head_mode="attend", window=-1):
+        super().__init__()
+        self.point_id, self.head_mode, self.window = point_id, head_mode, window
+        self.grid = G = vit_cfg.image_size // vit_cfg.patch_size
+        self.vit = ViT(vit_cfg)
+        self.proj = Projector(vit_cfg.n_embd, gpt_cfg.n_embd)
+        self.gpt = GPT(gpt_cfg)
+        self.gpt.lm_head.requires_grad_(False)  # no text is generated: keeps DDP free of unused parameters
+        self.point_in = nn.Linear(32, gpt_cfg.n_embd, bias=False)
+        C = gpt_cfg.n_embd
+        self.x_head, self.y_head, self.done_head = head(C), head(C), nn.Linear(C, 1)
+        # dense scene parsing on the ViT features: colour / shape / size class (+ background) of every patch,
+        # so patch features carry the attributes the query words name from the first steps on
+        self.parse = nn.Linear(vit_cfg.n_embd, POINTER_N_COLOUR + POINTER_N_SHAPE + POINTER_N_SIZE)
+        if head_mode == "attend":
+            # the point token's hidden state is a query over the image tokens' final hidden states; the
+            # answer is the attention-weighted mean of (patch centre + a per-patch offset predicted from
+            # its content), refined by x_head/y_head (which start at zero)
+            self.q_proj, self.k_proj = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+            self.offset = nn.Linear(C, 2)
+            self.match = nn.Linear(C, 1)  # per image token: "am I part of what the query refers to?"
+            nn.init.zeros_(self.offset.weight), nn.init.zeros_(self.offset.bias)
+            for h in (self.x_head, self.y_head):
+                nn.init.zeros_(h[-1].weight), nn.init.zeros_(h[-1].bias)
+            c = (torch.arange(G, dtype=torch.float32) + 0.5) / G * 2 - 1
+            ys, xs = torch.meshgrid(c, c, indexing="ij")  # raster order, like the ViT's patch tokens
+            self.register_buffer("centres", torch.stack([xs.flatten(), ys.flatten()], -1), persistent=False)
+            self.patch_w = 2.0 / G
+
+    def vision(self, images):
+        """-> (projected image tokens (B, N, C_gpt), parse logits (B, N, classes))."""
+        feats = self.vit(coord_channels(normalize(images)))
+        return self.proj(feats), self.parse(feats)
+
+    def embed(self, ids, images, feed, feed_mask):
+        """Token embeddings with vision rows scattered in and previous points added to their <|point|> tokens."""
+        vis, parse = self.vision(images)
+        x = self.gpt.embed(ids, vis)
+        return x + self.point_in(fourier(feed)) * feed_mask[..., None].to(x.dtype), parse
+
+    def select(self, logits):
+        """Attention weights over patches for the answer: softmax restricted to the (2w+1)^2 window around
+        the best patch (w = self.window; -1 = all patches). A global soft-argmax lets 2% of weight on a patch
+        150 px away move the point 3 px; the window keeps the answer on the chosen object."""
+        if self.window < 0:
+            return logits.softmax(-1)
+        G, n = self.grid, torch.arange(logits.shape[-1], device=logits.device)
+        best = logits.argmax(-1, keepdim=True)
+        near = ((n // G - best // G).abs() <= self.window) & ((n % G - best % G).abs() <= self.window)
+        return logits.masked_fill(~near, float("-inf")).softmax(-1)
+
+    def heads(self, h, img_h, row):
+        """h (M, C) hidden states of <|point|> tokens; img_h (B, N, C) image-token hidden states; row (M,)
+        the sequence each point token belongs to -> xy (M, 2), done logits (M,), patch logits (M, N) or None."""
+        xy, logits = torch.cat([self.x_head(h), self.y_head(h)], -1), None
+        if self.head_mode == "attend":
+            keys = self.k_proj(img_h)[row]  # (M, N, C)
+            match = self.match(img_h).squeeze(-1).float()  # (B, N), also trained directly (mask_weight)
+            logits = torch.einsum("mc,mnc->mn", self.q_proj(h), keys).div(math.sqrt(h.shape[-1])).float() + match[row]
+            targets = self.centres + self.offset(img_h[row]).float() * self.patch_w  # (M, N, 2)
+            xy = xy + torch.einsum("mn,mnk->mk", self.select(logits), targets).to(xy.dtype)
+        return xy, self.done_head(h).squeeze(-1), logits
+
+    def patch_index(self, xy):
+        """The patch (raster index) holding each point: the target of the attention cross-entropy."""
+        G = int(round(2.0 / self.patch_w))
+        col, r = (((xy + 1) / 2 * G).long().clamp(0, G - 1)).unbind(-1)
+        return r * G + col
+
+    def image_states(self, ids, h):
+        return h[ids == self.gpt.config.image_token_id].view(ids.shape[0], -1, h.shape[-1])
+
+    def forward(self, ids, pad_mask, images, feed, feed_mask):
+        """-> dict(xy (M, 2), done (M,) logits, patch (M, N) logits or None, match (B, N) logits or None,
+        parse (B, N, classes) logits, offset (B, N, 2) in patch widths or None)."""
+        x, parse = self.embed(ids, images, feed, feed_mask)
+        h = self.gpt.forward_embeds(x, pad_mask)
+        is_point = ids == self.point_id
+        row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[is_point]
+        img_h = self.image_states(ids, h)
+        xy, done, patch = self.heads(h[is_point], img_h, row)
+        attend = self.head_mode == "attend"
+        return dict(xy=xy, done=done, patch=patch, parse=parse,
+                    match=self.match(img_h).squeeze(-1).float() if attend else None,
+                    offset=self.offset(img_h).float() if attend else None)
+
+
+def build_model(meta):
+    vit_cfg = dataclass_from_dict(ViTConfig, meta["vit"])
+    gpt_cfg = dataclass_from_dict(GPTConfig, meta["gpt"])
+    return Pointer(vit_cfg, gpt_cfg, meta["point_id"], meta.get("head_mode", "mlp"), meta.get("window", -1))
+
+# -----------------------------------------------------------------------------
+# setup
+
+
+ddp = init_distributed(device)
+master, dev, device_type = ddp["master"], ddp["device"], ddp["device_type"]
+torch.manual_seed(seed + ddp["rank"])
+np.random.seed(seed + ddp["rank"])
+ctx, dtype_name = autocast_ctx(device_type, dtype)
+tok = Tokenizer(specials=["<|point|>"] + (pointer_word_specials() if word_tokens else []))
+BOS, IMAGE, POINT = tok["<|bos|>"], tok["<|image|>"], tok["<|point|>"]
+if init_from == "resume":
+    out_dir = run_dir(out_dir, RECIPE, init_from)
+elif master:
+    out_dir = run_dir(out_dir, RECIPE, init_from)
+if ddp["ddp"]:  # every rank must write to rank 0's out_dir
+    holder = [out_dir]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    out_dir = holder[0]
+
+if init_from == "scratch":
+    vit_cfg = ViTConfig(image_size=img_size, patch_size=patch_size, in_chans=5, n_layer=vit_layers,
+                        n_head=vit_heads, n_embd=vit_embd)
+    gpt_cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                        n_embd=n_embd, sequence_len=2 + (img_size // patch_size) ** 2 + max_query_len + max_points,
+                        image_token_id=IMAGE)
+    meta0 = dict(vit=vit_cfg.__dict__, gpt=gpt_cfg.__dict__, point_id=POINT, head_mode=head_mode, word_tokens=word_tokens,
+                 window=window)
+else:  # resume, a checkpoint dir, or hf:owner/name: the architecture comes from the checkpoint
+    meta0 = load_meta(os.path.join(out_dir, "ckpt") if init_from == "resume" else init_from)
+if meta0["vit"]["image_size"] != img_size:
+    raise InputError(f"checkpoint was trained at img_size={meta0['vit']['image_size']}, config says {img_size}")
+if meta0.get("word_tokens", word_tokens) != word_tokens or meta0["gpt"]["vocab_size"] != tok.vocab_size:
+    raise InputError(f"checkpoint was trained with word_tokens={meta0.get('word_tokens')} (vocab "
+                     f"{meta0['gpt']['vocab_size']}), config says word_tokens={word_tokens} (vocab {tok.vocab_size})")
+model = build_model(meta0).to(dev)
+grid = meta0["vit"]["image_size"] // meta0["vit"]["patch_size"]
+n_vision = grid * grid
+optimizer = configure_optimizers(model, lr, weight_decay, device_type=device_type)
+step, best_px, bad_evals = 0, float("inf"), 0
+if init_from == "resume":
+    meta = load_checkpoint(os.path.join(out_dir, "ckpt"), model, optimizer)
+    set_rng_state(meta["rng"])
+    step, best_px, bad_evals = meta["step"], meta["best_px"], meta["bad_evals"]
+    print(f"resumed {out_dir} at step {step}")
+elif init_from != "scratch":
+    load_checkpoint(init_from, model)
+    print(f"initialised from {init_from}")
+raw_model = model
+model = maybe_compile(model, compile, device_type)
+if ddp["ddp"]:
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ddp["local_rank"]] if device_type == "cuda" else None)
+n_params = sum(p.numel() for p in raw_model.parameters())
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"out_dir {out_dir} | params {n_params / 1e6:.2f}M | device {dev} {dtype_name} | loss {loss} | "
+          f"{n_vision} vision tokens from {img_size}px images, errors measured at {POINTER_FRAME}px")
+logger = WandbLogger(wandb_log and master, wandb_project, wandb_run_name, config, out_dir)
+
+# -----------------------------------------------------------------------------
+# data: samples -> padded batches
+
+
+if dataset == "jsonl":
+    if not train_jsonl or not val_jsonl:
+        raise InputError("dataset='jsonl' needs --train_jsonl=... and --val_jsonl=...")
+    train_records, val_records = pointer_read_jsonl(train_jsonl), pointer_read_jsonl(val_jsonl)
+    print(f"jsonl: {len(train_records)} train / {len(val_records)} val records")
+
+
+def get_sample(split, index, kinds=POINTER_KINDS):
+    if dataset == "jsonl":
+        if split == "train":
+            epoch, i = divmod(index, len(train_records))
+            return pointer_load_record(train_records[epoch_order(len(train_records), seed, epoch)[i]], img_size)
+        return pointer_load_record(val_records[index % len(val_records)], img_size)
+    s = pointer_synthetic_sample(seed, split, index, img_size, max_points=max_points, kinds=kinds)
+    if augment and split == "train":
+        rng = np.random.default_rng([seed, 99, index])
+        s["image"], s["points"], s["text"], scale = pointer_augment(s["image"], s["points"], s["text"], rng)
+        s["halves"], s["objects"] = s["halves"] * scale, None  # dense labels are not transformed: ignored
+    return s
+
+
+def prompt_ids(text):
+    """[bos, query, image x N, point]: the query comes first so that (causal) image tokens can read it and
+    each patch can decide locally whether it belongs to the referred object."""
+    q = pointer_encode(tok, text, word_tokens)[:max_query_len]
+    return [BOS] + q + [IMAGE] * n_vision + [POINT]
+
+
+def collate(samples):
+    """Teacher-forced sequences: K target points -> K + 1 <|point|> tokens (the last says done); token j > 0
+    carries point j - 1. Left padding keeps every sequence's point tokens at the end."""
+    seqs, feeds, xy, done = [], [], [], []
+    for s in samples:
+        pts = np.asarray(s["points"], dtype=np.float32).reshape(-1, 2)[:max_points]
+        seqs.append(prompt_ids(s["text"]) + [POINT] * len(pts))
+        feeds.append(pts)
+        xy.append(pts)
+        done.append([0.0] * len(pts) + [1.0])
+    ids, pad_mask = left_pad(seqs, pad_id=tok["<|pad|>"])
+    B, T = ids.shape
+    feed, feed_mask = torch.zeros(B, T, 2), torch.zeros(B, T, dtype=torch.bool)
+    for b, pts in enumerate(feeds):  # point j feeds the (j+1)-th <|point|> token, which sits len(pts)-j from the end
+        for j, p in enumerate(pts):
+            feed[b, T - len(pts) + j] = torch.from_numpy(p)
+            feed_mask[b, T - len(pts) + j] = True
+    return dict(ids=ids, pad_mask=pad_mask, images=torch.stack([s["image"] for s in samples]), feed=feed,
+                feed_mask=feed_mask, xy=torch.from_numpy(np.concatenate([np.concatenate([p, np.zeros((1, 2), np.float32)]) for p in xy])),
+                done=torch.tensor([d for ds in done for d in ds]),
+                mask=torch.from_numpy(np.stack([pointer_patch_mask(s["points"][:max_points], s["halves"][:max_points], grid)
+                                                for s in samples])),
+                dense=torch.from_numpy(np.stack([pointer_dense_labels(s.get("objects"), grid) for s in samples])))
+
+
+def get_batch(step):
+    idx = batch_indices(step, batch_size, ddp["rank"], ddp["world_size"])
+    kinds = pointer_curriculum_kinds(step, curriculum_steps)
+    batch = collate([get_sample("train", i, kinds) for i in idx])
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+def compute_loss(batch):
+    with ctx:
+        out = model(batch["ids"], batch["pad_mask"], batch["images"], batch["feed"], batch["feed_mask"])
+    xy, done_logit, patch_logits, match = out["xy"].float(), out["done"].float(), out["patch"], out["match"]
+    has_point = batch["done"] < 0.5
+    coord = POINTER_LOSSES[loss](xy[has_point], batch["xy"][has_point])
+    done_bce = F.binary_cross_entropy_with_logits(done_logit, batch["done"])
+    parts = dict(coord=coord, done=done_bce)
+    if patch_logits is not None and patch_weight > 0:
+        parts["patch"] = F.cross_entropy(patch_logits[has_point], raw_model.patch_index(batch["xy"][has_point]))
+    if match is not None and mask_weight > 0:
+        parts["mask"] = F.binary_cross_entropy_with_logits(match, batch["mask"])
+    dense = batch["dense"]
+    if dense_weight > 0 and (dense[..., 2] >= 0).any():
+        # every object of every scene supervises the patches it covers: what it is, and where its centre lies
+        cls = dense[..., 2:].long()
+        logits = out["parse"].float().split([POINTER_N_COLOUR, POINTER_N_SHAPE, POINTER_N_SIZE], -1)
+        parts["parse"] = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), cls[..., i].reshape(-1), ignore_index=-1)
+                             for i, lg in enumerate(logits)) / 3
+        has_off = ~torch.isnan(dense[..., 0])
+        if out["offset"] is not None and has_off.any():
+            parts["offset"] = (out["offset"][has_off] - dense[..., :2][has_off]).abs().sum(-1).mean()
+    total = (coord + done_weight * done_bce + patch_weight * parts.get("patch", 0.0) + mask_weight * parts.get("mask", 0.0)
+             + dense_weight * (parts.get("parse", 0.0) + parts.get("offset", 0.0)))
+    return total, parts
+
+# -----------------------------------------------------------------------------
+# evaluation: rolled-out points (the first point for single-target queries; the whole sequence for
+# "every ..." queries, fed back point by point with a KV cache until done), never teacher-forced
+
+
+@torch.no_grad()
+def rollout(m, samples, max_len):
+    """-> list of (K_i, 2) predicted point sequences (stopping when done > 0.5, at least one point)."""
+    ids, pad_mask = left_pad([prompt_ids(s["text"]) for s in samples], pad_id=tok["<|pad|>"])
+    ids, pad_mask = ids.to(dev), pad_mask.to(dev)
+    images = torch.stack([s["image"] for s in samples]).to(dev)
+    B, T = ids.shape
+    cfg = m.gpt.config
+    cache = KVCache(batch_size=B, num_heads=cfg.n_kv_head, seq_len=T + max_len, head_dim=cfg.n_embd // cfg.n_head,
+                    num_layers=cfg.n_layer, device=dev, dtype=torch.float32)
+    with ctx:
+        x = m.gpt.embed(ids, m.vision(images)[0])
+        h_all = m.gpt.forward_embeds(x, pad_mask, cache)
+    h, img_h, rows = h_all[:, -1], m.image_states(ids, h_all), torch.arange(B, device=dev)
+    out, stopped = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=dev)
+    for j in range(max_len):
+        xy, done_logit, _ = m.heads(h, img_h, rows)
+        xy = xy.float().clamp(-1, 1)
+        stop = (done_logit.float() > 0) & (j > 0)
+        stopped |= stop
+        for b in range(B):
+            if not stopped[b]:
+                out[b].append(xy[b].cpu().numpy())
+        if bool(stopped.all()) or j == max_len - 1:
+            break
+        with ctx:
+            x = m.gpt.transformer.wte(torch.full((B, 1), POINT, device=dev)) + m.point_in(fourier(xy))[:, None]
+            h = m.gpt.forward_embeds(x, kv_cache=cache)[:, -1]
+    return [np.stack(o) for o in out]
+
+
+@torch.no_grad()
+def evaluate():
+    m = unwrap(model)
+    m.eval()
+    t0 = time.time()
+    single = [get_sample("val", i, SINGLE_KINDS) for i in range(n_eval)]
+    multi = [get_sample("val", 10**6 + i, ("multi",)) for i in range(n_eval_multi)] if dataset == "synthetic" else []
+    if dataset == "jsonl":  # real data: single- and multi-point records come from the same file
+        single, multi = [s for s in single if len(s["points"]) == 1], [s for s in single if len(s["points"]) > 1]
+    train = [get_sample("train", i, SINGLE_KINDS) for i in range(n_train_eval)]
+    chunk = 100
+    run = lambda ss, L: [p for i in range(0, len(ss), chunk) for p in rollout(m, ss[i:i + chunk], L)]
+    pred1 = run(single, 1)
+    metrics = pointer_pixel_metrics(np.stack([p[0] for p in pred1]), np.stack([s["points"][0] for s in single]),
+                                    np.array([s["frame"] for s in single]))
+    train_pred = run(train, 1)
+    train_m = pointer_pixel_metrics(np.stack([p[0] for p in train_pred]), np.stack([s["points"][0] for s in train]),
+                                    np.array([s["frame"] for s in train]))
+    metrics["train_mean_px"] = train_m["mean_px"]
+    metrics["gap_px"] = metrics["mean_px"] - train_m["mean_px"]
+    pred_multi = []
+    if multi:
+        pred_multi = run(multi, max_points + 1)
+        metrics.update(pointer_sequence_metrics(pred_multi, [s["points"] for s in multi], [s["frame"] for s in multi]))
+    # the training loss on held-out single queries (for the curve only; it is not an error measure)
+    batch = collate(single[:200])
+    with ctx:
+        xy = m(*(batch[k].to(dev) for k in ("ids", "pad_mask", "images", "feed", "feed_mask")))["xy"]
+    keep = batch["done"] < 0.5
+    metrics["val_loss"] = POINTER_LOSSES[loss](xy.float().cpu()[keep], batch["xy"][keep]).item()
+    metrics["eval_seconds"] = time.time() - t0
+    vis = [pointer_draw(s["image"], p[:1], s["points"][:1], s["text"]) for s, p in zip(single[:n_vis], pred1)]
+    vis += [pointer_draw(s["image"], p, s["points"], s["text"]) for s, p in zip(multi[:n_vis], pred_multi)]
+    m.train()
+    return metrics, image_grid(vis, 4)
+
+
+def save(name, extra=None):
+    meta = dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), best_px=best_px, bad_evals=bad_evals,
+                vit=raw_model.vit.config.__dict__, gpt=raw_model.gpt.config.__dict__, point_id=POINT,
+                head_mode=raw_model.head_mode, word_tokens=word_tokens, window=raw_model.window, **(extra or {}))
+    save_checkpoint(os.path.join(out_dir, name), raw_model, optimizer, meta=meta)
+
+
+def eval_and_report(train_seconds, head_norms):
+    """Eval, print, PNG, results.json, wandb. Returns the val mean pixel error."""
+    metrics, grid = evaluate()
+    metrics.update(head_norms)
+    print(f"eval step {step} | " + format_metrics(metrics, TARGETS))
+    png = save_png(grid, os.path.join(out_dir, f"points_step{step:05d}.png"))
+    write_results(out_dir, RECIPE, "val", n_eval, metrics, TARGETS, step=step, train_seconds=round(train_seconds, 1),
+                  device=dev, dtype=dtype_name, params=n_params, config=config, n_eval_multi=n_eval_multi,
+                  frame_px=POINTER_FRAME, img_size=img_size)
+    logger.log({f"val/{k}": v for k, v in metrics.items()}, step, images={"points": png})
+    return metrics["mean_px"]
+
+
+if eval_only:
+    if master:
+        eval_and_report(0.0, {})
+    raise SystemExit(0)
+
+# -----------------------------------------------------------------------------
+# training loop
+
+
+peak = measure_matmul_peak(dev) if master else None
+seq_len = 1 + n_vision + 40 + 2
+flops_per_step = batch_size * (gpt_flops_per_token(raw_model.gpt.config, sum(p.numel() for p in raw_model.gpt.parameters())) * seq_len
+                               + 6 * sum(p.numel() for p in raw_model.vit.parameters()) * n_vision)
+head_norms, train_seconds, stop_reason = {}, 0.0, "max_steps"
+t_start = time.time()
+while step < max_steps:
+    t0 = time.time()
+    # with a time budget the schedule runs on whichever is further along, steps or wall time, so a slow
+    # (shared) CPU still gets a fully decayed LR; time_budget_s=0 keeps runs exactly reproducible
+    sched_step = step if time_budget_s <= 0 else max(step, int(max_steps * (t0 - t_start) / time_budget_s))
+    set_lr(optimizer, get_lr(sched_step, max_steps, lr, warmup_steps, min_lr_frac))
+    batch = get_batch(step)
+    total, parts = compute_loss(batch)
+    check_finite(total, step)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if (step + 1) % log_interval == 0 or step == 0:  # head gradient norms (the journal watched these for explosions)
+        head_norms = {f"grad_{n}": float(torch.norm(torch.stack([p.grad.norm() for p in getattr(raw_model, n).parameters()])))
+                      for n in ("x_head", "y_head", "done_head")}
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    step += 1
+    dt = time.time() - t0
+    train_seconds += dt
+    if master and (step % log_interval == 0 or step == 1):
+        extra = " | ".join(f"{k} {v.item():.4f}" for k, v in parts.items()) + " | " + " ".join(f"{k} {v:.3f}" for k, v in head_norms.items())
+        print(log_line(step, max_steps, total.item(), optimizer.param_groups[0]["lr"], dt,
+                       tokens=batch["ids"].numel(), flops_per_step=flops_per_step, peak=peak, extra=extra))
+    out_of_time = time_budget_s > 0 and time.time() - t_start > time_budget_s
+    if master and (step % eval_interval == 0 or step == max_steps or out_of_time):
+        px = eval_and_report(train_seconds, head_norms)
+        if px < best_px:
+            best_px, bad_evals = px, 0
+            save("best")
+        else:
+            bad_evals += 1
+        save("ckpt")
+        if bad_evals >= patience:
+            stop_reason = f"early stop: val mean pixel error has not improved for {patience} evals"
+    if ddp["ddp"]:  # every rank stops together
+        flag = torch.tensor([stop_reason != "max_steps" or out_of_time], device=dev)
+        torch.distributed.broadcast(flag, 0)
+        out_of_time = out_of_time or bool(flag)
+    if stop_reason != "max_steps" or out_of_time:
+        stop_reason = stop_reason if stop_reason != "max_steps" else f"time budget {time_budget_s:.0f}s reached"
+        break
+
+if master:
+    print(f"done: {stop_reason} at step {step}, {train_seconds:.0f}s of training, best val mean {best_px:.2f}px")
+    if stop_reason.startswith("early stop"):  # report the best checkpoint, not the last
+        load_checkpoint(os.path.join(out_dir, "best"), raw_model)
+        eval_and_report(train_seconds, head_norms)
+logger.finish()
+if ddp["ddp"]:
+    torch.distributed.destroy_process_group()
