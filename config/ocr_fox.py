@@ -1,0 +1,36 @@
+# GPU scale, the journal's shapes: SAM ViT-B (768 wide, 12 layers, window 14, global at 2/5/8/11, patch 16)
+# -> neck 256 -> net_2 512 -> net_3 1024 (16x16 tokens at 1024 px) -> CLIP ViT-L (1024 wide, 24 layers)
+# -> concat 2048 -> projector -> nanochat-d20-shaped GPT (20 layers, 1280 wide, 16 heads, no GQA).
+# 273 vision tokens: (16+1)*16+1. Train on a JSONL of {image, text}; evaluate on Fox's English pages.
+#   torchrun --nproc_per_node=8 train_ocr.py config/ocr_fox.py --train_data=ocr_train.jsonl \
+#       --val_data=fox/en_page_ocr.json
+#   then stage 2:  ... --stage=2 --init_encoder=out/ocr-<stage 1>/encoder [--init_gpt=<a GPT ckpt>]
+dataset = 'fox'
+image_size = 1024
+sam_patch = 16
+sam_dim = 768
+sam_layers = 12
+sam_heads = 12
+sam_window = 14
+sam_global = (2, 5, 8, 11)
+neck_dim = 256
+clip_layers = 24
+clip_heads = 16
+n_layer = 20
+n_head = 16
+n_kv_head = 16
+n_embd = 1280
+max_text_tokens = 3800     # byte-level targets of full pages; seq = 1 + 273 + 10 + 3800 + 1
+batch_size = 4             # per GPU
+lr = 5e-5                  # the journal's stage-1 rate (stage 2 used 3e-5)
+min_lr_frac = 0.1
+warmup_steps = 200
+weight_decay = 0.0
+max_steps = 5000
+log_interval = 10
+eval_interval = 500
+n_eval = 112               # Fox English page-OCR set
+eval_batch = 8
+bench_tokens = 256
+dtype = 'bfloat16'
+compile = True

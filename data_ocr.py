@@ -1,0 +1,303 @@
+"""
+OCR data (merged into data.py by the lead): synthetic documents rendered with Pillow's bundled font,
+readers for JSONL / Fox / OmniDocBench annotations, the OCR metrics and a drawing helper.
+
+Held-out text is never seen in training: every whitespace-separated word (letters, numbers, prices)
+belongs to exactly one split by a hash of its characters (`ocr_word_split`), so a val image can only be
+read by reading its characters, not by recalling a memorised word.
+"""
+import json
+import os
+import re
+import zlib
+
+import numpy as np
+import torch
+
+from data import pil_to_tensor, sample_rng, to_pil
+
+OCR_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+OCR_DIGITS = "0123456789"
+OCR_STYLES = ("paragraph", "receipt", "label")
+OCR_VAL_EVERY = 5  # one word in 5 (by hash) is reserved for the held-out split
+
+# -----------------------------------------------------------------------------
+# synthetic documents
+
+
+def ocr_font(size):
+    """Pillow's bundled font (Aileron Regular via FreeType, Pillow >= 10.1): offline, any size.
+    Without FreeType load_default() falls back to a fixed ~6x11 bitmap font whatever the size."""
+    from PIL import ImageFont
+    cache = ocr_font.__dict__.setdefault("cache", {})
+    if size not in cache:
+        try:
+            cache[size] = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1: no size argument, bitmap font only
+            cache[size] = ImageFont.load_default()
+    return cache[size]
+
+
+def ocr_word_split(word):
+    """'val' or 'train': which split may use this word (a pure function of its characters)."""
+    return "val" if zlib.crc32(word.encode()) % OCR_VAL_EVERY == 0 else "train"
+
+
+def ocr_random_word(rng, split, kind="word"):
+    """A word (letters), number, price or percent that belongs to `split` (rejection sampling)."""
+    want = "val" if split == "val" else "train"
+    while True:
+        if kind == "word":
+            w = "".join(rng.choice(list(OCR_LETTERS), size=int(rng.integers(2, 7))))
+        elif kind == "price":
+            w = f"{int(rng.integers(0, 100))}.{int(rng.integers(0, 100)):02d}"
+        elif kind == "percent":
+            w = f"{int(rng.integers(0, 100))}%"
+        else:  # plain number
+            w = "".join(rng.choice(list(OCR_DIGITS), size=int(rng.integers(1, 5))))
+        if ocr_word_split(w) == want:
+            return w
+
+
+def ocr_word_gap(font):
+    """Inter-word gap in pixels: a space plus 2 px, so word breaks stay visible at 10 px font sizes."""
+    return font.getlength(" ") + 2
+
+
+def ocr_line_width(font, line, pitch=0):
+    if pitch:
+        return pitch * len(line)
+    words = line.split(" ")
+    return sum(font.getlength(w) for w in words) + ocr_word_gap(font) * (len(words) - 1)
+
+
+def ocr_layout_text(rng, split, style, font, width, max_lines, pitch=0):
+    """Lines of text (each fits in `width` pixels) for one document style."""
+    def fits(s):
+        return ocr_line_width(font, s, pitch) <= width
+
+    lines = []
+    n_lines = int(rng.integers(1, max_lines + 1))
+    for _ in range(n_lines):
+        if style == "receipt":  # "item price": the price right-aligned when drawn
+            item, price = ocr_random_word(rng, split), ocr_random_word(rng, split, "price")
+            line = f"{item} {price}"
+        elif style == "label":  # chart label: "name: 42" or "name 17%"
+            name = ocr_random_word(rng, split)
+            value = ocr_random_word(rng, split, "percent" if rng.random() < 0.5 else "number")
+            line = f"{name}: {value}" if rng.random() < 0.5 else f"{name} {value}"
+        else:  # paragraph: words (and the odd number) wrapped to the width
+            line = ocr_random_word(rng, split)
+            for _ in range(6):
+                kind = "number" if rng.random() < 0.15 else "word"
+                nxt = line + " " + ocr_random_word(rng, split, kind)
+                if not fits(nxt):
+                    break
+                line = nxt
+        while not fits(line) and " " in line:  # too wide: drop words from the end
+            line = line.rsplit(" ", 1)[0]
+        if fits(line):
+            lines.append(line)
+    return lines or [ocr_random_word(rng, split)[:4]]
+
+
+def ocr_render(lines, image_size, font_size, x0, y0, line_gap, ink, paper, right_align_last_word=False, pitch=0):
+    """Lines -> grayscale-on-RGB PIL image. pitch > 0: typewriter layout, one character per `pitch` px cell."""
+    from PIL import Image, ImageDraw
+    img = Image.new("L", (image_size, image_size), int(paper))
+    draw = ImageDraw.Draw(img)
+    font = ocr_font(font_size)
+    for i, line in enumerate(lines):
+        y = y0 + i * line_gap
+        if pitch:
+            for j, ch in enumerate(line):
+                draw.text((x0 + j * pitch + (pitch - font.getlength(ch)) / 2, y), ch, font=font, fill=int(ink))
+            continue
+        words, x = line.split(" "), x0
+        for j, word in enumerate(words):
+            if right_align_last_word and j == len(words) - 1 and j > 0:
+                x = max(x, image_size - 2 - font.getlength(word))
+            draw.text((x, y), word, font=font, fill=int(ink))
+            x += font.getlength(word) + ocr_word_gap(font)
+    return img.convert("RGB")
+
+
+def ocr_synthetic_sample(seed, split, index, image_size=64, font_sizes=(10, 11, 12), max_lines=3,
+                         noise=0.04, styles=OCR_STYLES, paper=(200, 255), ink=(0, 90), pitch=0, line_gap=0):
+    """One synthetic document: a pure function of (seed, split, index). pitch > 0: typewriter layout
+    (fixed-pitch cells); line_gap > 0: lines on a fixed grid (y jitter of 2 px) instead of anywhere.
+    -> dict(image float (3, S, S) in [0, 1], text 'line\\nline', style, id)."""
+    rng = sample_rng(seed, split, index)
+    style = styles[int(rng.integers(len(styles)))]
+    font_size = int(rng.choice(font_sizes))
+    font = ocr_font(font_size)
+    grid = line_gap > 0
+    line_gap = line_gap or font_size + 2 + int(rng.integers(0, 3))
+    fit_lines = max(1, min(max_lines, (image_size - 4) // line_gap))
+    x0 = int(rng.integers(1, 4 if pitch else 6))
+    lines = ocr_layout_text(rng, split, style, font, image_size - x0 - 1, fit_lines, pitch)
+    y_room = image_size - 2 - line_gap * len(lines)
+    y0 = int(rng.integers(0, 3)) if grid else int(rng.integers(-1, max(0, y_room) + 1))
+    paper_level, ink_level = rng.uniform(*paper), rng.uniform(*ink)
+    img = ocr_render(lines, image_size, font_size, x0, y0, line_gap, ink_level, paper_level, style == "receipt", pitch)
+    x = pil_to_tensor(img)
+    if noise > 0:  # sensor noise, its strength drawn per image
+        x = x + torch.from_numpy(rng.normal(0, rng.uniform(0, noise), x.shape[1:]).astype(np.float32))
+        x = x.clamp(0, 1)
+    return dict(image=x, text="\n".join(lines), style=style, id=f"{split}_{index}")
+
+
+def ocr_probe_images(image_size=64, seed=0):
+    """The fixed collapse-monitor probe set: noise, white, black, a text page. -> (names, (4, 3, S, S))."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(3, image_size, image_size, generator=g)
+    white, black = torch.ones(3, image_size, image_size), torch.zeros(3, image_size, image_size)
+    text = ocr_synthetic_sample(seed, "probe", 0, image_size, noise=0.0)["image"]
+    return ["noise", "white", "black", "text"], torch.stack([noise, white, black, text])
+
+# -----------------------------------------------------------------------------
+# real data readers: every reader yields dict(image=<path>, text=<str>, id=<str>)
+
+
+def ocr_read_jsonl(path):
+    """JSONL, one {"image": path, "text": str} per line; relative image paths are relative to the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"OCR jsonl not found: {path}")
+    root, items = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for n, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                image, text = row["image"], row["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n + 1}: expected a JSON object with 'image' and 'text' ({e})") from None
+            items.append(dict(image=os.path.join(root, image), text=text, id=row.get("id", str(n))))
+    return items
+
+
+def ocr_read_fox(path, image_root=None):
+    """Fox benchmark annotations (LLaVA-style JSON list): [{"image": "x.png", "conversations":
+    [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": <page text>}]}, ...]."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Fox annotation file not found: {path}")
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        rows = json.load(f)
+    items = []
+    for n, row in enumerate(rows):
+        answers = [c["value"] for c in row.get("conversations", []) if c.get("from") == "gpt"]
+        if "image" not in row or not answers:
+            raise ValueError(f"{path}: entry {n} has no image or no gpt answer")
+        items.append(dict(image=os.path.join(root, row["image"]), text=answers[0], id=row.get("id", row["image"])))
+    return items
+
+
+OMNIDOC_TEXT_CATEGORIES = ("text_block", "title", "text_caption", "table_caption", "figure_caption",
+                           "table_footnote", "figure_footnote", "code_txt", "reference", "header", "footer",
+                           "page_number", "page_footnote", "list")
+
+
+def ocr_read_omnidocbench(path, image_root=None, categories=OMNIDOC_TEXT_CATEGORIES):
+    """OmniDocBench.json: a list of pages {"layout_dets": [{"category_type", "order", "text", "ignore"}, ...],
+    "page_info": {"image_path": ...}}. Page text = the text blocks of `categories` in reading order
+    (ignored blocks and blocks without text skipped), joined by blank lines."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"OmniDocBench annotation file not found: {path}")
+    root = image_root or os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+    with open(path) as f:
+        pages = json.load(f)
+    items = []
+    for page in pages:
+        dets = [d for d in page.get("layout_dets", []) if d.get("category_type") in categories
+                and not d.get("ignore", False) and d.get("text")]
+        dets.sort(key=lambda d: d.get("order") if d.get("order") is not None else 1e9)
+        image = page["page_info"]["image_path"]
+        items.append(dict(image=os.path.join(root, image), text="\n\n".join(d["text"] for d in dets), id=image))
+    return items
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def ocr_edit_distance(a, b):
+    """Levenshtein distance (insert/delete/substitute cost 1)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def ocr_omnidoc_normalize(s):
+    """OmniDocBench's text normalisation before NED: whitespace and every non-word character removed
+    (only \\w characters kept: letters, digits, underscore, CJK)."""
+    return re.sub(r"[^\w]", "", s)
+
+
+def ocr_ned(pred, gt, normalize="none"):
+    """Character NED = edit_distance / max(len(pred), len(gt)) (as DeepSeek-OCR reports OmniDocBench);
+    0 for two empty strings. normalize='omnidocbench' applies OmniDocBench's normalisation first."""
+    if normalize == "omnidocbench":
+        pred, gt = ocr_omnidoc_normalize(pred), ocr_omnidoc_normalize(gt)
+    elif normalize != "none":
+        raise ValueError(f"normalize must be 'none' or 'omnidocbench', got {normalize!r}")
+    n = max(len(pred), len(gt))
+    return ocr_edit_distance(pred, gt) / n if n else 0.0
+
+
+def fox_word_metrics(pred, gt):
+    """Fox word-level set metrics (words = str.split()).
+    fox_precision: what the official Fox scorer publishes as "precision". It calls its precision function
+    with (ground truth, prediction) swapped, so the number is |set(gt) & set(pred)| / |set(gt)|, the share
+    of unique ground-truth words found in the output (textbook recall). Reported under that meaning so
+    it is comparable with published Fox numbers; textbook precision/recall/F1 are reported beside it."""
+    g, p = set(gt.split()), set(pred.split())
+    hit = len(g & p)
+    precision = hit / len(p) if p else float(not g)
+    recall = hit / len(g) if g else float(not p)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return dict(fox_precision=recall, word_precision=precision, word_recall=recall, word_f1=f1)
+
+
+def ocr_metrics(preds, gts):
+    """Per-page metrics averaged over pages (OmniDocBench averages per page too)."""
+    if len(preds) != len(gts) or not gts:
+        raise ValueError(f"ocr_metrics needs equal, non-empty lists (got {len(preds)} preds, {len(gts)} gts)")
+    rows = []
+    for p, g in zip(preds, gts):
+        row = dict(ned=ocr_ned(p, g), ned_omnidoc=ocr_ned(p, g, "omnidocbench"), exact_match=float(p == g))
+        row.update(fox_word_metrics(p, g))
+        rows.append(row)
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+# -----------------------------------------------------------------------------
+# drawing
+
+
+def ocr_draw_predictions(images, preds, gts, scale=2, cols=4):
+    """Each tile: the image (upscaled) above the prediction (green = exact, red = not) and the truth."""
+    from PIL import Image, ImageDraw
+    tiles = []
+    font = ocr_font(10)
+    for x, p, g in zip(images, preds, gts):
+        im = to_pil(x)
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        n_lines = max(p.count("\n"), g.count("\n")) + 1
+        tile = Image.new("RGB", (max(im.width, 160), im.height + 26 * n_lines + 8), "white")
+        tile.paste(im, (0, 0))
+        d = ImageDraw.Draw(tile)
+        d.multiline_text((2, im.height + 2), p, font=font, fill=(0, 140, 0) if p == g else (200, 0, 0))
+        d.multiline_text((2, im.height + 4 + 13 * n_lines), g, font=font, fill=(90, 90, 90))
+        tiles.append(tile)
+    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
+    rows = (len(tiles) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, t in enumerate(tiles):
+        grid.paste(t, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -1,0 +1,307 @@
+"""OCR recipe: DeepEncoder layout, gradients, generation, metrics (worked examples), data, end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data import Tokenizer  # noqa: E402
+from data_ocr import (fox_word_metrics, ocr_edit_distance, ocr_metrics, ocr_ned, ocr_omnidoc_normalize,  # noqa: E402
+                      ocr_probe_images, ocr_read_fox, ocr_read_jsonl, ocr_read_omnidocbench, ocr_synthetic_sample,
+                      ocr_word_split)
+from model import GPT, GPTConfig, save_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ocr():
+    """The definitions of train_ocr.py (everything above its '# setup' line), without running it."""
+    src = open(os.path.join(ROOT, "train_ocr.py")).read()
+    head = src.split("\n# setup")[0]
+    ns = {"__file__": os.path.join(ROOT, "train_ocr.py"), "__name__": "train_ocr_defs"}
+    argv, hook = sys.argv, sys.excepthook
+    sys.argv = ["train_ocr.py"]
+    try:
+        exec(compile(head, "train_ocr.py", "exec"), ns)
+    finally:
+        sys.argv, sys.excepthook = argv, hook
+    return type("Defs", (), ns)
+
+
+def tiny_encoder(ocr, out_dim=32):
+    return ocr.DeepEncoder(ocr.EncoderConfig(image_size=32, sam_patch=4, sam_dim=16, sam_layers=2, sam_heads=2,
+                                             sam_window=4, sam_global=(1,), neck_dim=8, clip_layers=1,
+                                             clip_heads=2, out_dim=out_dim))
+
+
+def tiny_model(ocr, tok):
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                        sequence_len=64, image_token_id=tok["<|image|>"]))
+    return ocr.OCRModel(tiny_encoder(ocr), gpt)
+
+# -----------------------------------------------------------------------------
+# DeepEncoder
+
+
+def test_vision_token_count_deepseek_base(ocr):
+    # DeepSeek-OCR base mode: 1024 px, patch 16, two stride-2 convs -> q = 16 -> (16+1)*16+1
+    assert ocr.vision_token_count(1024, 16, 4) == 273
+    assert ocr.EncoderConfig(image_size=1024, sam_patch=16).q == 16
+    assert ocr.vision_token_count(64, 4) == 21  # the CPU default: 4x4 + 4 newlines + 1 separator
+
+
+def test_encoder_layout_shape_and_newlines(ocr):
+    torch.manual_seed(0)
+    enc = tiny_encoder(ocr)
+    x = torch.randn(3, 3, 32, 32)
+    out = enc(x)
+    q = enc.config.q
+    assert q == 2 and out.shape == (3, ocr.vision_token_count(32, 4), 32) == (3, 7, 32)
+    # a newline after each of the q rows, the separator last
+    for r in range(q):
+        assert torch.equal(out[:, r * (q + 1) + q], enc.image_newline.expand(3, -1))
+    assert torch.equal(out[:, -1], enc.view_separator.expand(3, -1))
+    feats = enc.features(x)
+    assert feats["sam"].shape == (3, q * q, 32) and feats["clip"].shape == (3, q * q, 32)
+    assert not hasattr(enc.clip, "patch")  # CLIP reads SAM features: no patch embedding to leave unused
+
+
+def test_batch_center_removes_the_image_independent_part(ocr):
+    bc = ocr.BatchCenter(3, 4, momentum=0.5)
+    shared = torch.randn(1, 3, 4) * 100  # what every image has in common (the collapse direction)
+    x = shared + torch.randn(8, 3, 4)
+    y = bc(x)
+    assert torch.allclose(y.mean(0), torch.zeros(3, 4), atol=1e-4)
+    assert torch.allclose(y, x - x.mean(0))
+    assert torch.allclose(bc.running_mean, 0.5 * x.mean(0))  # lerp from zeros with momentum 0.5
+    bc.eval()
+    assert torch.allclose(bc(x), x - bc.running_mean)  # eval: the running mean, batch-size independent
+
+
+def test_window_partition_round_trip_with_padding(ocr):
+    x = torch.randn(2, 10, 10, 6)
+    w, padded = ocr.window_partition(x, 4)
+    assert w.shape == (2 * 9, 4, 4, 6) and padded == (12, 12)
+    assert torch.equal(ocr.window_unpartition(w, 4, padded, (10, 10)), x)
+
+
+def batch(tok, ocr, texts, n_vision):
+    seqs = [[tok["<|bos|>"]] + [tok["<|image|>"]] * n_vision + tok.encode("\nFree OCR.") + tok.encode(t)
+            + [tok["<|eos|>"]] for t in texts]
+    T = max(map(len, seqs)) - 1
+    idx = torch.full((len(seqs), T), tok["<|pad|>"])
+    tgt = torch.full((len(seqs), T), -1)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s) - 1] = torch.tensor(s[:-1])
+        tgt[i, n_vision + 10:len(s) - 1] = torch.tensor(s[n_vision + 11:])
+    return idx, tgt
+
+
+def test_every_trainable_param_gets_a_gradient_on_a_vision_batch(ocr):
+    # the origin's DDP crash: CLIP's patch embedding never received a gradient
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    model = tiny_model(ocr, tok)
+    idx, tgt = batch(tok, ocr, ["ab 12", "xyz"], 7)
+    images = torch.randn(2, 3, 32, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):  # one step first: zero-initialised residual projections block gradients at init
+        opt.zero_grad()
+        _, loss = model(idx, tgt, images)
+        loss.backward()
+        opt.step()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert dead == []
+
+
+def test_stage2_freezes_sam_only(ocr):
+    tok = Tokenizer()
+    model = tiny_model(ocr, tok)
+    model.encoder.sam.requires_grad_(False)  # what stage=2 does
+    idx, tgt = batch(tok, ocr, ["ab"], 7)
+    _, loss = model(idx, tgt, torch.randn(1, 3, 32, 32))
+    loss.backward()
+    assert all(p.grad is None for p in model.encoder.sam.parameters())
+    assert all(p.grad is not None for p in model.encoder.clip.parameters())
+
+
+def test_text_only_batch_leaves_the_encoder_unused(ocr):
+    # why DDP needs find_unused_parameters exactly when text_ratio > 0
+    tok = Tokenizer()
+    model = tiny_model(ocr, tok)
+    idx = torch.tensor([[tok["<|bos|>"]] + tok.encode("plain text")])
+    _, loss = model(idx, torch.roll(idx, -1, 1), None)
+    loss.backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert model.gpt.lm_head.weight.grad is not None
+
+
+def test_loading_text_gpt_grows_embedding_for_image_token(ocr, tmp_path):
+    tok = Tokenizer()
+    text_gpt = GPT(GPTConfig(vocab_size=tok.vocab_size - 1, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    save_checkpoint(str(tmp_path / "gpt"), text_gpt, meta=dict(gpt=vars(text_gpt.config)))
+    gpt = ocr.load_gpt_into(str(tmp_path / "gpt"), tok.vocab_size, tok["<|image|>"], 32)
+    assert gpt.config.vocab_size == tok.vocab_size and gpt.config.image_token_id == tok["<|image|>"]
+    assert gpt.transformer.wte.weight.shape[0] == gpt.lm_head.weight.shape[0] == tok.vocab_size
+    assert torch.equal(gpt.transformer.wte.weight[:-1], text_gpt.transformer.wte.weight)
+    with pytest.raises(ValueError, match="n_embd"):
+        ocr.load_gpt_into(str(tmp_path / "gpt"), tok.vocab_size, tok["<|image|>"], 64)
+
+
+def test_generation_cache_equals_recompute_and_never_emits_image_token(ocr):
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    model = tiny_model(ocr, tok).eval()
+    with torch.no_grad():  # make the image token the model's favourite: it must still never be generated
+        model.gpt.lm_head.weight[tok["<|image|>"]] = model.gpt.lm_head.weight.abs().max() * 50
+    vision = model.encoder(torch.randn(3, 3, 32, 32))
+    prompt = [tok["<|bos|>"]] + [tok["<|image|>"]] * 7 + tok.encode("\nFree OCR.")
+    idx = torch.tensor([prompt] * 3)
+    a = model.gpt.generate(idx, 12, vision_embeds=vision, use_cache=True)
+    b = model.gpt.generate(idx, 12, vision_embeds=vision, use_cache=False)
+    assert torch.equal(a, b) and a.shape == (3, 12)
+    assert not (a == tok["<|image|>"]).any()
+
+
+def test_mean_pairwise_cosine(ocr):
+    assert ocr.mean_pairwise_cosine(torch.ones(4, 8)) == pytest.approx(1.0)
+    assert ocr.mean_pairwise_cosine(torch.eye(3)) == pytest.approx(0.0)
+    # pairs: (a,b)=0, (a,c)=1/sqrt2, (b,c)=1/sqrt2 -> mean sqrt2/3
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert ocr.mean_pairwise_cosine(x) == pytest.approx(2 ** 0.5 / 3, abs=1e-6)
+
+# -----------------------------------------------------------------------------
+# metrics: worked examples
+
+
+def test_edit_distance_and_ned():
+    assert ocr_edit_distance("kitten", "sitting") == 3
+    assert ocr_edit_distance("", "abc") == 3 and ocr_edit_distance("abc", "abc") == 0
+    assert ocr_ned("kitten", "sitting") == pytest.approx(3 / 7)  # / max(len)
+    assert ocr_ned("", "") == 0.0 and ocr_ned("abc", "") == 1.0
+
+
+def test_omnidocbench_normalisation():
+    assert ocr_omnidoc_normalize("a b,\nc.") == "abc"
+    assert ocr_ned("a b, c", "abc") == pytest.approx(3 / 6)
+    assert ocr_ned("a b, c", "abc", normalize="omnidocbench") == 0.0
+    with pytest.raises(ValueError):
+        ocr_ned("a", "b", normalize="bogus")
+
+
+def test_fox_precision_is_the_swapped_official_score():
+    # gt words {the, cat, dog}, pred words {the, cat}: 2 of 3 gt words found, every pred word correct
+    m = fox_word_metrics("the cat", "the cat the dog")
+    assert m["fox_precision"] == pytest.approx(2 / 3)  # official Fox "precision" = |G & P| / |G|
+    assert m["word_precision"] == pytest.approx(1.0)   # textbook precision |G & P| / |P|
+    assert m["word_recall"] == pytest.approx(2 / 3)
+    assert m["word_f1"] == pytest.approx(0.8)
+    # a hallucinated extra word lowers textbook precision but not fox_precision
+    m = fox_word_metrics("the cat dog zebra", "the cat dog")
+    assert m["fox_precision"] == 1.0 and m["word_precision"] == pytest.approx(0.75)
+
+
+def test_ocr_metrics_average_per_page():
+    m = ocr_metrics(["abc", "xx"], ["abc", "xy"])
+    assert m["ned"] == pytest.approx((0 + 0.5) / 2)
+    assert m["exact_match"] == 0.5 and m["fox_precision"] == 0.5
+    with pytest.raises(ValueError):
+        ocr_metrics([], [])
+
+# -----------------------------------------------------------------------------
+# data
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(pitch=7, line_gap=16)])  # proportional; typewriter grid
+def test_synthetic_is_deterministic_and_heldout_words_are_unseen(layout):
+    a, b = ocr_synthetic_sample(0, "val", 3, **layout), ocr_synthetic_sample(0, "val", 3, **layout)
+    assert a["text"] == b["text"] and torch.equal(a["image"], b["image"])
+    assert a["image"].shape == (3, 64, 64) and 0 <= a["image"].min() and a["image"].max() <= 1
+    for i in range(30):  # every word (a label's trailing ':' aside) belongs to its split's stream
+        val, train = ocr_synthetic_sample(0, "val", i, **layout), ocr_synthetic_sample(0, "train", i, **layout)
+        assert all(ocr_word_split(w.rstrip(":")) == "val" for w in val["text"].split())
+        assert all(ocr_word_split(w.rstrip(":")) == "train" for w in train["text"].split())
+        assert val["image"].std() > 0.02  # the text was drawn
+
+
+def test_synthetic_text_is_drawn():
+    s = ocr_synthetic_sample(1, "train", 0, noise=0.0)
+    assert s["text"].strip() and s["image"].std() > 0.05  # ink on paper, not a blank page
+    assert ocr_synthetic_sample(1, "train", 1)["text"] != s["text"]
+
+
+def test_probe_set():
+    names, x = ocr_probe_images(64)
+    assert names == ["noise", "white", "black", "text"] and x.shape == (4, 3, 64, 64)
+    assert x[1].min() == 1 and x[2].max() == 0
+
+
+def test_readers(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"image": "p.png", "text": "hi there"}\n\n{"image": "q.png", "text": "x"}\n')
+    items = ocr_read_jsonl(str(tmp_path / "a.jsonl"))
+    assert [i["text"] for i in items] == ["hi there", "x"] and items[0]["image"] == str(tmp_path / "p.png")
+    (tmp_path / "bad.jsonl").write_text('{"text": "no image"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        ocr_read_jsonl(str(tmp_path / "bad.jsonl"))
+    fox = [{"image": "en_1.png", "conversations": [{"from": "human", "value": "<image>\nOCR"},
+                                                   {"from": "gpt", "value": "page text"}]}]
+    (tmp_path / "fox.json").write_text(json.dumps(fox))
+    assert ocr_read_fox(str(tmp_path / "fox.json"))[0]["text"] == "page text"
+    omni = [{"page_info": {"image_path": "p1.jpg"}, "layout_dets": [
+        {"category_type": "text_block", "order": 2, "text": "second"},
+        {"category_type": "title", "order": 1, "text": "first"},
+        {"category_type": "text_block", "order": 3, "text": "skip", "ignore": True},
+        {"category_type": "figure", "order": 4}]}]
+    (tmp_path / "omni.json").write_text(json.dumps(omni))
+    page = ocr_read_omnidocbench(str(tmp_path / "omni.json"))[0]
+    assert page["text"] == "first\n\nsecond" and page["image"].endswith(os.path.join("images", "p1.jpg"))
+
+# -----------------------------------------------------------------------------
+# end to end: stage 1 (results, PNG, checkpoints), resume, stage 2 from the stage-1 encoder
+
+
+TINY = ["--image_size=32", "--sam_dim=16", "--sam_window=4", "--neck_dim=8", "--clip_layers=1", "--n_layer=1",
+        "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--batch_size=4", "--n_eval=4", "--eval_batch=4",
+        "--log_interval=2", "--max_text_tokens=16", "--bench_tokens=4", "--max_lines=1", "--font_sizes=(10,)"]
+
+
+def run(args):
+    r = subprocess.run([sys.executable, "train_ocr.py"] + TINY + args, cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_end_to_end_stage1_resume_stage2(tmp_path):
+    from safetensors.torch import load_file
+    out1, out2 = str(tmp_path / "s1"), str(tmp_path / "s2")
+    log = run(["--max_steps=2", "--eval_interval=2", "--out_dir=" + out1])
+    res = json.load(open(os.path.join(out1, "results.json")))
+    assert res["recipe"] == "ocr" and res["step"] == 2 and res["n_eval"] == 4
+    for k in ("ned", "fox_precision", "word_precision", "exact_match", "cos_sam", "cos_clip", "cos_proj",
+              "distinct_outputs", "gen_tok_s", "kv_speedup"):
+        assert k in res["metrics"], k
+    assert res["metrics"]["kv_match"] == 1.0
+    assert os.path.exists(os.path.join(out1, "ocr_step000002.png"))
+    assert os.path.exists(os.path.join(out1, "ckpt", "model.safetensors"))
+    enc_keys = load_file(os.path.join(out1, "encoder", "model.safetensors")).keys()
+    assert enc_keys and not any(k.startswith("gpt") for k in enc_keys)  # encoder-only
+    log = run(["--max_steps=4", "--eval_interval=2", "--init_from=resume", "--out_dir=" + out1])
+    assert "resumed" in log and json.load(open(os.path.join(out1, "results.json")))["step"] == 4
+    run(["--max_steps=2", "--eval_interval=2", "--stage=2", "--init_encoder=" + os.path.join(out1, "encoder"),
+         "--out_dir=" + out2])
+    enc = load_file(os.path.join(out1, "encoder", "model.safetensors"))
+    full = load_file(os.path.join(out2, "ckpt", "model.safetensors"))
+    sam = [k for k in enc if k.startswith("sam.")]
+    assert sam and all(torch.equal(enc[k], full["encoder." + k]) for k in sam)  # SAM frozen in stage 2
+    assert not torch.equal(enc["projector.0.weight"], full["encoder.projector.0.weight"])  # the rest trains
+
+
+def test_stage2_without_encoder_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "train_ocr.py", "--stage=2", "--out_dir=" + str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "init_encoder" in r.stderr and "Traceback" not in r.stderr
