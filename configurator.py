@@ -25,8 +25,8 @@ class ConfigError(ValueError):
 
 def config_keys(globs):
     """The script's config: public module-level values of plain types defined before configure()."""
-    return {k: v for k, v in globs.items()
-            if not k.startswith("_") and isinstance(v, CONFIG_TYPES) and not callable(v)}
+    return {k: v for k, v in globs.items()  # UPPERCASE names are constants, not config
+            if not k.startswith("_") and not k.isupper() and isinstance(v, CONFIG_TYPES) and not callable(v)}
 
 
 def check_key(key, defaults, where):

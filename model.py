@@ -518,6 +518,13 @@ def init_distributed(device="auto"):
                 device_type="cuda" if device.startswith("cuda") else "cpu", master=rank == 0)
 
 
+def cleanup_distributed():
+    """End of a DDP run: wait until every rank is done (rank 0 may still be evaluating), then tear down."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def autocast_ctx(device_type, dtype="auto"):
     """bf16 autocast on CUDA; on CPU fp32 unless dtype='bfloat16' is asked for."""
     if dtype == "auto":
@@ -549,8 +556,9 @@ def gpt_flops_per_token(config, n_params):
 
 def measure_matmul_peak(device="cpu", dtype=torch.float32, n=1024, seconds=1.0):
     """Measured (not datasheet) matmul FLOP/s: the denominator of every MFU this repo prints."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # its own RNG: measuring never shifts a resumed run's
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     for _ in range(3):
         a @ b
     sync(device)
@@ -565,6 +573,29 @@ def measure_matmul_peak(device="cpu", dtype=torch.float32, n=1024, seconds=1.0):
 def sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def mean_across_ranks(value, device="cpu"):
+    """The mean of a scalar over DDP ranks: every rank must call it. Logging it makes a 2-process run print the
+    same loss as one process on the same global batch (rank 0's own loss is only half the batch)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float32, device=device)
+    torch.distributed.all_reduce(t)
+    return t.item() / torch.distributed.get_world_size()
+
+
+def global_mean(loss_sum, count, device="cpu"):
+    """A summed per-token loss -> its mean over the GLOBAL batch's tokens, scaled so that DDP's gradient
+    averaging reproduces one process's gradient exactly. (Each rank's own mean would weight a rank with fewer
+    target tokens too much whenever sequence lengths differ.)"""
+    count = torch.as_tensor(count, dtype=torch.float32, device=device).reshape(1)
+    # no collective without grad: eval runs on rank 0 alone and must never wait for the other ranks
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized() and torch.is_grad_enabled()):
+        return loss_sum / count.clamp(min=1).squeeze()
+    count = count.clone()
+    torch.distributed.all_reduce(count)
+    return loss_sum * torch.distributed.get_world_size() / count.clamp(min=1).squeeze()
 
 
 def check_finite(loss, step):

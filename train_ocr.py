@@ -28,7 +28,7 @@ from model import install_error_hook
 install_error_hook()
 from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx,  # noqa: E402
                    check_finite, configure_optimizers, dataclass_from_dict, get_lr, gpt_flops_per_token,
-                   init_distributed, load_checkpoint, load_meta, log_line, maybe_compile, measure_matmul_peak,
+                   cleanup_distributed, init_distributed, load_checkpoint, load_meta, global_mean, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak,
                    resolve_checkpoint, rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, sync, unwrap)
 from data import (Tokenizer, batch_indices, format_metrics, load_image, normalize, save_png,  # noqa: E402
                   write_results)
@@ -209,6 +209,22 @@ class SAMEncoder(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, q*q, 4*neck)
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Sum over DDP ranks whose gradient is the sum of every rank's gradient (so centring stays DDP-exact)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
 class BatchCenter(nn.Module):
     """Subtracts the image-independent part of every vision token: the mean over the batch per position
     and channel (a running mean at eval). Without it the small models here reproduced the journal's collapse
@@ -223,7 +239,10 @@ class BatchCenter(nn.Module):
 
     def forward(self, x):
         if self.training and x.shape[0] > 1:
-            mean = x.mean(0)
+            total, n = x.sum(0), x.shape[0]
+            if torch.distributed.is_initialized():  # the global batch's mean (with gradient), like SyncBatchNorm
+                total, n = AllReduceSum.apply(total), n * torch.distributed.get_world_size()
+            mean = total / n
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
             return x - mean
@@ -270,9 +289,9 @@ class OCRModel(nn.Module):
         super().__init__()
         self.encoder, self.gpt = encoder, gpt
 
-    def forward(self, idx, targets, images=None):
+    def forward(self, idx, targets, images=None, loss_reduction="mean"):
         vision = None if images is None else self.encoder(images)
-        return self.gpt(idx, targets, vision_embeds=vision)
+        return self.gpt(idx, targets, vision_embeds=vision, loss_reduction=loss_reduction)
 
 
 def load_gpt_into(src, vocab_size, image_token_id, n_embd):
@@ -599,7 +618,8 @@ for step in range(start_step, max_steps):
     set_lr(optimizer, lr_now)
     idx, targets, images = train_batch(step)
     with ctx:
-        _, loss = model(idx, targets, images)
+        _, loss_sum = model(idx, targets, images, loss_reduction="sum")
+    loss = global_mean(loss_sum, (targets != -1).sum(), device)  # per token of the global batch (DDP-exact)
     check_finite(loss, step)
     loss.backward()
     if grad_clip > 0:
@@ -607,15 +627,19 @@ for step in range(start_step, max_steps):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss_acc, n_acc = loss_acc + loss.item(), n_acc + 1
+    if (step + 1) % log_interval == 0:
+        loss_avg = mean_across_ranks(loss_acc / n_acc, device)  # the global batch's loss (every rank joins)
     if (step + 1) % log_interval == 0 and master:
         sync(device)
         dt = (time.perf_counter() - t_last) / n_acc
         train_seconds += time.perf_counter() - t_last
         tokens = idx.numel() * ddp_info['world_size']
         flops = gpt_flops_tok * tokens + enc_flops * idx.shape[0] * ddp_info['world_size'] * (images is not None)
-        print(log_line(step + 1, max_steps, loss_acc / n_acc, lr_now, dt, tokens, flops, peak))
-        logger.log(dict(loss=loss_acc / n_acc, lr=lr_now), step + 1)
-        loss_acc, n_acc, t_last = 0.0, 0, time.perf_counter()
+        print(log_line(step + 1, max_steps, loss_avg, lr_now, dt, tokens, flops, peak))
+        logger.log(dict(loss=loss_avg, lr=lr_now), step + 1)
+        t_last = time.perf_counter()
+    if (step + 1) % log_interval == 0:
+        loss_acc, n_acc = 0.0, 0
     last = step + 1 == max_steps
     if ((step + 1) % eval_interval == 0 or last) and master:
         train_seconds += time.perf_counter() - t_last
@@ -625,5 +649,4 @@ for step in range(start_step, max_steps):
         torch.distributed.barrier()
 
 logger.finish()
-if ddp_info['ddp']:
-    torch.distributed.destroy_process_group()
+cleanup_distributed()

@@ -1,0 +1,58 @@
+# The default: synthetic "track" videos on a 2-core CPU (the same values as the defaults in train_foveated.py).
+out_dir = ''
+init_from = 'scratch'      # 'scratch' | 'resume' | checkpoint dir | 'hf:owner/name'
+eval_only = False
+seed = 1337
+device = 'auto'
+dtype = 'auto'
+compile = False
+# data
+task = 'track'             # 'track' (small mover among distractors) | 'static_large' (control) | 'folder'
+data_dir = ''              # task='folder': captions.json + clip.npy / clip/ frames
+n_frames = 8
+image_size = 32
+n_distractors = 3
+noise = 0.04
+cue_frames = 2             # the target is outlined in the first frames only
+p_change = 0.25            # per-frame chance the target switches colour
+center_start = True        # track: the target starts mid-frame, then moves with momentum
+latent_encoder = 'fixed'   # 'fixed' (seeded random high-pass filters) | path/to/taesd_encoder.safetensors
+latent_target = 'delta'    # 'delta': z(t+1) - z(frame 0), the change since the first frame (the static scene
+                           # cancels exactly) | 'frame': z(t+1) itself (dominated by whatever never changes)
+latent_channels = 8
+latent_grid = 1            # 1: position-invariant (what the target looks like, not where)
+# encoder: shared ViT, per-layer patch K/V cached, queries read it
+patch_size = 8
+vit_layers = 3
+vit_heads = 4
+vit_width = 64
+coord_channels = True      # append fixed sin/cos x,y channels so keys carry position from step 0
+query_mode = 'deep'        # 'deep' (read at every layer) | 'shallow' (read the last layer only)
+attn_temperature = 0.1     # divides the query->patch logits (< 1 sharper)
+query_dim = 32
+freeze_vit = False
+vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*' weights (a pretrained ViT)
+# LLM
+n_layer = 2
+n_head = 4
+n_embd = 128
+n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
+mode_weights = (0.6, 0.2, 0.2)   # video-only, text-conditioned, captioning; drawn per batch
+caption_tokens = 40        # caption budget (longer captions are an error)
+n_caption_eval = 64        # held-out videos captioned (generated) at each eval
+# training
+max_steps = 1500
+batch_size = 16
+lr = 2e-3
+min_lr_frac = 0.1
+warmup_steps = 100
+weight_decay = 0.01
+grad_clip = 1.0
+log_interval = 50
+eval_interval = 750
+n_eval = 256
+eval_batch = 64
+n_vis = 3                  # videos drawn in the attention strip PNG
+wandb_log = False
+wandb_project = 'nano-vlm'
+wandb_run_name = 'foveated'

@@ -1,0 +1,36 @@
+# Foveated VLM at GPU scale on real clips: python train_foveated.py config/foveated_video.py
+# data_dir holds captions.json {clip: caption} and clip.npy (T, H, W, 3) or clip/ frame folders
+# (every 10th clip by name is held out). Latents: TAESD's encoder from safetensors
+# (madebyollin/taesd taesd_encoder.safetensors or diffusers AutoencoderTiny weights).
+task = 'folder'
+data_dir = 'data/clips'
+n_frames = 16
+image_size = 224
+latent_encoder = 'weights/taesd_encoder.safetensors'
+latent_grid = 4
+patch_size = 16
+vit_layers = 12
+vit_heads = 6
+vit_width = 384
+coord_channels = False     # a pretrained ViT takes plain RGB
+vit_init = 'out/vit-pretrained/ckpt'   # a checkpoint dir with 'vit.*' weights; '' trains from scratch
+freeze_vit = True
+query_mode = 'deep'
+attn_temperature = 0.1
+query_dim = 128
+n_layer = 12
+n_head = 12
+n_embd = 768
+n_passes = 1
+caption_tokens = 96
+n_caption_eval = 128
+max_steps = 20000
+batch_size = 8
+lr = 3e-4
+warmup_steps = 500
+weight_decay = 0.1
+eval_interval = 1000
+n_eval = 512
+eval_batch = 32
+dtype = 'bfloat16'
+compile = True

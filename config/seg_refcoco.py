@@ -1,0 +1,37 @@
+# Seg-Gumbel on RefCOCO-style JSON (GPU scale). Write the JSON with the reader's format (data_seg.seg_read_refcoco):
+# [{"image": "train2014/COCO_train2014_000000000009.jpg", "segmentation": [[x1, y1, ...]] | "mask": "m.png",
+#   "sentences": ["the man on the left", ...]}, ...]
+# torchrun --standalone --nproc_per_node=8 train_seg_gumbel.py config/seg_refcoco.py
+dataset = "refcoco"
+train_json = "data/refcoco/refcoco_train.json"
+val_json = "data/refcoco/refcoco_val.json"
+image_root = "data/coco"
+image_size = 256
+patch_size = 16
+llm_grid = 8
+vp_grid = 16
+max_caption_len = 48
+vit_layers = 8
+vit_embd = 512
+vit_heads = 8
+n_layer = 12
+n_embd = 768
+n_head = 12
+n_kv_head = 4
+dec_dim = 256
+stage_a_steps = 20000
+max_steps = 25000
+batch_size = 32
+lr = 3e-4
+lr_b = 3e-5
+warmup_steps = 1000
+gumbel_tau = 0.7
+gumbel_top_k = 128
+mask_ratio = 0.25
+ema_decay = 0.999
+log_interval = 50
+eval_interval = 2000
+n_eval = 2000
+eval_batch_size = 128
+dtype = "bfloat16"
+compile = True

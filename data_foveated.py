@@ -1,0 +1,344 @@
+"""
+Foveated video recipe: synthetic "find the mover" videos, a real clip reader, frozen next-frame latent
+encoders (a fixed random high-pass encoder by default; a TAESD-style VAE encoder from safetensors as the
+real option), attention diagnostics and the attention-strip drawing. Merged into data.py by the lead.
+
+The synthetic task (task='track'): a small textured sprite (the target) moves with momentum among static
+sprites of the same family (distractors) on a cluttered background, and now and then switches colour. It is
+outlined only in the first frames (the cue, as a tracker is given the first box); after that any single
+frame shows it as one sprite among look-alikes, so a static query cannot know where to look, while the
+history (where it was, how it moves) tells where it will be. The next frame's latent depends on the
+target's current colour and position, so reading the target's details pays.
+task='static_large' is the control: a large, static target that a static query can always see.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import load_image, sample_rng
+
+# -----------------------------------------------------------------------------
+# synthetic videos
+
+FOV_COLORS = {"red": (0.95, 0.15, 0.15), "green": (0.15, 0.85, 0.2), "blue": (0.2, 0.3, 0.95),
+              "yellow": (0.95, 0.9, 0.15), "cyan": (0.1, 0.9, 0.9), "magenta": (0.9, 0.2, 0.9)}
+FOV_COLOR_NAMES = list(FOV_COLORS)
+FOV_PATTERNS = ("checker", "hstripe", "vstripe", "ring")
+FOV_DIRECTIONS = ("right", "down-right", "down", "down-left", "left", "up-left", "up", "up-right")
+FOV_TASKS = ("track", "static_large")
+
+
+def fov_pattern(name, size):
+    """Binary (size, size) texture: which pixels of a sprite get its bright colour."""
+    i, j = np.mgrid[0:size, 0:size]
+    if name == "checker":
+        return ((i + j) % 2 == 0).astype(np.float32)
+    if name == "hstripe":
+        return (i % 2 == 0).astype(np.float32)
+    if name == "vstripe":
+        return (j % 2 == 0).astype(np.float32)
+    if name == "ring":
+        return ((i == 0) | (j == 0) | (i == size - 1) | (j == size - 1)).astype(np.float32)
+    raise ValueError(f"unknown pattern {name!r}; expected one of {FOV_PATTERNS}")
+
+
+def fov_sprite(pattern, color_name, size):
+    """(size, size, 3) sprite: the pattern's on-pixels in the colour, off-pixels in a dark shade of it."""
+    on = fov_pattern(pattern, size)[..., None]
+    c = np.asarray(FOV_COLORS[color_name], dtype=np.float32)
+    return on * c + (1 - on) * 0.3 * c
+
+
+def fov_direction(vx, vy):
+    """8-way compass name of a velocity in image coordinates (y grows downwards)."""
+    k = int(round(math.atan2(vy, vx) / (math.pi / 4))) % 8
+    return FOV_DIRECTIONS[k]
+
+
+def fov_background(rng, size):
+    """Static smooth clutter: a tinted gradient plus a few soft low-contrast blobs."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = rng.uniform(0.3, 0.6, 3).astype(np.float32)
+    g = rng.uniform(-0.15, 0.15, (2, 3)).astype(np.float32)
+    img = base + xx[..., None] * g[0] + yy[..., None] * g[1]
+    for _ in range(3):
+        cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.3)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None]
+        img = img + blob * rng.uniform(-0.12, 0.12, 3).astype(np.float32)
+    return img
+
+
+def fov_synthetic_video(rng, task="track", n_frames=8, size=32, n_distractors=3, sprite=4,
+                        large_sprite=16, noise=0.04, specks=1, cue_frames=2, p_change=0.25, center_start=True):
+    """One video, a pure function of rng. -> dict(frames (T, 3, H, W) float32 in [0, 1], caption,
+    target_xy (T, 2) top-left pixel of the target per frame, target_size).
+
+    The target is outlined in white in the first `cue_frames` frames only (as a tracker is given the
+    first box); afterwards it looks like a distractor. Its colour switches to a random other colour with
+    probability p_change per frame (its pattern stays), so its current colour must be seen to be known.
+    center_start: the target starts in the middle of the frame (as a tracker knows its start); where it is
+    later depends on its velocity, which a static query cannot follow."""
+    if task not in FOV_TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; expected one of {FOV_TASKS}")
+    bg = fov_background(rng, size)
+    scene = bg.copy()
+    for _ in range(n_distractors):  # static distractors from the same sprite family
+        pat, col = FOV_PATTERNS[rng.integers(len(FOV_PATTERNS))], FOV_COLOR_NAMES[rng.integers(6)]
+        x, y = rng.integers(0, size - sprite + 1, 2)
+        scene[y:y + sprite, x:x + sprite] = fov_sprite(pat, col, sprite)
+    pattern, color = FOV_PATTERNS[rng.integers(len(FOV_PATTERNS))], int(rng.integers(6))
+    color0 = color
+    s = sprite if task == "track" else large_sprite
+    pos = rng.uniform(0, size - s, 2)
+    if center_start and task == "track":  # a tracker's known start: the middle of the frame, then wherever it goes
+        pos = np.full(2, (size - s) / 2.0)
+    if task == "track":
+        speed, angle = rng.uniform(1.5, 2.5), rng.uniform(0, 2 * math.pi)
+        vel = np.array([math.cos(angle), math.sin(angle)]) * speed
+    else:
+        vel = np.zeros(2)
+    caption_dir = fov_direction(*vel) if task == "track" else "still"
+    frames, xy, colors = [], [], []
+    for t in range(n_frames):
+        img = scene.copy()
+        x, y = int(round(pos[0])), int(round(pos[1]))
+        u, step = rng.uniform(), int(rng.integers(1, 6))  # drawn every frame: p_change alters nothing else
+        if t > 0 and u < p_change:  # a new colour that persists: only looking tells it
+            color = (color + step) % 6
+        if t < cue_frames:  # the cue: a white outline around the target
+            img[max(0, y - 1):y + s + 1, max(0, x - 1):x + s + 1] = 1.0
+        img[y:y + s, x:x + s] = fov_sprite(pattern, FOV_COLOR_NAMES[color], s)
+        for _ in range(specks):  # flickering single-pixel clutter, new every frame (unpredictable)
+            px, py = rng.integers(0, size, 2)
+            img[py, px] = rng.uniform(0, 1, 3)
+        img = img + rng.normal(0, noise, img.shape).astype(np.float32)
+        frames.append(np.clip(img, 0, 1).transpose(2, 0, 1))
+        xy.append((x, y))
+        colors.append(color)
+        pos = pos + vel
+        for k in range(2):  # bounce off the walls, keeping the momentum
+            if pos[k] < 0 or pos[k] > size - s:
+                vel[k] = -vel[k]
+                pos[k] = np.clip(pos[k], 0, size - s)
+    name = FOV_COLOR_NAMES[color0]
+    caption = f"{name} {pattern} moving {caption_dir}" if task == "track" else f"large {name} {pattern} still"
+    return dict(frames=torch.from_numpy(np.stack(frames)), caption=caption,
+                target_xy=torch.tensor(xy, dtype=torch.long), target_color=torch.tensor(colors), target_size=s)
+
+
+def fov_synthetic_batch(seed, split, indices, **kw):
+    """Stacked videos for these global indices; each one a pure function of (seed, split, index)."""
+    vids = [fov_synthetic_video(sample_rng(seed, split, i), **kw) for i in indices]
+    return dict(frames=torch.stack([v["frames"] for v in vids]), captions=[v["caption"] for v in vids],
+                target_xy=torch.stack([v["target_xy"] for v in vids]), target_size=vids[0]["target_size"])
+
+# -----------------------------------------------------------------------------
+# real clips: <dir>/captions.json {"clip": "caption", ...} and per clip <dir>/clip.npy (T, H, W, 3)
+# or a folder <dir>/clip/ of frame images (sorted by name)
+
+
+def fov_list_clips(data_dir):
+    path = os.path.join(data_dir, "captions.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no captions.json in {data_dir} (expected {{clip_name: caption}})")
+    with open(path) as f:
+        captions = json.load(f)
+    if not isinstance(captions, dict) or not captions:
+        raise ValueError(f"{path} must be a non-empty JSON object {{clip_name: caption}}")
+    return sorted(captions.items())
+
+
+def fov_load_clip(data_dir, name, n_frames, size):
+    """-> (T, 3, size, size) float in [0, 1]; T frames sampled evenly over the clip."""
+    npy, folder = os.path.join(data_dir, name + ".npy"), os.path.join(data_dir, name)
+    if os.path.exists(npy):
+        arr = np.load(npy)
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"{npy}: expected (T, H, W, 3), got {arr.shape}")
+        x = torch.from_numpy(arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0)).permute(0, 3, 1, 2)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    elif os.path.isdir(folder):
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+        if not files:
+            raise ValueError(f"clip folder {folder} has no .png/.jpg frames")
+        x = torch.stack([load_image(os.path.join(folder, f), size) for f in files])
+    else:
+        raise FileNotFoundError(f"clip {name!r}: neither {npy} nor the folder {folder} exists")
+    if x.shape[0] < n_frames:
+        raise ValueError(f"clip {name!r} has {x.shape[0]} frames, fewer than n_frames={n_frames}")
+    pick = np.linspace(0, x.shape[0] - 1, n_frames).round().astype(int)
+    return x[pick].clamp(0, 1)
+
+
+def fov_clip_split(clips, split):
+    """Deterministic held-out split: every 10th clip (by sorted name) is 'val'."""
+    return [c for i, c in enumerate(clips) if (i % 10 == 0) == (split == "val")] or clips
+
+
+def fov_folder_batch(data_dir, clips, indices, n_frames, size):
+    picked = [clips[i % len(clips)] for i in indices]
+    frames = torch.stack([fov_load_clip(data_dir, name, n_frames, size) for name, _ in picked])
+    return dict(frames=frames, captions=[c for _, c in picked], target_xy=None, target_size=0)
+
+# -----------------------------------------------------------------------------
+# frozen next-frame latent encoders (pluggable: anything mapping (B, 3, H, W) in [0, 1] -> (B, D))
+
+
+class FovFixedEncoder(nn.Module):
+    """The default frozen "latent" encoder: a seeded random bank of zero-mean 3x3 colour filters
+    (high-pass, so the smooth background gives ~0), rectified, average-pooled to a grid x grid map.
+    Deterministic (a function of seed only) and never trained."""
+
+    def __init__(self, channels=8, grid=2, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(channels, 3, 3, 3, generator=g)
+        w = w - w.mean(dim=(1, 2, 3), keepdim=True)  # zero-mean: flat regions respond 0
+        self.register_buffer("weight", w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+        self.grid, self.dim = grid, channels * grid * grid
+
+    @torch.no_grad()
+    def forward(self, x):
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.weight).abs()  # borders stay flat
+        return F.adaptive_avg_pool2d(y, self.grid).flatten(1)
+
+
+def _taesd_conv(n_in, n_out, **kw):
+    return nn.Conv2d(n_in, n_out, 3, padding=1, **kw)
+
+
+class _TaesdBlock(nn.Module):
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.conv = nn.Sequential(_taesd_conv(n_in, n_out), nn.ReLU(), _taesd_conv(n_out, n_out), nn.ReLU(),
+                                  _taesd_conv(n_out, n_out))
+        self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+        self.fuse = nn.ReLU()
+
+    def forward(self, x):
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+class FovTaesdEncoder(nn.Module):
+    """The real option: the tiny VAE encoder of TAESD (madebyollin/taesd, diffusers AutoencoderTiny),
+    weights from a .safetensors file, frozen; latents (4, H/8, W/8) average-pooled to grid x grid."""
+
+    def __init__(self, path=None, latent_channels=4, grid=4, width=64):
+        super().__init__()
+        c = width
+        self.layers = nn.Sequential(
+            _taesd_conv(3, c), _TaesdBlock(c, c),
+            _taesd_conv(c, c, stride=2, bias=False), _TaesdBlock(c, c), _TaesdBlock(c, c), _TaesdBlock(c, c),
+            _taesd_conv(c, c, stride=2, bias=False), _TaesdBlock(c, c), _TaesdBlock(c, c), _TaesdBlock(c, c),
+            _taesd_conv(c, c, stride=2, bias=False), _TaesdBlock(c, c), _TaesdBlock(c, c), _TaesdBlock(c, c),
+            _taesd_conv(c, latent_channels))
+        self.grid, self.dim = grid, latent_channels * grid * grid
+        if path:
+            self.load(path)
+        self.requires_grad_(False)
+
+    def load(self, path):
+        from safetensors.torch import load_file
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"latent encoder weights not found: {path}")
+        state = {}
+        for k, v in load_file(path).items():  # accept taesd ("0.weight"), ours ("layers.0.") and diffusers names
+            for prefix in ("encoder.layers.", "layers.", "encoder."):
+                if k.startswith(prefix):
+                    k = k[len(prefix):]
+                    break
+            state[k] = v
+        missing, unexpected = self.layers.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path} is not a TAESD encoder: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+    @torch.no_grad()
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(self.layers(x), self.grid).flatten(1)
+
+
+def fov_latent_encoder(spec, channels=8, grid=2, seed=0):
+    """'fixed' -> FovFixedEncoder; a path to .safetensors -> FovTaesdEncoder with those weights."""
+    if spec == "fixed":
+        return FovFixedEncoder(channels, grid, seed)
+    if spec.endswith(".safetensors"):
+        return FovTaesdEncoder(spec, grid=grid)
+    raise ValueError(f"latent_encoder must be 'fixed' or a path to a .safetensors TAESD encoder, got {spec!r}")
+
+# -----------------------------------------------------------------------------
+# diagnostics
+
+
+def fov_attention_stats(maps):
+    """maps (..., N): attention distributions over N patches. -> (mean entropy in nats, mean max weight).
+    Uniform over N gives (ln N, 1/N); one-hot gives (0, 1)."""
+    p = maps.float().clamp_min(0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
+    return float(entropy.mean()), float(p.max(-1).values.mean())
+
+
+def fov_cosine(a, b):
+    """Mean cosine similarity between matching rows of a and b (..., D)."""
+    return float(F.cosine_similarity(a.detach().float().flatten(0, -2), b.detach().float().flatten(0, -2), dim=-1).mean())
+
+
+def fov_per_frame_mse(pred, target):
+    """(B, T, D) x2 -> list of T mean squared errors (one per predicted frame)."""
+    return ((pred.float() - target.float()) ** 2).mean(dim=(0, 2)).tolist()
+
+
+def fov_target_hit(maps, target_xy, target_size, image_size, patch_size):
+    """Share of attention mass on the patches the target overlaps. maps (B, T, N); target_xy (B, T, 2)."""
+    g = image_size // patch_size
+    B, T, N = maps.shape
+    mask = torch.zeros(B, T, g, g)
+    for b in range(B):
+        for t in range(T):
+            x, y = int(target_xy[b, t, 0]), int(target_xy[b, t, 1])
+            x0, y0 = x // patch_size, y // patch_size
+            x1, y1 = (x + target_size - 1) // patch_size, (y + target_size - 1) // patch_size
+            mask[b, t, y0:y1 + 1, x0:x1 + 1] = 1
+    return float((maps.float() * mask.view(B, T, N)).sum(-1).mean())
+
+# -----------------------------------------------------------------------------
+# drawing
+
+
+def fov_heat(frame, att, scale=4):
+    """frame (3, H, W) in [0, 1], att (N,) over a square patch grid -> (3, H*scale, W*scale) overlay."""
+    H = frame.shape[-1]
+    g = int(round(att.numel() ** 0.5))
+    a = att.float().view(1, 1, g, g)
+    a = a / a.max().clamp_min(1e-12)
+    a = F.interpolate(a, size=(H * scale, H * scale), mode="nearest")[0]
+    big = F.interpolate(frame[None].float(), scale_factor=scale, mode="nearest")[0]
+    red = torch.tensor([1.0, 0.1, 0.1]).view(3, 1, 1)
+    return (0.45 * big + 0.55 * a * red + 0.25 * (1 - a) * big).clamp(0, 1)
+
+
+def fov_attention_strip(frames, coarse, fine, scale=4, pad=2):
+    """One video: rows = frames, coarse attention, fine attention; frames (T, 3, H, W), maps (T, N).
+    -> (3, rows*h, T*w) image tensor in [0, 1]."""
+    T, _, H, W = frames.shape
+    h, w = H * scale + pad, W * scale + pad
+    out = torch.ones(3, 3 * h, T * w)
+    for t in range(T):
+        big = F.interpolate(frames[t:t + 1].float(), scale_factor=scale, mode="nearest")[0]
+        for r, img in enumerate((big, fov_heat(frames[t], coarse[t], scale), fov_heat(frames[t], fine[t], scale))):
+            out[:, r * h:r * h + H * scale, t * w:t * w + W * scale] = img
+    return out
+
+
+def fov_pick_mode(seed, step, weights, modes=("video", "text", "caption")):
+    """The training mode of a whole batch (never per sample: BUG-003), a pure function of (seed, step),
+    so resume and every DDP rank agree."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(modes),) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"mode_weights must be {len(modes)} non-negative numbers for {modes}, got {weights}")
+    return modes[int(np.random.default_rng([seed, 7, step]).choice(len(modes), p=w / w.sum()))]

@@ -1,0 +1,250 @@
+"""Foveated recipe: init scale and bias (BUG-001/002), per-batch modes (BUG-003), both cache layouts in
+training, captioning and generation (BUG-004/005/006), diagnostics on hand-made maps, data, encoders,
+and an end-to-end run with resume."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data import sample_rng  # noqa: E402
+from data_foveated import (FovFixedEncoder, FovTaesdEncoder, fov_attention_stats, fov_cosine,  # noqa: E402
+                           fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_per_frame_mse, fov_pick_mode,
+                           fov_synthetic_video, fov_target_hit)
+from model import InputError  # noqa: E402
+
+TINY = ["--device=cpu", "--n_frames=4", "--image_size=16", "--vit_layers=2", "--vit_width=32", "--n_embd=32",
+        "--n_layer=1", "--query_dim=16", "--latent_channels=4", "--n_distractors=2"]
+
+
+def recipe(*overrides):
+    """The definitions of train_foveated.py (everything above the run) under these overrides."""
+    src = open(os.path.join(ROOT, "train_foveated.py")).read().split("# == the run")[0]
+    argv, sys.argv = sys.argv, ["train_foveated.py", *TINY, *overrides]
+    try:
+        ns = {"__file__": os.path.join(ROOT, "train_foveated.py"), "__name__": "foveated_defs"}
+        exec(compile(src, "train_foveated.py", "exec"), ns)
+    finally:
+        sys.argv = argv
+    return ns
+
+
+def tiny_batch(ns, n=2):
+    b = ns["get_batch"]("train", range(n))
+    return b["frames"], b["captions"]
+
+# -- BUG-001 / BUG-002
+
+
+def test_query_init_std_one_and_projection_without_bias():
+    ns = recipe("--query_dim=512")
+    torch.manual_seed(0)
+    model, _ = ns["build_model"]()
+    assert model.q_static.shape == (1, 512)
+    assert 0.9 < model.q_static.std().item() < 1.1  # std 1.0, not 0.02
+    assert 0.9 < model.q_init.std().item() < 1.1
+    assert model.query_input_proj.bias is None
+    # the symptom the two bugs produced: different queries must read different things
+    frames, _ = tiny_batch(ns)
+    cache = model.encode(frames)
+    q = torch.randn(2, 2, frames.shape[1], 512)
+    z1, a1 = model.read(cache, q[0])
+    z2, a2 = model.read(cache, q[1])
+    assert (a1 - a2).abs().sum(-1).mean() > 0.05
+    assert ns["fov_cosine"](z1, z2) < 0.99
+
+# -- BUG-003
+
+
+def test_mode_is_chosen_per_batch_with_the_configured_weights():
+    modes = [fov_pick_mode(1337, s, (0.6, 0.2, 0.2)) for s in range(3000)]
+    assert modes == [fov_pick_mode(1337, s, (0.6, 0.2, 0.2)) for s in range(3000)]  # pure function of step
+    share = {m: modes.count(m) / len(modes) for m in ("video", "text", "caption")}
+    assert abs(share["video"] - 0.6) < 0.04 and abs(share["text"] - 0.2) < 0.03 and abs(share["caption"] - 0.2) < 0.03
+    assert {fov_pick_mode(0, s, (0, 0, 1)) for s in range(50)} == {"caption"}
+    with pytest.raises(ValueError):
+        fov_pick_mode(0, 0, (0.5, 0.5))
+    # one mode covers the whole batch: the forward takes one mode string, never one per sample
+    ns = recipe()
+    model, _ = ns["build_model"]()
+    frames, caps = tiny_batch(ns, 3)
+    with pytest.raises(InputError):
+        model(frames, model.latents(frames, ns["latent_enc"]), ["video", "text", "caption"], caps)
+
+# -- BUG-004 / 005 / 006: both cache layouts in training, captioning and generation
+
+
+@pytest.mark.parametrize("query_mode", ["deep", "shallow"])
+def test_both_cache_layouts_in_every_path(query_mode):
+    ns = recipe(f"--query_mode={query_mode}", "--n_passes=2")
+    torch.manual_seed(0)
+    model, meta = ns["build_model"]()
+    assert meta["vit"]["query_mode"] == query_mode
+    frames, caps = tiny_batch(ns)
+    cache = model.encode(frames)
+    n_none = sum(kv is None for kv in cache["kv"])
+    assert n_none == (0 if query_mode == "deep" else len(cache["kv"]) - 1)
+    _, maps = model.vit.read(model.query_input_proj(model.q_static.expand(8, 1, -1)), cache)
+    assert len(maps) == (2 if query_mode == "deep" else 1)
+    tgt = model.latents(frames, ns["latent_enc"])
+    for mode in ("video", "text", "caption"):  # training / text-conditioned / captioning
+        model.zero_grad()
+        r = model(frames, tgt, mode, caps, n_passes=2)
+        assert torch.isfinite(r["loss"])
+        assert (r["loss_caption"] is not None) == (mode == "caption")
+        r["loss"].backward()
+        assert model.q_static.grad is not None and model.q_static.grad.abs().sum() > 0
+        assert model.query_head.weight.grad.abs().sum() > 0  # the fine loss reaches the query predictor
+    gen = model.caption(frames, 6, n_passes=2)  # caption generation through the KV-cached GPT
+    assert len(gen) == 2 and all(isinstance(g, str) for g in gen)
+
+
+def test_a_cache_of_the_wrong_layout_is_a_clear_error():
+    deep, shallow = recipe("--query_mode=deep"), recipe("--query_mode=shallow")
+    m_deep, _ = deep["build_model"]()
+    m_shallow, _ = shallow["build_model"]()
+    frames, _ = tiny_batch(deep)
+    q = torch.randn(2, frames.shape[1], 16)
+    m_shallow.read(m_deep.encode(frames), q)  # a full cache serves a shallow read
+    with pytest.raises(InputError, match="shallow layout"):
+        m_deep.read(m_shallow.encode(frames), q)
+
+# -- diagnostics on hand-made attention maps
+
+
+def test_attention_stats_on_hand_made_maps():
+    uniform4 = torch.zeros(16)
+    uniform4[[0, 1, 4, 5]] = 0.25
+    ent, mx = fov_attention_stats(uniform4[None])
+    assert ent == pytest.approx(math.log(4), abs=1e-5) and mx == pytest.approx(0.25)
+    onehot = torch.zeros(16)
+    onehot[7] = 1
+    ent, mx = fov_attention_stats(torch.stack([onehot, torch.full((16,), 1 / 16)]))
+    assert ent == pytest.approx(math.log(16) / 2, abs=1e-5) and mx == pytest.approx((1 + 1 / 16) / 2)
+    # attention mass on the target: 4x4 patches of 4 px, a 4 px target at (4, 4) covers patch 5 only
+    maps = uniform4.view(1, 1, 16)
+    assert fov_target_hit(maps, torch.tensor([[[4, 4]]]), 4, 16, 4) == pytest.approx(0.25)
+    # at (2, 2) it straddles patches 0, 1, 4, 5: all of the mass
+    assert fov_target_hit(maps, torch.tensor([[[2, 2]]]), 4, 16, 4) == pytest.approx(1.0)
+
+
+def test_cosine_and_per_frame_loss_worked_examples():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    assert fov_cosine(a, b) == pytest.approx(0.5)  # (0 + 1) / 2
+    pred = torch.zeros(2, 3, 2)
+    tgt = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]]] * 2)
+    assert fov_per_frame_mse(pred, tgt) == pytest.approx([0.0, 1.0, 2.0])
+
+# -- data and latent encoders
+
+
+def test_synthetic_video_is_seeded_and_the_target_moves_among_static_distractors():
+    v1 = fov_synthetic_video(sample_rng(1, "train", 5), noise=0.0, specks=0)
+    v2 = fov_synthetic_video(sample_rng(1, "train", 5), noise=0.0, specks=0)
+    v3 = fov_synthetic_video(sample_rng(1, "val", 5), noise=0.0, specks=0)
+    assert torch.equal(v1["frames"], v2["frames"]) and not torch.equal(v1["frames"], v3["frames"])
+    f, xy = v1["frames"], v1["target_xy"]
+    assert f.shape == (8, 3, 32, 32) and 0 <= f.min() and f.max() <= 1
+    assert (xy[1:] - xy[:-1]).abs().sum(-1).min() >= 1  # it moves every frame
+    # everything that changes between two frames lies under the target's old or new box
+    changed = (f[3] - f[2]).abs().sum(0) > 1e-6  # after the cue frames (0, 1)
+    box = torch.zeros(32, 32, dtype=torch.bool)
+    for x, y in xy[2:4].tolist():
+        box[y:y + 4, x:x + 4] = True
+    assert changed.any() and not (changed & ~box).any()
+    cue = (f[0] == 1).all(0)  # the white outline of the cue frames rings the target
+    x, y = xy[0].tolist()
+    assert cue[max(0, y - 1):y + 5, max(0, x - 1):x + 5].sum() >= 8 and not (f[2] == 1).all(0).any()
+    words = v1["caption"].split()
+    assert len(words) == 4 and words[2] == "moving"
+    still = fov_synthetic_video(sample_rng(1, "train", 5), task="static_large", noise=0.0, specks=0)
+    assert (still["target_xy"] == still["target_xy"][0]).all() and still["caption"].startswith("large ")
+
+
+def test_fixed_encoder_ignores_flat_images_and_sees_texture():
+    enc = FovFixedEncoder(channels=8, grid=2, seed=0)
+    assert torch.equal(enc.weight, FovFixedEncoder(8, 2, 0).weight)  # deterministic
+    flat = torch.full((1, 3, 16, 16), 0.4)
+    tex = flat.clone()
+    tex[:, 0, 2:6:2, 2:6] = 1.0
+    z_flat, z_tex = enc(flat), enc(tex)
+    assert z_flat.shape == (1, 32)
+    assert z_flat.abs().max() < 1e-5  # a flat image gives nothing (zero-mean filters, replicated borders)
+    assert z_tex.abs().sum() > 10 * z_flat.abs().sum()
+
+
+def test_taesd_encoder_round_trips_through_safetensors(tmp_path):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    enc = FovTaesdEncoder(width=8, grid=2)
+    path = str(tmp_path / "taesd_encoder.safetensors")
+    save_file({"encoder.layers." + k: v.contiguous() for k, v in enc.layers.state_dict().items()}, path)
+    x = torch.rand(2, 3, 32, 32)
+    loaded = FovTaesdEncoder(path, width=8, grid=2)
+    assert torch.allclose(enc(x), loaded(x)) and loaded(x).shape == (2, 16)
+    save_file({"foo.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="not a TAESD"):
+        FovTaesdEncoder(str(tmp_path / "bad.safetensors"), width=8)
+    with pytest.raises(ValueError):
+        fov_latent_encoder("vae.bin")
+
+
+def test_folder_reader_reads_npy_clips_and_frame_folders(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", rng.integers(0, 255, (10, 20, 20, 3), dtype=np.uint8))
+    os.makedirs(tmp_path / "b")
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "b" / f"{i:03d}.png")
+    (tmp_path / "captions.json").write_text(json.dumps({"a": "a red thing", "b": "a blue thing"}))
+    clips = fov_list_clips(str(tmp_path))
+    b = fov_folder_batch(str(tmp_path), clips, [0, 1], n_frames=4, size=16)
+    assert b["frames"].shape == (2, 4, 3, 16, 16) and b["captions"] == ["a red thing", "a blue thing"]
+    assert 0 <= b["frames"].min() and b["frames"].max() <= 1
+    with pytest.raises(ValueError, match="fewer than"):
+        fov_folder_batch(str(tmp_path), clips, [1], n_frames=8, size=16)
+
+# -- end to end
+
+
+def run_script(tmp_path, *args):
+    cmd = [sys.executable, "train_foveated.py", *TINY, "--batch_size=4", "--n_eval=8", "--eval_batch=8",
+           "--n_caption_eval=2", "--caption_tokens=40", "--n_vis=2", "--log_interval=1", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def step_losses(out):
+    return {line.split()[1]: line.split("|")[1] for line in out.splitlines() if line.startswith("step ")}
+
+
+def test_end_to_end_writes_results_png_checkpoint_and_resumes_exactly(tmp_path):
+    full = run_script(tmp_path, "--max_steps=6", "--eval_interval=100", f"--out_dir={tmp_path / 'full'}")
+    out = run_script(tmp_path, "--max_steps=4", "--eval_interval=4", f"--out_dir={tmp_path / 'run'}")
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["recipe"] == "foveated" and res["step"] == 4 and res["split"] == "val"
+    for k in ("ratio", "loss_fine", "loss_coarse", "entropy_fine", "entropy_coarse", "max_att_fine",
+              "max_att_coarse", "cos_z_fine_coarse", "target_att_fine", "caption_exact"):
+        assert k in res["metrics"], k
+    assert res["metrics"]["ratio"] == pytest.approx(res["metrics"]["loss_coarse"] / res["metrics"]["loss_fine"])
+    assert len(res["per_frame"]["fine"]) == 3  # 4 frames -> 3 next-frame predictions
+    assert os.path.exists(tmp_path / "run" / "attention_000004.png")
+    assert os.path.exists(tmp_path / "run" / "ckpt" / "model.safetensors")
+    assert "per-frame loss fine" in out
+    resumed = run_script(tmp_path, "--max_steps=6", "--eval_interval=100", "--init_from=resume",
+                         f"--out_dir={tmp_path / 'run'}")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["step"] == 6
+    assert step_losses(resumed)["5/6"] == step_losses(full)["5/6"]  # exact resume
+    ev = run_script(tmp_path, "--eval_only=True", f"--init_from={tmp_path / 'run' / 'ckpt'}",
+                    f"--out_dir={tmp_path / 'ev'}")
+    assert "ratio" in ev and os.path.exists(tmp_path / "ev" / "results.json")

@@ -1,0 +1,48 @@
+"""Every recipe under real torch.distributed (torchrun, gloo, 2 CPU processes): the same loss trajectory and
+the same final weights as one process on the same global batch; only rank 0 writes."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# tiny shapes per recipe; batch_size is per rank (the 1-process run gets twice as much)
+RECIPES = {
+    "ocr": ["--image_size=32", "--sam_dim=16", "--sam_window=4", "--neck_dim=8", "--clip_layers=1", "--n_layer=1",
+            "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--n_eval=4", "--eval_batch=4", "--max_text_tokens=16",
+            "--bench_tokens=4", "--max_lines=1", "--font_sizes=(10,)"],
+    "seg_gumbel": ["--vit_layers=1", "--vit_embd=32", "--vit_heads=2", "--n_layer=1", "--n_embd=32", "--n_head=2",
+                   "--n_kv_head=2", "--dec_dim=16", "--n_eval=4", "--eval_batch_size=4", "--n_vis=2",
+                   "--max_caption_len=8", "--stage_a_steps=4"],
+    "foveated": ["--device=cpu", "--n_frames=4", "--image_size=16", "--vit_layers=2", "--vit_width=32", "--n_embd=32",
+                 "--n_layer=1", "--query_dim=16", "--latent_channels=4", "--n_distractors=2", "--n_eval=4",
+                 "--eval_batch=4", "--n_caption_eval=2", "--caption_tokens=40", "--n_vis=2"],
+}
+STEPS = 4
+
+
+def run(cmd, out):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd + [f"--max_steps={STEPS}", "--log_interval=1", "--eval_interval=1000",
+                              "--out_dir=" + out], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return [float(x) for x in re.findall(r"^step \d+/\d+ \| loss ([-\d.]+)", r.stdout, re.M)]
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_two_processes_equal_one(recipe, tmp_path):
+    from safetensors.torch import load_file
+    script, args = f"train_{recipe}.py", RECIPES[recipe]
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+               *args, "--batch_size=2"], str(tmp_path / "two"))
+    one = run([sys.executable, script, *args, "--batch_size=4"], str(tmp_path / "one"))
+    assert len(one) >= STEPS - 1 and len(two) == len(one), (one, two)  # rank 0 alone prints
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-4)
+    a = load_file(str(tmp_path / "one" / "ckpt" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "ckpt" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < 1e-5, worst

@@ -1,0 +1,267 @@
+"""Seg-Gumbel: prompt layout and vp counting, the ST Gumbel estimator, stage-B gradient flow, metrics,
+the RefCOCO-style reader, and a short end-to-end run with resume."""
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on a shared CPU
+import numpy as np  # noqa: E402
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data import Tokenizer, save_png  # noqa: E402
+from data_seg import (SEG_SPECIALS, seg_caption_token_accuracy, seg_check_context_counts, seg_ciou,  # noqa: E402
+                      seg_giou, seg_iou_stats, seg_load_record, seg_prompt_ids, seg_read_refcoco,
+                      seg_region_cells, seg_synthetic_sample, seg_vp_prompt_ids)
+
+
+@pytest.fixture(scope="module")
+def T():
+    """The train script as a module (its config block runs with no arguments; main() does not)."""
+    argv = sys.argv
+    sys.argv = ["train_seg_gumbel.py"]
+    try:
+        import train_seg_gumbel
+    finally:
+        sys.argv = argv
+    return train_seg_gumbel
+
+
+def tiny_bundle(T):
+    tiny = dict(vit_layers=1, vit_embd=32, vit_heads=2, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, dec_dim=16)
+    saved = {k: getattr(T, k) for k in tiny}
+    for k, v in tiny.items():
+        setattr(T, k, v)
+    try:
+        torch.manual_seed(0)
+        return T.build_model()
+    finally:  # the script's defaults stay as written (test_configs_match_script_defaults reads them)
+        for k, v in saved.items():
+            setattr(T, k, v)
+
+
+def test_special_tokens_by_id():
+    tok = Tokenizer(specials=SEG_SPECIALS)
+    ids = [tok[s] for s in SEG_SPECIALS + ("<|image|>",)]
+    assert len(set(ids)) == len(ids) and min(ids) >= 256
+    # text that spells a special token stays text: the journal's " [SEG]" encoding bug
+    assert not set(tok.encode("red [SEG] <vp></vp> <|image|>")) & set(ids)
+    p = seg_prompt_ids(tok, 4, tok.encode("red circle"))
+    assert p[-1] == tok["[SEG]"] and p.count(tok["[SEG]"]) == 1 and p.count(tok["<|image|>"]) == 4
+    assert tok.decode(p) == "red circle"
+
+
+def test_vp_token_count_k0_and_k_positive():
+    tok = Tokenizer(specials=SEG_SPECIALS)
+    img = tok["<|image|>"]
+    small = torch.zeros(32, 32)
+    small[5, 5] = 1  # one pixel: no 2x2 cell is more than half covered -> K = 0
+    big = torch.zeros(32, 32)
+    big[4:20, 8:24] = 1  # 16 x 16 px = 8 x 8 cells
+    cells = seg_region_cells(torch.stack([small, big]), 16)
+    ks = cells.sum(1).tolist()
+    assert ks == [0, 64]
+    prompts = [seg_vp_prompt_ids(tok, 16, k) for k in ks]
+    assert [p.count(img) for p in prompts] == [16, 80]
+    assert prompts[0][-2:] == [tok["<vp>"], tok["</vp>"]]  # K = 0 is a legal, empty region prompt
+    ids = torch.full((2, max(map(len, prompts))), tok["<|pad|>"])
+    for i, p in enumerate(prompts):
+        ids[i, ids.shape[1] - len(p):] = torch.tensor(p)
+    assert seg_check_context_counts(ids, img, 16, ks) == [16, 80]
+    with pytest.raises(ValueError, match="row 0: the prompt has 16 image-context tokens but 16 image \\+ 1"):
+        seg_check_context_counts(ids, img, 16, [1, 64])  # the journal's forced K = max(K, 1)
+
+
+def test_model_context_tokens_match_embeddings(T):
+    """The real model path: prompt tokens == image rows + visual-prompt rows, for K = 0 and K > 0, and a
+    mismatch raises in GPT.embed's scatter."""
+    s = tiny_bundle(T)["student"]
+    b = T.get_batch("val", range(2), "cpu")
+    b["cells"][0] = False  # K = 0 for the first sample
+    feats, img = s.encode(b["images"])
+    ids, pad_mask, rows = T.vp_batch(s, feats, img, b["cells"])
+    ks = b["cells"].sum(1).tolist()
+    assert ks[0] == 0 and ks[1] > 0
+    assert int((ids == T.IMG).sum()) == rows.shape[0] == 2 * img.shape[1] + sum(ks)
+    assert s.gpt.embed(ids, rows).shape == (*ids.shape, img.shape[-1])
+    with pytest.raises(ValueError, match="vision token count mismatch"):
+        s.gpt.embed(ids, rows[:-1])
+
+
+def test_st_gumbel_forward_one_hot_backward_soft(T):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 40, requires_grad=True)
+    noise = -torch.log(-torch.log(torch.rand(3, 5, 40).clamp(1e-9, 1 - 1e-9)))
+    w = torch.randn(3, 5, 40)
+    y = T.st_topk_gumbel(logits, 0.7, top_k=8, noise=noise)
+    assert torch.allclose(y.detach().sum(-1), torch.ones(3, 5))
+    assert torch.allclose(y.detach(), torch.nn.functional.one_hot(y.detach().argmax(-1), 40).float(), atol=1e-6)
+    top8 = torch.topk(logits.detach(), 8, -1).indices
+    assert (top8 == y.detach().argmax(-1, keepdim=True)).any(-1).all()  # the sample is inside the top k
+    (g_st,) = torch.autograd.grad((y * w).sum(), logits)
+    kth = torch.topk(logits, 8, -1).values[..., -1:]
+    soft = torch.softmax((logits.masked_fill(logits < kth, float("-inf")) + noise) / 0.7, -1)
+    (g_soft,) = torch.autograd.grad((soft * w).sum(), logits)
+    assert torch.allclose(g_st, g_soft, atol=1e-6) and g_st.abs().sum() > 0
+    assert (g_st[logits.detach() < kth.detach()] == 0).all()  # nothing flows to logits outside the top k
+
+
+def test_stage_b_gradient_reaches_text_embeddings_not_teacher(T):
+    bundle = tiny_bundle(T)
+    s, t = bundle["student"], bundle["teacher"]
+    with torch.no_grad():  # GPT blocks start as identity (zero c_proj): no token could see another yet
+        for block in list(s.gpt.transformer.h) + list(t.gpt.transformer.h):
+            block.attn.c_proj.weight.normal_(0, 0.05)
+            block.mlp.c_proj.weight.normal_(0, 0.05)
+    t.requires_grad_(False)
+    b = T.get_batch("train", range(4), "cpu")
+    torch.manual_seed(1)
+    loss, stats, text = s("stage_b", teacher=t, images=b["images"], masks=b["masks"], cells=b["cells"])
+    assert loss is not None and float(loss.detach()) > 0 and stats["skipped"] == 0
+    loss.backward()
+    assert text.grad is not None and float(text.grad.norm()) > 0
+    assert all(p.grad is None for p in t.parameters())
+    assert s.gpt.lm_head.weight.grad is not None and float(s.gpt.lm_head.weight.grad.norm()) > 0  # via Gumbel
+    assert float(s.decoder.hyper[0].weight.grad.norm()) > 0
+    before = [p.clone() for p in t.parameters()]
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(1.0)
+    T.ema_update(t, s, 0.9)
+    moved = [torch.allclose(p, q + 0.1 * (r - q)) for p, q, r in zip(t.parameters(), before, s.parameters())]
+    assert all(moved)
+
+
+def test_failed_batch_is_counted_skip_never_zero_loss(T):
+    logits = torch.randn(3, 8, 8)
+    empty = torch.zeros(3, 8, 8)
+    loss, n_skip = T.mask_loss(logits, empty)
+    assert loss is None and n_skip == 3
+    target = empty.clone()
+    target[1, 2:5, 2:5] = 1
+    loss, n_skip = T.mask_loss(logits, target)
+    ref, _ = T.mask_loss(logits[1:2], target[1:2])
+    assert n_skip == 2 and torch.allclose(loss, ref)  # only the valid sample counts
+    s = tiny_bundle(T)["student"]
+    ids = torch.tensor([[T.BOS, T.IMG, 65]])  # no [SEG]: an error, not a silent zero loss
+    with pytest.raises(ValueError, match="exactly one \\[SEG\\]"):
+        T.segment_embeds(s, s.gpt.transformer.wte(ids), None, ids, torch.zeros(1, 64, 32), torch.zeros(1, 3, 32, 32))
+
+
+def test_mask_metrics_worked_example():
+    gt = torch.zeros(3, 4, 4, dtype=torch.bool)
+    pred = torch.zeros(3, 4, 4, dtype=torch.bool)
+    gt[0, :2, :2] = True            # 4 px
+    pred[0, :2, :1] = True          # 2 px inside: I=2, U=4 -> 0.5
+    gt[1] = True                    # 16 px
+    pred[1, :, :3] = True           # 12 px: I=12, U=16 -> 0.75
+    # sample 2: empty target, empty prediction -> IoU 1 (no-target convention), adds nothing to cIoU
+    I, U = seg_iou_stats(pred, gt)
+    assert I.tolist() == [2, 12, 0] and U.tolist() == [4, 16, 0]
+    assert seg_giou(I, U) == pytest.approx((0.5 + 0.75 + 1.0) / 3)
+    assert seg_ciou(I, U) == pytest.approx(14 / 20)
+    pred[2, 0, 0] = True            # a false positive on the empty target: IoU 0
+    assert seg_giou(*seg_iou_stats(pred, gt)) == pytest.approx((0.5 + 0.75 + 0.0) / 3)
+
+
+def test_caption_token_accuracy_worked_example():
+    assert seg_caption_token_accuracy([[1, 2, 3]], [[1, 2, 3]]) == 1.0
+    # [1, 9] vs [1, 2, 3]: 1 match over the longer length 3; [4, 5, 6, 7] vs [4, 5]: 2 over 4 -> 3 / 7
+    assert seg_caption_token_accuracy([[1, 9], [4, 5, 6, 7]], [[1, 2, 3], [4, 5]]) == pytest.approx(3 / 7)
+    assert seg_caption_token_accuracy([[]], [[1, 2]]) == 0.0
+
+
+def test_synthetic_scenes_are_seeded_and_split():
+    a, b = seg_synthetic_sample(0, "train", 7), seg_synthetic_sample(0, "train", 7)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"]) and a["caption"] == b["caption"]
+    v = seg_synthetic_sample(0, "val", 7)
+    assert not torch.equal(a["image"], v["image"])
+    for i in range(20):
+        s = seg_synthetic_sample(3, "val", i)
+        assert s["image"].shape == (3, 32, 32) and s["mask"].sum() >= 20
+        colour, kind = s["caption"].split()
+        # the target's pixels carry its colour: the caption describes the masked shape
+        from data_seg import SEG_COLOURS
+        mean = s["image"][:, s["mask"] > 0].mean(1) * 255
+        assert torch.allclose(mean, torch.tensor(SEG_COLOURS[colour], dtype=torch.float32), atol=35)
+
+
+def test_refcoco_reader_polygon_and_mask_png(tmp_path):
+    from PIL import Image
+    img = np.zeros((40, 60, 3), dtype=np.uint8)
+    img[10:30, 20:40] = 255
+    Image.fromarray(img).save(tmp_path / "a.png")
+    m = np.zeros((40, 60), dtype=np.uint8)
+    m[0:20, 0:30] = 255  # the top-left quarter
+    Image.fromarray(m).save(tmp_path / "a_mask.png")
+    anns = [{"image": "a.png", "segmentation": [[20, 10, 40, 10, 40, 30, 20, 30]],
+             "sentences": [{"sent": "the white box"}, "bright square"]},
+            {"file_name": "a.png", "mask": "a_mask.png", "sentences": ["top left"]}]
+    (tmp_path / "refs.json").write_text(json.dumps({"annotations": anns}))
+    recs = seg_read_refcoco(str(tmp_path / "refs.json"))
+    assert [r["caption"] for r in recs] == ["the white box", "bright square", "top left"]
+    s = seg_load_record(recs[0], 20)  # 60x40 -> 20x20: the box covers x 20..40 -> 6.7..13.3, y 10..30 -> 5..15
+    assert s["image"].shape == (3, 20, 20) and s["mask"].shape == (20, 20)
+    assert s["mask"][7:13, 8:12].all() and s["mask"][:4].sum() == 0 and s["mask"][:, :5].sum() == 0
+    q = seg_load_record(recs[2], 20)
+    assert q["mask"][:10, :10].all() and q["mask"][10:].sum() == 0 and q["mask"][:, 10:].sum() == 0
+    (tmp_path / "bad.json").write_text(json.dumps([{"image": "a.png", "segmentation": {"counts": "x"},
+                                                    "sentences": ["s"]}]))
+    with pytest.raises(ValueError, match="RLE"):
+        seg_read_refcoco(str(tmp_path / "bad.json"))
+    (tmp_path / "bad2.json").write_text(json.dumps([{"image": "a.png", "mask": "a_mask.png"}]))
+    with pytest.raises(ValueError, match="no referring sentences"):
+        seg_read_refcoco(str(tmp_path / "bad2.json"))
+
+
+def test_short_stage_a_loss_falls(T):
+    s = tiny_bundle(T)["student"]
+    opt = torch.optim.AdamW(s.parameters(), lr=3e-3)
+    b = T.get_batch("train", range(8), "cpu")
+    losses = []
+    for _ in range(25):
+        loss, _ = s("stage_a", images=b["images"], masks=b["masks"], caption_ids=b["caption_ids"], cells=b["cells"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_end_to_end_run_and_resume(tmp_path):
+    tiny = ["--vit_layers=1", "--vit_embd=32", "--vit_heads=2", "--n_layer=1", "--n_embd=32", "--n_head=2",
+            "--n_kv_head=2", "--dec_dim=16", "--batch_size=4", "--n_eval=8", "--eval_batch_size=8", "--n_vis=2",
+            "--log_interval=2", "--max_caption_len=8"]
+    out = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "train_seg_gumbel.py", f"--out_dir={out}", "--stage_a_steps=4",
+                        "--max_steps=6", "--eval_interval=4"] + tiny, cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["recipe"] == "seg_gumbel" and res["step"] == 6 and res["stage"] == "B"
+    for k in ("giou", "ciou", "cycle_iou", "caption_acc", "giou_drop", "cycle_iou_gain"):
+        assert k in res["metrics"]
+    assert "giou" in res["stage_a"] and os.path.exists(os.path.join(out, "samples_step00004.png"))
+    assert os.path.exists(os.path.join(out, "ckpt", "model.safetensors"))
+    assert "text-emb grad" in r.stdout and "stage B" in r.stdout
+    r = subprocess.run([sys.executable, "train_seg_gumbel.py", f"--out_dir={out}", "--init_from=resume",
+                        "--stage_a_steps=4", "--max_steps=8", "--eval_interval=4"] + tiny, cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed" in r.stdout and "step 8/8" in r.stdout
+    res2 = json.load(open(os.path.join(out, "results.json")))
+    assert res2["step"] == 8 and res2["stage_a"] == res["stage_a"]
+
+
+def test_configs_match_script_defaults(T):
+    from configurator import config_keys, parse_args
+    defaults = config_keys(vars(T))
+    synthetic = parse_args(defaults, [os.path.join(ROOT, "config/seg_synthetic.py")])
+    assert synthetic == defaults  # the default config file is the script's defaults, written out
+    refcoco = parse_args(defaults, [os.path.join(ROOT, "config/seg_refcoco.py")])
+    assert refcoco["dataset"] == "refcoco" and (refcoco["image_size"] // refcoco["patch_size"]) % refcoco["llm_grid"] == 0

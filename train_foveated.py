@@ -1,0 +1,482 @@
+"""
+Foveated video VLM: does looking where an LLM predicts beat looking with one learned static query?
+
+    python train_foveated.py                                   # synthetic 'track' task, 2-core CPU, <= 15 min
+    python train_foveated.py --task=static_large               # control: a large static target (ratio ~1)
+    python train_foveated.py --query_mode=shallow --attn_temperature=0.1 --n_passes=2   # ablations
+    python train_foveated.py config/foveated_video.py          # GPU scale: real clips + TAESD latents
+
+Every frame is encoded ONCE by a shared ViT whose per-layer patch K/V are cached; query tokens then read
+the cache (deep: at every layer; shallow: after the last), one query feature per frame.
+  pass 1 (coarse): the learned q_static reads every frame -> GPT -> a predicted query per frame
+  pass 2 (fine):   shifted queries [q_init, q_1, ..., q_{T-1}] read the frames -> GPT -> the next frame's latent
+  (n_passes > 1 repeats pass 2, each time with queries predicted from the previous fine pass)
+loss = fine + coarse (+ caption cross-entropy in captioning mode); the mode (video-only / text-conditioned /
+captioning) is drawn per batch. The hypothesis is ratio = loss_coarse / loss_fine > 1 on held-out videos.
+"""
+import math
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import install_error_hook
+install_error_hook()
+from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx,  # noqa: E402
+                   check_finite, configure_optimizers, dataclass_from_dict, get_lr, cleanup_distributed, global_mean, init_distributed,
+                   left_pad, load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak,
+                   resolve_checkpoint, rng_state, run_dir, save_checkpoint, set_lr, set_rng_state)
+from data import Tokenizer, batch_indices, format_metrics, normalize, save_png, write_results  # noqa: E402
+from data_foveated import (fov_attention_stats, fov_attention_strip, fov_clip_split, fov_cosine,  # noqa: E402
+                           fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_per_frame_mse,
+                           fov_pick_mode, fov_synthetic_batch, fov_target_hit)
+
+# -----------------------------------------------------------------------------
+# config (defaults = config/foveated_synthetic.py: the 2-core CPU run)
+out_dir = ''
+init_from = 'scratch'      # 'scratch' | 'resume' | checkpoint dir | 'hf:owner/name'
+eval_only = False
+seed = 1337
+device = 'auto'
+dtype = 'auto'
+compile = False
+# data
+task = 'track'             # 'track' (small mover among distractors) | 'static_large' (control) | 'folder'
+data_dir = ''              # task='folder': captions.json + clip.npy / clip/ frames
+n_frames = 8
+image_size = 32
+n_distractors = 3
+noise = 0.04
+cue_frames = 2             # the target is outlined in the first frames only
+p_change = 0.25            # per-frame chance the target switches colour
+center_start = True        # track: the target starts mid-frame, then moves with momentum
+latent_encoder = 'fixed'   # 'fixed' (seeded random high-pass filters) | path/to/taesd_encoder.safetensors
+latent_target = 'delta'    # 'delta': z(t+1) - z(frame 0), the change since the first frame (the static scene
+                           # cancels exactly) | 'frame': z(t+1) itself (dominated by whatever never changes)
+latent_channels = 8
+latent_grid = 1            # 1: position-invariant (what the target looks like, not where)
+# encoder: shared ViT, per-layer patch K/V cached, queries read it
+patch_size = 8
+vit_layers = 3
+vit_heads = 4
+vit_width = 64
+coord_channels = True      # append fixed sin/cos x,y channels so keys carry position from step 0
+query_mode = 'deep'        # 'deep' (read at every layer) | 'shallow' (read the last layer only)
+attn_temperature = 0.1     # divides the query->patch logits (< 1 sharper)
+query_dim = 32
+freeze_vit = False
+vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*' weights (a pretrained ViT)
+# LLM
+n_layer = 2
+n_head = 4
+n_embd = 128
+n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
+mode_weights = (0.6, 0.2, 0.2)   # video-only, text-conditioned, captioning; drawn per batch
+caption_tokens = 40        # caption budget (longer captions are an error)
+n_caption_eval = 64        # held-out videos captioned (generated) at each eval
+# training
+max_steps = 1500
+batch_size = 16
+lr = 2e-3
+min_lr_frac = 0.1
+warmup_steps = 100
+weight_decay = 0.01
+grad_clip = 1.0
+log_interval = 50
+eval_interval = 750
+n_eval = 256
+eval_batch = 64
+n_vis = 3                  # videos drawn in the attention strip PNG
+wandb_log = False
+wandb_project = 'nano-vlm'
+wandb_run_name = 'foveated'
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+config = configure(globals())
+
+RECIPE = 'foveated'
+TARGETS = {"ratio": (">=", 1.15), "entropy_gap": (">", 0.0)}  # entropy_gap = coarse - fine attention entropy
+MODES = ("video", "text", "caption")
+tok = Tokenizer()
+BOS, EOS, PAD, IMG = tok['<|bos|>'], tok['<|eos|>'], tok['<|pad|>'], tok['<|image|>']
+
+if query_mode not in ('deep', 'shallow'):
+    raise InputError(f"query_mode must be 'deep' or 'shallow', got {query_mode!r}")
+if n_passes < 1:
+    raise InputError(f"n_passes must be >= 1, got {n_passes}")
+if task == 'folder' and not data_dir:
+    raise InputError("task='folder' needs data_dir=<folder with captions.json and clips>")
+if latent_target not in ('delta', 'frame'):
+    raise InputError(f"latent_target must be 'delta' or 'frame', got {latent_target!r}")
+if image_size % patch_size:
+    raise InputError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+
+# -----------------------------------------------------------------------------
+# the model: shared ViT + static/predicted queries + GPT over one feature per frame
+
+
+def coord_planes(size, n_freq=2):
+    """Fixed (4 * n_freq, size, size) sin/cos planes of x and y: patch keys carry their position."""
+    r = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    planes = [f(math.pi * (2 ** k) * c) for c in (xx, yy) for k in range(n_freq) for f in (torch.sin, torch.cos)]
+    return torch.stack(planes)
+
+
+class FoveatedVLM(nn.Module):
+    def __init__(self, vit_cfg, gpt_cfg, query_dim, latent_dim, coord_channels=True, max_frames=16):
+        super().__init__()
+        self.vit = ViT(vit_cfg)
+        self.gpt = GPT(gpt_cfg)
+        # BUG-001: queries at std 1.0 (0.02 made every query read the same uniform average)
+        self.q_static = nn.Parameter(torch.randn(1, query_dim))
+        self.q_init = nn.Parameter(torch.randn(1, query_dim))  # the fine query of frame 0 (no history yet)
+        # BUG-002: no bias, so the projected query is the query's own signal, never a shared offset
+        self.query_input_proj = nn.Linear(query_dim, vit_cfg.n_embd, bias=False)
+        self.proj = Projector(vit_cfg.n_embd, gpt_cfg.n_embd)
+        # absolute frame index for both passes: rotary is relative only, and the coarse rows (one query for every
+        # frame) would otherwise leave the GPT guessing which frame it is at, a handicap that is not foveation's
+        self.frame_pos = nn.Parameter(torch.zeros(max_frames, gpt_cfg.n_embd))
+        self.query_head = nn.Linear(gpt_cfg.n_embd, query_dim)
+        self.latent_head = nn.Linear(gpt_cfg.n_embd, latent_dim)
+        nn.init.normal_(self.query_head.weight, std=gpt_cfg.n_embd ** -0.5)  # predicted queries ~ std 1 too
+        nn.init.zeros_(self.query_head.bias)
+        self.coord_channels = coord_channels
+        if coord_channels:
+            self.register_buffer("coords", coord_planes(vit_cfg.image_size), persistent=False)
+        # latent standardisation (computed once from training videos; saved with the weights)
+        self.register_buffer("lat_mean", torch.zeros(latent_dim))
+        self.register_buffer("lat_std", torch.ones(latent_dim))
+
+    # -- encode once, read many times
+    def encode(self, frames):
+        """frames (B, T, 3, H, W) in [0, 1] -> the per-layer K/V cache of all B*T frames. Shallow mode keeps
+        only the last layer's K/V (the other slots are None): the two layouts every path must accept."""
+        x = normalize(frames.flatten(0, 1))
+        if self.coord_channels:
+            x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1).to(x.dtype)], 1)
+        kv = self.vit.encode(x)["kv"]
+        if self.vit.config.query_mode == "shallow":
+            kv = [None] * (len(kv) - 1) + [kv[-1]]
+        return dict(kv=kv, n_frames=frames.shape[1])
+
+    def read(self, cache, queries, temperature=None):
+        """queries (B, T, query_dim), one per frame -> features (B, T, C), attention (B, T, N) averaged
+        over the layers read (deep: all, shallow: the last)."""
+        check_cache(cache, self.vit.config.query_mode)
+        B, T, _ = queries.shape
+        if T != cache["n_frames"] or cache["kv"][-1][0].shape[0] != B * T:
+            raise InputError(f"{B}x{T} queries for a cache of {cache['kv'][-1][0].shape[0]} frames")
+        qx = self.query_input_proj(queries).reshape(B * T, 1, -1)
+        out, maps = self.vit.read(qx, cache, temperature)
+        att = torch.stack(maps).mean(0)[:, 0]
+        return out.view(B, T, -1), att.view(B, T, -1)
+
+    def rows(self, feats):
+        """Read features (B, T, C_vit) -> GPT input rows (B, T, E), frame index added."""
+        T = feats.shape[1]
+        if T > self.frame_pos.shape[0]:
+            raise InputError(f"{T} frames but the model was built for at most {self.frame_pos.shape[0]}")
+        return self.proj(feats) + self.frame_pos[:T]
+
+    # -- the GPT over one feature per frame, with optional text before (text-conditioned) or after (captioning)
+    def sequence(self, feats, mode, captions=None):
+        """feats (B, T, C_vit) -> (hidden at the frame positions (B, T, E), caption loss or None)."""
+        rows = self.rows(feats)
+        B, T, _ = rows.shape
+        if mode == "video":
+            return self.gpt.forward_embeds(rows), None
+        if mode == "text":  # <|bos|> caption <|eos|> frames; left-padded so the frames line up at the end
+            ids, mask = left_pad([[BOS] + encode_caption(c) + [EOS] + [IMG] * T for c in captions],
+                                 pad_id=PAD, device=rows.device)
+            return self.gpt.forward_embeds(self.gpt.embed(ids, rows), mask)[:, -T:], None
+        if mode == "caption":  # frames <|bos|> caption <|eos|>, right-padded (causal: pads are never seen)
+            seqs = [[IMG] * T + [BOS] + encode_caption(c) + [EOS] for c in captions]
+            L = max(len(s) for s in seqs)
+            ids = torch.full((B, L), PAD, dtype=torch.long)
+            tgt = torch.full((B, L), -1, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                ids[i, :len(s)] = torch.tensor(s)
+                tgt[i, T:len(s) - 1] = torch.tensor(s[T + 1:])  # <|bos|> predicts the first caption token
+            ids, tgt = ids.to(rows.device), tgt.to(rows.device)
+            h = self.gpt.forward_embeds(self.gpt.embed(ids, rows))
+            logits = self.gpt.logits(h[:, T:])
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt[:, T:].reshape(-1), ignore_index=-1,
+                                   reduction="sum")
+            return h[:, :T], global_mean(loss, (tgt[:, T:] != -1).sum(), rows.device)  # DDP-exact token mean
+        raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+    def latents(self, frames, encoder):
+        """Prediction targets from the frozen encoder, standardised: (B, T, D); position t+1 is what position t
+        predicts. latent_target='delta' subtracts the first frame's latent (row 0 is then all zeros, never a target)."""
+        B, T = frames.shape[:2]
+        z = encoder(frames.flatten(0, 1).float()).view(B, T, -1)
+        if latent_target == 'delta':
+            z = z - z[:, :1]
+        return (z - self.lat_mean) / self.lat_std
+
+    def forward(self, frames, targets, mode="video", captions=None, n_passes=1):
+        """frames (B, T, 3, H, W); targets (B, T, D) standardised latents of the same frames.
+        Position t predicts the latent of frame t+1. Returns a dict of losses and diagnostics."""
+        if not isinstance(mode, str) or mode not in MODES:
+            raise InputError(f"mode must be one of {MODES} for the whole batch (per-sample modes broke "
+                             f"training in the origin, BUG-003), got {mode!r}")
+        B, T = frames.shape[:2]
+        cache = self.encode(frames)
+        text_mode = "text" if mode == "text" else "video"
+        # pass 1 (coarse): the static query on every frame
+        z_c, att_c = self.read(cache, self.q_static.expand(B, T, -1))
+        h, _ = self.sequence(z_c, text_mode, captions)
+        pred_c = self.latent_head(h[:, :-1])
+        loss_c = F.mse_loss(pred_c.float(), targets[:, 1:].float())
+        fine, cap_loss = [], None
+        for p in range(n_passes):
+            # pass 2+ (fine): frame t is read with the query predicted after frames < t
+            q = torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1)
+            z_f, att_f = self.read(cache, q)
+            last = p == n_passes - 1
+            h, cap = self.sequence(z_f, "caption" if (last and mode == "caption") else text_mode, captions)
+            cap_loss = cap if cap is not None else cap_loss
+            pred_f = self.latent_head(h[:, :-1])
+            fine.append(F.mse_loss(pred_f.float(), targets[:, 1:].float()))
+        loss_f = torch.stack(fine).mean()
+        loss = loss_f + loss_c + (cap_loss if cap_loss is not None else 0.0)
+        return dict(loss=loss, loss_fine=fine[-1], loss_coarse=loss_c, loss_caption=cap_loss, pred_fine=pred_f,
+                    pred_coarse=pred_c, z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q)
+
+    @torch.no_grad()
+    def caption(self, frames, max_new_tokens, n_passes=1):
+        """Generated captions (rollout) from the final fine features, through the KV-cached GPT.generate."""
+        B, T = frames.shape[:2]
+        cache = self.encode(frames)
+        z, _ = self.read(cache, self.q_static.expand(B, T, -1))
+        for _ in range(n_passes):
+            h, _ = self.sequence(z, "video")
+            z, _ = self.read(cache, torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1))
+        idx = torch.tensor([[IMG] * T + [BOS]] * B, device=frames.device)
+        out = self.gpt.generate(idx, max_new_tokens, vision_embeds=self.rows(z), eos_id=EOS,
+                                suppress_ids=(BOS, PAD))
+        return [tok.decode([i for i in row.tolist() if i != EOS]) for row in out]
+
+
+def check_cache(cache, query_mode):
+    """BUG-005/006: a cache built for one layout read in the other was a KeyError deep in a loop.
+    Here it is one clear error, and every path (training, captioning, generation) goes through read()."""
+    kv = cache.get("kv") if isinstance(cache, dict) else None
+    if not kv or kv[-1] is None:
+        raise InputError("frame cache has no last-layer K/V: build it with FoveatedVLM.encode()")
+    if query_mode == "deep" and any(layer is None for layer in kv):
+        raise InputError("deep query mode needs the K/V of every layer but this cache is the shallow layout")
+
+
+def encode_caption(caption):
+    ids = tok.encode(caption)
+    if len(ids) > caption_tokens:
+        raise InputError(f"caption of {len(ids)} tokens exceeds caption_tokens={caption_tokens}: {caption!r}")
+    return ids
+
+
+def build_model(meta=None):
+    """From config, or from a checkpoint's meta (init_from=<dir> / hf:)."""
+    vit_cfg = dataclass_from_dict(ViTConfig, meta["vit"]) if meta else ViTConfig(
+        image_size=image_size, patch_size=patch_size, in_chans=3 + (8 if coord_channels else 0), n_layer=vit_layers,
+        n_head=vit_heads, n_embd=vit_width, query_mode=query_mode, attn_temperature=attn_temperature)
+    gpt_cfg = dataclass_from_dict(GPTConfig, meta["gpt"]) if meta else GPTConfig(
+        vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
+        sequence_len=n_frames + caption_tokens + 4, image_token_id=IMG)
+    fov = meta["foveated"] if meta else dict(query_dim=query_dim, latent_dim=latent_enc.dim,
+                                             coord_channels=coord_channels, max_frames=n_frames)
+    return FoveatedVLM(vit_cfg, gpt_cfg, **fov), dict(vit=asdict(vit_cfg), gpt=asdict(gpt_cfg), foveated=fov)
+
+
+def get_batch(split, indices):
+    """A batch of videos (frames on device) for these global indices."""
+    if task == 'folder':
+        b = fov_folder_batch(data_dir, clips[split], indices, n_frames, image_size)
+    else:
+        b = fov_synthetic_batch(seed, split, indices, task=task, n_frames=n_frames, size=image_size,
+                                n_distractors=n_distractors, noise=noise, cue_frames=cue_frames, p_change=p_change,
+                                center_start=center_start)
+    b["frames"] = b["frames"].to(device)
+    return b
+
+
+latent_enc = fov_latent_encoder(latent_encoder, latent_channels, latent_grid, seed=0)
+clips = {}
+if task == 'folder':
+    all_clips = fov_list_clips(data_dir)
+    clips = dict(train=fov_clip_split(all_clips, 'train'), val=fov_clip_split(all_clips, 'val'))
+
+# == the run (tests exec this file up to this line to get the definitions above) ==
+ddp = init_distributed(device)
+device, device_type, master = ddp['device'], ddp['device_type'], ddp['master']
+torch.manual_seed(seed + ddp['rank'])
+ctx, dtype_name = autocast_ctx(device_type, dtype)
+out_dir = run_dir(out_dir, RECIPE, init_from)
+resume = init_from == 'resume'
+latent_enc.to(device)
+
+if init_from in ('scratch', 'resume'):
+    model, model_meta = build_model()
+else:  # a checkpoint dir or hf:owner/name: the architecture comes from its meta
+    src = resolve_checkpoint(init_from)
+    model, model_meta = build_model(load_meta(src))
+    load_checkpoint(src, model)
+model.to(device)
+if vit_init and init_from == 'scratch':
+    from safetensors.torch import load_file
+    vit_state = {k[4:]: v for k, v in load_file(os.path.join(resolve_checkpoint(vit_init), "model.safetensors")).items()
+                 if k.startswith("vit.")}
+    model.vit.load_state_dict(vit_state)
+if freeze_vit:
+    model.vit.requires_grad_(False)
+if init_from == 'scratch':  # standardise latents with statistics of 64 training videos (a function of seed)
+    with torch.no_grad():
+        z = model.latents(get_batch('train', range(10**6, 10**6 + 64))["frames"], latent_enc)[:, 1:].flatten(0, 1)
+        model.lat_mean.copy_(z.mean(0))
+        model.lat_std.copy_(z.std(0).clamp_min(1e-3))
+optimizer = configure_optimizers(model, lr, weight_decay, device_type=device_type)
+start_step = 0
+if resume:
+    meta = load_checkpoint(os.path.join(out_dir, 'ckpt'), model, optimizer)
+    set_rng_state(meta['rng'])
+    start_step = meta['step']
+raw_model = model
+model = maybe_compile(model, compile, device_type)
+if ddp['ddp']:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    # video-only batches leave the LM head unused, so DDP must tolerate unused parameters
+    model = DDP(model, device_ids=[ddp['local_rank']] if device_type == 'cuda' else None,
+                find_unused_parameters=True)
+n_params = sum(p.numel() for p in raw_model.parameters())
+wandb = WandbLogger(wandb_log and master, wandb_project, wandb_run_name, config, out_dir)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"foveated: {n_params / 1e6:.2f}M params | task {task} | {query_mode} queries, temperature "
+          f"{attn_temperature}, {n_passes} fine pass(es) | q_static std {raw_model.q_static.std().item():.2f} | "
+          f"out {out_dir}")
+
+# -----------------------------------------------------------------------------
+# eval: held-out videos 0..n_eval-1, video-only mode, fine queries rolled out from the model's own predictions
+
+
+@torch.no_grad()
+def evaluate(step):
+    raw_model.eval()
+    acc = {k: [] for k in ("pf", "pc", "tg", "zf", "zc", "af", "ac", "xy")}
+    size = 0
+    for start in range(0, n_eval, eval_batch):
+        b = get_batch('val', range(start, min(n_eval, start + eval_batch)))
+        with ctx:
+            tgt = raw_model.latents(b["frames"], latent_enc)
+            r = raw_model(b["frames"], tgt, "video", n_passes=n_passes)
+        for k, v in (("pf", r["pred_fine"]), ("pc", r["pred_coarse"]), ("tg", tgt[:, 1:]), ("zf", r["z_fine"]),
+                     ("zc", r["z_coarse"]), ("af", r["att_fine"]), ("ac", r["att_coarse"])):
+            acc[k].append(v.float().cpu())
+        if b["target_xy"] is not None:
+            acc["xy"].append(b["target_xy"])
+            size = b["target_size"]
+    a = {k: torch.cat(v) for k, v in acc.items() if v}
+    lf, lc = F.mse_loss(a["pf"], a["tg"]).item(), F.mse_loss(a["pc"], a["tg"]).item()
+    ent_f, max_f = fov_attention_stats(a["af"])
+    ent_c, max_c = fov_attention_stats(a["ac"])
+    m = dict(ratio=lc / max(lf, 1e-12), loss_fine=lf, loss_coarse=lc, entropy_fine=ent_f, entropy_coarse=ent_c,
+             entropy_gap=ent_c - ent_f, max_att_fine=max_f, max_att_coarse=max_c,
+             cos_z_fine_coarse=fov_cosine(a["zf"], a["zc"]))
+    if "xy" in a:  # attention mass on the target's patches (frames 1.. : frame 0 has no history)
+        m["target_att_fine"] = fov_target_hit(a["af"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
+        m["target_att_coarse"] = fov_target_hit(a["ac"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
+    if n_caption_eval > 0:
+        b = get_batch('val', range(min(n_caption_eval, n_eval)))
+        with ctx:
+            gen = raw_model.caption(b["frames"], caption_tokens + 1, n_passes)
+        m["caption_exact"] = float(np.mean([g == c for g, c in zip(gen, b["captions"])]))
+        m["caption_word_acc"] = float(np.mean([np.mean([x == y for x, y in zip(g.split(), c.split())] +
+                                                       [False] * abs(len(g.split()) - len(c.split())))
+                                               for g, c in zip(gen, b["captions"])]))
+        print(f"  caption: {gen[0]!r} (truth {b['captions'][0]!r})")
+    per_frame = dict(fine=fov_per_frame_mse(a["pf"], a["tg"]), coarse=fov_per_frame_mse(a["pc"], a["tg"]))
+    # the picture: frames, coarse attention, fine attention, for the first n_vis held-out videos
+    b = get_batch('val', range(n_vis))
+    strips = [fov_attention_strip(b["frames"][i].cpu(), a["ac"][i], a["af"][i]) for i in range(n_vis)]
+    png = save_png(torch.cat(strips, 1), os.path.join(out_dir, f"attention_{step:06d}.png"))
+    raw_model.train()
+    return m, per_frame, png
+
+
+def save_all(step, metrics=None):
+    save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer,
+                    meta=dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), metrics=metrics, **model_meta))
+
+
+def run_eval(step, train_seconds):
+    m, per_frame, png = evaluate(step)
+    print(f"eval step {step}: " + format_metrics(m, TARGETS))
+    print("  per-frame loss fine   " + " ".join(f"{x:.3f}" for x in per_frame["fine"]))
+    print("  per-frame loss coarse " + " ".join(f"{x:.3f}" for x in per_frame["coarse"]))
+    write_results(out_dir, RECIPE, 'val', n_eval, m, TARGETS, step=step, train_seconds=train_seconds,
+                  device=device, dtype=dtype_name, params=n_params, config=config, per_frame=per_frame,
+                  task=task, png=os.path.basename(png))
+    wandb.log(m, step, images={"attention": png})
+    save_all(step, m)
+    return m
+
+
+if eval_only:
+    if master:
+        run_eval(start_step, 0.0)
+    wandb.finish()
+    raise SystemExit(0)
+
+# -----------------------------------------------------------------------------
+# training
+
+peak = measure_matmul_peak(device) if master else None
+n_patches = (image_size // patch_size) ** 2
+tokens_per_step = batch_size * n_frames * n_patches * ddp['world_size']  # patch tokens encoded per step
+# ~6 * params * tokens for the ViT encode, plus the GPT over one row per frame for the coarse and each fine pass
+flops_per_step = 6 * (sum(p.numel() for p in raw_model.vit.parameters()) * tokens_per_step +
+                      sum(p.numel() for p in raw_model.gpt.parameters()) * batch_size * n_frames * (1 + n_passes))
+train_seconds, t0, last_log = 0.0, time.perf_counter(), start_step
+counts = {k: 0 for k in MODES}
+for step in range(start_step, max_steps):
+    lr_now = get_lr(step, max_steps, lr, warmup_steps, min_lr_frac)
+    set_lr(optimizer, lr_now)
+    mode = fov_pick_mode(seed, step, mode_weights, MODES)  # one mode for the whole batch (BUG-003)
+    counts[mode] += 1
+    b = get_batch('train', batch_indices(step, batch_size, ddp['rank'], ddp['world_size']))
+    with ctx:
+        tgt = raw_model.latents(b["frames"], latent_enc)
+        r = model(b["frames"], tgt, mode, b["captions"], n_passes)
+    loss = r["loss"]
+    check_finite(loss, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    optimizer.step()
+    if step % log_interval == 0 or step == max_steps - 1:
+        loss_avg = mean_across_ranks(loss.item(), device)  # the global batch's loss (every rank joins)
+    if master and (step % log_interval == 0 or step == max_steps - 1):
+        elapsed = time.perf_counter() - t0
+        train_seconds, t0 = train_seconds + elapsed, time.perf_counter()
+        dt = elapsed / max(1, step + 1 - last_log)
+        last_log = step + 1
+        extra = f"{mode:7s} | fine {r['loss_fine'].item():.4f} | coarse {r['loss_coarse'].item():.4f}"
+        if r["loss_caption"] is not None:
+            extra += f" | caption {r['loss_caption'].item():.3f}"
+        print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens_per_step, flops_per_step, peak, extra))
+        wandb.log(dict(loss=loss.item(), loss_fine=r['loss_fine'].item(), loss_coarse=r['loss_coarse'].item(),
+                       lr=lr_now), step)
+    if master and ((step + 1) % eval_interval == 0 or step == max_steps - 1):
+        train_seconds += time.perf_counter() - t0
+        run_eval(step + 1, train_seconds)
+        t0, last_log = time.perf_counter(), step + 1
+if master:
+    print(f"done: {max_steps - start_step} steps in {train_seconds:.0f} s of training | batches per mode {counts}")
+wandb.finish()
+cleanup_distributed()
