@@ -20,6 +20,8 @@ n_kv_head = 4
 max_points = 10
 max_query_len = 96
 loss = "three_stage_cont"
+window = 1                    # answer = soft-argmax over the 3x3 patches around the best one (dense_weight: no
+                              #   labels in JSONL, so only the grounding / patch / coordinate losses train)
 augment = True                # translate/scale/flip with the points moved along (a flip swaps left/right)
 batch_size = 32
 lr = 3e-4

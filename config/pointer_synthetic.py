@@ -12,6 +12,7 @@ train_jsonl = ""             # jsonl: {"image": path, "query": str, "points": [[
 val_jsonl = ""
 img_size = 96                # rendered/resized image side (px); errors are still measured at 384 px
 patch_size = 12
+stem = "patch"               # patch: linear patch embedding | conv: 3 strided convs (measured slower to learn)
 vit_layers = 4
 vit_embd = 128
 vit_heads = 4
@@ -30,6 +31,10 @@ patch_weight = 1.0           # attend mode: cross-entropy of the point token's a
                              #   toward the patch holding the target (0 = off)
 mask_weight = 1.0            # attend mode: BCE of a per-image-token "belongs to a referred object" logit (a
                              #   dense grounding label: image tokens read the query, which comes first)
+dense_weight = 1.0            # dense scene parsing of every object: per-patch colour/shape/size classes (ViT features)
+                             #   + per-patch offset to its object's centre (image-token states)
+window = 1                   # the answer's soft-argmax only over the 3x3 patches around the best one (-1 = global)
+curriculum_steps = 150       # > 0: attribute-only queries (no relations / "every") before this step
 augment = False              # translate/scale/flip (synthetic scenes are infinite, so off by default)
 max_steps = 1500
 time_budget_s = 480.0         # > 0: stop training after this many seconds (then eval); LR decays on time too

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from data_pointer import (POINTER_COLOURS, POINTER_FRAME, pointer_augment, pointer_encode, pointer_patch_mask,
+from data_pointer import (POINTER_COLOURS, POINTER_FRAME, POINTER_KINDS, POINTER_N_COLOUR, POINTER_SHAPES,
+                          pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_window_softmax, pointer_encode, pointer_patch_mask,
                           pointer_word_specials, pointer_draw, pointer_load_record, pointer_loss_l1,
                           pointer_loss_smooth_l1, pointer_loss_three_stage, pointer_loss_three_stage_cont,
                           pointer_match, pointer_matches, pointer_pixel_errors, pointer_pixel_metrics,
@@ -196,6 +197,58 @@ def test_patch_mask_marks_the_target_box():
     assert m.sum() == 3 and m[0, 1] == 1 and m[0, 2] == 1 and m[3, 3] == 1
 
 
+def test_dense_labels_worked_example():
+    # 4x4 grid on the 384 frame (cells of 96 px, patch centres 48, 144, 240, 336): a large red square centred at
+    # pixel (144, 48) (+0.5: pixel centre) with half 40 covers only the patch centred at (144, 48); a small blue
+    # circle (half 12 < half a cell) at (300, 300) owns the one patch holding its centre, (336, 336)
+    objs = [dict(x=144, y=48, half=40, colour="red", shape="square", size="large"),
+            dict(x=300, y=300, half=12, colour="blue", shape="circle", size="small")]
+    d = pointer_dense_labels(objs, 4).reshape(4, 4, 5)
+    assert np.allclose(d[0, 1], [0.5 / 96, 0.5 / 96, 0, POINTER_SHAPES.index("square"), 1])
+    assert np.allclose(d[3, 3], [(300.5 - 336) / 96, (300.5 - 336) / 96, 2, POINTER_SHAPES.index("circle"), 0])
+    bg = [(r, c) for r in range(4) for c in range(4) if (r, c) not in ((0, 1), (3, 3))]
+    for r, c in bg:
+        assert np.isnan(d[r, c, :2]).all() and d[r, c, 2] == POINTER_N_COLOUR - 1
+    ignored = pointer_dense_labels(None, 4)
+    assert ignored.shape == (16, 5) and np.isnan(ignored[:, :2]).all() and (ignored[:, 2:] == -1).all()
+
+
+def test_dense_offsets_point_every_patch_at_its_objects_centre():
+    # patch centre + offset (in patch widths) lands on the owning object's centre, for every labelled patch
+    grid, cell = 8, POINTER_FRAME / 8
+    for i in range(10):
+        s = pointer_scene(sample_rng(3, "train", i))
+        d = pointer_dense_labels(s["objects"], grid)
+        c = (np.arange(grid) + 0.5) * cell
+        px, py = (v.reshape(-1) for v in np.meshgrid(c, c))
+        centres = {(o["x"] + 0.5, o["y"] + 0.5) for o in s["objects"]}
+        for n in np.flatnonzero(~np.isnan(d[:, 0])):
+            hit = (round(px[n] + d[n, 0] * cell, 3), round(py[n] + d[n, 1] * cell, 3))
+            assert hit in {(round(x, 3), round(y, 3)) for x, y in centres}
+        for o in s["objects"]:  # every object owns at least one patch unless a nearer centre took it
+            assert d.shape == (grid * grid, 5)
+
+
+def test_window_softmax_keeps_far_patches_out():
+    # 4x4 grid: best patch (1, 1); a far patch (3, 3) with a high logit gets no weight inside the window
+    logits = torch.full((1, 16), -2.0)
+    logits[0, 5], logits[0, 6], logits[0, 15] = 5.0, 4.0, 4.5
+    w = pointer_window_softmax(logits, 4, 1)[0]
+    assert w[15] == 0 and abs(float(w.sum()) - 1) < 1e-6 and w[5] > w[6] > w[0] > 0
+    assert ((w > 0).nonzero().flatten().tolist()) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    assert pointer_window_softmax(logits, 4, 0)[0].tolist() == [0.0] * 5 + [1.0] + [0.0] * 10  # hard argmax
+    assert torch.allclose(pointer_window_softmax(logits, 4, -1), logits.softmax(-1))
+
+
+def test_curriculum_starts_attribute_only_then_everything():
+    assert pointer_curriculum_kinds(0, 100) == ("attr", "size", "single_attr")
+    assert pointer_curriculum_kinds(99, 100) == ("attr", "size", "single_attr")
+    assert pointer_curriculum_kinds(100, 100) == POINTER_KINDS
+    assert pointer_curriculum_kinds(0, 0) == POINTER_KINDS
+    early = {pointer_synthetic_sample(1, "train", i, 32, kinds=pointer_curriculum_kinds(0, 10))["kind"] for i in range(30)}
+    assert early <= {"attr", "size", "single_attr"}
+
+
 def test_word_tokens_and_byte_fallback():
     tok = Tokenizer(specials=["<|point|>"] + pointer_word_specials())
     ids = pointer_encode(tok, "the red mug left of the circle")
@@ -281,6 +334,17 @@ def test_train_eval_resume(tmp_path):
     stdout = run(["--max_steps=70", "--eval_interval=30", "--init_from=resume", "--out_dir=" + out])
     assert "resumed" in stdout and "at step 60" in stdout
     assert json.load(open(os.path.join(out, "results.json")))["step"] == 70
+
+
+def test_conv_stem_and_global_window_variants_run(tmp_path):
+    # the non-default front end (conv stem) and answer (global soft-argmax) train, evaluate and checkpoint
+    out = str(tmp_path / "conv")
+    run(["--stem=conv", "--window=-1", "--curriculum_steps=3", "--max_steps=6", "--eval_interval=6", "--out_dir=" + out])
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["step"] == 6 and np.isfinite(res["metrics"]["mean_px"]) and res["config"]["stem"] == "conv"
+    r = subprocess.run([sys.executable, "train_pointer.py", "--stem=vgg"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "stem must be" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_loss_name_is_one_line_error():
