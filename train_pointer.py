@@ -82,9 +82,9 @@ from configurator import configure  # noqa: E402
 config = configure(globals())
 
 from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
-                   autocast_ctx, check_finite, configure_optimizers, dataclass_from_dict, get_lr,
+                   autocast_ctx, check_finite, cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr, global_mean,
                    gpt_flops_per_token, init_distributed, install_error_hook, left_pad, load_checkpoint,
-                   load_meta, log_line, maybe_compile, measure_matmul_peak, rng_state, run_dir,
+                   load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, rng_state, run_dir,
                    save_checkpoint, set_lr, set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, epoch_order, format_metrics, image_grid, normalize, save_png, write_results  # noqa: E402
 from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
@@ -370,11 +370,14 @@ def compute_loss(batch):
         out = model(batch["ids"], batch["pad_mask"], batch["images"], batch["feed"], batch["feed_mask"])
     xy, done_logit, patch_logits, match = out["xy"].float(), out["done"].float(), out["patch"], out["match"]
     has_point = batch["done"] < 0.5
-    coord = POINTER_LOSSES[loss](xy[has_point], batch["xy"][has_point])
+    n_point = has_point.sum()
+    # masked means are re-weighted to the global batch (global_mean), so DDP matches one process exactly
+    coord = global_mean(POINTER_LOSSES[loss](xy[has_point], batch["xy"][has_point]) * n_point, n_point, dev)
     done_bce = F.binary_cross_entropy_with_logits(done_logit, batch["done"])
     parts = dict(coord=coord, done=done_bce)
     if patch_logits is not None and patch_weight > 0:
-        parts["patch"] = F.cross_entropy(patch_logits[has_point], raw_model.patch_index(batch["xy"][has_point]))
+        parts["patch"] = global_mean(F.cross_entropy(patch_logits[has_point], raw_model.patch_index(batch["xy"][has_point]),
+                                                     reduction="sum"), n_point, dev)
     if match is not None and mask_weight > 0:
         parts["mask"] = F.binary_cross_entropy_with_logits(match, batch["mask"])
     dense = batch["dense"]
@@ -382,11 +385,12 @@ def compute_loss(batch):
         # every object of every scene supervises the patches it covers: what it is, and where its centre lies
         cls = dense[..., 2:].long()
         logits = out["parse"].float().split([POINTER_N_COLOUR, POINTER_N_SHAPE, POINTER_N_SIZE], -1)
-        parts["parse"] = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), cls[..., i].reshape(-1), ignore_index=-1)
+        parts["parse"] = sum(global_mean(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), cls[..., i].reshape(-1),
+                                                         ignore_index=-1, reduction="sum"), (cls[..., i] >= 0).sum(), dev)
                              for i, lg in enumerate(logits)) / 3
         has_off = ~torch.isnan(dense[..., 0])
         if out["offset"] is not None and has_off.any():
-            parts["offset"] = (out["offset"][has_off] - dense[..., :2][has_off]).abs().sum(-1).mean()
+            parts["offset"] = global_mean((out["offset"][has_off] - dense[..., :2][has_off]).abs().sum(), has_off.sum(), dev)
     total = (coord + done_weight * done_bce + patch_weight * parts.get("patch", 0.0) + mask_weight * parts.get("mask", 0.0)
              + dense_weight * (parts.get("parse", 0.0) + parts.get("offset", 0.0)))
     return total, parts
@@ -511,6 +515,10 @@ while step < max_steps:
     # with a time budget the schedule runs on whichever is further along, steps or wall time, so a slow
     # (shared) CPU still gets a fully decayed LR; time_budget_s=0 keeps runs exactly reproducible
     sched_step = step if time_budget_s <= 0 else max(step, int(max_steps * (t0 - t_start) / time_budget_s))
+    if ddp["ddp"] and time_budget_s > 0:  # rank 0's clock sets everyone's LR, or the replicas would drift apart
+        sched_tensor = torch.tensor([sched_step], device=dev)
+        torch.distributed.broadcast(sched_tensor, 0)
+        sched_step = int(sched_tensor)
     set_lr(optimizer, get_lr(sched_step, max_steps, lr, warmup_steps, min_lr_frac))
     batch = get_batch(step)
     total, parts = compute_loss(batch)
@@ -526,9 +534,11 @@ while step < max_steps:
     step += 1
     dt = time.time() - t0
     train_seconds += dt
+    if step % log_interval == 0 or step == 1:
+        loss_avg = mean_across_ranks(total.item(), dev)  # the global batch's loss (every rank joins)
     if master and (step % log_interval == 0 or step == 1):
         extra = " | ".join(f"{k} {v.item():.4f}" for k, v in parts.items()) + " | " + " ".join(f"{k} {v:.3f}" for k, v in head_norms.items())
-        print(log_line(step, max_steps, total.item(), optimizer.param_groups[0]["lr"], dt,
+        print(log_line(step, max_steps, loss_avg, optimizer.param_groups[0]["lr"], dt,
                        tokens=batch["ids"].numel(), flops_per_step=flops_per_step, peak=peak, extra=extra))
     out_of_time = time_budget_s > 0 and time.time() - t_start > time_budget_s
     if master and (step % eval_interval == 0 or step == max_steps or out_of_time):
@@ -555,5 +565,4 @@ if master:
         load_checkpoint(os.path.join(out_dir, "best"), raw_model)
         eval_and_report(train_seconds, head_norms)
 logger.finish()
-if ddp["ddp"]:
-    torch.distributed.destroy_process_group()
+cleanup_distributed()

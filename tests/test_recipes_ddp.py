@@ -20,6 +20,9 @@ RECIPES = {
     "foveated": ["--device=cpu", "--n_frames=4", "--image_size=16", "--vit_layers=2", "--vit_width=32", "--n_embd=32",
                  "--n_layer=1", "--query_dim=16", "--latent_channels=4", "--n_distractors=2", "--n_eval=4",
                  "--eval_batch=4", "--n_caption_eval=2", "--caption_tokens=40", "--n_vis=2"],
+    "pointer": ["--img_size=32", "--patch_size=8", "--vit_layers=1", "--vit_embd=32", "--vit_heads=2", "--n_layer=1",
+                "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--n_eval=8", "--n_eval_multi=4", "--n_train_eval=4",
+                "--max_query_len=24", "--time_budget_s=0"],
 }
 STEPS = 4
 
