@@ -177,15 +177,45 @@ def lane_slots(lanes, max_lanes=4, centre=TUSIMPLE_W / 2):
         slots[half + j] = l
     return slots, max(0, len(left) - half) + max(0, len(right) - (max_lanes - half))
 
+
+
+def lane_seg_target(slots, h_samples, grid_w, grid_h, label_w=TUSIMPLE_W, label_h=TUSIMPLE_H):
+    """Per-slot lane mask for the auxiliary segmentation loss (as CLRNet / UFLD train their backbones):
+    (grid_h, grid_w) int64, 0 = background, k + 1 = the lane in slot k. Each labelled lane's polyline is
+    sampled at least twice per grid cell and every sample marks its cell (a later slot wins a shared cell)."""
+    target = np.zeros((grid_h, grid_w), dtype=np.int64)
+    ys = np.asarray(h_samples, dtype=np.float64) * grid_h / label_h
+    for k, lane in enumerate(slots):
+        if lane is None:
+            continue
+        xs = np.asarray(lane, dtype=np.float64) * grid_w / label_w
+        ok = np.asarray(lane) >= 0
+        px, py = [xs[ok]], [ys[ok]]  # every labelled point, isolated ones included
+        for r in range(len(xs) - 1):
+            if ok[r] and ok[r + 1]:
+                n = int(2 * max(abs(xs[r + 1] - xs[r]), abs(ys[r + 1] - ys[r]))) + 2
+                f = np.linspace(0.0, 1.0, n)
+                px.append(xs[r] + f * (xs[r + 1] - xs[r]))
+                py.append(ys[r] + f * (ys[r + 1] - ys[r]))
+        px, py = np.concatenate(px), np.concatenate(py)
+        target[np.clip(py.astype(int), 0, grid_h - 1), np.clip(px.astype(int), 0, grid_w - 1)] = k + 1
+    return target
+
 # -----------------------------------------------------------------------------
 # synthetic road scenes
 
 
-def lane_synthetic_sample(rng, img_w=160, img_h=96, h_samples=None, max_lanes=4, supersample=2):
+def lane_synthetic_sample(rng, img_w=160, img_h=96, h_samples=None, max_lanes=4, supersample=2, max_cars=2,
+                          max_shadows=1, noise=0.02, lighting=0.5, dash_freq=0.6, tilt=1.0):
     """One road scene: 2..max_lanes lanes as smooth perspective curves converging to a vanishing point
     (camera tilt moves the horizon), solid or dashed, white or yellow, occluded by vehicles, with shadows,
     lighting and texture noise. Returns dict(image (3, img_h, img_w) float [0,1], lanes (left to right,
-    TuSimple form in the 1280x720 label frame), h_samples)."""
+    TuSimple form in the 1280x720 label frame), h_samples).
+    Difficulty knobs (defaults = the 10-minute CPU default; the first version's harder scene in brackets):
+    max_cars vehicles (occlusion) [3], max_shadows shadow bands [2], noise = max sensor noise std [0.04],
+    lighting = scale of the brightness/contrast/colour/gamma jitter [1.0], dash_freq = dash cycles per unit
+    of ground depth 1/t (t = 1 at the bottom row) [0.15-0.25: a dashed lane then often showed a single dash,
+    or none, in the lower half of the image], tilt = scale of the horizon's (camera pitch) range [1.0]."""
     from PIL import Image, ImageDraw
     hs = np.asarray(TUSIMPLE_H_SAMPLES if h_samples is None else h_samples, dtype=np.float64)
     W, H = TUSIMPLE_W, TUSIMPLE_H
@@ -194,7 +224,7 @@ def lane_synthetic_sample(rng, img_w=160, img_h=96, h_samples=None, max_lanes=4,
         half = max_lanes // 2
         n_left, n_right = int(rng.integers(1, half + 1)), int(rng.integers(1, max_lanes - half + 1))
         n = n_left + n_right
-        vy = rng.uniform(250, 330)                     # horizon (camera tilt)
+        vy = 290 + tilt * rng.uniform(-40, 40)         # horizon (camera tilt)
         vx = rng.uniform(540, 740)                     # camera yaw
         bend = rng.uniform(-160, 160) * (rng.random() < 0.7)  # road curvature, felt near the horizon
         lane_w = rng.uniform(330, 480)                 # lane spacing at the bottom row
@@ -238,7 +268,7 @@ def lane_synthetic_sample(rng, img_w=160, img_h=96, h_samples=None, max_lanes=4,
         x0 = rng.uniform(0, cw)
         g = int(np.clip(road + rng.uniform(-25, 25), 0, 255))
         draw.ellipse([x0 - 2 * r, y0 - r, x0 + 2 * r, y0 + r], fill=(g, g, g))
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(0, max_shadows + 1))):
         y0, h0 = rng.uniform(hy, ch), rng.uniform(2, 10) * S
         g = int(road * rng.uniform(0.45, 0.75))
         draw.polygon([(0, y0), (cw, y0 + rng.uniform(-8, 8) * S), (cw, y0 + h0), (0, y0 + h0)], fill=(g, g, g))
@@ -248,18 +278,18 @@ def lane_synthetic_sample(rng, img_w=160, img_h=96, h_samples=None, max_lanes=4,
         yellow = rng.random() < 0.2
         colour = (235, 200, 60) if yellow else (int(rng.uniform(190, 255)),) * 3
         dashed = rng.random() < 0.5
-        period, duty, phase = rng.uniform(0.6, 1.0), rng.uniform(0.35, 0.6), rng.uniform()
+        period, duty, phase = dash_freq * rng.uniform(0.8, 1.25), rng.uniform(0.35, 0.6), rng.uniform()
         width = rng.uniform(12, 22)  # label px at the bottom row
         for y0, y1 in zip(ys[:-1], ys[1:]):
             if y0 < start[k]:
                 continue
             t = (y0 - vy) / D
-            if dashed and ((1.0 / t) * period * 0.25 + phase) % 1.0 > duty:
+            if dashed and ((1.0 / t) * period + phase) % 1.0 > duty:
                 continue
             w = max(1, int(round(width * t * sx)))
             draw.line([(lane_x(k, y0) * sx, y0 * sy), (lane_x(k, y1) * sx, y1 * sy)], fill=colour, width=w)
     # vehicles: boxes standing on the road, nearer ones drawn last; they hide lane marks, labels stay
-    n_cars = int(rng.choice([0, 1, 1, 2, 2, 3]))
+    n_cars = int(rng.integers(0, max_cars + 1))
     cars = sorted(rng.uniform(0.15, 0.95, size=n_cars))
     for t in cars:
         y_bot = vy + t * D
@@ -276,10 +306,11 @@ def lane_synthetic_sample(rng, img_w=160, img_h=96, h_samples=None, max_lanes=4,
     img = img.resize((img_w, img_h), Image.BOX)
     x = np.asarray(img, dtype=np.float32) / 255.0  # numpy, not torch: tiny torch ops thrash a loaded CPU
     # lighting (brightness, contrast, colour cast, gamma) and sensor noise
-    x = (x - 0.5) * rng.uniform(0.7, 1.2) + 0.5 * rng.uniform(0.7, 1.25)
-    x = x * rng.uniform(0.9, 1.1, size=3).astype(np.float32)
-    x = np.clip(x, 0, 1) ** rng.uniform(0.8, 1.25)
-    x = x + rng.standard_normal((img_h, img_w, 1)).astype(np.float32) * rng.uniform(0.005, 0.04)
+    L = lighting
+    x = (x - 0.5) * (1 + L * rng.uniform(-0.3, 0.2)) + 0.5 * (1 + L * rng.uniform(-0.3, 0.25))
+    x = x * (1 + L * rng.uniform(-0.1, 0.1, size=3)).astype(np.float32)
+    x = np.clip(x, 0, 1) ** np.exp(L * rng.uniform(-0.22, 0.22))
+    x = x + rng.standard_normal((img_h, img_w, 1)).astype(np.float32) * rng.uniform(0.1, 1.0) * noise
     x = torch.from_numpy(np.ascontiguousarray(np.clip(x, 0, 1).transpose(2, 0, 1), dtype=np.float32))
     return dict(image=x, lanes=[l.tolist() for l in lanes], h_samples=hs.astype(int).tolist(), raw_file="")
 

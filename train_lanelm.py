@@ -8,6 +8,8 @@ coordinate tokens after a lane-id prompt:
 Inference prompts every lane id of an image in one batch and decodes greedily with the KV cache; decoded
 lanes are scored with the official TuSimple metric (accuracy / FP / FN) on held-out images, next to the
 teacher-forced token accuracy (a large gap between the two is this approach's known failure).
+Training adds an auxiliary per-lane-slot segmentation loss on P5 (aux_seg_weight; as CLRNet/UFLD train their
+backbones): a dense signal telling the from-scratch encoder where each lane slot runs (README ablation).
 
     python train_lanelm.py                              # synthetic roads, 2-core CPU, <= 10 min
     python train_lanelm.py --overfit=True               # one image, 4 lanes: loss < 0.26, 4/4 decoded
@@ -23,13 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, norm, Projector, WandbLogger, autocast_ctx, check_finite, configure_optimizers,
+from model import (GPT, GPTConfig, cleanup_distributed, global_mean, norm, Projector, WandbLogger, autocast_ctx, check_finite, configure_optimizers,
                    get_lr, gpt_flops_per_token, init_distributed, install_error_hook, load_checkpoint, load_meta,
                    log_line, maybe_compile, measure_matmul_peak, rng_state, run_dir,
                    save_checkpoint, set_lr, set_rng_state, InputError)
 from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
 from configurator import configure
-from data_lanelm import (LaneTokenizer, lane_draw, lane_slots, lane_sort, lane_synthetic_sample,
+from data_lanelm import (LaneTokenizer, lane_draw, lane_seg_target, lane_slots, lane_sort, lane_synthetic_sample,
                          tusimple_metrics, tusimple_read_labels, tusimple_sample)
 
 install_error_hook()
@@ -56,6 +58,13 @@ img_h = 96
 max_lanes = 4                # lane ids (BOS tokens); TuSimple has up to 5 lanes per image
 max_rows = 56                # ROW tokens = the most h_samples rows an image may have (TuSimple: 56)
 h_step = 20                  # synthetic label rows: h_samples = 160, 160 + h_step, ... < 720 (TuSimple's own: 10)
+# synthetic difficulty knobs (data_lanelm.lane_synthetic_sample; the first version's harder scene in brackets)
+syn_max_cars = 2             # vehicles occluding lane marks [3]
+syn_max_shadows = 1          # shadow bands across the road [2]
+syn_noise = 0.02             # max sensor noise std [0.04]
+syn_lighting = 0.5           # scale of the brightness / contrast / colour / gamma jitter [1.0]
+syn_dash_freq = 0.6          # dash cycles per unit ground depth [0.15-0.25: often no dash in the lower half]
+syn_tilt = 1.0               # scale of the horizon (camera pitch) range, +-40 label px
 # tokenizer
 tokenization = 'relative_disjoint'  # 'relative_disjoint' | 'absolute' | 'relative'
 nbins_x = 200
@@ -64,13 +73,17 @@ max_abs_dx = 32
 vis_levels = 'p5'            # 'p5' | 'p3p4p5'
 conv_width = 16              # channels of the stem (P3 = 2x, P4 = 4x, P5 = 8x)
 conv_norm = 'group'          # 'group' | 'batch' (measured equal at 300 steps; group has no train/eval or DDP-rank gap)
+aux_seg_weight = 1.0         # auxiliary per-slot lane segmentation loss on P5 (0 = off): the dense backbone
+                             # supervision lane detectors train with (CLRNet, UFLD); LaneLM's origin read a
+                             # lane-trained backbone, which a from-scratch encoder does not have
 n_layer = 4
 n_head = 4
 n_embd = 128
 # training
-max_steps = 700
-max_train_seconds = 460.0    # wall-clock training budget (0 = off): on a loaded CPU training stops early, the
+max_steps = 3300             # ~3000 fit the time budget on a quiet 2-core CPU (~170 ms/step, 1 thread)
+max_train_seconds = 540.0    # wall-clock training budget (0 = off): on a loaded CPU training stops early, the
                              # LR schedule follows whichever of steps / seconds is further along, then eval runs
+                             # (500 images: ~12 s quiet, ~70 s at load 11 -> use ~460 s on a shared machine)
 batch_size = 8               # images per step and rank (x max_lanes sequences)
 lr = 2e-3
 min_lr_frac = 0.02
@@ -79,7 +92,7 @@ weight_decay = 0.05
 grad_clip = 0.5
 key_token_weight = 3.0       # loss weight of the first x, start-row and EOS tokens (1.0 = plain token mean)
 log_interval = 50
-eval_interval = 350
+eval_interval = 3300         # eval + checkpoint every N steps and at the end (default run: at the end only)
 n_eval = 500                 # held-out images scored with the TuSimple metric
 n_eval_tf = 128              # held-out images for the teacher-forced token accuracy
 eval_batch = 50              # images per decoding batch (x max_lanes prompts)
@@ -144,7 +157,9 @@ else:
 
 def get_sample(split, index):
     if dataset == 'synthetic':
-        return lane_synthetic_sample(sample_rng(seed, split, index), img_w, img_h, H_SAMPLES, max_lanes)
+        return lane_synthetic_sample(sample_rng(seed, split, index), img_w, img_h, H_SAMPLES, max_lanes,
+                                     max_cars=syn_max_cars, max_shadows=syn_max_shadows, noise=syn_noise,
+                                     lighting=syn_lighting, dash_freq=syn_dash_freq, tilt=syn_tilt)
     entries = split_entries[split]
     if split == 'train':  # a fresh shuffle per epoch, the same on every rank
         index = epoch_order(len(entries), seed, index // len(entries))[index % len(entries)]
@@ -179,7 +194,9 @@ def sincos_2d(h, w, dim):
 
 class LaneLM(nn.Module):
     """Conv pyramid with P3/P4/P5 at strides 4/8/16 of the model frame (160x96 -> P5 10x6 = 60 tokens).
-    Input = RGB + 2 coordinate channels (x, y in [-1, 1]): lanes are positions, so make position explicit."""
+    Input = RGB + 2 coordinate channels (x, y in [-1, 1]): lanes are positions, so make position explicit.
+    Aux head (training only): P5 -> per-slot lane logits for 4x4 sub-cells (pixel shuffle to stride 4), so the
+    P5 tokens the GPT reads must carry which lane slot passes where inside each cell."""
 
     def __init__(self):
         super().__init__()
@@ -195,12 +212,15 @@ class LaneLM(nn.Module):
         # 2D sin-cos positions at the scale of the features (learnable): attention can find "where" from step 0
         self.pos = nn.ParameterDict({lv: nn.Parameter(sincos_2d(*grid[lv], n_embd)) for lv in self.levels})
         self.n_vis = sum(grid[lv][0] * grid[lv][1] for lv in self.levels)
+        self.seg_grid = (math.ceil(img_h / 4), math.ceil(img_w / 4))
+        self.aux = nn.Conv2d(8 * w, (max_lanes + 1) * 16, 1)  # built even when off: checkpoints keep one layout
         self.gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_head,
                                  n_embd=n_embd, sequence_len=self.n_vis + 2 * max_rows + 4,
                                  image_token_id=tok.image))
 
-    def vision(self, images):
-        """(B, 3, H, W) in [0, 1] -> (B, n_vis, n_embd) vision tokens, coarse-to-fine order P5 last."""
+    def vision(self, images, with_seg=False):
+        """(B, 3, H, W) in [0, 1] -> (B, n_vis, n_embd) vision tokens, coarse-to-fine order P5 last
+        (and with_seg: the aux head's (B, max_lanes + 1, H/4, W/4) lane-slot logits)."""
         B, _, H, W = images.shape
         ys = torch.linspace(-1, 1, H, device=images.device).view(1, 1, H, 1).expand(B, 1, H, W)
         xs = torch.linspace(-1, 1, W, device=images.device).view(1, 1, 1, W).expand(B, 1, H, W)
@@ -209,18 +229,32 @@ class LaneLM(nn.Module):
         feats['p3'] = x = self.p3(x)
         feats['p4'] = x = self.p4(x)
         feats['p5'] = self.p5(x)
-        toks = [self.proj[lv](feats[lv].flatten(2).transpose(1, 2)) + self.pos[lv] for lv in self.levels]
-        return torch.cat(toks, 1)
+        toks = torch.cat([self.proj[lv](feats[lv].flatten(2).transpose(1, 2)) + self.pos[lv] for lv in self.levels], 1)
+        if not with_seg:
+            return toks
+        seg = F.pixel_shuffle(self.aux(feats['p5']), 4)[:, :, :self.seg_grid[0], :self.seg_grid[1]]
+        return toks, seg
 
-    def forward(self, images, idx, seg, pos, targets):
-        """-> (loss to optimise: key tokens up-weighted, plain mean token loss to report)."""
-        losses = packed_loss(self.gpt, idx, seg, pos, targets, self.vision(images), reduction='none').view(targets.shape)
+    def forward(self, images, idx, seg, pos, targets, seg_target=None):
+        """-> (loss to optimise: key tokens up-weighted + aux seg, plain mean token loss to report, aux seg loss)."""
+        if seg_target is not None:  # (aux_seg_weight=0 still computes it: cheap, and DDP sees every param used)
+            vis, seg_logits = self.vision(images, with_seg=True)
+            # background down-weighted as in CLRNet's seg loss (bg_weight 0.4): lane cells are ~5% of the grid
+            cw = torch.ones(max_lanes + 1, device=images.device)
+            cw[0] = 0.4
+            aux = global_mean(F.cross_entropy(seg_logits, seg_target, weight=cw, reduction='sum'),
+                              cw[seg_target].sum(), images.device)  # weighted mean over the global batch
+        else:
+            vis, aux = self.vision(images), torch.zeros((), device=images.device)
+        losses = packed_loss(self.gpt, idx, seg, pos, targets, vis, reduction='none').view(targets.shape)
         m = (targets >= 0).float()
         # the tokens that need the image most (first x, start row, EOS = lane present or not) are ~1/10 of the
         # targets; without the weight the dx tokens dominate and the LM learns a blind prior first
         key = (targets < tok.nbins) | ((targets >= tok.row0) & (targets < tok.gap)) | (targets == tok.eos)
         w = m * (1 + (key_token_weight - 1) * key.float())
-        return (losses * w).sum() / w.sum(), (losses * m).sum() / m.sum()
+        # means over the GLOBAL batch's tokens (global_mean), so DDP reproduces one process exactly
+        loss = global_mean((losses * w).sum(), w.sum(), images.device) + aux_seg_weight * aux
+        return loss, global_mean((losses * m).sum().detach(), m.sum(), images.device), aux
 
 
 def packed_hidden(gpt, idx, seg, pos, vision):
@@ -247,14 +281,16 @@ def packed_loss(gpt, idx, seg, pos, targets, vision, reduction='mean'):
 
 
 def build_batch(samples, n_vis):
-    """Samples -> images (B, 3, H, W) and packed rows (B, T): idx, seg, pos, targets.
+    """Samples -> images (B, 3, H, W), packed rows (B, T): idx, seg, pos, targets, and the aux per-slot
+    lane masks (B, H/4, W/4).
     Row b = [IMAGE]*n_vis + [BOS_0 ROW points EOS] + [BOS_1 ...] + ... + PAD. Targets are the next token
     of the same lane (-1 on image slots, on each EOS and on padding)."""
     images = torch.stack([s['image'] for s in samples])
-    rows, dropped = [], 0
+    rows, masks, dropped = [], [], 0
     for s in samples:
         slots, n_drop = lane_slots(s['lanes'], max_lanes)
         dropped += n_drop
+        masks.append(lane_seg_target(slots, s['h_samples'], math.ceil(img_w / 4), math.ceil(img_h / 4)))
         n = len(s['h_samples'])
         ids, seg, pos = [tok.image] * n_vis, [0] * n_vis, list(range(n_vis))
         for k in range(max_lanes):
@@ -270,7 +306,7 @@ def build_batch(samples, n_vis):
     targets = torch.full_like(idx, -1)
     same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
     targets[:, :-1] = torch.where(same, idx[:, 1:], torch.full_like(idx[:, 1:], -1))
-    return images, idx, seg, pos, targets, dropped
+    return images, idx, seg, pos, targets, torch.from_numpy(np.stack(masks)), dropped
 
 
 def conv_flops(module, H, W):
@@ -291,7 +327,7 @@ def check_packing(model):
     """Packed training rows must give the logits of separate [IMAGE]*n_vis + [BOS_k ...] sequences (the
     inference layout); a mismatch here would mean training and decoding see different models."""
     model.eval()
-    images, idx, seg, pos, _, _ = build_batch([get_sample('val', i) for i in range(2)], model.n_vis)
+    images, idx, seg, pos, _, _, _ = build_batch([get_sample('val', i) for i in range(2)], model.n_vis)
     vis = model.vision(images)
     packed = model.gpt.logits(packed_hidden(model.gpt, idx, seg, pos, vis))
     for b in range(2):
@@ -436,14 +472,18 @@ train_seconds, t_log, losses, dropped = 0.0, time.time(), [], 0
 while step < max_steps:
     t0 = time.time()
     lr_step = step if max_train_seconds <= 0 else max(step, int(max_steps * train_seconds / max_train_seconds))
+    if ddp['ddp'] and max_train_seconds > 0:  # rank 0's clock sets everyone's LR, or the replicas would drift apart
+        lr_tensor = torch.tensor([lr_step], device=ddp['device'])
+        torch.distributed.broadcast(lr_tensor, 0)
+        lr_step = int(lr_tensor)
     lr_now = get_lr(min(lr_step, max_steps), max_steps, lr, warmup_steps, min_lr_frac)
     set_lr(optimizer, lr_now)
     idxs = batch_indices(step, batch_size, ddp['rank'], ddp['world_size'])
     *batch, n_drop = build_batch([get_sample('train', i) for i in idxs], N_VIS)
     dropped += n_drop
-    images, idx, seg, pos, y = [t.to(ddp['device']) for t in batch]
+    images, idx, seg, pos, y, seg_y = [t.to(ddp['device']) for t in batch]
     with ctx:
-        loss, plain_loss = model(images, idx, seg, pos, y)
+        loss, plain_loss, aux_loss = model(images, idx, seg, pos, y, seg_y)
     check_finite(loss, step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -464,9 +504,10 @@ while step < max_steps:
         tokens = idx.numel() * ddp['world_size']
         flops = flops_per_token * tokens + flops_per_image * images.shape[0] * ddp['world_size']
         avg = (time.time() - t_log) / min(log_interval, step) if step % log_interval == 0 else dt
-        print(log_line(step, max_steps, plain_loss.item(), lr_now, avg, tokens, flops, peak))
+        print(log_line(step, max_steps, plain_loss.item(), lr_now, avg, tokens, flops, peak)
+              + (f" | aux seg {aux_loss.item():.3f}" if aux_seg_weight > 0 else ""))
         t_log = time.time()
-        wandb.log(dict(loss=plain_loss.item(), loss_weighted=loss.item(), lr=lr_now), step)
+        wandb.log(dict(loss=plain_loss.item(), loss_weighted=loss.item(), aux_seg=aux_loss.item(), lr=lr_now), step)
     if master and (step % eval_interval == 0 or last):
         extra = dict(train_loss=float(np.mean(losses[-10:])))
         report(step, train_seconds, extra)
@@ -479,5 +520,4 @@ if master:
         print(f"note: {dropped} lanes had no lane-id slot (max_lanes={max_lanes}) and were left out of training targets")
     print(f"done: {step} steps, {train_seconds:.0f}s training, results in {out_dir}/results.json")
 wandb.finish()
-if ddp['ddp']:
-    torch.distributed.destroy_process_group()
+cleanup_distributed()

@@ -13,7 +13,10 @@ import torch
 from PIL import Image
 
 from data import sample_rng
-from data_lanelm import (TUSIMPLE_H_SAMPLES, LaneTokenizer, lane_draw, lane_slots, lane_sort, lane_synthetic_sample,
+import numpy as np
+
+from data_lanelm import (TUSIMPLE_H_SAMPLES, LaneTokenizer, lane_draw, lane_seg_target, lane_slots, lane_sort,
+                         lane_synthetic_sample,
                          tusimple_angle, tusimple_bench, tusimple_line_accuracy, tusimple_metrics,
                          tusimple_read_labels, tusimple_sample)
 
@@ -212,6 +215,42 @@ def test_synthetic_scenes_are_seeded_tusimple_form():
     assert counts <= {2, 3, 4} and len(counts) >= 2
 
 
+def test_difficulty_knobs_change_the_image_not_the_labels():
+    """Occlusion, shadows, noise, lighting and dashes are drawn after the labels: same lanes, other pixels.
+    Camera tilt moves the horizon, so it changes the labels; tilt=0 pins it (every lane starts at the
+    same band below a horizon at 290 label px)."""
+    base = lane_synthetic_sample(sample_rng(7, "train", 5), 80, 48)
+    for knob in (dict(max_cars=3), dict(max_shadows=2), dict(noise=0.04), dict(lighting=1.0), dict(dash_freq=0.2)):
+        s = lane_synthetic_sample(sample_rng(7, "train", 5), 80, 48, **knob)
+        assert s["lanes"] == base["lanes"], knob
+    hard = lane_synthetic_sample(sample_rng(7, "train", 5), 80, 48, max_cars=3, max_shadows=2, noise=0.04,
+                                 lighting=1.0, dash_freq=0.2)
+    assert not torch.equal(hard["image"], base["image"])
+    for i in range(10):  # tilt=0: the first labelled row lies 12..45 px below the fixed horizon (+ row rounding)
+        s = lane_synthetic_sample(sample_rng(7, "train", i), 80, 48, tilt=0.0)
+        for lane in s["lanes"]:
+            top = HS[[x >= 0 for x in lane].index(True)]
+            assert 290 + 12 <= top < 290 + 45 + 10
+
+
+def test_seg_target_by_hand():
+    """A vertical lane in slot 2 at x=640 from y=180 to 360 on a 40x24 grid (32 label px per column,
+    30 per row) marks column 20, rows 6..12; an isolated point in slot 0 marks its own cell; all else 0."""
+    hs = [180, 360, 540, 600]
+    slots = [[-2, -2, -2, 100.0], None, [640.0, 640.0, -2, -2], None]
+    t = lane_seg_target(slots, hs, 40, 24)
+    assert t.shape == (24, 40) and t.dtype == np.int64
+    want = np.zeros((24, 40), dtype=np.int64)
+    want[6:13, 20] = 3
+    want[20, 3] = 1  # x 100 / 32 = 3.1, y 600 / 30 = 20
+    assert (t == want).all()
+    # a slanted lane is continuous: every grid row between its ends has a marked cell
+    t = lane_seg_target([None, [100.0, 600.0, 1100.0, -2], None, None], hs, 40, 24)
+    rows = np.nonzero((t == 2).any(1))[0]
+    assert rows.min() == 6 and rows.max() == 18 and len(rows) == 13
+    assert len(np.unique(np.nonzero(t == 2)[1])) > 25  # and every column it crosses
+
+
 def test_tusimple_reader_on_written_files(tmp_path):
     clip = tmp_path / "clips" / "0313-1" / "60"
     clip.mkdir(parents=True)
@@ -258,6 +297,8 @@ def test_train_eval_resume_end_to_end(tmp_path):
     log = run(TINY + ["--max_steps=40", "--eval_interval=40", "--out_dir=" + out])
     losses = [float(x) for x in re.findall(r"step \d+/\d+ \| loss ([\d.]+)", log)]
     assert len(losses) == 8 and losses[-1] < 0.7 * losses[0], log
+    aux = [float(x) for x in re.findall(r"aux seg ([\d.]+)", log)]  # the dense encoder loss falls too
+    assert len(aux) == 8 and aux[-1] < 0.8 * aux[0], log
     assert "tf_token_acc" in log and "tusimple_acc" in log
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["recipe"] == "lanelm" and res["step"] == 40 and res["n_eval"] == 8
@@ -273,3 +314,18 @@ def test_train_eval_resume_end_to_end(tmp_path):
                "--n_eval=4", "--n_eval_tf=2", "--torch_threads=1", "--n_layer=3"])
     assert "from checkpoint: n_layer=1" in log  # the checkpoint's model shape wins
     assert json.load(open(tmp_path / "ev" / "results.json"))["n_eval"] == 4
+
+
+def test_synthetic_config_equals_script_defaults():
+    """config/lanelm_synthetic.py documents the default run: every value in it must be the script's default."""
+    import ast
+
+    def assignments(path):
+        tree = ast.parse(open(os.path.join(ROOT, path)).read())
+        return {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                for t in n.targets if isinstance(t, ast.Name) and t.id.islower()
+                and isinstance(n.value, (ast.Constant, ast.UnaryOp))}
+
+    defaults, cfg = assignments("train_lanelm.py"), assignments("config/lanelm_synthetic.py")
+    assert len(cfg) >= 25
+    assert {k: v for k, v in cfg.items() if defaults.get(k, object()) != v} == {}
