@@ -124,7 +124,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+            raise InputError(f"GPT shapes: n_embd ({config.n_embd}) must divide by n_head ({config.n_head}) and "
+                             f"n_head by n_kv_head ({config.n_kv_head})")
         self.head_dim = config.n_embd // config.n_head
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
