@@ -29,10 +29,17 @@ RECIPES = {
 STEPS = 4
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run(cmd, out):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd + [f"--max_steps={STEPS}", "--log_interval=1", "--eval_interval=1000",
-                              "--out_dir=" + out], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    full = cmd + [f"--max_steps={STEPS}", "--log_interval=1", "--eval_interval=1000", "--out_dir=" + out]
+    r = subprocess.run(full, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    if r.returncode != 0 and TEARDOWN_ABORT in r.stdout + r.stderr:
+        # seen rarely (about 1 run in 10 on a loaded CPU): a gloo rank aborts in C++ teardown AFTER training,
+        # eval and the checkpoint completed. Only that exact abort is retried, once; any other failure fails.
+        r = subprocess.run(full, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return [float(x) for x in re.findall(r"^step \d+/\d+ \| loss ([-\d.]+)", r.stdout, re.M)]
 
