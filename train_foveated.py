@@ -26,10 +26,11 @@ import torch.nn.functional as F
 
 from model import install_error_hook
 install_error_hook()
-from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx,  # noqa: E402
-                   check_finite, configure_optimizers, dataclass_from_dict, get_lr, cleanup_distributed, global_mean, init_distributed,
-                   left_pad, load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak,
-                   resolve_checkpoint, rng_state, run_dir, save_checkpoint, set_lr, set_rng_state)
+from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx, check_finite,  # noqa: E402
+                   configure_optimizers, dataclass_from_dict, get_lr, cleanup_distributed, global_mean,
+                   init_distributed, left_pad, load_checkpoint, load_meta, log_line, maybe_compile,
+                   mean_across_ranks, measure_matmul_peak, resolve_checkpoint, rng_state, run_dir, save_checkpoint,
+                   set_lr, set_rng_state)
 from data import Tokenizer, batch_indices, format_metrics, normalize, save_png, write_results  # noqa: E402
 from data_foveated import (fov_attention_stats, fov_attention_strip, fov_clip_split, fov_cosine,  # noqa: E402
                            fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_per_frame_mse,

@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, cleanup_distributed, global_mean, norm, Projector, WandbLogger, autocast_ctx, check_finite, configure_optimizers,
-                   get_lr, gpt_flops_per_token, init_distributed, install_error_hook, load_checkpoint, load_meta,
-                   log_line, maybe_compile, measure_matmul_peak, rng_state, run_dir,
-                   save_checkpoint, set_lr, set_rng_state, InputError)
+from model import (GPT, GPTConfig, cleanup_distributed, global_mean, norm, Projector, WandbLogger, autocast_ctx,
+                   check_finite, configure_optimizers, get_lr, gpt_flops_per_token, init_distributed,
+                   install_error_hook, load_checkpoint, load_meta, log_line, maybe_compile, measure_matmul_peak,
+                   rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, InputError)
 from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
 from configurator import configure
 from data_lanelm import (LaneTokenizer, lane_draw, lane_seg_target, lane_slots, lane_sort, lane_synthetic_sample,

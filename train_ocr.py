@@ -26,10 +26,11 @@ import torch.nn.functional as F
 
 from model import install_error_hook
 install_error_hook()
-from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx,  # noqa: E402
-                   check_finite, configure_optimizers, dataclass_from_dict, get_lr, gpt_flops_per_token,
-                   cleanup_distributed, init_distributed, load_checkpoint, load_meta, global_mean, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak,
-                   resolve_checkpoint, rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, sync, unwrap)
+from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx, check_finite,  # noqa: E402
+                   configure_optimizers, dataclass_from_dict, get_lr, gpt_flops_per_token, cleanup_distributed,
+                   init_distributed, load_checkpoint, load_meta, global_mean, log_line, maybe_compile,
+                   mean_across_ranks, measure_matmul_peak, resolve_checkpoint, rng_state, run_dir, save_checkpoint,
+                   set_lr, set_rng_state, sync, unwrap)
 from data import (Tokenizer, batch_indices, format_metrics, load_image, normalize, save_png,  # noqa: E402
                   write_results)
 from data_ocr import (fox_word_metrics, ocr_draw_predictions, ocr_metrics, ocr_probe_images,  # noqa: E402

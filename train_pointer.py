@@ -81,11 +81,11 @@ wandb_run_name = "pointer"
 from configurator import configure  # noqa: E402
 config = configure(globals())
 
-from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
-                   autocast_ctx, check_finite, cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr, global_mean,
-                   gpt_flops_per_token, init_distributed, install_error_hook, left_pad, load_checkpoint,
-                   load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, rng_state, run_dir,
-                   save_checkpoint, set_lr, set_rng_state, unwrap)
+from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx,  # noqa: E402
+                   check_finite, cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr,
+                   global_mean, gpt_flops_per_token, init_distributed, install_error_hook, left_pad,
+                   load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak,
+                   rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, epoch_order, format_metrics, image_grid, normalize, save_png, write_results  # noqa: E402
 from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
                           POINTER_N_SIZE, pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_draw,
