@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from model import (GPT, GPTConfig, cleanup_distributed, global_mean, norm, Projector, WandbLogger, autocast_ctx,
                    check_finite, configure_optimizers, get_lr, gpt_flops_per_token, init_distributed,
-                   install_error_hook, load_checkpoint, load_meta, log_line, maybe_compile, measure_matmul_peak,
-                   rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, InputError)
+                   install_error_hook, load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks,
+                   measure_matmul_peak, rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, InputError)
 from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
 from configurator import configure
 from data_lanelm import (LaneTokenizer, lane_draw, lane_seg_target, lane_slots, lane_sort, lane_synthetic_sample,
@@ -177,9 +177,11 @@ if overfit:  # the first training image with max_lanes lanes
 
 def conv_stage(cin, cout, second=True):
     Norm = (lambda c: nn.BatchNorm2d(c)) if conv_norm == 'batch' else (lambda c: nn.GroupNorm(8, c))
-    layers = [nn.Conv2d(cin, cout, 3, 2, 1), Norm(cout), nn.GELU()]
+    # no conv bias before a norm: the norm subtracts it, its gradient is float noise that Adam would scale
+    # up to full steps (and that noise differs between 1 and N DDP processes)
+    layers = [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), Norm(cout), nn.GELU()]
     if second:
-        layers += [nn.Conv2d(cout, cout, 3, 1, 1), Norm(cout), nn.GELU()]
+        layers += [nn.Conv2d(cout, cout, 3, 1, 1, bias=False), Norm(cout), nn.GELU()]
     return nn.Sequential(*layers)
 
 
@@ -500,14 +502,17 @@ while step < max_steps:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         out_of_time = bool(flag.item())
     last = step == max_steps or out_of_time
+    if step % log_interval == 0 or last:
+        loss_avg = mean_across_ranks(plain_loss.item(), ddp['device'])  # the global batch's loss (every rank joins)
+        aux_avg = mean_across_ranks(aux_loss.item(), ddp['device'])
     if master and (step % log_interval == 0 or last):
         tokens = idx.numel() * ddp['world_size']
         flops = flops_per_token * tokens + flops_per_image * images.shape[0] * ddp['world_size']
         avg = (time.time() - t_log) / min(log_interval, step) if step % log_interval == 0 else dt
-        print(log_line(step, max_steps, plain_loss.item(), lr_now, avg, tokens, flops, peak)
-              + (f" | aux seg {aux_loss.item():.3f}" if aux_seg_weight > 0 else ""))
+        print(log_line(step, max_steps, loss_avg, lr_now, avg, tokens, flops, peak)
+              + (f" | aux seg {aux_avg:.3f}" if aux_seg_weight > 0 else ""))
         t_log = time.time()
-        wandb.log(dict(loss=plain_loss.item(), loss_weighted=loss.item(), aux_seg=aux_loss.item(), lr=lr_now), step)
+        wandb.log(dict(loss=loss_avg, loss_weighted=loss.item(), aux_seg=aux_avg, lr=lr_now), step)
     if master and (step % eval_interval == 0 or last):
         extra = dict(train_loss=float(np.mean(losses[-10:])))
         report(step, train_seconds, extra)
