@@ -798,3 +798,20 @@ def push_to_hub(ckpt_dir, repo_id, recipe, metrics=None, config=None):
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True)
     api.upload_folder(folder_path=ckpt_dir, repo_id=repo_id, ignore_patterns=["optim.pt"])
+
+
+def check_repo_id(repo_id):
+    """push_to_hub='owner/name' is checked when the run starts, not after an hour of training."""
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts) or any(c.isspace() for c in repo_id):
+        raise InputError(f"push_to_hub must look like 'owner/name', got {repo_id!r}")
+
+
+def push_run_to_hub(repo_id, out_dir, recipe, config, ckpt_name="ckpt"):
+    """End of a run with push_to_hub=owner/name: the run's checkpoint + a model card carrying the metrics of
+    its results.json. A failed upload raises (the checkpoint stays on disk; push again with model.push_to_hub)."""
+    ckpt_dir = os.path.join(out_dir, ckpt_name)
+    results_path = os.path.join(out_dir, "results.json")
+    metrics = json.load(open(results_path))["metrics"] if os.path.exists(results_path) else None
+    push_to_hub(ckpt_dir, repo_id, recipe, metrics, config)
+    print(f"pushed {ckpt_dir} to https://huggingface.co/{repo_id}")

@@ -30,7 +30,7 @@ from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbL
                    configure_optimizers, dataclass_from_dict, get_lr, cleanup_distributed, global_mean,
                    init_distributed, left_pad, load_checkpoint, load_meta, log_line, maybe_compile,
                    mean_across_ranks, measure_matmul_peak, resolve_checkpoint, rng_state, run_dir, save_checkpoint,
-                   set_lr, set_rng_state)
+                   check_repo_id, push_run_to_hub, set_lr, set_rng_state)
 from data import Tokenizer, batch_indices, format_metrics, normalize, save_png, write_results  # noqa: E402
 from data_foveated import (fov_attention_stats, fov_attention_strip, fov_clip_split, fov_cosine,  # noqa: E402
                            fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_per_frame_mse,
@@ -95,9 +95,12 @@ n_vis = 3                  # videos drawn in the attention strip PNG
 wandb_log = False
 wandb_project = 'nano-vlm'
 wandb_run_name = 'foveated'
+push_to_hub = ''            # 'owner/name': upload the final checkpoint + a model card (needs a Hub login)
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
+if push_to_hub:
+    check_repo_id(push_to_hub)
 
 RECIPE = 'foveated'
 TARGETS = {"ratio": (">=", 1.15), "entropy_gap": (">", 0.0)}  # entropy_gap = coarse - fine attention entropy
@@ -479,5 +482,7 @@ for step in range(start_step, max_steps):
         t0, last_log = time.perf_counter(), step + 1
 if master:
     print(f"done: {max_steps - start_step} steps in {train_seconds:.0f} s of training | batches per mode {counts}")
+if master and push_to_hub:
+    push_run_to_hub(push_to_hub, out_dir, RECIPE, config)
 wandb.finish()
 cleanup_distributed()

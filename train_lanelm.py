@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from model import (GPT, GPTConfig, cleanup_distributed, global_mean, norm, Projector, WandbLogger, autocast_ctx,
                    check_finite, configure_optimizers, get_lr, gpt_flops_per_token, init_distributed,
                    install_error_hook, load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks,
-                   measure_matmul_peak, rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, InputError)
+                   measure_matmul_peak, rng_state, run_dir, save_checkpoint, check_repo_id, push_run_to_hub, set_lr,
+                   set_rng_state, InputError)
 from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
 from configurator import configure
 from data_lanelm import (LaneTokenizer, lane_draw, lane_seg_target, lane_slots, lane_sort, lane_synthetic_sample,
@@ -100,7 +101,10 @@ n_vis = 8                    # images drawn in the eval PNG
 wandb_log = False
 wandb_project = 'lanelm'
 wandb_run_name = 'lanelm'
+push_to_hub = ''            # 'owner/name': upload the final checkpoint + a model card (needs a Hub login)
 config = configure(globals())
+if push_to_hub:
+    check_repo_id(push_to_hub)
 # -----------------------------------------------------------------------------
 
 RECIPE = 'lanelm'
@@ -524,5 +528,7 @@ if master:
     if dropped:
         print(f"note: {dropped} lanes had no lane-id slot (max_lanes={max_lanes}) and were left out of training targets")
     print(f"done: {step} steps, {train_seconds:.0f}s training, results in {out_dir}/results.json")
+if master and push_to_hub:
+    push_run_to_hub(push_to_hub, out_dir, RECIPE, config)
 wandb.finish()
 cleanup_distributed()

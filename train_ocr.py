@@ -30,7 +30,7 @@ from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbL
                    configure_optimizers, dataclass_from_dict, get_lr, gpt_flops_per_token, cleanup_distributed,
                    init_distributed, load_checkpoint, load_meta, global_mean, log_line, maybe_compile,
                    mean_across_ranks, measure_matmul_peak, resolve_checkpoint, rng_state, run_dir, save_checkpoint,
-                   set_lr, set_rng_state, sync, unwrap)
+                   check_repo_id, push_run_to_hub, set_lr, set_rng_state, sync, unwrap)
 from data import (Tokenizer, batch_indices, format_metrics, load_image, normalize, save_png,  # noqa: E402
                   write_results)
 from data_ocr import (fox_word_metrics, ocr_draw_predictions, ocr_metrics, ocr_probe_images,  # noqa: E402
@@ -99,9 +99,12 @@ bench_tokens = 32          # KV-cache vs recomputation generation benchmark at t
 wandb_log = False
 wandb_project = 'nano-vlm'
 wandb_run_name = 'ocr'
+push_to_hub = ''            # 'owner/name': upload the final checkpoint + a model card (needs a Hub login)
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
+if push_to_hub:
+    check_repo_id(push_to_hub)
 
 RECIPE = 'ocr'
 TARGETS = {"ned": ("<=", 0.05), "fox_precision": (">=", 0.95), "collapse_cos": ("<", 0.95)}
@@ -649,5 +652,7 @@ for step in range(start_step, max_steps):
     if ddp_info['ddp'] and (step + 1) % eval_interval == 0:
         torch.distributed.barrier()
 
+if master and push_to_hub:
+    push_run_to_hub(push_to_hub, out_dir, RECIPE, config)
 logger.finish()
 cleanup_distributed()

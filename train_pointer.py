@@ -77,6 +77,7 @@ n_vis = 8
 wandb_log = False
 wandb_project = "vlm-pointer"
 wandb_run_name = "pointer"
+push_to_hub = ''            # 'owner/name': upload the final checkpoint + a model card (needs a Hub login)
 
 from configurator import configure  # noqa: E402
 config = configure(globals())
@@ -85,7 +86,7 @@ from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfi
                    check_finite, cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr,
                    global_mean, gpt_flops_per_token, init_distributed, install_error_hook, left_pad,
                    load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak,
-                   rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, unwrap)
+                   rng_state, run_dir, save_checkpoint, check_repo_id, push_run_to_hub, set_lr, set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, epoch_order, format_metrics, image_grid, normalize, save_png, write_results  # noqa: E402
 from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
                           POINTER_N_SIZE, pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_draw,
@@ -94,6 +95,8 @@ from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_
                           pointer_word_specials)
 
 install_error_hook()
+if push_to_hub:
+    check_repo_id(push_to_hub)
 RECIPE = "pointer"
 TARGETS = {"within_5px": (">=", 0.95), "mean_px": ("<", 3.0)}
 SINGLE_KINDS = tuple(k for k in POINTER_KINDS if k != "multi")
@@ -564,5 +567,7 @@ if master:
     if stop_reason.startswith("early stop"):  # report the best checkpoint, not the last
         load_checkpoint(os.path.join(out_dir, "best"), raw_model)
         eval_and_report(train_seconds, head_norms)
+if master and push_to_hub:  # the checkpoint the final report came from
+    push_run_to_hub(push_to_hub, out_dir, RECIPE, config, 'best' if stop_reason.startswith('early stop') else 'ckpt')
 logger.finish()
 cleanup_distributed()

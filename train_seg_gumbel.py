@@ -32,7 +32,7 @@ from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbL
                    configure_optimizers, dataclass_from_dict, get_lr, gpt_flops_per_token, cleanup_distributed,
                    init_distributed, left_pad, load_checkpoint, load_meta, log_line, maybe_compile,
                    mean_across_ranks, measure_matmul_peak, resolve_checkpoint, rng_state, run_dir, save_checkpoint,
-                   set_lr, set_rng_state, unwrap)
+                   check_repo_id, push_run_to_hub, set_lr, set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, epoch_order, format_metrics, normalize, save_png, write_results
 from data_seg import (SEG_SPECIALS, seg_caption_token_accuracy, seg_check_context_counts, seg_ciou, seg_collate,
                       seg_giou, seg_iou_stats, seg_load_record, seg_panel, seg_panels, seg_prompt_ids,
@@ -97,9 +97,12 @@ n_vis = 6
 wandb_log = False
 wandb_project = "vlm"
 wandb_run_name = "seg_gumbel"
+push_to_hub = ''            # 'owner/name': upload the final checkpoint + a model card (needs a Hub login)
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
+if push_to_hub:
+    check_repo_id(push_to_hub)
 
 tok = Tokenizer(specials=SEG_SPECIALS)
 BOS, EOS, PAD, IMG = tok["<|bos|>"], tok["<|eos|>"], tok["<|pad|>"], tok["<|image|>"]
@@ -539,6 +542,8 @@ def main():
             checkpoint()
     if master:
         print(f"done: {skipped} samples skipped (empty masks); results in {os.path.join(run, 'results.json')}")
+    if master and push_to_hub:
+        push_run_to_hub(push_to_hub, run, RECIPE, config)
     logger.finish()
     cleanup_distributed()
 

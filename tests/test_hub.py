@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import model as M
@@ -75,3 +76,25 @@ def test_model_card_without_metrics(tmp_path):
     text = open(tmp_path / "README.md").read()
     assert "# ocr" in text and "(none recorded)" in text
     assert json.loads(text.split("```json")[1].split("```")[0]) == {}
+
+
+def test_push_run_to_hub_card_carries_the_run_metrics(tmp_path, monkeypatch):
+    import huggingface_hub
+    FakeHfApi.cache, FakeHfApi.created = str(tmp_path / "hub"), []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    gpt = tiny_gpt()
+    run = tmp_path / "run"
+    M.save_checkpoint(str(run / "best"), gpt, M.configure_optimizers(gpt, 1e-3), meta=dict(gpt=gpt.config.__dict__))
+    (run / "results.json").write_text(json.dumps({"metrics": {"px_mean": 2.5}}))
+    M.push_run_to_hub("me/run", str(run), "pointer", {"seed": 1}, ckpt_name="best")
+    card = open(os.path.join(FakeHfApi.cache, "models--me--run", "snapshots", "0" * 40, "README.md")).read()
+    assert "px_mean: 2.5" in card and "train_pointer.py" in card
+
+
+@pytest.mark.parametrize("recipe", ["lanelm", "pointer", "ocr", "seg_gumbel", "foveated"])
+def test_bad_push_to_hub_fails_before_training(recipe, tmp_path):
+    out = subprocess.run([sys.executable, f"train_{recipe}.py", "--push_to_hub=no-slash", f"--out_dir={tmp_path}/r"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode != 0
+    assert "push_to_hub must look like 'owner/name'" in out.stderr and "Traceback" not in out.stderr
+    assert not os.path.exists(tmp_path / "r" / "ckpt")
