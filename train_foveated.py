@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 from model import install_error_hook
 install_error_hook()
-from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx, check_finite,  # noqa: E402
-                   configure_optimizers, dataclass_from_dict, get_lr, cleanup_distributed, global_mean,
-                   init_distributed, left_pad, load_checkpoint, load_meta, log_line, maybe_compile,
-                   mean_across_ranks, measure_matmul_peak, resolve_checkpoint, rng_state, run_dir, save_checkpoint,
-                   check_repo_id, push_run_to_hub, set_lr, set_rng_state)
+from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx, budget_lr_step,  # noqa: E402
+                   budget_spent, check_finite, check_repo_id, cleanup_distributed, configure_optimizers,
+                   dataclass_from_dict, get_lr, global_mean, init_distributed, left_pad, load_checkpoint, load_meta,
+                   log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub,
+                   resolve_checkpoint, rng_state, run_dir, save_checkpoint, set_lr, set_rng_state)
 from data import Tokenizer, batch_indices, format_metrics, normalize, save_png, write_results  # noqa: E402
 from data_foveated import (fov_attention_stats, fov_attention_strip, fov_clip_split, fov_cosine,  # noqa: E402
                            fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_per_frame_mse,
@@ -81,6 +81,8 @@ caption_tokens = 40        # caption budget (longer captions are an error)
 n_caption_eval = 64        # held-out videos captioned (generated) at each eval
 # training
 max_steps = 1500
+max_train_seconds = 690.0   # > 0: wall-clock budget of the training loop; the LR decays on steps or time,
+                            # whichever is further along, then the final eval runs (0 = steps only, reproducible)
 batch_size = 16
 lr = 2e-3
 min_lr_frac = 0.1
@@ -447,8 +449,10 @@ flops_per_step = 6 * (sum(p.numel() for p in raw_model.vit.parameters()) * token
                       sum(p.numel() for p in raw_model.gpt.parameters()) * batch_size * n_frames * (1 + n_passes))
 train_seconds, t0, last_log = 0.0, time.perf_counter(), start_step
 counts = {k: 0 for k in MODES}
+t_start = time.perf_counter()
 for step in range(start_step, max_steps):
-    lr_now = get_lr(step, max_steps, lr, warmup_steps, min_lr_frac)
+    lr_now = get_lr(budget_lr_step(step, max_steps, time.perf_counter() - t_start, max_train_seconds, device),
+                    max_steps, lr, warmup_steps, min_lr_frac)
     set_lr(optimizer, lr_now)
     mode = fov_pick_mode(seed, step, mode_weights, MODES)  # one mode for the whole batch (BUG-003)
     counts[mode] += 1
@@ -463,9 +467,11 @@ for step in range(start_step, max_steps):
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     optimizer.step()
-    if step % log_interval == 0 or step == max_steps - 1:
+    out_of_time = budget_spent(time.perf_counter() - t_start, max_train_seconds, device)
+    last = step == max_steps - 1 or out_of_time
+    if step % log_interval == 0 or last:
         loss_avg = mean_across_ranks(loss.item(), device)  # the global batch's loss (every rank joins)
-    if master and (step % log_interval == 0 or step == max_steps - 1):
+    if master and (step % log_interval == 0 or last):
         elapsed = time.perf_counter() - t0
         train_seconds, t0 = train_seconds + elapsed, time.perf_counter()
         dt = elapsed / max(1, step + 1 - last_log)
@@ -476,12 +482,16 @@ for step in range(start_step, max_steps):
         print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens_per_step, flops_per_step, peak, extra))
         wandb.log(dict(loss=loss.item(), loss_fine=r['loss_fine'].item(), loss_coarse=r['loss_coarse'].item(),
                        lr=lr_now), step)
-    if master and ((step + 1) % eval_interval == 0 or step == max_steps - 1):
+    if master and ((step + 1) % eval_interval == 0 or last):
         train_seconds += time.perf_counter() - t0
         run_eval(step + 1, train_seconds)
         t0, last_log = time.perf_counter(), step + 1
+    if out_of_time:
+        if master:
+            print(f"stopping at step {step + 1}/{max_steps}: max_train_seconds={max_train_seconds:.0f} reached")
+        break
 if master:
-    print(f"done: {max_steps - start_step} steps in {train_seconds:.0f} s of training | batches per mode {counts}")
+    print(f"done: {step + 1 - start_step} steps in {train_seconds:.0f} s of training | batches per mode {counts}")
 if master and push_to_hub:
     push_run_to_hub(push_to_hub, out_dir, RECIPE, config)
 wandb.finish()

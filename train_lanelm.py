@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, cleanup_distributed, global_mean, norm, Projector, WandbLogger, autocast_ctx,
-                   check_finite, configure_optimizers, get_lr, gpt_flops_per_token, init_distributed,
-                   install_error_hook, load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks,
-                   measure_matmul_peak, rng_state, run_dir, save_checkpoint, check_repo_id, push_run_to_hub, set_lr,
-                   set_rng_state, InputError)
+from model import (GPT, GPTConfig, InputError, Projector, WandbLogger, autocast_ctx, budget_lr_step, budget_spent,
+                   check_finite, check_repo_id, cleanup_distributed, configure_optimizers, get_lr, global_mean,
+                   gpt_flops_per_token, init_distributed, install_error_hook, load_checkpoint, load_meta, log_line,
+                   maybe_compile, mean_across_ranks, measure_matmul_peak, norm, push_run_to_hub, rng_state, run_dir,
+                   save_checkpoint, set_lr, set_rng_state)
 from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
 from configurator import configure
 from data_lanelm import (LaneTokenizer, lane_draw, lane_seg_target, lane_slots, lane_sort, lane_synthetic_sample,
@@ -477,12 +477,8 @@ model.train()
 train_seconds, t_log, losses, dropped = 0.0, time.time(), [], 0
 while step < max_steps:
     t0 = time.time()
-    lr_step = step if max_train_seconds <= 0 else max(step, int(max_steps * train_seconds / max_train_seconds))
-    if ddp['ddp'] and max_train_seconds > 0:  # rank 0's clock sets everyone's LR, or the replicas would drift apart
-        lr_tensor = torch.tensor([lr_step], device=ddp['device'])
-        torch.distributed.broadcast(lr_tensor, 0)
-        lr_step = int(lr_tensor)
-    lr_now = get_lr(min(lr_step, max_steps), max_steps, lr, warmup_steps, min_lr_frac)
+    lr_step = budget_lr_step(step, max_steps, train_seconds, max_train_seconds, ddp['device'])
+    lr_now = get_lr(lr_step, max_steps, lr, warmup_steps, min_lr_frac)
     set_lr(optimizer, lr_now)
     idxs = batch_indices(step, batch_size, ddp['rank'], ddp['world_size'])
     *batch, n_drop = build_batch([get_sample('train', i) for i in idxs], N_VIS)
@@ -500,11 +496,7 @@ while step < max_steps:
     step += 1
     dt = time.time() - t0
     train_seconds += dt
-    out_of_time = 0 < max_train_seconds <= train_seconds
-    if ddp['ddp']:  # every rank stops at the same step
-        flag = torch.tensor(float(out_of_time), device=ddp['device'])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        out_of_time = bool(flag.item())
+    out_of_time = budget_spent(train_seconds, max_train_seconds, ddp['device'])  # every rank stops at one step
     last = step == max_steps or out_of_time
     if step % log_interval == 0 or last:
         loss_avg = mean_across_ranks(plain_loss.item(), ddp['device'])  # the global batch's loss (every rank joins)

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 from model import install_error_hook
 install_error_hook()
-from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx, check_finite,  # noqa: E402
-                   configure_optimizers, dataclass_from_dict, get_lr, gpt_flops_per_token, cleanup_distributed,
-                   init_distributed, load_checkpoint, load_meta, global_mean, log_line, maybe_compile,
-                   mean_across_ranks, measure_matmul_peak, resolve_checkpoint, rng_state, run_dir, save_checkpoint,
-                   check_repo_id, push_run_to_hub, set_lr, set_rng_state, sync, unwrap)
+from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx, budget_lr_step,  # noqa: E402
+                   budget_spent, check_finite, check_repo_id, cleanup_distributed, configure_optimizers,
+                   dataclass_from_dict, get_lr, global_mean, gpt_flops_per_token, init_distributed, load_checkpoint,
+                   load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub,
+                   resolve_checkpoint, rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, sync, unwrap)
 from data import (Tokenizer, batch_indices, format_metrics, load_image, normalize, save_png,  # noqa: E402
                   write_results)
 from data_ocr import (fox_word_metrics, ocr_draw_predictions, ocr_metrics, ocr_probe_images,  # noqa: E402
@@ -84,6 +84,8 @@ text_ratio = 0.0           # share of text-only batches (DDP then needs find_unu
 overfit = False            # tier 1: train and evaluate on the first 10 training samples
 overfit_steps = 300
 max_steps = 1800
+max_train_seconds = 690.0   # > 0: wall-clock budget of the training loop; the LR decays on steps or time,
+                            # whichever is further along, then the final eval runs (0 = steps only, reproducible)
 batch_size = 16
 lr = 2e-3
 min_lr_frac = 0.05
@@ -332,7 +334,7 @@ device, device_type, master = ddp_info['device'], ddp_info['device_type'], ddp_i
 ctx, dtype_name = autocast_ctx(device_type, dtype)
 torch.manual_seed(seed + ddp_info['rank'])
 if overfit:
-    max_steps, n_eval = overfit_steps, 10
+    max_steps, n_eval, max_train_seconds = overfit_steps, 10, 0.0
 if stage not in (1, 2):
     raise InputError(f"stage must be 1 or 2, got {stage}")
 if stage == 2 and not init_encoder and init_from in ('scratch', ''):
@@ -617,8 +619,10 @@ if eval_only:
 train_seconds, t_last = 0.0, time.perf_counter()
 loss_acc, n_acc = 0.0, 0
 model.train()
+t_start = time.perf_counter()
 for step in range(start_step, max_steps):
-    lr_now = get_lr(step, max_steps, lr, warmup_steps, min_lr_frac)
+    lr_now = get_lr(budget_lr_step(step, max_steps, time.perf_counter() - t_start, max_train_seconds, device),
+                    max_steps, lr, warmup_steps, min_lr_frac)
     set_lr(optimizer, lr_now)
     idx, targets, images = train_batch(step)
     with ctx:
@@ -644,13 +648,18 @@ for step in range(start_step, max_steps):
         t_last = time.perf_counter()
     if (step + 1) % log_interval == 0:
         loss_acc, n_acc = 0.0, 0
-    last = step + 1 == max_steps
+    out_of_time = budget_spent(time.perf_counter() - t_start, max_train_seconds, device)
+    last = step + 1 == max_steps or out_of_time
     if ((step + 1) % eval_interval == 0 or last) and master:
         train_seconds += time.perf_counter() - t_last
         run_eval(step + 1, train_seconds, final=last)
         t_last = time.perf_counter()
     if ddp_info['ddp'] and (step + 1) % eval_interval == 0:
         torch.distributed.barrier()
+    if out_of_time:
+        if master:
+            print(f"stopping at step {step + 1}/{max_steps}: max_train_seconds={max_train_seconds:.0f} reached")
+        break
 
 if master and push_to_hub:
     push_run_to_hub(push_to_hub, out_dir, RECIPE, config)

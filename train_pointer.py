@@ -60,7 +60,7 @@ window = 1                   # attend mode: the answer's soft-argmax only over t
 curriculum_steps = 150       # > 0: training queries are attribute-only (no relations / "every") before this step
 augment = False              # translate/scale/flip (synthetic scenes are infinite, so off by default)
 max_steps = 1500
-time_budget_s = 480.0         # > 0: stop training after this many seconds (then eval); LR decays on time too
+max_train_seconds = 480.0         # > 0: stop training after this many seconds (then eval); LR decays on time too
 batch_size = 32
 lr = 2e-3
 min_lr_frac = 0.05
@@ -83,10 +83,11 @@ from configurator import configure  # noqa: E402
 config = configure(globals())
 
 from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx,  # noqa: E402
-                   check_finite, cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr,
-                   global_mean, gpt_flops_per_token, init_distributed, install_error_hook, left_pad,
-                   load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak,
-                   rng_state, run_dir, save_checkpoint, check_repo_id, push_run_to_hub, set_lr, set_rng_state, unwrap)
+                   budget_lr_step, check_finite, check_repo_id, cleanup_distributed, configure_optimizers,
+                   dataclass_from_dict, get_lr, global_mean, gpt_flops_per_token, init_distributed,
+                   install_error_hook, left_pad, load_checkpoint, load_meta, log_line, maybe_compile,
+                   mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state, run_dir, save_checkpoint,
+                   set_lr, set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, epoch_order, format_metrics, image_grid, normalize, save_png, write_results  # noqa: E402
 from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
                           POINTER_N_SIZE, pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_draw,
@@ -515,13 +516,7 @@ head_norms, train_seconds, stop_reason = {}, 0.0, "max_steps"
 t_start = time.time()
 while step < max_steps:
     t0 = time.time()
-    # with a time budget the schedule runs on whichever is further along, steps or wall time, so a slow
-    # (shared) CPU still gets a fully decayed LR; time_budget_s=0 keeps runs exactly reproducible
-    sched_step = step if time_budget_s <= 0 else max(step, int(max_steps * (t0 - t_start) / time_budget_s))
-    if ddp["ddp"] and time_budget_s > 0:  # rank 0's clock sets everyone's LR, or the replicas would drift apart
-        sched_tensor = torch.tensor([sched_step], device=dev)
-        torch.distributed.broadcast(sched_tensor, 0)
-        sched_step = int(sched_tensor)
+    sched_step = budget_lr_step(step, max_steps, t0 - t_start, max_train_seconds, dev)  # LR decays on time too
     set_lr(optimizer, get_lr(sched_step, max_steps, lr, warmup_steps, min_lr_frac))
     batch = get_batch(step)
     total, parts = compute_loss(batch)
@@ -543,7 +538,7 @@ while step < max_steps:
         extra = " | ".join(f"{k} {v.item():.4f}" for k, v in parts.items()) + " | " + " ".join(f"{k} {v:.3f}" for k, v in head_norms.items())
         print(log_line(step, max_steps, loss_avg, optimizer.param_groups[0]["lr"], dt,
                        tokens=batch["ids"].numel(), flops_per_step=flops_per_step, peak=peak, extra=extra))
-    out_of_time = time_budget_s > 0 and time.time() - t_start > time_budget_s
+    out_of_time = max_train_seconds > 0 and time.time() - t_start > max_train_seconds
     if master and (step % eval_interval == 0 or step == max_steps or out_of_time):
         px = eval_and_report(train_seconds, head_norms)
         if px < best_px:
@@ -559,7 +554,7 @@ while step < max_steps:
         torch.distributed.broadcast(flag, 0)
         out_of_time = out_of_time or bool(flag)
     if stop_reason != "max_steps" or out_of_time:
-        stop_reason = stop_reason if stop_reason != "max_steps" else f"time budget {time_budget_s:.0f}s reached"
+        stop_reason = stop_reason if stop_reason != "max_steps" else f"time budget {max_train_seconds:.0f}s reached"
         break
 
 if master:

@@ -42,6 +42,7 @@ caption_tokens = 40        # caption budget (longer captions are an error)
 n_caption_eval = 64        # held-out videos captioned (generated) at each eval
 # training
 max_steps = 1500
+max_train_seconds = 690.0   # > 0: wall-clock budget of the training loop (0 = steps only)
 batch_size = 16
 lr = 2e-3
 min_lr_frac = 0.1

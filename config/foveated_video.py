@@ -25,6 +25,7 @@ n_passes = 1
 caption_tokens = 96
 n_caption_eval = 128
 max_steps = 20000
+max_train_seconds = 0.0   # > 0: wall-clock budget of the training loop (0 = steps only)
 batch_size = 8
 lr = 3e-4
 warmup_steps = 500

@@ -27,6 +27,7 @@ min_lr_frac = 0.1
 warmup_steps = 200
 weight_decay = 0.0
 max_steps = 5000
+max_train_seconds = 0.0   # > 0: wall-clock budget of the training loop (0 = steps only)
 log_interval = 10
 eval_interval = 500
 n_eval = 112               # Fox English page-OCR set

@@ -40,6 +40,7 @@ text_ratio = 0.0           # share of text-only batches (DDP then needs find_unu
 overfit = False            # tier 1: train and evaluate on the first 10 training samples
 overfit_steps = 300
 max_steps = 1800
+max_train_seconds = 690.0   # > 0: wall-clock budget of the training loop (0 = steps only)
 batch_size = 16
 lr = 2e-3
 min_lr_frac = 0.05

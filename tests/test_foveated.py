@@ -21,7 +21,7 @@ from data_foveated import (FovFixedEncoder, FovTaesdEncoder, fov_attention_stats
 from model import InputError  # noqa: E402
 
 TINY = ["--device=cpu", "--n_frames=4", "--image_size=16", "--vit_layers=2", "--vit_width=32", "--n_embd=32",
-        "--n_layer=1", "--query_dim=16", "--latent_channels=4", "--n_distractors=2"]
+        "--n_layer=1", "--query_dim=16", "--latent_channels=4", "--n_distractors=2", "--max_train_seconds=0"]
 
 
 def recipe(*overrides):

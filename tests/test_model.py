@@ -133,9 +133,53 @@ def test_loss_ignores_minus_one_targets():
     idx = torch.randint(0, 64, (2, 8))
     tgt = idx.roll(-1, 1)
     tgt[:, :4] = -1
-    logits, loss = m(idx, tgt)
+    logits, loss = m(idx, tgt)  # training: the fused head, no logits
+    assert logits is None
+    with torch.no_grad():
+        logits, eval_loss = m(idx, tgt)  # eval: plain logits -> softcap -> F.cross_entropy
     ref = F.cross_entropy(logits[:, 4:].reshape(-1, 64), tgt[:, 4:].reshape(-1))
-    assert torch.allclose(loss, ref)
+    assert torch.allclose(loss, ref, atol=1e-6) and torch.allclose(eval_loss, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("cap,reduction", [(15.0, "mean"), (0.0, "mean"), (15.0, "sum")])
+def test_fused_head_loss_matches_plain_float64_reference(cap, reduction):
+    from model import head_loss
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 50, 16, generator=g, requires_grad=True)
+    w = (torch.randn(40, 16, generator=g) * 2).requires_grad_()   # large logits: the softcap matters
+    t = torch.randint(0, 40, (3, 50), generator=g)
+    t[0, :7] = -1
+    loss = head_loss(h, w, t, cap, reduction, chunk=32)           # 150 rows: chunks of 32 + a ragged 22
+    loss.backward()
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    z = hd.reshape(-1, 16) @ wd.t()
+    z = cap * torch.tanh(z / cap) if cap > 0 else z
+    ref = F.cross_entropy(z, t.reshape(-1), ignore_index=-1, reduction=reduction)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-4 * max(1.0, abs(ref.item()))
+    assert (h.grad.double() - hd.grad).abs().max() < 1e-5
+    assert (w.grad.double() - wd.grad).abs().max() < 1e-5
+
+
+def test_fused_head_loss_frozen_weight_and_frozen_input():
+    from model import head_loss
+    h, w = torch.randn(10, 8, requires_grad=True), torch.randn(12, 8)
+    t = torch.randint(0, 12, (10,))
+    head_loss(h, w, t, 15.0).backward()  # weight without grad: only h gets one
+    assert h.grad is not None and w.grad is None
+    w.requires_grad_(True)
+    head_loss(h.detach(), w, t, 15.0).backward()
+    assert w.grad is not None
+
+
+def test_relu_squared_backward_matches_autograd():
+    from model import relu_squared
+    x = torch.randn(4, 33, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 33, dtype=torch.float64)
+    (relu_squared(x) * g).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    (F.relu(x2).square() * g).sum().backward()
+    assert torch.equal(relu_squared(x), F.relu(x2).square()) and torch.allclose(x.grad, x2.grad)
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -792,3 +836,12 @@ def test_from_pretrained_local_dir_and_hf(tmp_path, monkeypatch):
 def test_dataclass_from_dict_ignores_unknown_keys():
     cfg = M.dataclass_from_dict(GPTConfig, dict(n_layer=3, extra="x"))
     assert cfg.n_layer == 3 and cfg == GPTConfig(n_layer=3)
+
+
+def test_budget_lr_step_follows_whichever_is_further_along():
+    from model import budget_lr_step, budget_spent
+    assert budget_lr_step(10, 100, 999.0, 0.0) == 10            # no budget: the step, exactly reproducible
+    assert budget_lr_step(10, 100, 5.0, 100.0) == 10            # steps ahead of time
+    assert budget_lr_step(10, 100, 50.0, 100.0) == 50           # time ahead: the LR decays on time
+    assert budget_lr_step(10, 100, 500.0, 100.0) == 100         # never past the end of the schedule
+    assert not budget_spent(99.0, 100.0) and budget_spent(100.0, 100.0) and not budget_spent(1e9, 0.0)

@@ -266,7 +266,7 @@ def test_readers(tmp_path):
 
 TINY = ["--image_size=32", "--sam_dim=16", "--sam_window=4", "--neck_dim=8", "--clip_layers=1", "--n_layer=1",
         "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--batch_size=4", "--n_eval=4", "--eval_batch=4",
-        "--log_interval=2", "--max_text_tokens=16", "--bench_tokens=4", "--max_lines=1", "--font_sizes=(10,)"]
+        "--log_interval=2", "--max_text_tokens=16", "--bench_tokens=4", "--max_lines=1", "--font_sizes=(10,)", "--max_train_seconds=0"]
 
 
 def run(args):

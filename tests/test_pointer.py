@@ -306,7 +306,7 @@ def test_jsonl_reader_rejects_bad_input(tmp_path):
 
 TINY = ["--img_size=32", "--patch_size=8", "--vit_layers=1", "--vit_embd=32", "--vit_heads=2", "--n_layer=1",
         "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--batch_size=16", "--n_eval=40", "--n_eval_multi=8",
-        "--n_train_eval=8", "--log_interval=10", "--warmup_steps=5", "--lr=3e-3", "--max_query_len=24", "--time_budget_s=0"]
+        "--n_train_eval=8", "--log_interval=10", "--warmup_steps=5", "--lr=3e-3", "--max_query_len=24", "--max_train_seconds=0"]
 
 
 def run(args, env_threads=True):

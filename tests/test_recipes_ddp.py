@@ -15,18 +15,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {
     "ocr": ["--image_size=32", "--sam_dim=16", "--sam_window=4", "--neck_dim=8", "--clip_layers=1", "--n_layer=1",
             "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--n_eval=4", "--eval_batch=4", "--max_text_tokens=16",
-            "--bench_tokens=4", "--max_lines=1", "--font_sizes=(10,)"],
+            "--bench_tokens=4", "--max_lines=1", "--font_sizes=(10,)", "--max_train_seconds=0"],
     "seg_gumbel": ["--vit_layers=1", "--vit_embd=32", "--vit_heads=2", "--n_layer=1", "--n_embd=32", "--n_head=2",
                    "--n_kv_head=2", "--dec_dim=16", "--n_eval=4", "--eval_batch_size=4", "--n_vis=2",
                    "--max_caption_len=8", "--stage_a_steps=4"],
     "foveated": ["--device=cpu", "--n_frames=4", "--image_size=16", "--vit_layers=2", "--vit_width=32", "--n_embd=32",
                  "--n_layer=1", "--query_dim=16", "--latent_channels=4", "--n_distractors=2", "--n_eval=4",
-                 "--eval_batch=4", "--n_caption_eval=2", "--caption_tokens=40", "--n_vis=2"],
+                 "--eval_batch=4", "--n_caption_eval=2", "--caption_tokens=40", "--n_vis=2",
+                 "--max_train_seconds=0"],
     "lanelm": ["--n_layer=1", "--n_embd=32", "--n_head=2", "--conv_width=8", "--n_eval=4", "--n_eval_tf=4",
                "--eval_batch=4", "--n_vis=2", "--max_train_seconds=0"],
     "pointer": ["--img_size=32", "--patch_size=8", "--vit_layers=1", "--vit_embd=32", "--vit_heads=2", "--n_layer=1",
                 "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--n_eval=8", "--n_eval_multi=4", "--n_train_eval=4",
-                "--max_query_len=24", "--time_budget_s=0"],
+                "--max_query_len=24", "--max_train_seconds=0"],
 }
 STEPS = 4
 
