@@ -81,7 +81,7 @@ n_layer = 4
 n_head = 4
 n_embd = 128
 # training
-max_steps = 3300             # ~3000 fit the time budget on a quiet 2-core CPU (~170 ms/step, 1 thread)
+max_steps = 5200             # the time budget decides: ~3300 steps at 1 thread (~160 ms/step), ~5000 at 2 (~105 ms)
 max_train_seconds = 540.0    # wall-clock training budget (0 = off): on a loaded CPU training stops early, the
                              # LR schedule follows whichever of steps / seconds is further along, then eval runs
                              # (500 images: ~12 s quiet, ~70 s at load 11 -> use ~460 s on a shared machine)
@@ -93,7 +93,7 @@ weight_decay = 0.05
 grad_clip = 0.5
 key_token_weight = 3.0       # loss weight of the first x, start-row and EOS tokens (1.0 = plain token mean)
 log_interval = 50
-eval_interval = 3300         # eval + checkpoint every N steps and at the end (default run: at the end only)
+eval_interval = 5200         # eval + checkpoint every N steps and at the end (default run: at the end only)
 n_eval = 500                 # held-out images scored with the TuSimple metric
 n_eval_tf = 128              # held-out images for the teacher-forced token accuracy
 eval_batch = 50              # images per decoding batch (x max_lanes prompts)
