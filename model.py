@@ -686,6 +686,22 @@ def global_mean(loss_sum, count, device="cpu"):
     return loss_sum * torch.distributed.get_world_size() / count.clamp(min=1).squeeze()
 
 
+def idle_cores(seconds=0.5):
+    """How many cores are idle right now, from /proc/stat over `seconds` (the 1-minute load average lags: a job
+    that ended a minute ago still counts). Off Linux: cores minus the load average."""
+    def snapshot():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+    try:
+        idle0, all0 = snapshot()
+        time.sleep(seconds)
+        idle1, all1 = snapshot()
+    except OSError:
+        return (os.cpu_count() or 1) - os.getloadavg()[0]
+    return (os.cpu_count() or 1) * (idle1 - idle0) / max(1, all1 - all0)
+
+
 def budget_lr_step(step, max_steps, seconds, budget_s, device="cpu"):
     """The step the LR schedule uses under a wall-clock training budget (budget_s > 0): whichever of steps and
     seconds is further along, so a slow (shared) CPU still ends on a fully decayed LR. Under DDP rank 0's clock

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from model import (GPT, GPTConfig, InputError, Projector, WandbLogger, autocast_ctx, budget_lr_step, budget_spent,
                    check_finite, check_repo_id, cleanup_distributed, configure_optimizers, get_lr, global_mean,
-                   gpt_flops_per_token, init_distributed, install_error_hook, load_checkpoint, load_meta, log_line,
-                   maybe_compile, mean_across_ranks, measure_matmul_peak, norm, push_run_to_hub, rng_state, run_dir,
-                   save_checkpoint, set_lr, set_rng_state)
+                   gpt_flops_per_token, idle_cores, init_distributed, install_error_hook, load_checkpoint, load_meta,
+                   log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, norm, push_run_to_hub, rng_state,
+                   run_dir, save_checkpoint, set_lr, set_rng_state)
 from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
 from configurator import configure
 from data_lanelm import (LaneTokenizer, lane_draw, lane_seg_target, lane_slots, lane_sort, lane_synthetic_sample,
@@ -115,7 +115,7 @@ MODEL_KEYS = ('img_w', 'img_h', 'max_lanes', 'max_rows', 'tokenization', 'nbins_
               'vis_levels', 'conv_width', 'conv_norm', 'n_layer', 'n_head', 'n_embd')
 
 if torch_threads == 0 and device in ('auto', 'cpu') and not torch.cuda.is_available():
-    torch_threads = max(1, min(os.cpu_count() or 1, round((os.cpu_count() or 1) - os.getloadavg()[0])))
+    torch_threads = max(1, min(os.cpu_count() or 1, round(idle_cores())))
 if torch_threads > 0:
     torch.set_num_threads(torch_threads)
 ddp = init_distributed(device)

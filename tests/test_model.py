@@ -845,3 +845,9 @@ def test_budget_lr_step_follows_whichever_is_further_along():
     assert budget_lr_step(10, 100, 50.0, 100.0) == 50           # time ahead: the LR decays on time
     assert budget_lr_step(10, 100, 500.0, 100.0) == 100         # never past the end of the schedule
     assert not budget_spent(99.0, 100.0) and budget_spent(100.0, 100.0) and not budget_spent(1e9, 0.0)
+
+
+def test_idle_cores_is_between_zero_and_the_core_count():
+    from model import idle_cores
+    n = idle_cores(0.05)
+    assert 0.0 <= n <= (os.cpu_count() or 1) + 1e-9
