@@ -82,11 +82,11 @@ class _FusedHeadLoss(torch.autograd.Function):
     def forward(ctx, h, weight, targets, cap, chunk):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
             rows, valid, tcc = torch.arange(hc.shape[0], device=h.device), tc >= 0, tc.clamp(min=0)
-            z = hc @ weight.t()
+            z = (hc @ weight.t()).float()  # matmuls in the input dtype (bf16 under autocast), the rest in fp32
             if cap > 0:
                 t = torch.tanh(z.div_(cap))
                 z = t * cap
@@ -97,10 +97,14 @@ class _FusedHeadLoss(torch.autograd.Function):
             g.mul_(valid[:, None])
             if cap > 0:
                 g.mul_(1 - t.square_())  # through the tanh
+            g = g.to(h.dtype)
             if grad_h is not None:
                 grad_h[s:s + chunk] = g @ weight
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), hc)
+            if grad_w is not None:  # summed over chunks in fp32 (bf16 partial sums would lose bits)
+                if hc.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), hc)
+                else:
+                    grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.has = (grad_h is not None, grad_w is not None)
         return loss
@@ -114,19 +118,23 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 
 def head_loss(h, weight, targets, cap, reduction="mean", chunk=128):
-    """Cross-entropy of the softcapped logits of h (..., C) against targets (...), -1 ignored. Training in fp32
-    takes the fused chunked path; under autocast or torch.compile (which fuses the softcap itself), or for
-    reduction='none', the plain one. The two agree to float precision (tests)."""
+    """Cross-entropy of the softcapped logits of h (..., C) against targets (...), -1 ignored. Training takes the
+    fused chunked path (under autocast: bf16 matmuls, fp32 softmax, as autocast would); under torch.compile
+    (which fuses the softcap itself) or for reduction='none', the plain one. They agree (tests)."""
     h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     fused = (reduction in ("mean", "sum") and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-             and not torch.is_autocast_enabled(h.device.type) and not torch.compiler.is_compiling()
-             and h.dtype == weight.dtype == torch.float32)
+             and not torch.compiler.is_compiling())
     if not fused:
         logits = h2 @ weight.t()
         if cap > 0:
             logits = cap * torch.tanh(logits.float() / cap)
         return F.cross_entropy(logits.float(), t2, ignore_index=-1, reduction=reduction)
-    total = _FusedHeadLoss.apply(h2, weight, t2, float(cap), chunk)
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):  # the casts autocast would make, made explicitly (differentiable)
+        low = torch.get_autocast_dtype(device_type)
+        h2, weight = h2.to(low), weight.to(low)
+    with torch.autocast(device_type, enabled=False):
+        total = _FusedHeadLoss.apply(h2, weight, t2, float(cap), chunk)
     return total if reduction == "sum" else total / (t2 >= 0).sum()
 
 

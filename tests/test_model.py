@@ -851,3 +851,23 @@ def test_idle_cores_is_between_zero_and_the_core_count():
     from model import idle_cores
     n = idle_cores(0.05)
     assert 0.0 <= n <= (os.cpu_count() or 1) + 1e-9
+
+
+def test_fused_head_loss_under_bf16_autocast_matches_the_plain_path():
+    from model import head_loss
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(70, 32, generator=g, requires_grad=True)
+    w = torch.randn(50, 32, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (70,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = head_loss(h, w, t, 15.0, chunk=32)
+    fused.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = h @ w.t()  # the plain path: a bf16 matmul, then softcap + CE in fp32
+        plain = F.cross_entropy(15.0 * torch.tanh(z.float() / 15.0), t)
+    plain.backward()
+    assert fused.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert abs(fused.item() - plain.item()) < 1e-2 * plain.item()
+    assert (gh - h.grad).abs().max() < 2e-2 * h.grad.abs().max() and (gw - w.grad).abs().max() < 2e-2 * w.grad.abs().max()
