@@ -106,14 +106,13 @@ class _FusedHeadLoss(torch.autograd.Function):
                 else:
                     grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
-        ctx.has = (grad_h is not None, grad_w is not None)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         saved = iter(ctx.saved_tensors)
-        grad_h = next(saved) * grad_loss if ctx.has[0] else None
-        grad_w = next(saved) * grad_loss if ctx.has[1] else None
+        grad_h = next(saved) * grad_loss if ctx.needs_input_grad[0] else None
+        grad_w = next(saved) * grad_loss if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None
 
 

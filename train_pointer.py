@@ -83,11 +83,11 @@ from configurator import configure  # noqa: E402
 config = configure(globals())
 
 from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx,  # noqa: E402
-                   budget_lr_step, check_finite, check_repo_id, cleanup_distributed, configure_optimizers,
-                   dataclass_from_dict, get_lr, global_mean, gpt_flops_per_token, init_distributed,
-                   install_error_hook, left_pad, load_checkpoint, load_meta, log_line, maybe_compile,
-                   mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state, run_dir, save_checkpoint,
-                   set_lr, set_rng_state, unwrap)
+                   budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed,
+                   configure_optimizers, dataclass_from_dict, get_lr, global_mean, gpt_flops_per_token,
+                   init_distributed, install_error_hook, left_pad, load_checkpoint, load_meta, log_line,
+                   maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state, run_dir,
+                   save_checkpoint, set_lr, set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, epoch_order, format_metrics, image_grid, normalize, save_png, write_results  # noqa: E402
 from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
                           POINTER_N_SIZE, pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_draw,
@@ -538,7 +538,7 @@ while step < max_steps:
         extra = " | ".join(f"{k} {v.item():.4f}" for k, v in parts.items()) + " | " + " ".join(f"{k} {v:.3f}" for k, v in head_norms.items())
         print(log_line(step, max_steps, loss_avg, optimizer.param_groups[0]["lr"], dt,
                        tokens=batch["ids"].numel(), flops_per_step=flops_per_step, peak=peak, extra=extra))
-    out_of_time = max_train_seconds > 0 and time.time() - t_start > max_train_seconds
+    out_of_time = budget_spent(time.time() - t_start, max_train_seconds, dev)  # every rank agrees before the eval
     if master and (step % eval_interval == 0 or step == max_steps or out_of_time):
         px = eval_and_report(train_seconds, head_norms)
         if px < best_px:
