@@ -59,6 +59,9 @@ image_root = ""              # relative image/mask paths resolve here ('' = the 
 image_size = 32
 max_caption_len = 16         # tokens (bytes); longer referring sentences are cut
 vp_grid = 16                 # the visual prompt: region mask pooled to vp_grid x vp_grid, K = cells > 0.5
+captioned_pool = 3000        # synthetic: > 0 = stage A draws from only this many captioned training scenes (as
+                             # RefCOCO is small) while stage B draws fresh scenes and uses their masks only (as the
+                             # journal's SA-1B/SAV masks had no captions); 0 = both stages draw fresh scenes
 # model
 patch_size = 4
 llm_grid = 4                 # the GPT sees the ViT features average-pooled to llm_grid x llm_grid tokens
@@ -72,10 +75,10 @@ n_kv_head = 4
 dec_dim = 64                 # mask decoder width
 # schedule: stage A for stage_a_steps, then stage B until max_steps
 stage_a_steps = 700
-max_steps = 900
+max_steps = 1200
 batch_size = 32
 lr = 2e-3
-lr_b = 1e-3                  # stage B learning rate (its own cosine from lr_b)
+lr_b = 5e-4                  # stage B learning rate (its own cosine from lr_b)
 min_lr_frac = 0.1
 warmup_steps = 50
 weight_decay = 0.05
@@ -363,8 +366,10 @@ def records(split):
     return _records[split]
 
 
-def get_batch(split, indices, dev):
+def get_batch(split, indices, dev, stage="A"):
     if dataset == "synthetic":
+        if split == "train" and captioned_pool > 0:  # A: the captioned pool, again and again; B: scenes past it
+            indices = [i % captioned_pool if stage == "A" else captioned_pool + i for i in indices]
         samples = [seg_synthetic_sample(seed, split, i, image_size) for i in indices]
     elif dataset == "refcoco":
         recs = records(split)
@@ -499,7 +504,8 @@ def main():
         lr_now = (get_lr(step - stage_a_steps, max_steps - stage_a_steps, lr_b, 0, min_lr_frac) if in_b
                   else get_lr(step, stage_a_steps, lr, warmup_steps, min_lr_frac))
         set_lr(optimizer, lr_now)
-        b = get_batch("train", batch_indices(step, batch_size, ddp["rank"], ddp["world_size"]), dev)
+        b = get_batch("train", batch_indices(step, batch_size, ddp["rank"], ddp["world_size"]), dev,
+                      "B" if in_b else "A")
         with ctx:
             if in_b:
                 loss, stats, text = model("stage_b", teacher=teacher, images=b["images"], masks=b["masks"],

@@ -265,3 +265,18 @@ def test_configs_match_script_defaults(T):
     assert synthetic == defaults  # the default config file is the script's defaults, written out
     refcoco = parse_args(defaults, [os.path.join(ROOT, "config/seg_refcoco.py")])
     assert refcoco["dataset"] == "refcoco" and (refcoco["image_size"] // refcoco["patch_size"]) % refcoco["llm_grid"] == 0
+
+
+def test_captioned_pool_stage_a_repeats_stage_b_is_fresh(T):
+    """captioned_pool=N: stage A only ever sees the first N captioned scenes; stage B never sees them."""
+    saved = T.captioned_pool
+    T.captioned_pool = 3
+    try:
+        a = T.get_batch("train", range(6), "cpu", "A")
+        b = T.get_batch("train", range(3), "cpu", "B")
+    finally:
+        T.captioned_pool = saved
+    first = T.get_batch("train", range(3), "cpu")
+    assert torch.equal(a["images"][:3], a["images"][3:]) and torch.equal(a["images"][:3], first["images"])
+    assert not any(torch.equal(x, y) for x in b["images"] for y in first["images"])
+    assert torch.equal(b["images"], T.get_batch("train", range(3, 6), "cpu")["images"])
