@@ -3,13 +3,16 @@ Foveated video recipe: synthetic "find the mover" videos, a real clip reader, fr
 encoders (a fixed random high-pass encoder by default; a TAESD-style VAE encoder from safetensors as the
 real option), attention diagnostics and the attention-strip drawing. Merged into data.py by the lead.
 
-The synthetic task (task='track'): a small textured sprite (the target) moves with momentum among static
-sprites of the same family (distractors) on a cluttered background, and now and then switches colour. It is
-outlined only in the first frames (the cue, as a tracker is given the first box); after that any single
-frame shows it as one sprite among look-alikes, so a static query cannot know where to look, while the
-history (where it was, how it moves) tells where it will be. The next frame's latent depends on the
-target's current colour and position, so reading the target's details pays.
-task='static_large' is the control: a large, static target that a static query can always see.
+The synthetic task (task='track'): a small textured sprite (the target) moves with momentum among sprites
+of the same family (distractors) that also move with momentum and switch colour at the same rate. It is
+outlined only in the first frames (the cue, as a tracker is given the first box); after that nothing but the
+continuity of its motion tells it apart, so a static query cannot know where to look, while the history (where
+it was, how it moves) tells where it will be. The prediction target is the next frame's TARGET LAYER (the
+target drawn alone on black) through the frozen encoder at a spatial grid: where the tracked object will be
+and what it will look like. With the old target (the whole frame's latent, globally pooled, as change since
+frame 0) and static distractors, a diffuse static read was (near) optimal: only the target changed, so
+differencing global reads recovered it without ever locating it, and no foveation gain was possible.
+task='static_large' is the control: a large, still target that a static query can always see.
 """
 import json
 import math
@@ -73,68 +76,87 @@ def fov_background(rng, size):
     return img
 
 
+def fov_mover(rng, size, s, center=False):
+    """A sprite's start (x, y) and velocity: anywhere (or mid-frame), 1.5-2.5 px per frame in any direction."""
+    pos = np.full(2, (size - s) / 2.0) if center else rng.uniform(0, size - s, 2)
+    speed, angle = rng.uniform(1.5, 2.5), rng.uniform(0, 2 * math.pi)
+    return pos, np.array([math.cos(angle), math.sin(angle)]) * speed
+
+
+def fov_step(pos, vel, size, s):
+    """Move one frame with momentum, bouncing off the walls."""
+    pos, vel = pos + vel, vel.copy()
+    for k in range(2):
+        if pos[k] < 0 or pos[k] > size - s:
+            vel[k] = -vel[k]
+            pos[k] = np.clip(pos[k], 0, size - s)
+    return pos, vel
+
+
 def fov_synthetic_video(rng, task="track", n_frames=8, size=32, n_distractors=3, sprite=4,
                         large_sprite=16, noise=0.04, specks=1, cue_frames=2, p_change=0.25, center_start=True):
-    """One video, a pure function of rng. -> dict(frames (T, 3, H, W) float32 in [0, 1], caption,
-    target_xy (T, 2) top-left pixel of the target per frame, target_size).
+    """One video, a pure function of rng. -> dict(frames (T, 3, H, W) float32 in [0, 1], target_layer
+    (T, 3, H, W): the target sprite alone on black (no cue, clutter or noise), caption, target_xy (T, 2)
+    top-left pixel of the target per frame, target_color (T,), distractor_xy (T, n_distractors, 2), target_size).
 
-    The target is outlined in white in the first `cue_frames` frames only (as a tracker is given the
-    first box); afterwards it looks like a distractor. Its colour switches to a random other colour with
-    probability p_change per frame (its pattern stays), so its current colour must be seen to be known.
-    center_start: the target starts in the middle of the frame (as a tracker knows its start); where it is
-    later depends on its velocity, which a static query cannot follow."""
+    Distractors are true look-alikes: the same sprite family, same size, moving with their own momentum and
+    switching colour at the same rate as the target. So after the cue frames (the target outlined in white,
+    as a tracker is given the first box) only the continuity of its motion tells the target apart: differencing
+    global reads of two frames sees every sprite change, not the target's. Each sprite switches colour (its
+    pattern stays) with probability p_change per frame, so the target's current colour must be looked at.
+    center_start: the target starts mid-frame (a tracker's known start). task='static_large' (the control):
+    the target is large and still, so a static query always sees it."""
     if task not in FOV_TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {FOV_TASKS}")
-    bg = fov_background(rng, size)
-    scene = bg.copy()
-    for _ in range(n_distractors):  # static distractors from the same sprite family
-        pat, col = FOV_PATTERNS[rng.integers(len(FOV_PATTERNS))], FOV_COLOR_NAMES[rng.integers(6)]
-        x, y = rng.integers(0, size - sprite + 1, 2)
-        scene[y:y + sprite, x:x + sprite] = fov_sprite(pat, col, sprite)
-    pattern, color = FOV_PATTERNS[rng.integers(len(FOV_PATTERNS))], int(rng.integers(6))
-    color0 = color
+    scene = fov_background(rng, size)
     s = sprite if task == "track" else large_sprite
-    pos = rng.uniform(0, size - s, 2)
-    if center_start and task == "track":  # a tracker's known start: the middle of the frame, then wherever it goes
-        pos = np.full(2, (size - s) / 2.0)
-    if task == "track":
-        speed, angle = rng.uniform(1.5, 2.5), rng.uniform(0, 2 * math.pi)
-        vel = np.array([math.cos(angle), math.sin(angle)]) * speed
-    else:
-        vel = np.zeros(2)
-    caption_dir = fov_direction(*vel) if task == "track" else "still"
-    frames, xy, colors = [], [], []
+    # sprite 0 is the target, 1.. the distractors: (pattern, colour, position, velocity) each
+    pats = [FOV_PATTERNS[i] for i in rng.integers(len(FOV_PATTERNS), size=1 + n_distractors)]
+    cols = [int(c) for c in rng.integers(6, size=1 + n_distractors)]
+    still = (rng.uniform(0, size - s, 2), np.zeros(2))
+    movers = [fov_mover(rng, size, s, center=center_start) if task == "track" else still]
+    movers += [fov_mover(rng, size, sprite) for _ in range(n_distractors)]
+    color0, vel0 = cols[0], movers[0][1]
+    frames, layer, xy, dxy, colors = [], [], [], [], []
     for t in range(n_frames):
         img = scene.copy()
-        x, y = int(round(pos[0])), int(round(pos[1]))
-        u, step = rng.uniform(), int(rng.integers(1, 6))  # drawn every frame: p_change alters nothing else
-        if t > 0 and u < p_change:  # a new colour that persists: only looking tells it
-            color = (color + step) % 6
-        if t < cue_frames:  # the cue: a white outline around the target
-            img[max(0, y - 1):y + s + 1, max(0, x - 1):x + s + 1] = 1.0
-        img[y:y + s, x:x + s] = fov_sprite(pattern, FOV_COLOR_NAMES[color], s)
+        tgt = np.zeros_like(scene)
+        u, step = rng.uniform(size=len(cols)), rng.integers(1, 6, size=len(cols))  # drawn every frame
+        corners = []
+        for i in range(len(cols)):
+            if t > 0 and u[i] < p_change:  # a new colour that persists: only looking tells it
+                cols[i] = (cols[i] + int(step[i])) % 6
+            corners.append((int(round(movers[i][0][0])), int(round(movers[i][0][1]))))
+        for i in range(len(cols) - 1, -1, -1):  # distractors first, the target on top
+            x, y = corners[i]
+            w = s if i == 0 else sprite
+            if i == 0 and t < cue_frames:  # the cue: a white outline around the target
+                img[max(0, y - 1):y + w + 1, max(0, x - 1):x + w + 1] = 1.0
+            img[y:y + w, x:x + w] = fov_sprite(pats[i], FOV_COLOR_NAMES[cols[i]], w)
+        x, y = corners[0]
+        tgt[y:y + s, x:x + s] = fov_sprite(pats[0], FOV_COLOR_NAMES[cols[0]], s)
         for _ in range(specks):  # flickering single-pixel clutter, new every frame (unpredictable)
             px, py = rng.integers(0, size, 2)
             img[py, px] = rng.uniform(0, 1, 3)
         img = img + rng.normal(0, noise, img.shape).astype(np.float32)
         frames.append(np.clip(img, 0, 1).transpose(2, 0, 1))
-        xy.append((x, y))
-        colors.append(color)
-        pos = pos + vel
-        for k in range(2):  # bounce off the walls, keeping the momentum
-            if pos[k] < 0 or pos[k] > size - s:
-                vel[k] = -vel[k]
-                pos[k] = np.clip(pos[k], 0, size - s)
+        layer.append(tgt.transpose(2, 0, 1))
+        xy.append(corners[0])
+        dxy.append(corners[1:])
+        colors.append(cols[0])
+        movers = [fov_step(p, v, size, s if i == 0 else sprite) for i, (p, v) in enumerate(movers)]
     name = FOV_COLOR_NAMES[color0]
-    caption = f"{name} {pattern} moving {caption_dir}" if task == "track" else f"large {name} {pattern} still"
-    return dict(frames=torch.from_numpy(np.stack(frames)), caption=caption,
-                target_xy=torch.tensor(xy, dtype=torch.long), target_color=torch.tensor(colors), target_size=s)
+    caption = f"{name} {pats[0]} moving {fov_direction(*vel0)}" if task == "track" else f"large {name} {pats[0]} still"
+    return dict(frames=torch.from_numpy(np.stack(frames)), target_layer=torch.from_numpy(np.stack(layer)),
+                caption=caption, target_xy=torch.tensor(xy, dtype=torch.long), target_color=torch.tensor(colors),
+                distractor_xy=torch.tensor(dxy, dtype=torch.long).view(n_frames, n_distractors, 2), target_size=s)
 
 
 def fov_synthetic_batch(seed, split, indices, **kw):
     """Stacked videos for these global indices; each one a pure function of (seed, split, index)."""
     vids = [fov_synthetic_video(sample_rng(seed, split, i), **kw) for i in indices]
     return dict(frames=torch.stack([v["frames"] for v in vids]), captions=[v["caption"] for v in vids],
+                target_layer=torch.stack([v["target_layer"] for v in vids]),
                 target_xy=torch.stack([v["target_xy"] for v in vids]), target_size=vids[0]["target_size"])
 
 # -----------------------------------------------------------------------------

@@ -13,16 +13,18 @@ n_frames = 8
 image_size = 32
 n_distractors = 3
 noise = 0.04
-cue_frames = 2             # the target is outlined in the first frames only
-p_change = 0.25            # per-frame chance the target switches colour
+cue_frames = 3             # the target is outlined in the first frames only (3: its velocity shows, 3-5 px)
+p_change = 0.1             # per-frame chance that each sprite switches colour (the fine path's irreducible error)
 center_start = True        # track: the target starts mid-frame, then moves with momentum
+specks = 1                 # flickering random pixels per frame (unpredictable clutter)
 latent_encoder = 'fixed'   # 'fixed' (seeded random high-pass filters) | path/to/taesd_encoder.safetensors
-latent_target = 'delta'    # 'delta': z(t+1) - z(frame 0), the change since the first frame (the static scene
-                           # cancels exactly) | 'frame': z(t+1) itself (dominated by whatever never changes)
+latent_target = 'target_layer'  # 'target_layer': frame t+1 with only the target drawn, at a spatial grid (where
+                           # the tracked object will be and how it looks; synthetic only) | 'delta': z(t+1) - z(frame 0)
+                           # of the whole frame | 'frame': z(t+1) of the whole frame
 latent_channels = 8
-latent_grid = 1            # 1: position-invariant (what the target looks like, not where)
+latent_grid = 2            # latent pooled to grid x grid cells (1: position-invariant)
 # encoder: shared ViT, per-layer patch K/V cached, queries read it
-patch_size = 8
+patch_size = 4             # 8x8 patches of 4 px: a read can isolate the 4 px target
 vit_layers = 3
 vit_heads = 4
 vit_width = 64
@@ -37,12 +39,13 @@ n_layer = 2
 n_head = 4
 n_embd = 128
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
+detach_coarse = True       # the fine loss never reaches the coarse pass (the baseline trains on its own loss)
 mode_weights = (0.6, 0.2, 0.2)   # video-only, text-conditioned, captioning; drawn per batch
 caption_tokens = 40        # caption budget (longer captions are an error)
 n_caption_eval = 64        # held-out videos captioned (generated) at each eval
 # training
-max_steps = 1500
-max_train_seconds = 690.0   # > 0: wall-clock budget of the training loop (0 = steps only)
+max_steps = 4000
+max_train_seconds = 600.0   # > 0: wall-clock budget of the training loop (0 = steps only)
 batch_size = 16
 lr = 2e-3
 min_lr_frac = 0.1
@@ -50,7 +53,7 @@ warmup_steps = 100
 weight_decay = 0.01
 grad_clip = 1.0
 log_interval = 50
-eval_interval = 750
+eval_interval = 1000
 n_eval = 256
 eval_batch = 64
 n_vis = 3                  # videos drawn in the attention strip PNG

@@ -7,6 +7,7 @@ data_dir = 'data/clips'
 n_frames = 16
 image_size = 224
 latent_encoder = 'weights/taesd_encoder.safetensors'
+latent_target = 'delta'    # real clips have no target layer: the whole frame's change since frame 0
 latent_grid = 4
 patch_size = 16
 vit_layers = 12

@@ -40,6 +40,10 @@ def tiny_batch(ns, n=2):
     b = ns["get_batch"]("train", range(n))
     return b["frames"], b["captions"]
 
+
+def tiny_targets(ns, model, n=2):
+    return model.latents(ns["get_batch"]("train", range(n))["latent_frames"], ns["latent_enc"])
+
 # -- BUG-001 / BUG-002
 
 
@@ -76,7 +80,7 @@ def test_mode_is_chosen_per_batch_with_the_configured_weights():
     model, _ = ns["build_model"]()
     frames, caps = tiny_batch(ns, 3)
     with pytest.raises(InputError):
-        model(frames, model.latents(frames, ns["latent_enc"]), ["video", "text", "caption"], caps)
+        model(frames, tiny_targets(ns, model, 3), ["video", "text", "caption"], caps)
 
 # -- BUG-004 / 005 / 006: both cache layouts in training, captioning and generation
 
@@ -93,7 +97,7 @@ def test_both_cache_layouts_in_every_path(query_mode):
     assert n_none == (0 if query_mode == "deep" else len(cache["kv"]) - 1)
     _, maps = model.vit.read(model.query_input_proj(model.q_static.expand(8, 1, -1)), cache)
     assert len(maps) == (2 if query_mode == "deep" else 1)
-    tgt = model.latents(frames, ns["latent_enc"])
+    tgt = tiny_targets(ns, model)
     for mode in ("video", "text", "caption"):  # training / text-conditioned / captioning
         model.zero_grad()
         r = model(frames, tgt, mode, caps, n_passes=2)
@@ -104,6 +108,19 @@ def test_both_cache_layouts_in_every_path(query_mode):
         assert model.query_head.weight.grad.abs().sum() > 0  # the fine loss reaches the query predictor
     gen = model.caption(frames, 6, n_passes=2)  # caption generation through the KV-cached GPT
     assert len(gen) == 2 and all(isinstance(g, str) for g in gen)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_coarse_keeps_the_fine_loss_out_of_the_coarse_pass(detach):
+    ns = recipe(f"--detach_coarse={detach}")
+    torch.manual_seed(0)
+    model, _ = ns["build_model"]()
+    frames, caps = tiny_batch(ns)
+    r = model(frames, tiny_targets(ns, model), "video", caps)
+    r["loss_fine"].backward()
+    assert model.query_head.weight.grad.abs().sum() > 0  # the fine loss always trains the query predictor
+    reached = model.q_static.grad is not None and model.q_static.grad.abs().sum() > 0
+    assert reached == (not detach)
 
 
 def test_a_cache_of_the_wrong_layout_is_a_clear_error():
@@ -146,27 +163,87 @@ def test_cosine_and_per_frame_loss_worked_examples():
 # -- data and latent encoders
 
 
-def test_synthetic_video_is_seeded_and_the_target_moves_among_static_distractors():
+def boxes(xy, size):
+    """(H, W) bool mask of size x size boxes at these top-left corners."""
+    m = torch.zeros(32, 32, dtype=torch.bool)
+    for x, y in xy:
+        m[y:y + size, x:x + size] = True
+    return m
+
+
+def test_synthetic_video_is_seeded_and_every_sprite_moves_and_changes_colour():
     v1 = fov_synthetic_video(sample_rng(1, "train", 5), noise=0.0, specks=0)
     v2 = fov_synthetic_video(sample_rng(1, "train", 5), noise=0.0, specks=0)
     v3 = fov_synthetic_video(sample_rng(1, "val", 5), noise=0.0, specks=0)
     assert torch.equal(v1["frames"], v2["frames"]) and not torch.equal(v1["frames"], v3["frames"])
-    f, xy = v1["frames"], v1["target_xy"]
-    assert f.shape == (8, 3, 32, 32) and 0 <= f.min() and f.max() <= 1
-    assert (xy[1:] - xy[:-1]).abs().sum(-1).min() >= 1  # it moves every frame
-    # everything that changes between two frames lies under the target's old or new box
+    f, xy, dxy = v1["frames"], v1["target_xy"], v1["distractor_xy"]
+    assert f.shape == (8, 3, 32, 32) and 0 <= f.min() and f.max() <= 1 and dxy.shape == (8, 3, 2)
+    assert (xy[1:] - xy[:-1]).abs().sum(-1).min() >= 1  # the target moves every frame
+    assert ((dxy[1:] - dxy[:-1]).abs().sum(-1) >= 1).all()  # and so does every distractor (look-alike motion)
+    # everything that changes between two frames lies under some sprite's old or new box: the background is still
     changed = (f[3] - f[2]).abs().sum(0) > 1e-6  # after the cue frames (0, 1)
-    box = torch.zeros(32, 32, dtype=torch.bool)
-    for x, y in xy[2:4].tolist():
-        box[y:y + 4, x:x + 4] = True
-    assert changed.any() and not (changed & ~box).any()
+    sprites = boxes(xy[2:4].tolist() + dxy[2:4].flatten(0, 1).tolist(), 4)
+    assert changed.any() and not (changed & ~sprites).any()
     cue = (f[0] == 1).all(0)  # the white outline of the cue frames rings the target
     x, y = xy[0].tolist()
     assert cue[max(0, y - 1):y + 5, max(0, x - 1):x + 5].sum() >= 8 and not (f[2] == 1).all(0).any()
+    assert xy[0].tolist() == [14, 14]  # center_start
     words = v1["caption"].split()
     assert len(words) == 4 and words[2] == "moving"
     still = fov_synthetic_video(sample_rng(1, "train", 5), task="static_large", noise=0.0, specks=0)
     assert (still["target_xy"] == still["target_xy"][0]).all() and still["caption"].startswith("large ")
+    # distractors switch colour at the target's rate: count switches of every sprite over many videos
+    vids = [fov_synthetic_video(sample_rng(2, "train", i), noise=0.0, specks=0, p_change=0.5, cue_frames=0)
+            for i in range(60)]
+    tgt_rate = np.mean([(v["target_color"][1:] != v["target_color"][:-1]).float().mean().item() for v in vids])
+    assert abs(tgt_rate - 0.5) < 0.1
+    # a distractor's mean colour in the frame moves as often as the target's (its box, where it is alone)
+    d_rate = []
+    for v in vids:
+        for t in range(7):
+            x0, y0 = v["distractor_xy"][t, 0].tolist()
+            x1, y1 = v["distractor_xy"][t + 1, 0].tolist()
+            others = v["target_xy"][t:t + 2].tolist() + v["distractor_xy"][t:t + 2, 1:].flatten(0, 1).tolist()
+            if any(abs(x - a) < 5 and abs(y - b) < 5 for a, b in others for x, y in ((x0, y0), (x1, y1))):
+                continue  # overlapped: cannot read its colour cleanly
+            c0 = v["frames"][t, :, y0:y0 + 4, x0:x0 + 4].amax((1, 2))
+            c1 = v["frames"][t + 1, :, y1:y1 + 4, x1:x1 + 4].amax((1, 2))
+            d_rate.append(float((c0 - c1).abs().max() > 1e-4))
+    assert len(d_rate) > 100 and abs(np.mean(d_rate) - 0.5) < 0.12
+
+
+def test_target_layer_holds_the_target_alone_as_it_looks_in_the_frame():
+    v = fov_synthetic_video(sample_rng(1, "train", 7), noise=0.0, specks=0)
+    f, layer, xy = v["frames"], v["target_layer"], v["target_xy"]
+    assert layer.shape == f.shape
+    for t in range(8):
+        x, y = xy[t].tolist()
+        on = layer[t].abs().sum(0) > 0
+        assert torch.equal(on, boxes([(x, y)], 4))  # only the target's box, black elsewhere (no cue, no clutter)
+        assert torch.equal(layer[t, :, y:y + 4, x:x + 4], f[t, :, y:y + 4, x:x + 4])  # drawn on top: as seen
+    big = fov_synthetic_video(sample_rng(1, "train", 7), task="static_large", noise=0.0, specks=0)
+    assert (big["target_layer"][0].abs().sum(0) > 0).sum() == 16 * 16
+
+
+@pytest.mark.parametrize("target,dim", [("target_layer", 4 * 2 * 2), ("delta", 4 * 2 * 2), ("frame", 4 * 3 * 3)])
+def test_latent_target_options(target, dim):
+    grid = 3 if target == "frame" else 2
+    ns = recipe(f"--latent_target={target}", f"--latent_grid={grid}")
+    model, _ = ns["build_model"]()
+    b = ns["get_batch"]("train", range(3))
+    z = model.latents(b["latent_frames"], ns["latent_enc"])
+    assert z.shape == (3, 4, dim) and model.latent_head.out_features == dim
+    if target == "delta":
+        assert z[:, 0].abs().max() == 0  # the change since frame 0
+    if target == "target_layer":  # the target alone: its latent is what the encoder sees of the layer
+        assert (b["latent_frames"].abs().sum(2) > 0).float().mean() < 0.2  # one 4 px sprite on 16 px of black
+    else:
+        assert b["latent_frames"] is b["frames"]
+
+
+def test_target_layer_is_refused_for_real_clips(tmp_path):
+    with pytest.raises(InputError, match="target_layer"):
+        recipe("--task=folder", f"--data_dir={tmp_path}", "--latent_target=target_layer")
 
 
 def test_fixed_encoder_ignores_flat_images_and_sees_texture():
@@ -248,3 +325,18 @@ def test_end_to_end_writes_results_png_checkpoint_and_resumes_exactly(tmp_path):
     ev = run_script(tmp_path, "--eval_only=True", f"--init_from={tmp_path / 'run' / 'ckpt'}",
                     f"--out_dir={tmp_path / 'ev'}")
     assert "ratio" in ev and os.path.exists(tmp_path / "ev" / "results.json")
+
+
+def test_synthetic_config_equals_script_defaults():
+    """config/foveated_synthetic.py documents the default run: every value in it must be the script's default."""
+    import ast
+
+    def assignments(path):
+        tree = ast.parse(open(os.path.join(ROOT, path)).read())
+        return {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                for t in n.targets if isinstance(t, ast.Name) and t.id.islower()
+                and isinstance(n.value, (ast.Constant, ast.UnaryOp, ast.Tuple))}
+
+    defaults, cfg = assignments("train_foveated.py"), assignments("config/foveated_synthetic.py")
+    assert len(cfg) >= 40
+    assert {k: v for k, v in cfg.items() if defaults.get(k, object()) != v} == {}
