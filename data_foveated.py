@@ -116,6 +116,7 @@ def fov_synthetic_video(rng, task="track", n_frames=8, size=32, n_distractors=3,
     still = (rng.uniform(0, size - s, 2), np.zeros(2))
     movers = [fov_mover(rng, size, s, center=center_start) if task == "track" else still]
     movers += [fov_mover(rng, size, sprite) for _ in range(n_distractors)]
+    sizes = [s] + [sprite] * n_distractors
     color0, vel0 = cols[0], movers[0][1]
     frames, layer, xy, dxy, colors = [], [], [], [], []
     for t in range(n_frames):
@@ -128,8 +129,7 @@ def fov_synthetic_video(rng, task="track", n_frames=8, size=32, n_distractors=3,
                 cols[i] = (cols[i] + int(step[i])) % 6
             corners.append((int(round(movers[i][0][0])), int(round(movers[i][0][1]))))
         for i in range(len(cols) - 1, -1, -1):  # distractors first, the target on top
-            x, y = corners[i]
-            w = s if i == 0 else sprite
+            (x, y), w = corners[i], sizes[i]
             if i == 0 and t < cue_frames:  # the cue: a white outline around the target
                 img[max(0, y - 1):y + w + 1, max(0, x - 1):x + w + 1] = 1.0
             img[y:y + w, x:x + w] = fov_sprite(pats[i], FOV_COLOR_NAMES[cols[i]], w)
@@ -144,7 +144,7 @@ def fov_synthetic_video(rng, task="track", n_frames=8, size=32, n_distractors=3,
         xy.append(corners[0])
         dxy.append(corners[1:])
         colors.append(cols[0])
-        movers = [fov_step(p, v, size, s if i == 0 else sprite) for i, (p, v) in enumerate(movers)]
+        movers = [fov_step(p, v, size, w) for (p, v), w in zip(movers, sizes)]
     name = FOV_COLOR_NAMES[color0]
     caption = f"{name} {pats[0]} moving {fov_direction(*vel0)}" if task == "track" else f"large {name} {pats[0]} still"
     return dict(frames=torch.from_numpy(np.stack(frames)), target_layer=torch.from_numpy(np.stack(layer)),
