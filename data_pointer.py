@@ -386,6 +386,38 @@ def pointer_pixel_metrics(pred, gt, frame_wh, thresholds=(2, 5, 10, 15)):
     return m
 
 
+def pointer_parse_accuracy(logits, dense):
+    """Dense-parsing accuracy per attribute on the patches that hold an object's centre (|offset| < half a
+    patch): does the ViT know what each object is? logits (B, N, colours + shapes + sizes), dense the labels of
+    pointer_dense_labels (B, N, 5). -> dict(parse_acc_colour, parse_acc_shape, parse_acc_size); {} without labels.
+    Shape near chance (0.25) with colour near 1 is the signature of a model that points at the right colour
+    but the wrong shape."""
+    dense = torch.as_tensor(dense)
+    centre = (dense[..., 0].abs() < 0.5) & (dense[..., 1].abs() < 0.5)  # NaN offsets (background) compare False
+    if not centre.any():
+        return {}
+    parts = torch.as_tensor(logits).float().split([POINTER_N_COLOUR, POINTER_N_SHAPE, POINTER_N_SIZE], -1)
+    return {f"parse_acc_{name}": float((lg.argmax(-1) == dense[..., 2 + i].long())[centre].float().mean())
+            for i, (name, lg) in enumerate(zip(("colour", "shape", "size"), parts))}
+
+
+def pointer_wrong_object_rate(pred, samples):
+    """Share of single-target predictions that lie nearer another object's centre than the target's (the
+    grounding failures, as opposed to imprecise points on the right object). pred (N, 2) normalised; samples
+    with 'objects' (frame px) and 'points'. Samples without objects (real data) are skipped; None if none."""
+    wrong, n = 0, 0
+    for p, s in zip(np.asarray(pred, dtype=np.float64).reshape(-1, 2), samples):
+        if not s.get("objects"):
+            continue
+        frame = np.asarray(s["frame"], dtype=np.float64)
+        p_px, t_px = (p + 1) / 2 * frame, (np.asarray(s["points"][0], dtype=np.float64) + 1) / 2 * frame
+        centres = np.array([[o["x"] + 0.5, o["y"] + 0.5] for o in s["objects"]])
+        target = int(np.argmin(np.hypot(*(centres - t_px).T)))
+        wrong += int(np.argmin(np.hypot(*(centres - p_px).T))) != target
+        n += 1
+    return wrong / n if n else None
+
+
 def pointer_match(pred_px, gt_px, radius):
     """Largest one-to-one matching of predicted to ground-truth points within `radius` px (exact: brute
     force over assignments, point sets are small; ties broken by the smaller total distance)."""

@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from data_pointer import (POINTER_COLOURS, POINTER_FRAME, POINTER_KINDS, POINTER_N_COLOUR, POINTER_SHAPES,
+from data_pointer import (POINTER_COLOURS, POINTER_FRAME, POINTER_KINDS, POINTER_N_COLOUR, POINTER_N_SHAPE,
+                          POINTER_N_SIZE, POINTER_SHAPES,
                           pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_window_softmax, pointer_encode, pointer_patch_mask,
                           pointer_word_specials, pointer_draw, pointer_load_record, pointer_loss_l1,
                           pointer_loss_smooth_l1, pointer_loss_three_stage, pointer_loss_three_stage_cont,
                           pointer_match, pointer_matches, pointer_pixel_errors, pointer_pixel_metrics,
-                          pointer_read_jsonl, pointer_render, pointer_scene, pointer_sequence_metrics,
-                          pointer_synthetic_sample)
+                          pointer_parse_accuracy, pointer_read_jsonl, pointer_render, pointer_scene, pointer_sequence_metrics,
+                          pointer_synthetic_sample, pointer_wrong_object_rate)
 from data import Tokenizer, sample_rng
 from model import InputError
 
@@ -229,6 +230,35 @@ def test_dense_offsets_point_every_patch_at_its_objects_centre():
             assert d.shape == (grid * grid, 5)
 
 
+def test_parse_accuracy_counts_only_centre_patches():
+    # 4x4 grid, the worked example above: the red square's centre patch is (0, 1), the blue circle's (3, 3)
+    objs = [dict(x=144, y=48, half=40, colour="red", shape="square", size="large"),
+            dict(x=300, y=300, half=12, colour="blue", shape="circle", size="small")]
+    dense = torch.from_numpy(pointer_dense_labels(objs, 4))[None]
+    logits = torch.zeros(1, 16, POINTER_N_COLOUR + POINTER_N_SHAPE + POINTER_N_SIZE)
+    vote = lambda n, colour, shape, size: [logits[0, n].__setitem__(i, 1.0) for i in
+                                           (colour, POINTER_N_COLOUR + shape, POINTER_N_COLOUR + POINTER_N_SHAPE + size)]
+    vote(1, 0, POINTER_SHAPES.index("square"), 1)                # the square: all three right
+    vote(15, 2, POINTER_SHAPES.index("triangle"), 0)             # the circle: colour and size right, shape wrong
+    vote(0, 3, 3, 0)                                             # a background patch: never counted
+    acc = pointer_parse_accuracy(logits, dense)
+    assert acc == {"parse_acc_colour": 1.0, "parse_acc_shape": 0.5, "parse_acc_size": 1.0}
+    assert pointer_parse_accuracy(logits, torch.from_numpy(pointer_dense_labels(None, 4))[None]) == {}
+
+
+def test_wrong_object_rate_worked_example():
+    objs = [dict(x=100, y=100), dict(x=300, y=100), dict(x=200, y=300)]
+    norm = lambda x, y: [(x + 0.5) / POINTER_FRAME * 2 - 1, (y + 0.5) / POINTER_FRAME * 2 - 1]
+    samples = [dict(objects=objs, points=np.array([norm(100, 100)]), frame=(POINTER_FRAME, POINTER_FRAME))] * 3
+    samples.append(dict(objects=None, points=np.array([norm(0, 0)]), frame=(POINTER_FRAME, POINTER_FRAME)))
+    pred = [norm(130, 110),   # 30 px off, but still nearest the target: imprecise, not wrong
+            norm(280, 100),   # nearest the second object: wrong
+            norm(199, 290),   # nearest the third: wrong
+            norm(300, 300)]   # no objects (real data): skipped
+    assert pointer_wrong_object_rate(np.array(pred), samples) == pytest.approx(2 / 3)
+    assert pointer_wrong_object_rate(np.array(pred[3:]), samples[3:]) is None
+
+
 def test_window_softmax_keeps_far_patches_out():
     # 4x4 grid: best patch (1, 1); a far patch (3, 3) with a high logit gets no weight inside the window
     logits = torch.full((1, 16), -2.0)
@@ -325,7 +355,7 @@ def test_train_eval_resume(tmp_path):
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["step"] == 60 and res["recipe"] == "pointer" and res["n_eval"] == 40
     for k in ("mean_px", "median_px", "p95_px", "within_5px", "loss_x", "seq_recall_5px", "count_mae",
-              "gap_px", "grad_x_head", "grad_done_head"):
+              "gap_px", "grad_x_head", "grad_done_head", "wrong_object", "parse_acc_shape"):
         assert k in res["metrics"], k
     # 60 tiny steps learn the layout (not yet the grounding): the error must fall clearly below the untrained one
     assert res["metrics"]["mean_px"] < 0.95 * untrained, (untrained, res["metrics"]["mean_px"])
