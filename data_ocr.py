@@ -122,11 +122,56 @@ def ocr_render(lines, image_size, font_size, x0, y0, line_gap, ink, paper, right
     return img.convert("RGB")
 
 
+OCR_GLYPH_CLASSES = 95  # 0 = background (and space), 1..94 = printable ASCII '!'..'~'
+OCR_TOKEN_SLOTS = 3     # characters a vision token is asked to carry (16 px tokens, 7 px pitch: 2-3 per token)
+
+
+def ocr_glyph_labels(lines, image_size, patch, x0, y0, line_gap, font_size, pitch):
+    """Which character each patch of a typewriter page shows: (G, G) int64, G = image_size // patch, raster
+    order like the SAM tokens. A patch whose centre lies in character j's cell of line i (x in
+    [x0 + j*pitch, x0 + (j+1)*pitch), y in [y0 + i*line_gap, y0 + i*line_gap + font_size + 2)) gets
+    ord(ch) - 32; background and spaces 0; characters outside printable ASCII -1 (ignored)."""
+    g = image_size // patch
+    out = np.zeros((g, g), dtype=np.int64)
+    centres = (np.arange(g) + 0.5) * patch
+    for i, line in enumerate(lines):
+        top = y0 + i * line_gap
+        rows = (centres >= top) & (centres < top + font_size + 2)
+        for j, ch in enumerate(line):
+            cols = (centres >= x0 + j * pitch) & (centres < x0 + (j + 1) * pitch)
+            code = ord(ch) - 32
+            out[np.ix_(rows, cols)] = code if 0 <= code < OCR_GLYPH_CLASSES else -1
+    return out
+
+
+def ocr_slot_labels(lines, image_size, token_px, slots, x0, y0, line_gap, font_size, pitch):
+    """Which characters each vision token must carry, left to right: (q, q, slots) int64, q = image_size //
+    token_px. Line i belongs to the token row holding its vertical centre; character j, centred at x, to
+    token column x // token_px and slot floor(slots * (x % token_px) / token_px). Empty slots and spaces 0,
+    characters outside printable ASCII (or two in one slot: pitch < token_px / slots) -1 (ignored)."""
+    q = image_size // token_px
+    out = np.zeros((q, q, slots), dtype=np.int64)
+    for i, line in enumerate(lines):
+        r = int((y0 + i * line_gap + (font_size + 2) / 2) // token_px)
+        for j, ch in enumerate(line):
+            x = x0 + (j + 0.5) * pitch
+            c, k = int(x // token_px), int(slots * (x % token_px) / token_px)
+            if not (0 <= r < q and 0 <= c < q):
+                continue
+            code = ord(ch) - 32
+            taken = out[r, c, k] != 0
+            out[r, c, k] = code if 0 <= code < OCR_GLYPH_CLASSES and not taken else -1
+    return out
+
+
 def ocr_synthetic_sample(seed, split, index, image_size=64, font_sizes=(10, 11, 12), max_lines=3,
-                         noise=0.04, styles=OCR_STYLES, paper=(200, 255), ink=(0, 90), pitch=0, line_gap=0):
+                         noise=0.04, styles=OCR_STYLES, paper=(200, 255), ink=(0, 90), pitch=0, line_gap=0,
+                         glyph_patch=0):
     """One synthetic document: a pure function of (seed, split, index). pitch > 0: typewriter layout
     (fixed-pitch cells); line_gap > 0: lines on a fixed grid (y jitter of 2 px) instead of anywhere.
-    -> dict(image float (3, S, S) in [0, 1], text 'line\\nline', style, id)."""
+    glyph_patch > 0 (needs pitch): also 'glyphs', the character under every patch (ocr_glyph_labels), and
+    'slots', the characters each vision token covers (ocr_slot_labels, tokens of 4 * glyph_patch px, 3 slots).
+    -> dict(image float (3, S, S) in [0, 1], text 'line\\nline', style, id[, glyphs])."""
     rng = sample_rng(seed, split, index)
     style = styles[int(rng.integers(len(styles)))]
     font_size = int(rng.choice(font_sizes))
@@ -144,7 +189,11 @@ def ocr_synthetic_sample(seed, split, index, image_size=64, font_sizes=(10, 11, 
     if noise > 0:  # sensor noise, its strength drawn per image
         x = x + torch.from_numpy(rng.normal(0, rng.uniform(0, noise), x.shape[1:]).astype(np.float32))
         x = x.clamp(0, 1)
-    return dict(image=x, text="\n".join(lines), style=style, id=f"{split}_{index}")
+    out = dict(image=x, text="\n".join(lines), style=style, id=f"{split}_{index}")
+    if glyph_patch and pitch:
+        out["glyphs"] = ocr_glyph_labels(lines, image_size, glyph_patch, x0, y0, line_gap, font_size, pitch)
+        out["slots"] = ocr_slot_labels(lines, image_size, 4 * glyph_patch, OCR_TOKEN_SLOTS, x0, y0, line_gap, font_size, pitch)
+    return out
 
 
 def ocr_probe_images(image_size=64, seed=0):

@@ -33,7 +33,7 @@ from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbL
                    resolve_checkpoint, rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, sync, unwrap)
 from data import (Tokenizer, batch_indices, format_metrics, load_image, normalize, save_png,  # noqa: E402
                   write_results)
-from data_ocr import (fox_word_metrics, ocr_draw_predictions, ocr_metrics, ocr_probe_images,  # noqa: E402
+from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, fox_word_metrics, ocr_draw_predictions, ocr_metrics, ocr_probe_images,  # noqa: E402
                       ocr_read_fox, ocr_read_jsonl, ocr_read_omnidocbench, ocr_synthetic_sample)
 
 # -----------------------------------------------------------------------------
@@ -69,6 +69,10 @@ neck_dim = 32              # SAM neck width; the convs give 2x then 4x this, whi
 clip_layers = 1
 clip_heads = 4
 center_vision = True       # BatchCenter the projected vision tokens (the anti-collapse fix; False = DeepSeek's path)
+glyph_weight = 1.0         # stage 1 on synthetic typewriter pages (pitch > 0): weight of a per-patch "which character
+                           #   is here" cross-entropy on SAM's last block (0 = off; no labels on real data)
+slot_weight = 1.0          # ... and of "which characters does this vision token cover, left to right" on the
+                           #   projected tokens (3 slots per token; 0 = off)
 # GPT
 n_layer = 3
 n_head = 4
@@ -130,6 +134,8 @@ class EncoderConfig:
     clip_heads: int = 4
     out_dim: int = 192       # the GPT width
     center: bool = True      # BatchCenter on the projected tokens (False: DeepSeek-OCR's plain path)
+    glyph_classes: int = 0   # > 0: a per-patch character classifier on SAM's last block (the glyph loss)
+    token_slots: int = 0     # > 0 (with glyph_classes): each projected token classifies the characters it covers
 
     @property
     def q(self):
@@ -206,13 +212,19 @@ class SAMEncoder(nn.Module):
                                   nn.Conv2d(n, n, 3, padding=1, bias=False), LayerNorm2d(n))
         self.net_2 = nn.Conv2d(n, 2 * n, 3, stride=2, padding=1, bias=False)
         self.net_3 = nn.Conv2d(2 * n, 4 * n, 3, stride=2, padding=1, bias=False)
+        # training aid, not part of DeepSeek-OCR: "which character is under this patch?" read off SAM's last
+        # block. Inside SAM, so stage 2 freezes it with the rest.
+        self.glyph = nn.Linear(c.sam_dim, c.glyph_classes) if c.glyph_classes else None
 
-    def forward(self, images):
+    def forward(self, images, glyphs=False):
+        """-> (B, q*q, 4*neck) tokens, and with glyphs=True also (B, g, g, glyph_classes) glyph logits."""
         x = self.patch(images).permute(0, 2, 3, 1) + self.pos
         for block in self.blocks:
             x = block(x)
+        glyph_logits = self.glyph(x) if glyphs else None
         x = self.net_3(self.net_2(self.neck(x.permute(0, 3, 1, 2))))
-        return x.flatten(2).transpose(1, 2)  # (B, q*q, 4*neck)
+        x = x.flatten(2).transpose(1, 2)
+        return (x, glyph_logits) if glyphs else x
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -270,12 +282,21 @@ class DeepEncoder(nn.Module):
         self.center = BatchCenter(c.q * c.q, c.out_dim) if c.center else nn.Identity()
         self.image_newline = nn.Parameter(torch.randn(c.out_dim) * c.out_dim ** -0.5)
         self.view_separator = nn.Parameter(torch.randn(c.out_dim) * c.out_dim ** -0.5)
+        # training aid like SAM's glyph head: the characters of each token's area, slot by slot, read linearly
+        # off what the GPT will see (so the compressor must keep them apart)
+        self.slot_head = nn.Linear(c.out_dim, c.token_slots * c.glyph_classes) if c.glyph_classes and c.token_slots else None
 
-    def features(self, images):
-        """images (B, 3, S, S) normalised -> dict of (B, q*q, C) at the sam, clip and projected stages."""
-        sam = self.sam(images)
+    def features(self, images, glyphs=False):
+        """images (B, 3, S, S) normalised -> dict of (B, q*q, C) at the sam, clip and projected stages
+        (+ 'glyphs', SAM's per-patch character logits, with glyphs=True)."""
+        sam, glyph_logits = self.sam(images, glyphs=True) if glyphs else (self.sam(images), None)
         clip = self.clip(sam)
-        return dict(sam=sam, clip=clip, proj=self.center(self.projector(torch.cat([clip, sam], -1))))
+        out = dict(sam=sam, clip=clip, proj=self.center(self.projector(torch.cat([clip, sam], -1))))
+        if not glyphs:
+            return out
+        q, c = self.config.q, self.config
+        slots = None if self.slot_head is None else self.slot_head(out["proj"]).view(-1, q, q, c.token_slots, c.glyph_classes)
+        return dict(out, glyphs=glyph_logits, slots=slots)
 
     def layout(self, proj):
         """(B, q*q, D) -> (B, (q+1)*q+1, D): a newline token after each row, one view separator."""
@@ -284,8 +305,11 @@ class DeepEncoder(nn.Module):
         rows = torch.cat([proj.view(B, q, q, D), self.image_newline.expand(B, q, 1, D)], 2).reshape(B, -1, D)
         return torch.cat([rows, self.view_separator.expand(B, 1, D)], 1)
 
-    def forward(self, images):
-        return self.layout(self.features(images)["proj"])
+    def forward(self, images, glyphs=False):
+        """-> (B, (q+1)*q+1, D) vision embeddings, and with glyphs=True also dict(glyphs=SAM's per-patch
+        logits, slots=the projected tokens' per-slot logits or None)."""
+        f = self.features(images, glyphs)
+        return (self.layout(f["proj"]), dict(glyphs=f["glyphs"], slots=f["slots"])) if glyphs else self.layout(f["proj"])
 
 
 class OCRModel(nn.Module):
@@ -295,9 +319,17 @@ class OCRModel(nn.Module):
         super().__init__()
         self.encoder, self.gpt = encoder, gpt
 
-    def forward(self, idx, targets, images=None, loss_reduction="mean"):
-        vision = None if images is None else self.encoder(images)
-        return self.gpt(idx, targets, vision_embeds=vision, loss_reduction=loss_reduction)
+    def forward(self, idx, targets, images=None, loss_reduction="mean", aux=None):
+        """-> (logits, loss); with aux labels dict(glyphs=(B, g, g), slots=(B, q, q, slots)) also a dict of the
+        auxiliary cross-entropies summed over labelled cells (the caller normalises, like the summed text loss)."""
+        if aux is None:
+            vision = None if images is None else self.encoder(images)
+            return self.gpt(idx, targets, vision_embeds=vision, loss_reduction=loss_reduction)
+        vision, aux_logits = self.encoder(images, glyphs=True)
+        logits, loss = self.gpt(idx, targets, vision_embeds=vision, loss_reduction=loss_reduction)
+        sums = {k: F.cross_entropy(aux_logits[k].reshape(-1, aux_logits[k].shape[-1]).float(), aux[k].flatten(),
+                                   ignore_index=-1, reduction="sum") for k in aux if aux_logits.get(k) is not None}
+        return logits, loss, sums
 
 
 def load_gpt_into(src, vocab_size, image_token_id, n_embd):
@@ -344,6 +376,10 @@ tok = Tokenizer(base=tokenizer)
 IMAGE, BOS, EOS, PAD = tok['<|image|>'], tok['<|bos|>'], tok['<|eos|>'], tok['<|pad|>']
 
 
+# the glyph loss needs character positions: synthetic typewriter pages only, and a trainable SAM (stage 1)
+use_glyphs = glyph_weight > 0 and dataset == 'synthetic' and pitch > 0 and stage == 1
+
+
 def build_model(meta=None):
     """From a checkpoint's meta, or from this config."""
     if meta is not None:
@@ -352,7 +388,8 @@ def build_model(meta=None):
         gpt_cfg = dataclass_from_dict(GPTConfig, meta['gpt'])
     else:
         enc_cfg = EncoderConfig(image_size, sam_patch, sam_dim, sam_layers, sam_heads, sam_window, tuple(sam_global),
-                                neck_dim, clip_layers, clip_heads, n_embd, center_vision)
+                                neck_dim, clip_layers, clip_heads, n_embd, center_vision,
+                                OCR_GLYPH_CLASSES if use_glyphs else 0, OCR_TOKEN_SLOTS if use_glyphs and slot_weight > 0 else 0)
         gpt_cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
                             n_embd=n_embd, sequence_len=vision_token_count(image_size, sam_patch) + 16 + max_text_tokens,
                             image_token_id=IMAGE)
@@ -385,7 +422,10 @@ if init_gpt and not resume:
 enc, gpt = model.encoder, model.gpt
 if stage == 2:  # SAM (with neck, net_2, net_3) frozen, as DeepSeek-OCR stage 2
     enc.sam.requires_grad_(False)
+    if enc.slot_head is not None:  # a stage-1 training aid, like SAM's glyph head
+        enc.slot_head.requires_grad_(False)
 model.to(device)
+glyph_on = use_glyphs and enc.sam.glyph is not None  # (a checkpoint without the head trains without it)
 q = enc.config.q
 N_VISION = vision_token_count(enc.config.image_size, enc.config.sam_patch)
 n_params = sum(p.numel() for p in model.parameters())
@@ -425,7 +465,8 @@ def get_sample(split, index):
         split, index = 'train', index % 10  # tier 1: the same 10 training pages, train and eval
     if dataset == 'synthetic':
         return ocr_synthetic_sample(seed, split, index, image_size, tuple(font_sizes), max_lines, noise,
-                                    paper=tuple(paper), ink=tuple(ink), pitch=pitch, line_gap=line_gap)
+                                    paper=tuple(paper), ink=tuple(ink), pitch=pitch, line_gap=line_gap,
+                                    glyph_patch=enc.config.sam_patch if glyph_on else 0)
     items = real[split]
     item = items[index % len(items)]
     return dict(image=load_image(item['image'], enc.config.image_size), text=item['text'], id=item['id'])
@@ -436,7 +477,8 @@ def prompt_ids():
 
 
 def make_batch(samples, text_only=False):
-    """-> (idx, targets, images). Loss only on the answer (and <|eos|>); right-padded with targets -1."""
+    """-> (idx, targets, images, aux). Loss only on the answer (and <|eos|>); right-padded with targets -1.
+    aux: the samples' glyph and slot labels when they all have them, else None."""
     global n_truncated
     seqs, starts = [], []
     for s in samples:
@@ -453,7 +495,10 @@ def make_batch(samples, text_only=False):
         idx[i, :len(s) - 1] = torch.tensor(s[:-1])
         targets[i, st:len(s) - 1] = torch.tensor(s[st + 1:])
     images = None if text_only else normalize(torch.stack([s['image'] for s in samples]))
-    return idx.to(device), targets.to(device), None if images is None else images.to(device)
+    aux = None
+    if not text_only and all('glyphs' in s for s in samples):
+        aux = {k: torch.from_numpy(np.stack([s[k] for s in samples])).to(device) for k in ('glyphs', 'slots')}
+    return idx.to(device), targets.to(device), None if images is None else images.to(device), aux
 
 
 def is_text_batch(step):
@@ -499,7 +544,7 @@ def collapse_monitor():
 
 @torch.no_grad()
 def per_sample_losses(samples):
-    idx, targets, images = make_batch(samples)
+    idx, targets, images, _ = make_batch(samples)
     with ctx:
         _, loss = gpt(idx, targets, enc(images), loss_reduction='none')
     loss = loss.view(targets.shape)
@@ -573,9 +618,11 @@ raw_model = model
 model = maybe_compile(model, compile, device_type)
 if ddp_info['ddp']:
     from torch.nn.parallel import DistributedDataParallel as DDP
-    # text-only batches skip the whole encoder: only then must DDP look for unused parameters
+    # text-only batches skip the whole encoder, a glyph head left unused skips itself: only then must DDP look
+    # for unused parameters
     model = DDP(model, device_ids=[ddp_info['local_rank']] if device_type == 'cuda' else None,
-                find_unused_parameters=text_ratio > 0)
+                find_unused_parameters=text_ratio > 0 or (not glyph_on and any(
+                    h is not None and h.weight.requires_grad for h in (enc.sam.glyph, enc.slot_head))))
 logger = WandbLogger(wandb_log and master, wandb_project, wandb_run_name, config, out_dir)
 peak = measure_matmul_peak(device, torch.bfloat16 if dtype_name == 'bfloat16' else torch.float32) if master else None
 enc_flops = 6 * sum(p.numel() for p in enc.sam.parameters()) * (enc.config.image_size // enc.config.sam_patch) ** 2 \
@@ -617,19 +664,24 @@ if eval_only:
     raise SystemExit(0)
 
 train_seconds, t_last = 0.0, time.perf_counter()
-loss_acc, n_acc = 0.0, 0
+loss_acc, aux_acc, n_acc = 0.0, {}, 0
 model.train()
 t_start = time.perf_counter()
 for step in range(start_step, max_steps):
     lr_now = get_lr(budget_lr_step(step, max_steps, time.perf_counter() - t_start, max_train_seconds, device),
                     max_steps, lr, warmup_steps, min_lr_frac)
     set_lr(optimizer, lr_now)
-    idx, targets, images = train_batch(step)
+    idx, targets, images, aux = train_batch(step)
     with ctx:
-        _, loss_sum = model(idx, targets, images, loss_reduction="sum")
+        _, loss_sum, *aux_sums = model(idx, targets, images, loss_reduction="sum", aux=aux)
     loss = global_mean(loss_sum, (targets != -1).sum(), device)  # per token of the global batch (DDP-exact)
-    check_finite(loss, step)
-    loss.backward()
+    total = loss
+    for k, v in (aux_sums[0] if aux_sums else {}).items():  # per labelled cell of the global batch
+        aux_loss = global_mean(v, (aux[k] != -1).sum(), device)
+        total = total + (glyph_weight if k == 'glyphs' else slot_weight) * aux_loss
+        aux_acc[k] = aux_acc.get(k, 0.0) + aux_loss.item()
+    check_finite(total, step)
+    total.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -643,11 +695,13 @@ for step in range(start_step, max_steps):
         train_seconds += time.perf_counter() - t_last
         tokens = idx.numel() * ddp_info['world_size']
         flops = gpt_flops_tok * tokens + enc_flops * idx.shape[0] * ddp_info['world_size'] * (images is not None)
-        print(log_line(step + 1, max_steps, loss_avg, lr_now, dt, tokens, flops, peak))
-        logger.log(dict(loss=loss_avg, lr=lr_now), step + 1)
+        aux_avg = {f"{k}_loss": v / n_acc for k, v in aux_acc.items()}  # rank 0's (diagnostics; loss is global)
+        print(log_line(step + 1, max_steps, loss_avg, lr_now, dt, tokens, flops, peak,
+                       extra=" | ".join(f"{k} {v:.4f}" for k, v in aux_avg.items())))
+        logger.log(dict(loss=loss_avg, lr=lr_now, **aux_avg), step + 1)
         t_last = time.perf_counter()
     if (step + 1) % log_interval == 0:
-        loss_acc, n_acc = 0.0, 0
+        loss_acc, aux_acc, n_acc = 0.0, {}, 0
     out_of_time = budget_spent(time.perf_counter() - t_start, max_train_seconds, device)
     last = step + 1 == max_steps or out_of_time
     if ((step + 1) % eval_interval == 0 or last) and master:

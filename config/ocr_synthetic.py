@@ -28,6 +28,10 @@ neck_dim = 32              # SAM neck width; the convs give 2x then 4x this, whi
 clip_layers = 1
 clip_heads = 4
 center_vision = True       # BatchCenter the projected vision tokens (the anti-collapse fix; False = DeepSeek's path)
+glyph_weight = 1.0         # stage 1 on synthetic typewriter pages (pitch > 0): weight of a per-patch "which character
+                           #   is here" cross-entropy on SAM's last block (0 = off; no labels on real data)
+slot_weight = 1.0          # ... and of "which characters does this vision token cover, left to right" on the
+                           #   projected tokens (3 slots per token; 0 = off)
 n_layer = 3
 n_head = 4
 n_kv_head = 4

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import Tokenizer  # noqa: E402
-from data_ocr import (fox_word_metrics, ocr_edit_distance, ocr_metrics, ocr_ned, ocr_omnidoc_normalize,  # noqa: E402
+from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, fox_word_metrics, ocr_glyph_labels, ocr_slot_labels, ocr_edit_distance, ocr_metrics, ocr_ned, ocr_omnidoc_normalize,  # noqa: E402
                       ocr_probe_images, ocr_read_fox, ocr_read_jsonl, ocr_read_omnidocbench, ocr_synthetic_sample,
                       ocr_word_split)
 from model import GPT, GPTConfig, save_checkpoint  # noqa: E402
@@ -32,16 +32,17 @@ def ocr():
     return type("Defs", (), ns)
 
 
-def tiny_encoder(ocr, out_dim=32):
+def tiny_encoder(ocr, out_dim=32, glyph_classes=0, token_slots=0):
     return ocr.DeepEncoder(ocr.EncoderConfig(image_size=32, sam_patch=4, sam_dim=16, sam_layers=2, sam_heads=2,
                                              sam_window=4, sam_global=(1,), neck_dim=8, clip_layers=1,
-                                             clip_heads=2, out_dim=out_dim))
+                                             clip_heads=2, out_dim=out_dim, glyph_classes=glyph_classes,
+                                             token_slots=token_slots))
 
 
-def tiny_model(ocr, tok):
+def tiny_model(ocr, tok, glyph_classes=0, token_slots=0):
     gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
                         sequence_len=64, image_token_id=tok["<|image|>"]))
-    return ocr.OCRModel(tiny_encoder(ocr), gpt)
+    return ocr.OCRModel(tiny_encoder(ocr, glyph_classes=glyph_classes, token_slots=token_slots), gpt)
 
 # -----------------------------------------------------------------------------
 # DeepEncoder
@@ -113,6 +114,37 @@ def test_every_trainable_param_gets_a_gradient_on_a_vision_batch(ocr):
         opt.zero_grad()
         _, loss = model(idx, tgt, images)
         loss.backward()
+        opt.step()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert dead == []
+
+
+def test_aux_losses_train_every_param_and_ignore_unlabelled_cells(ocr):
+    # the glyph (SAM, per patch) and slot (projected tokens, per slot) cross-entropies of stage 1
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    model = tiny_model(ocr, tok, glyph_classes=OCR_GLYPH_CLASSES, token_slots=OCR_TOKEN_SLOTS)
+    idx, tgt = batch(tok, ocr, ["ab 12", "xyz"], 7)
+    images = torch.randn(2, 3, 32, 32)
+    aux = dict(glyphs=torch.randint(0, OCR_GLYPH_CLASSES, (2, 8, 8)),
+               slots=torch.randint(0, OCR_GLYPH_CLASSES, (2, 2, 2, OCR_TOKEN_SLOTS)))
+    aux["glyphs"][0, :2] = -1  # unlabelled cells
+    aux["slots"][1, 0] = -1
+    _, text_loss, sums = model(idx, tgt, images, aux=aux)
+    _, logits = model.encoder(images, glyphs=True)
+    assert logits["glyphs"].shape == (2, 8, 8, OCR_GLYPH_CLASSES)
+    assert logits["slots"].shape == (2, 2, 2, OCR_TOKEN_SLOTS, OCR_GLYPH_CLASSES)
+    for k in ("glyphs", "slots"):
+        keep = aux[k] != -1
+        ref = torch.nn.functional.cross_entropy(logits[k][keep], aux[k][keep], reduction="sum")
+        assert sums[k].item() == pytest.approx(ref.item(), rel=1e-5), k
+    _, plain_loss = model(idx, tgt, images)  # without labels: the plain path, the same text loss
+    assert torch.allclose(text_loss, plain_loss)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        _, loss, sums = model(idx, tgt, images, aux=aux)
+        (loss + sum(sums.values()) / 100).backward()
         opt.step()
     dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
     assert dead == []
@@ -226,6 +258,45 @@ def test_synthetic_is_deterministic_and_heldout_words_are_unseen(layout):
         assert all(ocr_word_split(w.rstrip(":")) == "val" for w in val["text"].split())
         assert all(ocr_word_split(w.rstrip(":")) == "train" for w in train["text"].split())
         assert val["image"].std() > 0.02  # the text was drawn
+
+
+def test_glyph_labels_worked_example():
+    # 32 px page, 4 px patches (centres 2, 6, ..., 30), cells 6 px wide from x0 = 2, lines 12 px apart from
+    # y0 = 1, glyphs 8 + 2 px tall: line 0 covers patch rows 0-2, line 1 (top 13) rows 3-5
+    g = ocr_glyph_labels(["ab", "c d\u00e9"], 32, 4, 2, 1, 12, 8, 6)
+    code = lambda ch: ord(ch) - 32
+    expect = torch.zeros(8, 8, dtype=torch.long)
+    expect[0:3, 0:2], expect[0:3, 2] = code("a"), code("b")        # 'a': x in [2, 8); 'b': [8, 14)
+    expect[3:6, 0:2], expect[3:6, 3:5] = code("c"), code("d")      # ' ' at [8, 14) stays 0; 'd': [14, 20)
+    expect[3:6, 5] = -1                                            # a non-ASCII character: ignored
+    assert torch.equal(torch.from_numpy(g), expect)
+
+
+def test_slot_labels_worked_example():
+    # 32 px page, 16 px tokens (q = 2), 3 slots of 5.33 px; pitch 7 from x0 = 2: character centres 5.5, 12.5,
+    # 19.5, 26.5 -> (token col, slot) (0, 1), (0, 2), (1, 0), (1, 1). Line 0's centre y = 1 + 5 = 6 -> row 0;
+    # line 1's 6 + 16 = 22 -> row 1
+    s = ocr_slot_labels(["ab c", "xy"], 32, 16, 3, 2, 1, 16, 8, 7)
+    code = lambda ch: ord(ch) - 32
+    assert s.tolist() == [[[0, code("a"), code("b")], [0, code("c"), 0]],
+                          [[0, code("x"), code("y")], [0, 0, 0]]]
+    # two characters in one slot (pitch 3 < 16 / 3): the slot is ignored, not silently overwritten
+    assert ocr_slot_labels(["ab"], 32, 16, 3, 0, 1, 16, 8, 3)[0, 0, 0] == -1
+
+
+def test_synthetic_glyphs_are_the_pages_characters():
+    for i in range(20):
+        s = ocr_synthetic_sample(0, "train", i, 64, (10, 11), 3, pitch=7, line_gap=16, glyph_patch=4)
+        g = s["glyphs"]
+        assert g.shape == (16, 16)
+        shown = {chr(c + 32) for c in g[g > 0].tolist()}
+        assert shown and shown <= set(s["text"].replace(" ", "").replace("\n", ""))
+        lines_hit = [r for r in range(16) if (g[r] > 0).any()]
+        assert len(lines_hit) >= 2 * len(s["text"].split("\n"))  # each line spans >= 2 patch rows
+        slots = s["slots"]
+        assert slots.shape == (4, 4, 3) and (slots >= 0).all()  # pitch 7 > 16 / 3: never two in one slot
+        assert sorted(slots[slots > 0].tolist()) == sorted(ord(c) - 32 for c in s["text"] if c not in " \n")
+    assert "glyphs" not in ocr_synthetic_sample(0, "train", 0, 64, (10, 11), 3, pitch=0, glyph_patch=4)
 
 
 def test_synthetic_text_is_drawn():
