@@ -465,12 +465,8 @@ def evaluate():
     for k in SINGLE_KINDS if dataset == "synthetic" else ():  # which query kinds fail (grounding vs precision)
         if (kinds == k).any():
             metrics[f"within_5px_{k}"] = float(err_ok[kinds == k].mean())
-    if dataset == "synthetic":  # grounding failures vs imprecision, and what the ViT can tell apart
+    if dataset == "synthetic":  # grounding failures vs imprecision (what the ViT can tell apart: below)
         metrics["wrong_object"] = pointer_wrong_object_rate(np.stack([p[0] for p in pred1]), single)
-        parse_batch = collate(single[:200])
-        with ctx:
-            parse = m.vision(parse_batch["images"].to(dev))[1]
-        metrics.update(pointer_parse_accuracy(parse.cpu(), parse_batch["dense"]))
     metrics["train_mean_px"] = train_m["mean_px"]
     metrics["gap_px"] = metrics["mean_px"] - train_m["mean_px"]
     pred_multi = []
@@ -480,9 +476,10 @@ def evaluate():
     # the training loss on held-out single queries (for the curve only; it is not an error measure)
     batch = collate(single[:200])
     with ctx:
-        xy = m(*(batch[k].to(dev) for k in ("ids", "pad_mask", "images", "feed", "feed_mask")))["xy"]
+        out = m(*(batch[k].to(dev) for k in ("ids", "pad_mask", "images", "feed", "feed_mask")))
     keep = batch["done"] < 0.5
-    metrics["val_loss"] = POINTER_LOSSES[loss](xy.float().cpu()[keep], batch["xy"][keep]).item()
+    metrics["val_loss"] = POINTER_LOSSES[loss](out["xy"].float().cpu()[keep], batch["xy"][keep]).item()
+    metrics.update(pointer_parse_accuracy(out["parse"].cpu(), batch["dense"]))  # {} without labels (real data)
     metrics["eval_seconds"] = time.time() - t0
     vis = [pointer_draw(s["image"], p[:1], s["points"][:1], s["text"]) for s, p in zip(single[:n_vis], pred1)]
     vis += [pointer_draw(s["image"], p, s["points"], s["text"]) for s, p in zip(multi[:n_vis], pred_multi)]
