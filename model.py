@@ -70,7 +70,7 @@ def apply_rotary(x, cos, sin):
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1).to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -166,6 +166,7 @@ class KVCache:
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.has_pad = False
         self.pos = 0  # number of cache slots written (shared by all rows: prompts are left-padded)
+        self.qkv_weights = None  # generate(): each layer's concatenated q|k|v weight, made once per call
         self.shape = shape
 
     def insert_kv(self, layer, k, v):
@@ -197,13 +198,19 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
+    def qkv_weight(self):
+        """The q, k and v projections as one (H + 2 Hkv) * D x C matrix: one matmul instead of three."""
+        return torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
+
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK norm
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        H, Hkv = self.n_head, self.n_kv_head
+        # decode steps reuse the concatenation generate() made once; training concatenates (and its
+        # backward splits the gradient) every step, which costs less than the two matmuls it saves
+        w = kv_cache.qkv_weights[self.layer_idx] if kv_cache is not None and kv_cache.qkv_weights else self.qkv_weight()
+        qkv = F.linear(x, w).view(B, T, H + 2 * Hkv, self.head_dim)
+        qk = norm(apply_rotary(qkv[:, :, :H + Hkv], cos, sin))  # rotary + QK norm on q and k at once
+        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         n_rep = self.n_head // self.n_kv_head
@@ -237,8 +244,11 @@ class _ReluSquared(torch.autograd.Function):
 
 
 def relu_squared(x):
-    # torch.compile fuses the plain expression by itself
-    return F.relu(x).square() if torch.compiler.is_compiling() else _ReluSquared.apply(x)
+    # torch.compile fuses the plain expression by itself; without autograd (generation) the Function's
+    # bookkeeping is pure overhead
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return F.relu(x).square_()
+    return _ReluSquared.apply(x)
 
 
 class MLP(nn.Module):
@@ -378,6 +388,7 @@ class GPT(nn.Module):
             cache = KVCache(batch_size=B, num_heads=cfg.n_kv_head, seq_len=T + max_new_tokens,
                             head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer,
                             device=idx.device, dtype=self.lm_head.weight.dtype)
+            cache.qkv_weights = [block.attn.qkv_weight() for block in self.transformer.h]
         x = self.embed(idx, vision_embeds)
         logits = self.logits(self.forward_embeds(x, pad_mask, cache)[:, -1])
         seq, mask, out = idx, pad_mask, []
@@ -504,12 +515,15 @@ class ViTBlock(nn.Module):
         x = x + self.proj(y.transpose(1, 2).reshape(x.shape))
         return x + self.mlp(self.ln_2(x)), (k, v)
 
-    def read(self, qx, patch_k, patch_v, temperature=1.0):
+    def read(self, qx, patch_k, patch_v, temperature=1.0, bias=None):
         """Query tokens attend to [this layer's patch K/V, themselves]; patches never see the queries.
-        Attention is written out (queries are few) so the query->patch map can be returned."""
+        Attention is written out (queries are few) so the query->patch map can be returned.
+        bias (B, Q, N): added to the query->patch logits (e.g. a location prior), every head."""
         q, k, v = self.heads(qx)
         keys, values = torch.cat([patch_k, k], 2), torch.cat([patch_v, v], 2)
         scores = (q @ keys.transpose(-2, -1)) / (math.sqrt(q.shape[-1]) * temperature)
+        if bias is not None:
+            scores = scores + F.pad(bias, (0, scores.shape[-1] - bias.shape[-1]))[:, None].to(scores.dtype)
         att = scores.float().softmax(-1).to(q.dtype)
         y = (att @ values).transpose(1, 2).reshape(qx.shape)
         qx = qx + self.proj(y)
@@ -548,13 +562,14 @@ class ViT(nn.Module):
             kv.append(layer_kv)
         return dict(features=self.ln_f(x), layers=layers, kv=kv)
 
-    def read(self, queries, cache, temperature=None):
-        """queries (B, Q, C) -> (outputs (B, Q, C), [attention maps (B, Q, N) per layer read])."""
+    def read(self, queries, cache, temperature=None, bias=None):
+        """queries (B, Q, C) -> (outputs (B, Q, C), [attention maps (B, Q, N) per layer read]).
+        bias (B, Q, N): added to the query->patch attention logits at every layer read."""
         t = self.config.attn_temperature if temperature is None else temperature
         first = 0 if self.config.query_mode == "deep" else len(self.blocks) - 1
         maps = []
         for i in range(first, len(self.blocks)):
-            queries, att = self.blocks[i].read(queries, *cache["kv"][i], temperature=t)
+            queries, att = self.blocks[i].read(queries, *cache["kv"][i], temperature=t, bias=bias)
             maps.append(att)
         return self.ln_f(queries), maps
 

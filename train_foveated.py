@@ -76,6 +76,12 @@ coord_channels = True      # append fixed sin/cos x,y channels so keys carry pos
 query_mode = 'deep'        # 'deep' (read at every layer) | 'shallow' (read the last layer only)
 attn_temperature = 0.1     # divides the query->patch logits (< 1 sharper)
 query_dim = 32
+glimpse = False            # True: the last (image_size // patch_size)^2 numbers of a query are a location map, logits
+                           # over the patch grid whose log-softmax (+ log N: a flat map adds nothing) is added to the
+                           # read's query->patch logits at every layer, so where to look is one linear map of the GPT
+                           # state away (needs query_dim > N). Tried as the default (query_dim 96): the fine maps did
+                           # not learn to find the target in ~1400 steps (mass on its patches 0.02-0.04, uniform
+                           # 0.05) and both paths stayed at the mean; off by default (README, Foveated)
 freeze_vit = False
 vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*' weights (a pretrained ViT)
 # LLM
@@ -149,8 +155,13 @@ def coord_planes(size, n_freq=2):
 
 
 class FoveatedVLM(nn.Module):
-    def __init__(self, vit_cfg, gpt_cfg, query_dim, latent_dim, coord_channels=True, max_frames=16):
+    def __init__(self, vit_cfg, gpt_cfg, query_dim, latent_dim, coord_channels=True, max_frames=16, glimpse=False):
         super().__init__()
+        self.glimpse = glimpse
+        self.n_patches = (vit_cfg.image_size // vit_cfg.patch_size) ** 2
+        if glimpse and query_dim <= self.n_patches:
+            raise InputError(f"glimpse=True uses the last {self.n_patches} numbers of a query as its location map "
+                             f"(one per patch), so query_dim must exceed {self.n_patches}; got {query_dim}")
         self.vit = ViT(vit_cfg)
         self.gpt = GPT(gpt_cfg)
         # BUG-001: queries at std 1.0 (0.02 made every query read the same uniform average)
@@ -193,9 +204,17 @@ class FoveatedVLM(nn.Module):
         if T != cache["n_frames"] or cache["kv"][-1][0].shape[0] != B * T:
             raise InputError(f"{B}x{T} queries for a cache of {cache['kv'][-1][0].shape[0]} frames")
         qx = self.query_input_proj(queries).reshape(B * T, 1, -1)
-        out, maps = self.vit.read(qx, cache, temperature)
+        bias = None
+        if self.glimpse:  # a location prior on the logits: where to look is part of the query
+            where = queries[..., -self.n_patches:].float().log_softmax(-1) + math.log(self.n_patches)
+            bias = where.reshape(B * T, 1, -1)
+        out, maps = self.vit.read(qx, cache, temperature, bias)
         att = torch.stack(maps).mean(0)[:, 0]
         return out.view(B, T, -1), att.view(B, T, -1)
+
+    def glimpse_of(self, queries):
+        """queries (..., query_dim) -> the location map (..., N): a distribution over the patches."""
+        return queries[..., -self.n_patches:].float().softmax(-1)
 
     def rows(self, feats):
         """Read features (B, T, C_vit) -> GPT input rows (B, T, E), frame index added."""
@@ -312,7 +331,7 @@ def build_model(meta=None):
         vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
         sequence_len=n_frames + caption_tokens + 4, image_token_id=IMG)
     fov = meta["foveated"] if meta else dict(query_dim=query_dim, latent_dim=latent_enc.dim,
-                                             coord_channels=coord_channels, max_frames=n_frames)
+                                             coord_channels=coord_channels, max_frames=n_frames, glimpse=glimpse)
     return FoveatedVLM(vit_cfg, gpt_cfg, **fov), dict(vit=asdict(vit_cfg), gpt=asdict(gpt_cfg), foveated=fov)
 
 
@@ -392,7 +411,7 @@ if master:
 @torch.no_grad()
 def evaluate(step):
     raw_model.eval()
-    acc = {k: [] for k in ("pf", "pc", "tg", "zf", "zc", "af", "ac", "xy")}
+    acc = {k: [] for k in ("pf", "pc", "tg", "zf", "zc", "af", "ac", "qf", "xy")}
     size = 0
     for start in range(0, n_eval, eval_batch):
         b = get_batch('val', range(start, min(n_eval, start + eval_batch)))
@@ -400,7 +419,7 @@ def evaluate(step):
             tgt = raw_model.latents(b["latent_frames"], latent_enc)
             r = raw_model(b["frames"], tgt, "video", n_passes=n_passes)
         for k, v in (("pf", r["pred_fine"]), ("pc", r["pred_coarse"]), ("tg", tgt[:, 1:]), ("zf", r["z_fine"]),
-                     ("zc", r["z_coarse"]), ("af", r["att_fine"]), ("ac", r["att_coarse"])):
+                     ("zc", r["z_coarse"]), ("af", r["att_fine"]), ("ac", r["att_coarse"]), ("qf", r["queries"])):
             acc[k].append(v.float().cpu())
         if b["target_xy"] is not None:
             acc["xy"].append(b["target_xy"])
@@ -417,6 +436,11 @@ def evaluate(step):
     if "xy" in a:  # attention mass on the target's patches (frames 1.. : frame 0 has no history)
         m["target_att_fine"] = fov_target_hit(a["af"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
         m["target_att_coarse"] = fov_target_hit(a["ac"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
+        if raw_model.glimpse:  # the location maps' mass on the target's patches (uniform: ~0.05)
+            maps = dict(fine=raw_model.glimpse_of(a["qf"][:, 1:]),
+                        coarse=raw_model.glimpse_of(raw_model.q_static.detach().float().cpu()).expand_as(a["af"][:, 1:]))
+            for name, g in maps.items():
+                m[f"glimpse_target_{name}"] = fov_target_hit(g, a["xy"][:, 1:], size, image_size, patch_size)
     if n_caption_eval > 0:
         b = get_batch('val', range(min(n_caption_eval, n_eval)))
         with ctx:

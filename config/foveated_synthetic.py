@@ -32,6 +32,7 @@ coord_channels = True      # append fixed sin/cos x,y channels so keys carry pos
 query_mode = 'deep'        # 'deep' (read at every layer) | 'shallow' (read the last layer only)
 attn_temperature = 0.1     # divides the query->patch logits (< 1 sharper)
 query_dim = 32
+glimpse = False            # True: the last 64 numbers of a query are a location map over the 8 x 8 patches
 freeze_vit = False
 vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*' weights (a pretrained ViT)
 # LLM

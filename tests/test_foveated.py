@@ -21,7 +21,7 @@ from data_foveated import (FovFixedEncoder, FovTaesdEncoder, fov_attention_stats
 from model import InputError  # noqa: E402
 
 TINY = ["--device=cpu", "--n_frames=4", "--image_size=16", "--vit_layers=2", "--vit_width=32", "--n_embd=32",
-        "--n_layer=1", "--query_dim=16", "--latent_channels=4", "--n_distractors=2", "--max_train_seconds=0"]
+        "--n_layer=1", "--query_dim=32", "--latent_channels=4", "--n_distractors=2", "--max_train_seconds=0"]
 
 
 def recipe(*overrides):
@@ -63,6 +63,38 @@ def test_query_init_std_one_and_projection_without_bias():
     z2, a2 = model.read(cache, q[1])
     assert (a1 - a2).abs().sum(-1).mean() > 0.05
     assert ns["fov_cosine"](z1, z2) < 0.99
+
+
+def test_a_sharp_location_map_reads_where_it_points():
+    """glimpse=True: the last N numbers of a query are logits over the N patches, added (as log-probabilities)
+    to the read's logits. A sharp map puts nearly all attention on its patch, whatever the content; a flat map
+    changes nothing; too short a query for the map is a clear error."""
+    ns = recipe("--glimpse=True", "--query_dim=24")
+    torch.manual_seed(0)
+    model, meta = ns["build_model"]()
+    assert meta["foveated"]["glimpse"] is True and model.n_patches == 16  # 16 px frames, 4 px patches
+    frames, _ = tiny_batch(ns)
+    cache = model.encode(frames)
+    T = frames.shape[1]
+    q = torch.randn(2, T, 24)
+    q[..., -16:] = 0.0
+    flat_z, flat_att = model.read(cache, q)
+    q[..., -16 + 9] = 30.0  # patch 9 (row 2, column 1)
+    assert torch.allclose(model.glimpse_of(q)[..., 9], torch.ones(2, T))
+    _, att = model.read(cache, q)
+    att = att / att.sum(-1, keepdim=True)  # of the mass on patches (the rest is the query's own token)
+    assert (att.argmax(-1) == 9).all() and att[..., 9].min() > 0.99
+    # a flat map is no prior: the same read as the model without the glimpse
+    ns_off = recipe("--glimpse=False", "--query_dim=24")
+    torch.manual_seed(0)
+    model_off, _ = ns_off["build_model"]()
+    q[..., -16:] = 0.0
+    off_z, off_att = model_off.read(model_off.encode(frames), q)
+    assert torch.allclose(flat_z, off_z, atol=1e-5) and torch.allclose(flat_att, off_att, atol=1e-6)
+    assert (off_att / off_att.sum(-1, keepdim=True)).max() < 0.9
+    with pytest.raises(InputError, match="query_dim must exceed 16"):
+        recipe("--glimpse=True", "--query_dim=16")["build_model"]()
+
 
 # -- BUG-003
 
@@ -128,7 +160,7 @@ def test_a_cache_of_the_wrong_layout_is_a_clear_error():
     m_deep, _ = deep["build_model"]()
     m_shallow, _ = shallow["build_model"]()
     frames, _ = tiny_batch(deep)
-    q = torch.randn(2, frames.shape[1], 16)
+    q = torch.randn(2, frames.shape[1], 32)
     m_shallow.read(m_deep.encode(frames), q)  # a full cache serves a shallow read
     with pytest.raises(InputError, match="shallow layout"):
         m_deep.read(m_shallow.encode(frames), q)

@@ -493,6 +493,22 @@ def test_vit_attention_maps_and_temperature():
     assert torch.equal(vit1.read(queries, cache1)[1][0], vit1.read(queries, cache1, temperature=0.5)[1][0])
 
 
+def test_vit_read_bias_adds_to_the_query_patch_logits():
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=16, patch_size=4, n_layer=2, n_head=2, n_embd=32))
+    cache = vit.encode(torch.randn(2, 3, 16, 16))
+    queries = torch.randn(2, 3, 32)
+    out0, maps0 = vit.read(queries, cache)
+    out_z, maps_z = vit.read(queries, cache, bias=torch.zeros(2, 3, 16))
+    assert torch.allclose(out0, out_z) and all(torch.allclose(a, b) for a, b in zip(maps0, maps_z))
+    bias = torch.full((2, 3, 16), -1e4)
+    bias[:, :, 5] = 0.0  # every query may only look at patch 5 (or itself)
+    _, maps = vit.read(queries, cache, bias=bias)
+    for m in maps:
+        assert (m.argmax(-1) == 5).all() and torch.allclose(m.sum(-1), m[..., 5])
+
+
+
 def test_vit_token_input_mode_and_count_check():
     vit = tiny_vit(patch_embed=False, num_tokens=10)
     feats = vit(torch.randn(2, 10, 32))
