@@ -11,9 +11,9 @@ the cache (deep: at every layer; shallow: after the last), one query feature per
   pass 1 (coarse): the learned q_static reads every frame -> GPT -> a predicted query per frame
   pass 2 (fine):   shifted queries [q_init, q_1, ..., q_{T-1}] read the frames -> GPT -> the next frame's latent
   (n_passes > 1 repeats pass 2, each time with queries predicted from the previous fine pass)
-loss = fine + coarse (+ caption cross-entropy in captioning mode; detach_coarse=True stops the fine loss at the
-predicted queries, so the static-query baseline trains on its own loss only); the mode (video-only / text-conditioned /
-captioning) is drawn per batch. The hypothesis is ratio = loss_coarse / loss_fine > 1 on held-out videos.
+loss = fine + coarse (+ caption cross-entropy in captioning mode; + read_weight x the reads' own-frame loss);
+detach_coarse=True stops the fine loss at the predicted queries, so the static-query baseline trains on its own
+loss only; the mode (video-only / text-conditioned / captioning) is drawn per batch. The hypothesis is ratio = loss_coarse / loss_fine > 1 on held-out videos.
 The synthetic latent target is the next frame's target layer (the tracked sprite alone) on a spatial grid, among
 moving look-alike distractors: see data_foveated.py for why a global whole-frame target cannot show a gain.
 """
@@ -88,6 +88,8 @@ vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*
 n_layer = 2
 n_head = 4
 n_embd = 128
+read_weight = 0.0          # > 0: both paths' reads of frame t must also give frame t's own latent through one shared
+                           # linear head (a short gradient path to "what is here", the same for both paths)
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
 detach_coarse = True       # the fine loss stops at the predicted queries and never reaches the coarse pass
                            # (q_static, its reads, the GPT on them): the baseline trains on its own loss alone, as a
@@ -175,6 +177,7 @@ class FoveatedVLM(nn.Module):
         self.frame_pos = nn.Parameter(torch.zeros(max_frames, gpt_cfg.n_embd))
         self.query_head = nn.Linear(gpt_cfg.n_embd, query_dim)
         self.latent_head = nn.Linear(gpt_cfg.n_embd, latent_dim)
+        self.read_head = nn.Linear(vit_cfg.n_embd, latent_dim)  # read of frame t -> latent of frame t (read_weight)
         nn.init.normal_(self.query_head.weight, std=gpt_cfg.n_embd ** -0.5)  # predicted queries ~ std 1 too
         nn.init.zeros_(self.query_head.bias)
         self.coord_channels = coord_channels
@@ -274,6 +277,7 @@ class FoveatedVLM(nn.Module):
         h, _ = self.sequence(z_c, text_mode, captions)
         pred_c = self.latent_head(h[:, :-1])
         loss_c = F.mse_loss(pred_c.float(), targets[:, 1:].float())
+        read_c = F.mse_loss(self.read_head(z_c).float(), targets.float())
         fine, cap_loss = [], None
         h = h.detach() if detach_coarse else h
         for p in range(n_passes):
@@ -285,9 +289,13 @@ class FoveatedVLM(nn.Module):
             cap_loss = cap if cap is not None else cap_loss
             pred_f = self.latent_head(h[:, :-1])
             fine.append(F.mse_loss(pred_f.float(), targets[:, 1:].float()))
+            read_f = F.mse_loss(self.read_head(z_f).float(), targets.float())
         loss_f = torch.stack(fine).mean()
         loss = loss_f + loss_c + (cap_loss if cap_loss is not None else 0.0)
+        if read_weight > 0:
+            loss = loss + read_weight * (read_c + read_f)
         return dict(loss=loss, loss_fine=fine[-1], loss_coarse=loss_c, loss_caption=cap_loss, pred_fine=pred_f,
+                    loss_read_fine=read_f, loss_read_coarse=read_c,
                     pred_coarse=pred_c, z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q)
 
     @torch.no_grad()
@@ -412,7 +420,7 @@ if master:
 def evaluate(step):
     raw_model.eval()
     acc = {k: [] for k in ("pf", "pc", "tg", "zf", "zc", "af", "ac", "qf", "xy")}
-    size = 0
+    size, reads = 0, []
     for start in range(0, n_eval, eval_batch):
         b = get_batch('val', range(start, min(n_eval, start + eval_batch)))
         with ctx:
@@ -421,6 +429,7 @@ def evaluate(step):
         for k, v in (("pf", r["pred_fine"]), ("pc", r["pred_coarse"]), ("tg", tgt[:, 1:]), ("zf", r["z_fine"]),
                      ("zc", r["z_coarse"]), ("af", r["att_fine"]), ("ac", r["att_coarse"]), ("qf", r["queries"])):
             acc[k].append(v.float().cpu())
+        reads.append((r["loss_read_fine"].item(), r["loss_read_coarse"].item(), len(b["frames"])))
         if b["target_xy"] is not None:
             acc["xy"].append(b["target_xy"])
             size = b["target_size"]
@@ -433,6 +442,10 @@ def evaluate(step):
              entropy_fine=ent_f, entropy_coarse=ent_c,
              entropy_gap=ent_c - ent_f, max_att_fine=max_f, max_att_coarse=max_c,
              cos_z_fine_coarse=fov_cosine(a["zf"], a["zc"]))
+    if read_weight > 0:  # how much of its own frame's latent each path's reads hold (the read head's MSE)
+        n = sum(k for _, _, k in reads)
+        m["loss_read_fine"] = sum(f * k for f, _, k in reads) / n
+        m["loss_read_coarse"] = sum(c * k for _, c, k in reads) / n
     if "xy" in a:  # attention mass on the target's patches (frames 1.. : frame 0 has no history)
         m["target_att_fine"] = fov_target_hit(a["af"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
         m["target_att_coarse"] = fov_target_hit(a["ac"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)

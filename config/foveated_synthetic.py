@@ -39,6 +39,7 @@ vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*
 n_layer = 2
 n_head = 4
 n_embd = 128
+read_weight = 0.0          # > 0: each read of frame t must also give frame t's latent (one head, both paths)
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
 detach_coarse = True       # the fine loss never reaches the coarse pass (the baseline trains on its own loss)
 mode_weights = (0.6, 0.2, 0.2)   # video-only, text-conditioned, captioning; drawn per batch

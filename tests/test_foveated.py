@@ -155,6 +155,26 @@ def test_detach_coarse_keeps_the_fine_loss_out_of_the_coarse_pass(detach):
     assert reached == (not detach)
 
 
+@pytest.mark.parametrize("read_weight", [0.0, 1.0])
+def test_read_loss_is_added_only_when_weighted(read_weight):
+    """read_weight > 0: each path's read of frame t must also give frame t's own latent (one shared head)."""
+    ns = recipe(f"--read_weight={read_weight}")
+    torch.manual_seed(0)
+    model, _ = ns["build_model"]()
+    frames, caps = tiny_batch(ns)
+    tgt = tiny_targets(ns, model)
+    r = model(frames, tgt, "video", caps)
+    z_f, z_c = r["z_fine"], r["z_coarse"]
+    want_f = torch.nn.functional.mse_loss(model.read_head(z_f), tgt)
+    assert torch.allclose(r["loss_read_fine"], want_f)
+    assert torch.allclose(r["loss_read_coarse"], torch.nn.functional.mse_loss(model.read_head(z_c), tgt))
+    assert torch.allclose(r["loss"], r["loss_fine"] + r["loss_coarse"] +
+                          read_weight * (r["loss_read_fine"] + r["loss_read_coarse"]))
+    r["loss"].backward()
+    trained = model.read_head.weight.grad is not None and model.read_head.weight.grad.abs().sum() > 0
+    assert trained == (read_weight > 0)
+
+
 def test_a_cache_of_the_wrong_layout_is_a_clear_error():
     deep, shallow = recipe("--query_mode=deep"), recipe("--query_mode=shallow")
     m_deep, _ = deep["build_model"]()
