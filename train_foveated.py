@@ -13,7 +13,8 @@ the cache (deep: at every layer; shallow: after the last), one query feature per
   (n_passes > 1 repeats pass 2, each time with queries predicted from the previous fine pass)
 loss = fine + coarse (+ caption cross-entropy in captioning mode; + read_weight x the reads' own-frame loss);
 detach_coarse=True stops the fine loss at the predicted queries, so the static-query baseline trains on its own
-loss only; the mode (video-only / text-conditioned / captioning) is drawn per batch. The hypothesis is ratio = loss_coarse / loss_fine > 1 on held-out videos.
+loss only; the mode (video-only / text-conditioned / captioning) is drawn per batch. The hypothesis is
+ratio = loss_coarse / loss_fine > 1 on held-out videos.
 The synthetic latent target is the next frame's target layer (the tracked sprite alone) on a spatial grid, among
 moving look-alike distractors: see data_foveated.py for why a global whole-frame target cannot show a gain.
 """
@@ -209,15 +210,14 @@ class FoveatedVLM(nn.Module):
         qx = self.query_input_proj(queries).reshape(B * T, 1, -1)
         bias = None
         if self.glimpse:  # a location prior on the logits: where to look is part of the query
-            where = queries[..., -self.n_patches:].float().log_softmax(-1) + math.log(self.n_patches)
-            bias = where.reshape(B * T, 1, -1)
+            bias = (self.glimpse_log_map(queries) + math.log(self.n_patches)).reshape(B * T, 1, -1)
         out, maps = self.vit.read(qx, cache, temperature, bias)
         att = torch.stack(maps).mean(0)[:, 0]
         return out.view(B, T, -1), att.view(B, T, -1)
 
-    def glimpse_of(self, queries):
-        """queries (..., query_dim) -> the location map (..., N): a distribution over the patches."""
-        return queries[..., -self.n_patches:].float().softmax(-1)
+    def glimpse_log_map(self, queries):
+        """queries (..., query_dim) -> the location map (..., N) as log-probabilities over the patches."""
+        return queries[..., -self.n_patches:].float().log_softmax(-1)
 
     def rows(self, feats):
         """Read features (B, T, C_vit) -> GPT input rows (B, T, E), frame index added."""
@@ -450,8 +450,9 @@ def evaluate(step):
         m["target_att_fine"] = fov_target_hit(a["af"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
         m["target_att_coarse"] = fov_target_hit(a["ac"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
         if raw_model.glimpse:  # the location maps' mass on the target's patches (uniform: ~0.05)
-            maps = dict(fine=raw_model.glimpse_of(a["qf"][:, 1:]),
-                        coarse=raw_model.glimpse_of(raw_model.q_static.detach().float().cpu()).expand_as(a["af"][:, 1:]))
+            maps = dict(fine=raw_model.glimpse_log_map(a["qf"][:, 1:]).exp(),
+                        coarse=raw_model.glimpse_log_map(raw_model.q_static.detach().float().cpu()).exp()
+                        .expand_as(a["af"][:, 1:]))
             for name, g in maps.items():
                 m[f"glimpse_target_{name}"] = fov_target_hit(g, a["xy"][:, 1:], size, image_size, patch_size)
     if n_caption_eval > 0:

@@ -80,7 +80,7 @@ def test_a_sharp_location_map_reads_where_it_points():
     q[..., -16:] = 0.0
     flat_z, flat_att = model.read(cache, q)
     q[..., -16 + 9] = 30.0  # patch 9 (row 2, column 1)
-    assert torch.allclose(model.glimpse_of(q)[..., 9], torch.ones(2, T))
+    assert torch.allclose(model.glimpse_log_map(q)[..., 9].exp(), torch.ones(2, T))
     _, att = model.read(cache, q)
     att = att / att.sum(-1, keepdim=True)  # of the mass on patches (the rest is the query's own token)
     assert (att.argmax(-1) == 9).all() and att[..., 9].min() > 0.99
