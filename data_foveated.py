@@ -83,9 +83,14 @@ def fov_mover(rng, size, s, center=False):
     return pos, np.array([math.cos(angle), math.sin(angle)]) * speed
 
 
-def fov_step(pos, vel, size, s):
-    """Move one frame with momentum, bouncing off the walls."""
+def fov_step(pos, vel, size, s, kick=None):
+    """Move one frame with momentum, bouncing off the walls. kick: a random change of velocity (px/frame) added
+    after the move, so where a sprite goes next drifts from where its past motion points."""
     pos, vel = pos + vel, vel.copy()
+    if kick is not None:
+        vel = vel + kick
+        speed = float(np.hypot(*vel))
+        vel = vel * np.clip(speed, 1.0, 3.0) / max(speed, 1e-6)  # keep the speed in 1-3 px/frame
     for k in range(2):
         if pos[k] < 0 or pos[k] > size - s:
             vel[k] = -vel[k]
@@ -94,7 +99,8 @@ def fov_step(pos, vel, size, s):
 
 
 def fov_synthetic_video(rng, task="track", n_frames=8, size=32, n_distractors=3, sprite=4,
-                        large_sprite=16, noise=0.04, specks=1, cue_frames=2, p_change=0.25, center_start=True):
+                        large_sprite=16, noise=0.04, specks=1, cue_frames=2, p_change=0.25, center_start=True,
+                        jitter=0.0):
     """One video, a pure function of rng. -> dict(frames (T, 3, H, W) float32 in [0, 1], target_layer
     (T, 3, H, W): the target sprite alone on black (no cue, clutter or noise), caption, target_xy (T, 2)
     top-left pixel of the target per frame, target_color (T,), distractor_xy (T, n_distractors, 2), target_size).
@@ -105,7 +111,9 @@ def fov_synthetic_video(rng, task="track", n_frames=8, size=32, n_distractors=3,
     global reads of two frames sees every sprite change, not the target's. Each sprite switches colour (its
     pattern stays) with probability p_change per frame, so the target's current colour must be looked at.
     center_start: the target starts mid-frame (a tracker's known start). task='static_large' (the control):
-    the target is large and still, so a static query always sees it."""
+    the target is large and still, so a static query always sees it. jitter > 0: every sprite's velocity gets a
+    random kick (std jitter px/frame per axis) each frame, so dead reckoning from the cue drifts and only
+    looking at the current frame keeps the track."""
     if task not in FOV_TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {FOV_TASKS}")
     scene = fov_background(rng, size)
@@ -144,7 +152,8 @@ def fov_synthetic_video(rng, task="track", n_frames=8, size=32, n_distractors=3,
         xy.append(corners[0])
         dxy.append(corners[1:])
         colors.append(cols[0])
-        movers = [fov_step(p, v, size, w) for (p, v), w in zip(movers, sizes)]
+        kicks = rng.normal(0, jitter, (len(movers), 2)) if jitter > 0 and task == "track" else [None] * len(movers)
+        movers = [fov_step(p, v, size, w, k) for (p, v), w, k in zip(movers, sizes, kicks)]
     name = FOV_COLOR_NAMES[color0]
     caption = f"{name} {pats[0]} moving {fov_direction(*vel0)}" if task == "track" else f"large {name} {pats[0]} still"
     return dict(frames=torch.from_numpy(np.stack(frames)), target_layer=torch.from_numpy(np.stack(layer)),

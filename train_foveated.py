@@ -60,6 +60,7 @@ cue_frames = 3             # the target is outlined in the first frames only (3:
 p_change = 0.1             # per-frame chance that each sprite switches colour (the fine path's irreducible error)
 center_start = True        # track: the target starts mid-frame, then moves with momentum
 specks = 1                 # flickering random pixels per frame (unpredictable clutter)
+jitter = 0.0               # std (px/frame, per axis) of each sprite's random velocity kick per frame (0: pure momentum)
 latent_encoder = 'fixed'   # 'fixed' (seeded random high-pass filters) | path/to/taesd_encoder.safetensors
 latent_target = 'target_layer'  # what position t predicts, through the frozen encoder:
                            # 'target_layer': frame t+1 with only the target drawn (on black), at a spatial grid:
@@ -89,8 +90,11 @@ vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*
 n_layer = 2
 n_head = 4
 n_embd = 128
+fine_proj = False          # True: the fine reads enter the GPT through their own Projector (the coarse ones through proj)
 read_weight = 0.0          # > 0: both paths' reads of frame t must also give frame t's own latent through one shared
                            # linear head (a short gradient path to "what is here", the same for both paths)
+read_skip = False          # True: the prediction of frame t+1 adds read_head(read of frame t) to the GPT's latent_head:
+                           # the GPT learns the change from what the read sees now (both paths alike)
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
 detach_coarse = True       # the fine loss stops at the predicted queries and never reaches the coarse pass
                            # (q_static, its reads, the GPT on them): the baseline trains on its own loss alone, as a
@@ -158,7 +162,8 @@ def coord_planes(size, n_freq=2):
 
 
 class FoveatedVLM(nn.Module):
-    def __init__(self, vit_cfg, gpt_cfg, query_dim, latent_dim, coord_channels=True, max_frames=16, glimpse=False):
+    def __init__(self, vit_cfg, gpt_cfg, query_dim, latent_dim, coord_channels=True, max_frames=16, glimpse=False,
+                 fine_proj=False, read_skip=False):
         super().__init__()
         self.glimpse = glimpse
         self.n_patches = (vit_cfg.image_size // vit_cfg.patch_size) ** 2
@@ -173,12 +178,16 @@ class FoveatedVLM(nn.Module):
         # BUG-002: no bias, so the projected query is the query's own signal, never a shared offset
         self.query_input_proj = nn.Linear(query_dim, vit_cfg.n_embd, bias=False)
         self.proj = Projector(vit_cfg.n_embd, gpt_cfg.n_embd)
+        # fine_proj: the fine reads enter the GPT through their own projector (they hold other things than the
+        # static query's reads: one object, not a summary of the frame)
+        self.proj_fine = Projector(vit_cfg.n_embd, gpt_cfg.n_embd) if fine_proj else None
         # absolute frame index for both passes: rotary is relative only, and the coarse rows (one query for every
         # frame) would otherwise leave the GPT guessing which frame it is at, a handicap that is not foveation's
         self.frame_pos = nn.Parameter(torch.zeros(max_frames, gpt_cfg.n_embd))
         self.query_head = nn.Linear(gpt_cfg.n_embd, query_dim)
         self.latent_head = nn.Linear(gpt_cfg.n_embd, latent_dim)
         self.read_head = nn.Linear(vit_cfg.n_embd, latent_dim)  # read of frame t -> latent of frame t (read_weight)
+        self.read_skip = read_skip
         nn.init.normal_(self.query_head.weight, std=gpt_cfg.n_embd ** -0.5)  # predicted queries ~ std 1 too
         nn.init.zeros_(self.query_head.bias)
         self.coord_channels = coord_channels
@@ -219,17 +228,18 @@ class FoveatedVLM(nn.Module):
         """queries (..., query_dim) -> the location map (..., N) as log-probabilities over the patches."""
         return queries[..., -self.n_patches:].float().log_softmax(-1)
 
-    def rows(self, feats):
+    def rows(self, feats, fine=False):
         """Read features (B, T, C_vit) -> GPT input rows (B, T, E), frame index added."""
         T = feats.shape[1]
         if T > self.frame_pos.shape[0]:
             raise InputError(f"{T} frames but the model was built for at most {self.frame_pos.shape[0]}")
-        return self.proj(feats) + self.frame_pos[:T]
+        proj = self.proj_fine if fine and self.proj_fine is not None else self.proj
+        return proj(feats) + self.frame_pos[:T]
 
     # -- the GPT over one feature per frame, with optional text before (text-conditioned) or after (captioning)
-    def sequence(self, feats, mode, captions=None):
+    def sequence(self, feats, mode, captions=None, fine=False):
         """feats (B, T, C_vit) -> (hidden at the frame positions (B, T, E), caption loss or None)."""
-        rows = self.rows(feats)
+        rows = self.rows(feats, fine)
         B, T, _ = rows.shape
         if mode == "video":
             return self.gpt.forward_embeds(rows), None
@@ -253,6 +263,13 @@ class FoveatedVLM(nn.Module):
             return h[:, :T], global_mean(loss, (tgt[:, T:] != -1).sum(), rows.device)  # DDP-exact token mean
         raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
 
+    def predict(self, h, feats):
+        """GPT hidden (B, T, E) and the reads (B, T, C_vit) -> the next frames' latents (B, T-1, D). read_skip:
+        the read of frame t, through read_head, is added, so "it will look as it looks now" is the default and
+        the GPT learns the change (the same for both paths: a read that holds nothing adds nothing)."""
+        pred = self.latent_head(h[:, :-1])
+        return pred + self.read_head(feats[:, :-1]) if self.read_skip else pred
+
     def latents(self, frames, encoder):
         """Prediction targets from the frozen encoder, standardised: (B, T, D); position t+1 is what position t
         predicts. frames are what get_batch() put in "latent_frames" (the target layer or the frames themselves);
@@ -275,7 +292,7 @@ class FoveatedVLM(nn.Module):
         # pass 1 (coarse): the static query on every frame
         z_c, att_c = self.read(cache, self.q_static.expand(B, T, -1))
         h, _ = self.sequence(z_c, text_mode, captions)
-        pred_c = self.latent_head(h[:, :-1])
+        pred_c = self.predict(h, z_c)
         loss_c = F.mse_loss(pred_c.float(), targets[:, 1:].float())
         read_c = F.mse_loss(self.read_head(z_c).float(), targets.float())
         fine, cap_loss = [], None
@@ -285,9 +302,9 @@ class FoveatedVLM(nn.Module):
             q = torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1)
             z_f, att_f = self.read(cache, q)
             last = p == n_passes - 1
-            h, cap = self.sequence(z_f, "caption" if (last and mode == "caption") else text_mode, captions)
+            h, cap = self.sequence(z_f, "caption" if (last and mode == "caption") else text_mode, captions, fine=True)
             cap_loss = cap if cap is not None else cap_loss
-            pred_f = self.latent_head(h[:, :-1])
+            pred_f = self.predict(h, z_f)
             fine.append(F.mse_loss(pred_f.float(), targets[:, 1:].float()))
             read_f = F.mse_loss(self.read_head(z_f).float(), targets.float())
         loss_f = torch.stack(fine).mean()
@@ -304,11 +321,11 @@ class FoveatedVLM(nn.Module):
         B, T = frames.shape[:2]
         cache = self.encode(frames)
         z, _ = self.read(cache, self.q_static.expand(B, T, -1))
-        for _ in range(n_passes):
-            h, _ = self.sequence(z, "video")
+        for p in range(n_passes):
+            h, _ = self.sequence(z, "video", fine=p > 0)
             z, _ = self.read(cache, torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1))
         idx = torch.tensor([[IMG] * T + [BOS]] * B, device=frames.device)
-        out = self.gpt.generate(idx, max_new_tokens, vision_embeds=self.rows(z), eos_id=EOS,
+        out = self.gpt.generate(idx, max_new_tokens, vision_embeds=self.rows(z, fine=True), eos_id=EOS,
                                 suppress_ids=(BOS, PAD))
         return [tok.decode([i for i in row.tolist() if i != EOS]) for row in out]
 
@@ -339,7 +356,8 @@ def build_model(meta=None):
         vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
         sequence_len=n_frames + caption_tokens + 4, image_token_id=IMG)
     fov = meta["foveated"] if meta else dict(query_dim=query_dim, latent_dim=latent_enc.dim,
-                                             coord_channels=coord_channels, max_frames=n_frames, glimpse=glimpse)
+                                             coord_channels=coord_channels, max_frames=n_frames, glimpse=glimpse,
+                                             fine_proj=fine_proj, read_skip=read_skip)
     return FoveatedVLM(vit_cfg, gpt_cfg, **fov), dict(vit=asdict(vit_cfg), gpt=asdict(gpt_cfg), foveated=fov)
 
 
@@ -350,7 +368,7 @@ def get_batch(split, indices):
     else:
         b = fov_synthetic_batch(seed, split, indices, task=task, n_frames=n_frames, size=image_size,
                                 n_distractors=n_distractors, noise=noise, cue_frames=cue_frames, p_change=p_change,
-                                center_start=center_start, specks=specks)
+                                center_start=center_start, specks=specks, jitter=jitter)
     b["frames"] = b["frames"].to(device)
     # what the latent target encodes: the target alone (synthetic) or the whole frame
     b["latent_frames"] = b.pop("target_layer").to(device) if latent_target == 'target_layer' else b["frames"]

@@ -175,6 +175,38 @@ def test_read_loss_is_added_only_when_weighted(read_weight):
     assert trained == (read_weight > 0)
 
 
+@pytest.mark.parametrize("read_skip", [False, True])
+def test_read_skip_adds_what_the_read_sees_now_to_the_prediction(read_skip):
+    ns = recipe(f"--read_skip={read_skip}")
+    torch.manual_seed(0)
+    model, _ = ns["build_model"]()
+    with torch.no_grad():  # silence the GPT's own prediction: what is left is the skip
+        model.latent_head.weight.zero_()
+        model.latent_head.bias.zero_()
+    frames, caps = tiny_batch(ns)
+    r = model(frames, tiny_targets(ns, model), "video", caps)
+    for path in ("fine", "coarse"):
+        skip = model.read_head(r[f"z_{path}"][:, :-1])
+        want = skip if read_skip else torch.zeros_like(skip)
+        assert torch.allclose(r[f"pred_{path}"], want)
+
+
+@pytest.mark.parametrize("fine_proj", [False, True])
+def test_fine_proj_gives_the_fine_reads_their_own_projector(fine_proj):
+    ns = recipe(f"--fine_proj={fine_proj}")
+    torch.manual_seed(0)
+    model, _ = ns["build_model"]()
+    frames, caps = tiny_batch(ns)
+    model(frames, tiny_targets(ns, model), "video", caps)["loss_fine"].backward()
+    proj_grad = model.proj[0].weight.grad
+    if fine_proj:  # the fine loss enters through proj_fine only (the coarse pass is detached by default)
+        assert model.proj_fine[0].weight.grad.abs().sum() > 0
+        assert proj_grad is None or proj_grad.abs().sum() == 0
+    else:
+        assert model.proj_fine is None and proj_grad.abs().sum() > 0
+    assert len(model.caption(frames, 4, n_passes=2)) == 2  # generation reads the fine rows the same way
+
+
 def test_a_cache_of_the_wrong_layout_is_a_clear_error():
     deep, shallow = recipe("--query_mode=deep"), recipe("--query_mode=shallow")
     m_deep, _ = deep["build_model"]()
@@ -262,6 +294,24 @@ def test_synthetic_video_is_seeded_and_every_sprite_moves_and_changes_colour():
             c1 = v["frames"][t + 1, :, y1:y1 + 4, x1:x1 + 4].amax((1, 2))
             d_rate.append(float((c0 - c1).abs().max() > 1e-4))
     assert len(d_rate) > 100 and abs(np.mean(d_rate) - 0.5) < 0.12
+
+
+def test_jitter_kicks_every_sprite_off_its_straight_course():
+    """jitter=0 is pure momentum (the same videos as before the option); jitter > 0 changes velocities at
+    random within 1-3 px/frame, so extrapolating the cue's motion drifts from where the target goes."""
+    def drift(v):  # how far the target ends from a straight-line extrapolation of frames 1-2 (no bounces)
+        xy = v["target_xy"].float()
+        return (xy[2] + 5 * (xy[2] - xy[1]) - xy[7]).abs().sum().item()
+    kw = dict(noise=0.0, specks=0, center_start=True)
+    plain = [fov_synthetic_video(sample_rng(3, "train", i), **kw) for i in range(40)]
+    again = [fov_synthetic_video(sample_rng(3, "train", i), jitter=0.0, **kw) for i in range(40)]
+    kicked = [fov_synthetic_video(sample_rng(3, "train", i), jitter=0.8, **kw) for i in range(40)]
+    assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(plain, again))
+    assert np.mean([drift(v) for v in kicked]) > np.mean([drift(v) for v in plain]) + 2
+    steps = torch.cat([(v["target_xy"][1:] - v["target_xy"][:-1]).float().norm(dim=-1) for v in kicked])
+    assert steps.max() <= 3 + 2 ** 0.5 + 1e-6  # speed <= 3; rounding to whole pixels adds <= 1 px per axis
+    still = fov_synthetic_video(sample_rng(3, "train", 0), task="static_large", jitter=0.8, **kw)
+    assert (still["target_xy"] == still["target_xy"][0]).all()  # the control's target stays still
 
 
 def test_target_layer_holds_the_target_alone_as_it_looks_in_the_frame():
