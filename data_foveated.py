@@ -324,18 +324,24 @@ def fov_per_frame_mse(pred, target):
     return ((pred.float() - target.float()) ** 2).mean(dim=(0, 2)).tolist()
 
 
-def fov_target_hit(maps, target_xy, target_size, image_size, patch_size):
-    """Share of attention mass on the patches the target overlaps. maps (B, T, N); target_xy (B, T, 2)."""
+def fov_target_patches(target_xy, target_size, image_size, patch_size):
+    """(B, T, N) bool: the patches each frame's target overlaps. target_xy (B, T, 2) top-left pixels."""
     g = image_size // patch_size
-    B, T, N = maps.shape
-    mask = torch.zeros(B, T, g, g)
+    B, T = target_xy.shape[:2]
+    mask = torch.zeros(B, T, g, g, dtype=torch.bool)
     for b in range(B):
         for t in range(T):
             x, y = int(target_xy[b, t, 0]), int(target_xy[b, t, 1])
             x0, y0 = x // patch_size, y // patch_size
             x1, y1 = (x + target_size - 1) // patch_size, (y + target_size - 1) // patch_size
-            mask[b, t, y0:y1 + 1, x0:x1 + 1] = 1
-    return float((maps.float() * mask.view(B, T, N)).sum(-1).mean())
+            mask[b, t, y0:y1 + 1, x0:x1 + 1] = True
+    return mask.view(B, T, g * g)
+
+
+def fov_target_hit(maps, target_xy, target_size, image_size, patch_size):
+    """Share of attention mass on the patches the target overlaps. maps (B, T, N); target_xy (B, T, 2)."""
+    mask = fov_target_patches(target_xy, target_size, image_size, patch_size)
+    return float((maps.float() * mask.to(maps.device)).sum(-1).mean())
 
 # -----------------------------------------------------------------------------
 # drawing

@@ -38,7 +38,7 @@ from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbL
 from data import Tokenizer, batch_indices, format_metrics, normalize, save_png, write_results  # noqa: E402
 from data_foveated import (fov_attention_stats, fov_attention_strip, fov_clip_split, fov_cosine,  # noqa: E402
                            fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_per_frame_mse,
-                           fov_pick_mode, fov_synthetic_batch, fov_target_hit)
+                           fov_pick_mode, fov_synthetic_batch, fov_target_hit, fov_target_patches)
 
 # -----------------------------------------------------------------------------
 # config (defaults = config/foveated_synthetic.py: the 2-core CPU run)
@@ -96,6 +96,10 @@ read_weight = 0.0          # > 0: both paths' reads of frame t must also give fr
 read_skip = False          # True: the prediction of frame t+1 adds read_head(read of frame t) to the GPT's latent_head:
                            # the GPT learns the change from what the read sees now (both paths alike)
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
+oracle_look = False        # DIAGNOSTIC (synthetic only), never a result: the fine reads get the target's true patches as
+                           # a location prior (-8 on every other patch): what perfect looking buys on this budget
+recurrent = False          # True: frame t's fine query comes from the GPT state after the FINE reads of frames < t
+                           # (a tracker's loop, frame by frame; equals n_passes = n_frames at ~one pass's cost)
 detach_coarse = True       # the fine loss stops at the predicted queries and never reaches the coarse pass
                            # (q_static, its reads, the GPT on them): the baseline trains on its own loss alone, as a
                            # static-query model would. False (the journal's joint training) learned less reliably in
@@ -139,6 +143,12 @@ if query_mode not in ('deep', 'shallow'):
     raise InputError(f"query_mode must be 'deep' or 'shallow', got {query_mode!r}")
 if n_passes < 1:
     raise InputError(f"n_passes must be >= 1, got {n_passes}")
+if oracle_look and task == 'folder':
+    raise InputError("oracle_look=True needs the synthetic generator's target positions (task='track' or "
+                     "'static_large')")
+if recurrent and n_passes > 1:
+    raise InputError(f"recurrent=True is one fine pass whose queries come from its own state (the fixed point of "
+                     f"n_passes); set n_passes=1, got {n_passes}")
 if task == 'folder' and not data_dir:
     raise InputError("task='folder' needs data_dir=<folder with captions.json and clips>")
 if latent_target not in ('target_layer', 'delta', 'frame'):
@@ -163,7 +173,7 @@ def coord_planes(size, n_freq=2):
 
 class FoveatedVLM(nn.Module):
     def __init__(self, vit_cfg, gpt_cfg, query_dim, latent_dim, coord_channels=True, max_frames=16, glimpse=False,
-                 fine_proj=False, read_skip=False):
+                 fine_proj=False, read_skip=False, recurrent=False):
         super().__init__()
         self.glimpse = glimpse
         self.n_patches = (vit_cfg.image_size // vit_cfg.patch_size) ** 2
@@ -188,6 +198,7 @@ class FoveatedVLM(nn.Module):
         self.latent_head = nn.Linear(gpt_cfg.n_embd, latent_dim)
         self.read_head = nn.Linear(vit_cfg.n_embd, latent_dim)  # read of frame t -> latent of frame t (read_weight)
         self.read_skip = read_skip
+        self.recurrent = recurrent  # fine queries from the fine pass's own state, frame by frame (a tracker's loop)
         nn.init.normal_(self.query_head.weight, std=gpt_cfg.n_embd ** -0.5)  # predicted queries ~ std 1 too
         nn.init.zeros_(self.query_head.bias)
         self.coord_channels = coord_channels
@@ -209,9 +220,10 @@ class FoveatedVLM(nn.Module):
             kv = [None] * (len(kv) - 1) + [kv[-1]]
         return dict(kv=kv, n_frames=frames.shape[1])
 
-    def read(self, cache, queries, temperature=None):
+    def read(self, cache, queries, temperature=None, look=None):
         """queries (B, T, query_dim), one per frame -> features (B, T, C), attention (B, T, N) averaged
-        over the layers read (deep: all, shallow: the last)."""
+        over the layers read (deep: all, shallow: the last). look (B, T, N) bool: the oracle_look diagnostic's
+        location prior (0 on those patches, -8 on the others)."""
         check_cache(cache, self.vit.config.query_mode)
         B, T, _ = queries.shape
         if T != cache["n_frames"] or cache["kv"][-1][0].shape[0] != B * T:
@@ -220,6 +232,9 @@ class FoveatedVLM(nn.Module):
         bias = None
         if self.glimpse:  # a location prior on the logits: where to look is part of the query
             bias = (self.glimpse_log_map(queries) + math.log(self.n_patches)).reshape(B * T, 1, -1)
+        if look is not None:
+            prior = torch.where(look, 0.0, -8.0).to(qx.device, qx.dtype).reshape(B * T, 1, -1)
+            bias = prior if bias is None else bias + prior
         out, maps = self.vit.read(qx, cache, temperature, bias)
         att = torch.stack(maps).mean(0)[:, 0]
         return out.view(B, T, -1), att.view(B, T, -1)
@@ -280,8 +295,8 @@ class FoveatedVLM(nn.Module):
             z = z - z[:, :1]
         return (z - self.lat_mean) / self.lat_std
 
-    def forward(self, frames, targets, mode="video", captions=None, n_passes=1):
-        """frames (B, T, 3, H, W); targets (B, T, D) standardised latents of the same frames.
+    def forward(self, frames, targets, mode="video", captions=None, n_passes=1, look=None):
+        """frames (B, T, 3, H, W); targets (B, T, D) standardised latents of the same frames; look: see read().
         Position t predicts the latent of frame t+1. Returns a dict of losses and diagnostics."""
         if not isinstance(mode, str) or mode not in MODES:
             raise InputError(f"mode must be one of {MODES} for the whole batch (per-sample modes broke "
@@ -297,10 +312,16 @@ class FoveatedVLM(nn.Module):
         read_c = F.mse_loss(self.read_head(z_c).float(), targets.float())
         fine, cap_loss = [], None
         h = h.detach() if detach_coarse else h
-        for p in range(n_passes):
+        if self.recurrent:  # one fine pass whose queries come from its own state: pass 1 is the baseline only
+            z_f, att_f, q = self.recurrent_reads(cache, text_mode, captions, look)
+            h, cap_loss = self.sequence(z_f, mode if mode == "caption" else text_mode, captions, fine=True)
+            pred_f = self.predict(h, z_f)
+            fine.append(F.mse_loss(pred_f.float(), targets[:, 1:].float()))
+            read_f = F.mse_loss(self.read_head(z_f).float(), targets.float())
+        for p in range(0 if self.recurrent else n_passes):
             # pass 2+ (fine): frame t is read with the query predicted after frames < t
             q = torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1)
-            z_f, att_f = self.read(cache, q)
+            z_f, att_f = self.read(cache, q, look=look)
             last = p == n_passes - 1
             h, cap = self.sequence(z_f, "caption" if (last and mode == "caption") else text_mode, captions, fine=True)
             cap_loss = cap if cap is not None else cap_loss
@@ -315,13 +336,34 @@ class FoveatedVLM(nn.Module):
                     loss_read_fine=read_f, loss_read_coarse=read_c,
                     pred_coarse=pred_c, z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q)
 
+    def recurrent_reads(self, cache, mode, captions=None, look=None):
+        """The fine reads frame by frame: frame t is read with the query the GPT predicts after the fine reads of
+        frames < t (frame 0: q_init). A tracker's loop: each query is one step from a place the model has seen,
+        where n_passes=1 queries come from the static reads' state and drift. Equal to n_passes = n_frames,
+        at about the cost of one pass (the GPT re-runs the prefix; it is causal, so the rows it has are final).
+        -> features (B, T, C), attention (B, T, N), queries (B, T, query_dim)."""
+        B, T = cache["kv"][-1][0].shape[0] // cache["n_frames"], cache["n_frames"]
+        q, feats, maps, queries = self.q_init.expand(B, -1), [], [], []
+        for t in range(T):
+            queries.append(q)
+            frame = dict(kv=[kv if kv is None else tuple(x.unflatten(0, (B, T))[:, t] for x in kv) for kv in cache["kv"]],
+                         n_frames=1)
+            z, a = self.read(frame, q[:, None], look=None if look is None else look[:, t:t + 1])
+            feats.append(z)
+            maps.append(a)
+            if t < T - 1:
+                q = self.query_head(self.sequence(torch.cat(feats, 1), mode, captions, fine=True)[0][:, -1])
+        return torch.cat(feats, 1), torch.cat(maps, 1), torch.stack(queries, 1)
+
     @torch.no_grad()
     def caption(self, frames, max_new_tokens, n_passes=1):
         """Generated captions (rollout) from the final fine features, through the KV-cached GPT.generate."""
         B, T = frames.shape[:2]
         cache = self.encode(frames)
         z, _ = self.read(cache, self.q_static.expand(B, T, -1))
-        for p in range(n_passes):
+        if self.recurrent:
+            z = self.recurrent_reads(cache, "video")[0]
+        for p in range(0 if self.recurrent else n_passes):
             h, _ = self.sequence(z, "video", fine=p > 0)
             z, _ = self.read(cache, torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1))
         idx = torch.tensor([[IMG] * T + [BOS]] * B, device=frames.device)
@@ -357,7 +399,7 @@ def build_model(meta=None):
         sequence_len=n_frames + caption_tokens + 4, image_token_id=IMG)
     fov = meta["foveated"] if meta else dict(query_dim=query_dim, latent_dim=latent_enc.dim,
                                              coord_channels=coord_channels, max_frames=n_frames, glimpse=glimpse,
-                                             fine_proj=fine_proj, read_skip=read_skip)
+                                             fine_proj=fine_proj, read_skip=read_skip, recurrent=recurrent)
     return FoveatedVLM(vit_cfg, gpt_cfg, **fov), dict(vit=asdict(vit_cfg), gpt=asdict(gpt_cfg), foveated=fov)
 
 
@@ -370,6 +412,8 @@ def get_batch(split, indices):
                                 n_distractors=n_distractors, noise=noise, cue_frames=cue_frames, p_change=p_change,
                                 center_start=center_start, specks=specks, jitter=jitter)
     b["frames"] = b["frames"].to(device)
+    b["look"] = fov_target_patches(b["target_xy"], b["target_size"], image_size, patch_size).to(device) \
+        if oracle_look else None
     # what the latent target encodes: the target alone (synthetic) or the whole frame
     b["latent_frames"] = b.pop("target_layer").to(device) if latent_target == 'target_layer' else b["frames"]
     return b
@@ -443,7 +487,7 @@ def evaluate(step):
         b = get_batch('val', range(start, min(n_eval, start + eval_batch)))
         with ctx:
             tgt = raw_model.latents(b["latent_frames"], latent_enc)
-            r = raw_model(b["frames"], tgt, "video", n_passes=n_passes)
+            r = raw_model(b["frames"], tgt, "video", n_passes=n_passes, look=b["look"])
         for k, v in (("pf", r["pred_fine"]), ("pc", r["pred_coarse"]), ("tg", tgt[:, 1:]), ("zf", r["z_fine"]),
                      ("zc", r["z_coarse"]), ("af", r["att_fine"]), ("ac", r["att_coarse"]), ("qf", r["queries"])):
             acc[k].append(v.float().cpu())
@@ -536,7 +580,7 @@ for step in range(start_step, max_steps):
     b = get_batch('train', batch_indices(step, batch_size, ddp['rank'], ddp['world_size']))
     with ctx:
         tgt = raw_model.latents(b["latent_frames"], latent_enc)
-        r = model(b["frames"], tgt, mode, b["captions"], n_passes)
+        r = model(b["frames"], tgt, mode, b["captions"], n_passes, b["look"])
     loss = r["loss"]
     check_finite(loss, step)
     optimizer.zero_grad(set_to_none=True)

@@ -175,6 +175,50 @@ def test_read_loss_is_added_only_when_weighted(read_weight):
     assert trained == (read_weight > 0)
 
 
+@pytest.mark.parametrize("mode", ["video", "text"])
+def test_recurrent_reads_equal_n_passes_equal_to_the_number_of_frames(mode):
+    """recurrent=True reads frame t with the query predicted from the fine reads of frames < t: the fixed point
+    of the parallel passes, reached after n_frames of them. Same weights -> the same predictions."""
+    ns = recipe("--fine_proj=True", "--read_skip=True")
+    torch.manual_seed(0)
+    model, _ = ns["build_model"]()
+    model.eval()
+    frames, caps = tiny_batch(ns)
+    tgt = tiny_targets(ns, model)
+    T = frames.shape[1]
+    with torch.no_grad():
+        passes = model(frames, tgt, mode, caps, n_passes=T)
+        one = model(frames, tgt, mode, caps, n_passes=1)
+        model.recurrent = True
+        loop = model(frames, tgt, mode, caps)
+    assert torch.allclose(loop["queries"], passes["queries"], atol=1e-5)
+    assert torch.allclose(loop["pred_fine"], passes["pred_fine"], atol=1e-5)
+    assert not torch.allclose(loop["pred_fine"], one["pred_fine"], atol=1e-3)  # one pass is not there yet
+    assert torch.equal(loop["pred_coarse"], passes["pred_coarse"])  # the static-query baseline is untouched
+    gen = model.caption(frames, 4)  # generation reads the frames the same way
+    assert len(gen) == 2
+    with pytest.raises(InputError, match="n_passes=1"):
+        recipe("--recurrent=True", "--n_passes=2")
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_oracle_look_puts_the_fine_reads_on_the_target(recurrent):
+    """The diagnostic's prior: the fine reads (never the static query's) land on the target's patches."""
+    ns = recipe("--oracle_look=True", f"--recurrent={recurrent}")
+    torch.manual_seed(0)
+    model, _ = ns["build_model"]()
+    b = ns["get_batch"]("train", range(2))
+    tgt = model.latents(b["latent_frames"], ns["latent_enc"])
+    hit = lambda maps: fov_target_hit(maps, b["target_xy"], b["target_size"], 16, 4)  # noqa: E731
+    with torch.no_grad():
+        seen = model(b["frames"], tgt, "video", look=b["look"])
+        blind = model(b["frames"], tgt, "video")
+    assert hit(seen["att_fine"]) > 0.5 and hit(seen["att_fine"]) > 3 * hit(blind["att_fine"])
+    assert torch.equal(seen["att_coarse"], blind["att_coarse"])
+    with pytest.raises(InputError, match="oracle_look"):
+        recipe("--oracle_look=True", "--task=folder", "--data_dir=x")
+
+
 @pytest.mark.parametrize("read_skip", [False, True])
 def test_read_skip_adds_what_the_read_sees_now_to_the_prediction(read_skip):
     ns = recipe(f"--read_skip={read_skip}")
