@@ -17,7 +17,8 @@ cue_frames = 3             # the target is outlined in the first frames only (3:
 p_change = 0.1             # per-frame chance that each sprite switches colour (the fine path's irreducible error)
 center_start = True        # track: the target starts mid-frame, then moves with momentum
 specks = 1                 # flickering random pixels per frame (unpredictable clutter)
-jitter = 0.0               # std (px/frame, per axis) of each sprite's random velocity kick per frame (0: pure momentum)
+jitter = 0.5               # std (px/frame, per axis) of each sprite's random velocity kick per frame (0: pure momentum,
+                           # where dead reckoning from the cue predicts nearly as well as looking; README, Foveated)
 latent_encoder = 'fixed'   # 'fixed' (seeded random high-pass filters) | path/to/taesd_encoder.safetensors
 latent_target = 'target_layer'  # 'target_layer': frame t+1 with only the target drawn, at a spatial grid (where
                            # the tracked object will be and how it looks; synthetic only) | 'delta': z(t+1) - z(frame 0)
@@ -40,9 +41,9 @@ vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*
 n_layer = 2
 n_head = 4
 n_embd = 128
-fine_proj = False          # True: the fine reads enter the GPT through their own Projector
-read_weight = 0.0          # > 0: each read of frame t must also give frame t's latent (one head, both paths)
-read_skip = False          # True: predict frame t+1 as read_head(read of frame t) + the GPT's change
+fine_proj = True           # True: the fine reads enter the GPT through their own Projector
+read_weight = 1.0          # > 0: each read of frame t must also give frame t's latent (one head, both paths)
+read_skip = True           # True: predict frame t+1 as read_head(read of frame t) + the GPT's change
 oracle_look = False        # DIAGNOSTIC: the fine reads get the target's true patches as a location prior (upper bound)
 recurrent = False          # True: frame t's fine query from the GPT state after the fine reads of frames < t
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)

@@ -158,7 +158,7 @@ def test_detach_coarse_keeps_the_fine_loss_out_of_the_coarse_pass(detach):
 @pytest.mark.parametrize("read_weight", [0.0, 1.0])
 def test_read_loss_is_added_only_when_weighted(read_weight):
     """read_weight > 0: each path's read of frame t must also give frame t's own latent (one shared head)."""
-    ns = recipe(f"--read_weight={read_weight}")
+    ns = recipe(f"--read_weight={read_weight}", "--read_skip=False")  # the skip would train read_head too
     torch.manual_seed(0)
     model, _ = ns["build_model"]()
     frames, caps = tiny_batch(ns)
@@ -457,7 +457,7 @@ def test_end_to_end_writes_results_png_checkpoint_and_resumes_exactly(tmp_path):
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["recipe"] == "foveated" and res["step"] == 4 and res["split"] == "val"
     for k in ("ratio", "loss_fine", "loss_coarse", "entropy_fine", "entropy_coarse", "max_att_fine",
-              "max_att_coarse", "cos_z_fine_coarse", "target_att_fine", "caption_exact"):
+              "max_att_coarse", "cos_z_fine_coarse", "target_att_fine", "caption_exact", "loss_copy", "loss_mean"):
         assert k in res["metrics"], k
     assert res["metrics"]["ratio"] == pytest.approx(res["metrics"]["loss_coarse"] / res["metrics"]["loss_fine"])
     assert len(res["per_frame"]["fine"]) == 3  # 4 frames -> 3 next-frame predictions
