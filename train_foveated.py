@@ -96,14 +96,14 @@ n_head = 4
 n_embd = 128
 # the next three are on because they let a path use what it reads: with the target's place given (--oracle_look)
 # the fine path led 1.61 with them; without them the static path was still at the mean after 1519 steps (hollow)
-fine_proj = True           # True: the fine reads enter the GPT through their own Projector (the coarse ones through proj)
+fine_proj = True           # True: the fine reads enter the GPT through their own Projector (the coarse ones: proj)
 read_weight = 1.0          # > 0: both paths' reads of frame t must also give frame t's own latent through one shared
                            # linear head (a short gradient path to "what is here", the same for both paths)
 read_skip = True           # True: the prediction of frame t+1 adds read_head(read of frame t) to the GPT's latent_head:
                            # the GPT learns the change from what the read sees now (both paths alike)
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
-oracle_look = False        # DIAGNOSTIC (synthetic only), never a result: the fine reads get the target's true patches as
-                           # a location prior (-8 on every other patch): what perfect looking buys on this budget
+oracle_look = False        # DIAGNOSTIC (synthetic only), never a result: the fine reads get the target's true
+                           # patches as a location prior (-8 on every other patch): what perfect looking buys
 recurrent = False          # True: frame t's fine query comes from the GPT state after the FINE reads of frames < t
                            # (a tracker's loop, frame by frame; equals n_passes = n_frames at ~one pass's cost)
 detach_coarse = True       # the fine loss stops at the predicted queries and never reaches the coarse pass
@@ -352,8 +352,8 @@ class FoveatedVLM(nn.Module):
         q, feats, maps, queries = self.q_init.expand(B, -1), [], [], []
         for t in range(T):
             queries.append(q)
-            frame = dict(kv=[kv if kv is None else tuple(x.unflatten(0, (B, T))[:, t] for x in kv) for kv in cache["kv"]],
-                         n_frames=1)
+            layers = [None if kv is None else tuple(x.unflatten(0, (B, T))[:, t] for x in kv) for kv in cache["kv"]]
+            frame = dict(kv=layers, n_frames=1)
             z, a = self.read(frame, q[:, None], look=None if look is None else look[:, t:t + 1])
             feats.append(z)
             maps.append(a)
@@ -495,7 +495,8 @@ def evaluate(step):
             tgt = raw_model.latents(b["latent_frames"], latent_enc)
             r = raw_model(b["frames"], tgt, "video", n_passes=n_passes, look=b["look"])
         for k, v in (("pf", r["pred_fine"]), ("pc", r["pred_coarse"]), ("tg", tgt[:, 1:]), ("now", tgt[:, :-1]),
-                     ("zf", r["z_fine"]), ("zc", r["z_coarse"]), ("af", r["att_fine"]), ("ac", r["att_coarse"]), ("qf", r["queries"])):
+                     ("zf", r["z_fine"]), ("zc", r["z_coarse"]), ("af", r["att_fine"]), ("ac", r["att_coarse"]),
+                     ("qf", r["queries"])):
             acc[k].append(v.float().cpu())
         reads.append((r["loss_read_fine"].item(), r["loss_read_coarse"].item(), len(b["frames"])))
         if b["target_xy"] is not None:

@@ -41,6 +41,14 @@ def tiny_batch(ns, n=2):
     return b["frames"], b["captions"]
 
 
+def tiny_model(*overrides):
+    """The tiny recipe under these overrides, a seeded model and a batch: (ns, model, frames, captions)."""
+    ns = recipe(*overrides)
+    torch.manual_seed(0)
+    model, _ = ns["build_model"]()
+    return (ns, model) + tiny_batch(ns)
+
+
 def tiny_targets(ns, model, n=2):
     return model.latents(ns["get_batch"]("train", range(n))["latent_frames"], ns["latent_enc"])
 
@@ -144,10 +152,7 @@ def test_both_cache_layouts_in_every_path(query_mode):
 
 @pytest.mark.parametrize("detach", [True, False])
 def test_detach_coarse_keeps_the_fine_loss_out_of_the_coarse_pass(detach):
-    ns = recipe(f"--detach_coarse={detach}")
-    torch.manual_seed(0)
-    model, _ = ns["build_model"]()
-    frames, caps = tiny_batch(ns)
+    ns, model, frames, caps = tiny_model(f"--detach_coarse={detach}")
     r = model(frames, tiny_targets(ns, model), "video", caps)
     r["loss_fine"].backward()
     assert model.query_head.weight.grad.abs().sum() > 0  # the fine loss always trains the query predictor
@@ -158,10 +163,8 @@ def test_detach_coarse_keeps_the_fine_loss_out_of_the_coarse_pass(detach):
 @pytest.mark.parametrize("read_weight", [0.0, 1.0])
 def test_read_loss_is_added_only_when_weighted(read_weight):
     """read_weight > 0: each path's read of frame t must also give frame t's own latent (one shared head)."""
-    ns = recipe(f"--read_weight={read_weight}", "--read_skip=False")  # the skip would train read_head too
-    torch.manual_seed(0)
-    model, _ = ns["build_model"]()
-    frames, caps = tiny_batch(ns)
+    # read_skip off: the skip would train read_head too
+    ns, model, frames, caps = tiny_model(f"--read_weight={read_weight}", "--read_skip=False")
     tgt = tiny_targets(ns, model)
     r = model(frames, tgt, "video", caps)
     z_f, z_c = r["z_fine"], r["z_coarse"]
@@ -179,11 +182,8 @@ def test_read_loss_is_added_only_when_weighted(read_weight):
 def test_recurrent_reads_equal_n_passes_equal_to_the_number_of_frames(mode):
     """recurrent=True reads frame t with the query predicted from the fine reads of frames < t: the fixed point
     of the parallel passes, reached after n_frames of them. Same weights -> the same predictions."""
-    ns = recipe("--fine_proj=True", "--read_skip=True")
-    torch.manual_seed(0)
-    model, _ = ns["build_model"]()
+    ns, model, frames, caps = tiny_model("--fine_proj=True", "--read_skip=True")
     model.eval()
-    frames, caps = tiny_batch(ns)
     tgt = tiny_targets(ns, model)
     T = frames.shape[1]
     with torch.no_grad():
@@ -221,13 +221,10 @@ def test_oracle_look_puts_the_fine_reads_on_the_target(recurrent):
 
 @pytest.mark.parametrize("read_skip", [False, True])
 def test_read_skip_adds_what_the_read_sees_now_to_the_prediction(read_skip):
-    ns = recipe(f"--read_skip={read_skip}")
-    torch.manual_seed(0)
-    model, _ = ns["build_model"]()
+    ns, model, frames, caps = tiny_model(f"--read_skip={read_skip}")
     with torch.no_grad():  # silence the GPT's own prediction: what is left is the skip
         model.latent_head.weight.zero_()
         model.latent_head.bias.zero_()
-    frames, caps = tiny_batch(ns)
     r = model(frames, tiny_targets(ns, model), "video", caps)
     for path in ("fine", "coarse"):
         skip = model.read_head(r[f"z_{path}"][:, :-1])
@@ -237,10 +234,7 @@ def test_read_skip_adds_what_the_read_sees_now_to_the_prediction(read_skip):
 
 @pytest.mark.parametrize("fine_proj", [False, True])
 def test_fine_proj_gives_the_fine_reads_their_own_projector(fine_proj):
-    ns = recipe(f"--fine_proj={fine_proj}")
-    torch.manual_seed(0)
-    model, _ = ns["build_model"]()
-    frames, caps = tiny_batch(ns)
+    ns, model, frames, caps = tiny_model(f"--fine_proj={fine_proj}")
     model(frames, tiny_targets(ns, model), "video", caps)["loss_fine"].backward()
     proj_grad = model.proj[0].weight.grad
     if fine_proj:  # the fine loss enters through proj_fine only (the coarse pass is detached by default)
