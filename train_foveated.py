@@ -11,11 +11,13 @@ Every frame is encoded ONCE by a shared ViT whose per-layer patch K/V are cached
 the cache (deep: at every layer; shallow: after the last), one query feature per frame.
   pass 1 (coarse): the learned q_static reads every frame -> GPT -> a predicted query per frame
   pass 2 (fine):   shifted queries [q_init, q_1, ..., q_{T-1}] read the frames -> GPT -> the next frame's latent
-  (n_passes > 1 repeats pass 2, each time with queries predicted from the previous fine pass)
+  (n_passes > 1 repeats pass 2, each time with queries predicted from the previous fine pass; recurrent=True
+  reads frame by frame, each query from the fine reads before it)
 loss = fine + coarse (+ caption cross-entropy in captioning mode; + read_weight x the reads' own-frame loss);
 detach_coarse=True stops the fine loss at the predicted queries, so the static-query baseline trains on its own
 loss only; the mode (video-only / text-conditioned / captioning) is drawn per batch. The hypothesis is
-ratio = loss_coarse / loss_fine > 1 on held-out videos.
+ratio = loss_coarse / loss_fine > 1 on held-out videos. Each path predicts frame t+1 as read_head(its read of
+frame t) + the GPT's change (read_skip), so a read that holds the target helps at once.
 The synthetic latent target is the next frame's target layer (the tracked sprite alone) on a spatial grid, among
 moving look-alike distractors: see data_foveated.py for why a global whole-frame target cannot show a gain.
 """
