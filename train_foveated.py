@@ -286,12 +286,14 @@ class FoveatedVLM(nn.Module):
             return h[:, :T], global_mean(loss, (tgt[:, T:] != -1).sum(), rows.device)  # DDP-exact token mean
         raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
 
-    def predict(self, h, feats):
-        """GPT hidden (B, T, E) and the reads (B, T, C_vit) -> the next frames' latents (B, T-1, D). read_skip:
-        the read of frame t, through read_head, is added, so "it will look as it looks now" is the default and
-        the GPT learns the change (the same for both paths: a read that holds nothing adds nothing)."""
+    def predict(self, h, feats, targets):
+        """GPT hidden (B, T, E), the reads (B, T, C_vit) -> (the next frames' latents (B, T-1, D), their MSE
+        against targets[:, 1:]). read_skip: the read of frame t, through read_head, is added, so "it will look as
+        it looks now" is the default and the GPT learns the change (the same for both paths: a read that holds
+        nothing adds nothing)."""
         pred = self.latent_head(h[:, :-1])
-        return pred + self.read_head(feats[:, :-1]) if self.read_skip else pred
+        pred = pred + self.read_head(feats[:, :-1]) if self.read_skip else pred
+        return pred, F.mse_loss(pred.float(), targets[:, 1:].float())
 
     def latents(self, frames, encoder):
         """Prediction targets from the frozen encoder, standardised: (B, T, D); position t+1 is what position t
@@ -315,17 +317,15 @@ class FoveatedVLM(nn.Module):
         # pass 1 (coarse): the static query on every frame
         z_c, att_c = self.read(cache, self.q_static.expand(B, T, -1))
         h, _ = self.sequence(z_c, text_mode, captions)
-        pred_c = self.predict(h, z_c)
-        loss_c = F.mse_loss(pred_c.float(), targets[:, 1:].float())
+        pred_c, loss_c = self.predict(h, z_c, targets)
         read_c = F.mse_loss(self.read_head(z_c).float(), targets.float())
         fine, cap_loss = [], None
         h = h.detach() if detach_coarse else h
         if self.recurrent:  # one fine pass whose queries come from its own state: pass 1 is the baseline only
             z_f, att_f, q = self.recurrent_reads(cache, text_mode, captions, look)
             h, cap_loss = self.sequence(z_f, mode if mode == "caption" else text_mode, captions, fine=True)
-            pred_f = self.predict(h, z_f)
-            fine.append(F.mse_loss(pred_f.float(), targets[:, 1:].float()))
-            read_f = F.mse_loss(self.read_head(z_f).float(), targets.float())
+            pred_f, pass_loss = self.predict(h, z_f, targets)
+            fine.append(pass_loss)
         for p in range(0 if self.recurrent else n_passes):
             # pass 2+ (fine): frame t is read with the query predicted after frames < t
             q = torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1)
@@ -333,9 +333,9 @@ class FoveatedVLM(nn.Module):
             last = p == n_passes - 1
             h, cap = self.sequence(z_f, "caption" if (last and mode == "caption") else text_mode, captions, fine=True)
             cap_loss = cap if cap is not None else cap_loss
-            pred_f = self.predict(h, z_f)
-            fine.append(F.mse_loss(pred_f.float(), targets[:, 1:].float()))
-            read_f = F.mse_loss(self.read_head(z_f).float(), targets.float())
+            pred_f, pass_loss = self.predict(h, z_f, targets)
+            fine.append(pass_loss)
+        read_f = F.mse_loss(self.read_head(z_f).float(), targets.float())  # the last fine pass's reads
         loss_f = torch.stack(fine).mean()
         loss = loss_f + loss_c + (cap_loss if cap_loss is not None else 0.0)
         if read_weight > 0:
