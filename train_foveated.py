@@ -108,6 +108,8 @@ oracle_look = False        # DIAGNOSTIC (synthetic only), never a result: the fi
                            # patches as a location prior (-8 on every other patch): what perfect looking buys
 recurrent = False          # True: frame t's fine query comes from the GPT state after the FINE reads of frames < t
                            # (a tracker's loop, frame by frame; equals n_passes = n_frames at ~one pass's cost)
+look_weight = 0.0          # > 0: a hindsight look loss on both paths' attention (see FoveatedVLM.hindsight_look)
+look_tau = 0.03            # temperature of the hindsight look over the patches' MSE (standardised latent units)
 detach_coarse = True       # the fine loss stops at the predicted queries and never reaches the coarse pass
                            # (q_static, its reads, the GPT on them): the baseline trains on its own loss alone, as a
                            # static-query model would. False (the journal's joint training) learned less reliably in
@@ -223,10 +225,11 @@ class FoveatedVLM(nn.Module):
         x = normalize(frames.flatten(0, 1))
         if self.coord_channels:
             x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1).to(x.dtype)], 1)
-        kv = self.vit.encode(x)["kv"]
+        enc = self.vit.encode(x)
+        kv = enc["kv"]
         if self.vit.config.query_mode == "shallow":
             kv = [None] * (len(kv) - 1) + [kv[-1]]
-        return dict(kv=kv, n_frames=frames.shape[1])
+        return dict(kv=kv, n_frames=frames.shape[1], patches=enc["features"])
 
     def read(self, cache, queries, temperature=None, look=None):
         """queries (B, T, query_dim), one per frame -> features (B, T, C), attention (B, T, N) averaged
@@ -295,6 +298,19 @@ class FoveatedVLM(nn.Module):
         pred = pred + self.read_head(feats[:, :-1]) if self.read_skip else pred
         return pred, F.mse_loss(pred.float(), targets[:, 1:].float())
 
+    @torch.no_grad()
+    def hindsight_look(self, cache, targets):
+        """Where each frame's read should have looked, known only after the fact and from the training targets alone
+        (no positions): each final patch token goes through read_head (what a read of that patch alone would say
+        about its frame), and p (B, T, N) = softmax over the patches of -(its MSE to the frame's latent) / look_tau.
+        A teacher only: nothing is trained through it (training the patches to explain their frame, as a second
+        loss, taught the ViT to copy the target's features into other patches: the best patch was on the target in
+        20-30% of frames, and from patch-local tokens it found nothing, README)."""
+        B, T, _ = targets.shape
+        patches = cache["patches"].unflatten(0, (B, T))
+        err = (self.read_head(patches).float() - targets[:, :, None].float()).pow(2).mean(-1)  # (B, T, N)
+        return F.softmax(-err / look_tau, -1)
+
     def latents(self, frames, encoder):
         """Prediction targets from the frozen encoder, standardised: (B, T, D); position t+1 is what position t
         predicts. frames are what get_batch() put in "latent_frames" (the target layer or the frames themselves);
@@ -340,9 +356,14 @@ class FoveatedVLM(nn.Module):
         loss = loss_f + loss_c + (cap_loss if cap_loss is not None else 0.0)
         if read_weight > 0:
             loss = loss + read_weight * (read_c + read_f)
+        p = None
+        if look_weight > 0:  # both paths' attention is pulled to where, in hindsight, the frame's latent was
+            p = self.hindsight_look(cache, targets)
+            loss = loss + look_weight * (look_xent(p, att_c) + look_xent(p, att_f))
         return dict(loss=loss, loss_fine=fine[-1], loss_coarse=loss_c, loss_caption=cap_loss, pred_fine=pred_f,
                     loss_read_fine=read_f, loss_read_coarse=read_c,
-                    pred_coarse=pred_c, z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q)
+                    pred_coarse=pred_c, z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q,
+                    hindsight=p)
 
     def recurrent_reads(self, cache, mode, captions=None, look=None):
         """The fine reads frame by frame: frame t is read with the query the GPT predicts after the fine reads of
@@ -388,6 +409,12 @@ def check_cache(cache, query_mode):
         raise InputError("frame cache has no last-layer K/V: build it with FoveatedVLM.encode()")
     if query_mode == "deep" and any(layer is None for layer in kv):
         raise InputError("deep query mode needs the K/V of every layer but this cache is the shallow layout")
+
+
+def look_xent(p, att):
+    """Cross-entropy of an attention map (B, T, N) against the hindsight look p (B, T, N), frames 1.. (frame 0's
+    fine query has no history, so neither path is asked to find it there)."""
+    return -(p[:, 1:] * att[:, 1:].float().clamp_min(1e-8).log()).sum(-1).mean()
 
 
 def encode_caption(caption):
@@ -489,7 +516,7 @@ if master:
 @torch.no_grad()
 def evaluate(step):
     raw_model.eval()
-    acc = {k: [] for k in ("pf", "pc", "tg", "now", "zf", "zc", "af", "ac", "qf", "xy")}
+    acc = {k: [] for k in ("pf", "pc", "tg", "now", "zf", "zc", "af", "ac", "qf", "xy", "hs")}
     size, reads = 0, []
     for start in range(0, n_eval, eval_batch):
         b = get_batch('val', range(start, min(n_eval, start + eval_batch)))
@@ -500,6 +527,8 @@ def evaluate(step):
                      ("zf", r["z_fine"]), ("zc", r["z_coarse"]), ("af", r["att_fine"]), ("ac", r["att_coarse"]),
                      ("qf", r["queries"])):
             acc[k].append(v.float().cpu())
+        if r["hindsight"] is not None:
+            acc["hs"].append(r["hindsight"].float().cpu())
         reads.append((r["loss_read_fine"].item(), r["loss_read_coarse"].item(), len(b["frames"])))
         if b["target_xy"] is not None:
             acc["xy"].append(b["target_xy"])
@@ -522,6 +551,8 @@ def evaluate(step):
     if "xy" in a:  # attention mass on the target's patches (frames 1.. : frame 0 has no history)
         m["target_att_fine"] = fov_target_hit(a["af"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
         m["target_att_coarse"] = fov_target_hit(a["ac"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
+        if "hs" in a:  # does the hindsight look (made from the latents alone) find the target?
+            m["target_hindsight"] = fov_target_hit(a["hs"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
         if raw_model.glimpse:  # the location maps' mass on the target's patches (uniform: ~0.05)
             maps = dict(fine=raw_model.glimpse_log_map(a["qf"][:, 1:]).exp(),
                         coarse=raw_model.glimpse_log_map(raw_model.q_static.detach().float().cpu()).exp()

@@ -219,6 +219,45 @@ def test_oracle_look_puts_the_fine_reads_on_the_target(recurrent):
         recipe("--oracle_look=True", "--task=folder", "--data_dir=x")
 
 
+def test_hindsight_look_picks_the_patch_that_explains_the_frame():
+    """The hindsight look is made from the latents alone: the patch whose read_head output is the frame's latent
+    gets the mass; nothing trains through it; look_xent is the cross-entropy on a hand-made map (frame 0 left
+    out)."""
+    ns, model, frames, _ = tiny_model("--look_weight=1", "--look_tau=0.03")
+    B, T, N = 2, frames.shape[1], 16
+    cache = model.encode(frames)
+    with torch.no_grad():  # every frame's latent = what a read of its patch 5 alone would say
+        tgt = model.read_head(cache["patches"].unflatten(0, (B, T))[:, :, 5])
+    p = model.hindsight_look(cache, tgt)
+    assert p.shape == (B, T, N) and torch.allclose(p.sum(-1), torch.ones(B, T))
+    assert (p.argmax(-1) == 5).all() and not p.requires_grad
+    one_hot = torch.zeros(1, 3, 4)
+    one_hot[0, :, 2] = 1.0
+    att = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.1, 0.4, 0.4], [0.7, 0.1, 0.1, 0.1]])[None]
+    want = -(math.log(0.4) + math.log(0.1)) / 2
+    assert math.isclose(ns["look_xent"](one_hot, att).item(), want, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("look_weight", [0.0, 1.0])
+def test_look_loss_trains_both_queries_only_when_weighted(look_weight):
+    """look_weight > 0 adds the hindsight look to both paths' attention: it reaches the static query too (the
+    same help for both), though detach_coarse keeps the fine loss out of it."""
+    ns, model, frames, caps = tiny_model(f"--look_weight={look_weight}")
+    tgt = tiny_targets(ns, model)
+    r = model(frames, tgt, "video", caps)
+    base = r["loss_fine"] + r["loss_coarse"] + r["loss_read_fine"] + r["loss_read_coarse"]
+    assert (r["hindsight"] is None) == (look_weight == 0)
+    if look_weight == 0:
+        assert torch.allclose(r["loss"], base)
+    else:
+        p = model.hindsight_look(model.encode(frames), tgt)
+        look = ns["look_xent"](p, r["att_coarse"]) + ns["look_xent"](p, r["att_fine"])
+        assert torch.allclose(r["loss"], base + look, atol=1e-5)
+    r["loss"].backward()
+    assert model.query_head.weight.grad.abs().sum() > 0
+    assert model.q_static.grad.abs().sum() > 0  # the static query's own read loss and look loss reach it
+
+
 @pytest.mark.parametrize("read_skip", [False, True])
 def test_read_skip_adds_what_the_read_sees_now_to_the_prediction(read_skip):
     ns, model, frames, caps = tiny_model(f"--read_skip={read_skip}")
