@@ -90,6 +90,10 @@ glimpse = False            # True: the last (image_size // patch_size)^2 numbers
                            # state away (needs query_dim > N). Tried as the default (query_dim 96): the fine maps did
                            # not learn to find the target in ~1400 steps (mass on its patches 0.02-0.04, uniform
                            # 0.05) and both paths stayed at the mean; off by default (README, Foveated)
+glimpse_sample = False     # glimpse=True only. True: each read is confined to the 3x3 patches around ONE patch of its
+                           # location map (elsewhere -8, as oracle_look), sampled in training (so unvisited places get
+                           # tried) and trained by REINFORCE on how well that read gives its own frame's latent; the
+                           # most likely patch in eval. Both paths alike (q_static has a static map)
 freeze_vit = False
 vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*' weights (a pretrained ViT)
 # LLM
@@ -156,6 +160,8 @@ if n_passes < 1:
 if oracle_look and task == 'folder':
     raise InputError("oracle_look=True needs the synthetic generator's target positions (task='track' or "
                      "'static_large')")
+if oracle_look and glimpse_sample:
+    raise InputError("oracle_look=True and glimpse_sample=True both confine the fine reads: pick one")
 if recurrent and n_passes > 1:
     raise InputError(f"recurrent=True is one fine pass whose queries come from its own state (the fixed point of "
                      f"n_passes); set n_passes=1, got {n_passes}")
@@ -183,9 +189,12 @@ def coord_planes(size, n_freq=2):
 
 class FoveatedVLM(nn.Module):
     def __init__(self, vit_cfg, gpt_cfg, query_dim, latent_dim, coord_channels=True, max_frames=16, glimpse=False,
-                 fine_proj=False, read_skip=False, recurrent=False):
+                 fine_proj=False, read_skip=False, recurrent=False, glimpse_sample=False):
         super().__init__()
         self.glimpse = glimpse
+        self.glimpse_sample = glimpse_sample
+        if glimpse_sample and not glimpse:
+            raise InputError("glimpse_sample=True samples from the location map: set glimpse=True")
         self.n_patches = (vit_cfg.image_size // vit_cfg.patch_size) ** 2
         if glimpse and query_dim <= self.n_patches:
             raise InputError(f"glimpse=True uses the last {self.n_patches} numbers of a query as its location map "
@@ -249,6 +258,29 @@ class FoveatedVLM(nn.Module):
         out, maps = self.vit.read(qx, cache, temperature, bias)
         att = torch.stack(maps).mean(0)[:, 0]
         return out.view(B, T, -1), att.view(B, T, -1)
+
+    def glimpse_window(self, queries):
+        """glimpse_sample: queries (B, T, query_dim) -> (window (B, T, N) bool: the 3x3 patches around one patch of
+        each query's location map, sampled in training and the most likely in eval; log-probability of that patch
+        (B, T)). None, None when glimpse_sample is off."""
+        if not self.glimpse_sample:
+            return None, None
+        logp = self.glimpse_log_map(queries)
+        pick = torch.distributions.Categorical(logits=logp.detach()).sample() if self.training else logp.argmax(-1)
+        g = math.isqrt(self.n_patches)
+        grid = torch.arange(g, device=queries.device)
+        near_y = (grid - (pick // g)[..., None]).abs() <= 1  # (B, T, g)
+        near_x = (grid - (pick % g)[..., None]).abs() <= 1
+        window = (near_y[..., :, None] & near_x[..., None, :]).flatten(-2)
+        return window, logp.gather(-1, pick[..., None])[..., 0]
+
+    def glimpse_reinforce(self, logp, feats, targets):
+        """REINFORCE for the sampled windows: the reward of a pick is minus its read's own-frame error through
+        read_head; the baseline is the batch mean per frame index. Frame 0's fine query has no history: left out."""
+        if logp is None:
+            return 0.0
+        err = (self.read_head(feats).float() - targets.float()).pow(2).mean(-1).detach()  # (B, T)
+        return ((err - err.mean(0)) * logp)[:, 1:].mean()
 
     def glimpse_log_map(self, queries):
         """queries (..., query_dim) -> the location map (..., N) as log-probabilities over the patches."""
@@ -331,21 +363,24 @@ class FoveatedVLM(nn.Module):
         cache = self.encode(frames)
         text_mode = "text" if mode == "text" else "video"
         # pass 1 (coarse): the static query on every frame
-        z_c, att_c = self.read(cache, self.q_static.expand(B, T, -1))
+        q_c = self.q_static.expand(B, T, -1)
+        win_c, logp_c = self.glimpse_window(q_c)
+        z_c, att_c = self.read(cache, q_c, look=win_c)
         h, _ = self.sequence(z_c, text_mode, captions)
         pred_c, loss_c = self.predict(h, z_c, targets)
         read_c = F.mse_loss(self.read_head(z_c).float(), targets.float())
         fine, cap_loss = [], None
         h = h.detach() if detach_coarse else h
         if self.recurrent:  # one fine pass whose queries come from its own state: pass 1 is the baseline only
-            z_f, att_f, q = self.recurrent_reads(cache, text_mode, captions, look)
+            z_f, att_f, q, logp_f = self.recurrent_reads(cache, text_mode, captions, look)
             h, cap_loss = self.sequence(z_f, mode if mode == "caption" else text_mode, captions, fine=True)
             pred_f, pass_loss = self.predict(h, z_f, targets)
             fine.append(pass_loss)
         for p in range(0 if self.recurrent else n_passes):
             # pass 2+ (fine): frame t is read with the query predicted after frames < t
             q = torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1)
-            z_f, att_f = self.read(cache, q, look=look)
+            win_f, logp_f = self.glimpse_window(q)
+            z_f, att_f = self.read(cache, q, look=look if win_f is None else win_f)
             last = p == n_passes - 1
             h, cap = self.sequence(z_f, "caption" if (last and mode == "caption") else text_mode, captions, fine=True)
             cap_loss = cap if cap is not None else cap_loss
@@ -356,6 +391,7 @@ class FoveatedVLM(nn.Module):
         loss = loss_f + loss_c + (cap_loss if cap_loss is not None else 0.0)
         if read_weight > 0:
             loss = loss + read_weight * (read_c + read_f)
+        loss = loss + self.glimpse_reinforce(logp_c, z_c, targets) + self.glimpse_reinforce(logp_f, z_f, targets)
         p = None
         if look_weight > 0:  # both paths' attention is pulled to where, in hindsight, the frame's latent was
             p = self.hindsight_look(cache, targets)
@@ -370,31 +406,38 @@ class FoveatedVLM(nn.Module):
         frames < t (frame 0: q_init). A tracker's loop: each query is one step from a place the model has seen,
         where n_passes=1 queries come from the static reads' state and drift. Equal to n_passes = n_frames,
         at about the cost of one pass (the GPT re-runs the prefix; it is causal, so the rows it has are final).
-        -> features (B, T, C), attention (B, T, N), queries (B, T, query_dim)."""
+        -> features (B, T, C), attention (B, T, N), queries (B, T, query_dim), glimpse_sample's log-probs (B, T)
+        or None."""
         B, T = cache["kv"][-1][0].shape[0] // cache["n_frames"], cache["n_frames"]
-        q, feats, maps, queries = self.q_init.expand(B, -1), [], [], []
+        q, feats, maps, queries, logps = self.q_init.expand(B, -1), [], [], [], []
         for t in range(T):
             queries.append(q)
             layers = [None if kv is None else tuple(x.unflatten(0, (B, T))[:, t] for x in kv) for kv in cache["kv"]]
             frame = dict(kv=layers, n_frames=1)
-            z, a = self.read(frame, q[:, None], look=None if look is None else look[:, t:t + 1])
+            window, logp = self.glimpse_window(q[:, None])
+            z, a = self.read(frame, q[:, None], look=window if window is not None else
+                             None if look is None else look[:, t:t + 1])
             feats.append(z)
             maps.append(a)
+            logps.append(logp)
             if t < T - 1:
                 q = self.query_head(self.sequence(torch.cat(feats, 1), mode, captions, fine=True)[0][:, -1])
-        return torch.cat(feats, 1), torch.cat(maps, 1), torch.stack(queries, 1)
+        return (torch.cat(feats, 1), torch.cat(maps, 1), torch.stack(queries, 1),
+                None if logps[0] is None else torch.cat(logps, 1))
 
     @torch.no_grad()
     def caption(self, frames, max_new_tokens, n_passes=1):
         """Generated captions (rollout) from the final fine features, through the KV-cached GPT.generate."""
         B, T = frames.shape[:2]
         cache = self.encode(frames)
-        z, _ = self.read(cache, self.q_static.expand(B, T, -1))
+        q = self.q_static.expand(B, T, -1)
+        z, _ = self.read(cache, q, look=self.glimpse_window(q)[0])
         if self.recurrent:
             z = self.recurrent_reads(cache, "video")[0]
         for p in range(0 if self.recurrent else n_passes):
             h, _ = self.sequence(z, "video", fine=p > 0)
-            z, _ = self.read(cache, torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1))
+            q = torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1)
+            z, _ = self.read(cache, q, look=self.glimpse_window(q)[0])
         idx = torch.tensor([[IMG] * T + [BOS]] * B, device=frames.device)
         out = self.gpt.generate(idx, max_new_tokens, vision_embeds=self.rows(z, fine=True), eos_id=EOS,
                                 suppress_ids=(BOS, PAD))
@@ -434,7 +477,8 @@ def build_model(meta=None):
         sequence_len=n_frames + caption_tokens + 4, image_token_id=IMG)
     fov = meta["foveated"] if meta else dict(query_dim=query_dim, latent_dim=latent_enc.dim,
                                              coord_channels=coord_channels, max_frames=n_frames, glimpse=glimpse,
-                                             fine_proj=fine_proj, read_skip=read_skip, recurrent=recurrent)
+                                             fine_proj=fine_proj, read_skip=read_skip, recurrent=recurrent,
+                                             glimpse_sample=glimpse_sample)
     return FoveatedVLM(vit_cfg, gpt_cfg, **fov), dict(vit=asdict(vit_cfg), gpt=asdict(gpt_cfg), foveated=fov)
 
 

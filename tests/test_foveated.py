@@ -258,6 +258,43 @@ def test_look_loss_trains_both_queries_only_when_weighted(look_weight):
     assert model.q_static.grad.abs().sum() > 0  # the static query's own read loss and look loss reach it
 
 
+def test_glimpse_sample_reads_a_3x3_window_around_one_patch_of_the_map():
+    """glimpse_sample: a pick per read (sampled in training, the map's most likely patch in eval), the read
+    confined to the 3x3 patches around it, and REINFORCE on the pick's log-probability reaching both queries."""
+    ns, model, frames, caps = tiny_model("--glimpse=True", "--glimpse_sample=True", "--query_dim=24")
+    g = 4  # 16 px / 4 px patches
+    q = torch.zeros(2, frames.shape[1], 24)
+    q[..., -16:][..., 5] = 6.0  # the map favours patch 5: row 1, column 1
+    model.eval()
+    window, logp = model.glimpse_window(q)
+    want = torch.zeros(g, g, dtype=torch.bool)
+    want[0:3, 0:3] = True
+    assert (window == want.flatten()).all() and torch.allclose(logp, model.glimpse_log_map(q)[..., 5])
+    _, att = model.read(model.encode(frames), q, look=window)
+    assert (att * ~window).sum(-1).max() < 0.01  # nothing read outside the window
+    model.train()
+    picks = {int(model.glimpse_window(torch.zeros(1, 1, 24))[0].float().argmax()) for _ in range(20)}
+    assert len(picks) > 3  # a flat map: training tries many places
+    r = model(frames, tiny_targets(ns, model), "video", caps)
+    r["loss"].backward()
+    assert model.q_static.grad[0, -16:].abs().sum() > 0 and model.query_head.weight.grad[-16:].abs().sum() > 0
+    with pytest.raises(InputError, match="glimpse=True"):
+        recipe("--glimpse_sample=True")["build_model"]()
+    with pytest.raises(InputError, match="pick one"):
+        recipe("--glimpse=True", "--glimpse_sample=True", "--query_dim=24", "--oracle_look=True")
+
+
+def test_glimpse_reinforce_lowers_the_odds_of_worse_than_average_picks():
+    ns, model, frames, _ = tiny_model("--glimpse=True", "--glimpse_sample=True", "--query_dim=24")
+    feats = torch.randn(2, 3, 32)
+    targets = model.read_head(feats).detach()
+    targets[1] += 1.0  # sample 1's reads explain their frames worse than sample 0's
+    logp = torch.zeros(2, 3, requires_grad=True)
+    model.glimpse_reinforce(logp, feats, targets).backward()
+    assert (logp.grad[1, 1:] > 0).all() and (logp.grad[0, 1:] < 0).all()  # descent lowers 1's, raises 0's
+    assert (logp.grad[:, 0] == 0).all()  # frame 0 left out
+
+
 @pytest.mark.parametrize("read_skip", [False, True])
 def test_read_skip_adds_what_the_read_sees_now_to_the_prediction(read_skip):
     ns, model, frames, caps = tiny_model(f"--read_skip={read_skip}")
