@@ -90,10 +90,6 @@ glimpse = False            # True: the last (image_size // patch_size)^2 numbers
                            # state away (needs query_dim > N). Tried as the default (query_dim 96): the fine maps did
                            # not learn to find the target in ~1400 steps (mass on its patches 0.02-0.04, uniform
                            # 0.05) and both paths stayed at the mean; off by default (README, Foveated)
-glimpse_sample = False     # glimpse=True only. True: each read is confined to the 3x3 patches around ONE patch of its
-                           # location map (elsewhere -8, as oracle_look), sampled in training (so unvisited places get
-                           # tried) and trained by REINFORCE on how well that read gives its own frame's latent; the
-                           # most likely patch in eval. Both paths alike (q_static has a static map)
 freeze_vit = False
 vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*' weights (a pretrained ViT)
 # LLM
@@ -112,8 +108,6 @@ oracle_look = False        # DIAGNOSTIC (synthetic only), never a result: the fi
                            # patches as a location prior (-8 on every other patch): what perfect looking buys
 recurrent = False          # True: frame t's fine query comes from the GPT state after the FINE reads of frames < t
                            # (a tracker's loop, frame by frame; equals n_passes = n_frames at ~one pass's cost)
-look_weight = 0.0          # > 0: a hindsight look loss on both paths' attention (see FoveatedVLM.hindsight_look)
-look_tau = 0.03            # temperature of the hindsight look over the patches' MSE (standardised latent units)
 detach_coarse = True       # the fine loss stops at the predicted queries and never reaches the coarse pass
                            # (q_static, its reads, the GPT on them): the baseline trains on its own loss alone, as a
                            # static-query model would. False (the journal's joint training) learned less reliably in
@@ -160,8 +154,6 @@ if n_passes < 1:
 if oracle_look and task == 'folder':
     raise InputError("oracle_look=True needs the synthetic generator's target positions (task='track' or "
                      "'static_large')")
-if oracle_look and glimpse_sample:
-    raise InputError("oracle_look=True and glimpse_sample=True both confine the fine reads: pick one")
 if recurrent and n_passes > 1:
     raise InputError(f"recurrent=True is one fine pass whose queries come from its own state (the fixed point of "
                      f"n_passes); set n_passes=1, got {n_passes}")
@@ -189,12 +181,9 @@ def coord_planes(size, n_freq=2):
 
 class FoveatedVLM(nn.Module):
     def __init__(self, vit_cfg, gpt_cfg, query_dim, latent_dim, coord_channels=True, max_frames=16, glimpse=False,
-                 fine_proj=False, read_skip=False, recurrent=False, glimpse_sample=False):
+                 fine_proj=False, read_skip=False, recurrent=False):
         super().__init__()
         self.glimpse = glimpse
-        self.glimpse_sample = glimpse_sample
-        if glimpse_sample and not glimpse:
-            raise InputError("glimpse_sample=True samples from the location map: set glimpse=True")
         self.n_patches = (vit_cfg.image_size // vit_cfg.patch_size) ** 2
         if glimpse and query_dim <= self.n_patches:
             raise InputError(f"glimpse=True uses the last {self.n_patches} numbers of a query as its location map "
@@ -234,11 +223,10 @@ class FoveatedVLM(nn.Module):
         x = normalize(frames.flatten(0, 1))
         if self.coord_channels:
             x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1).to(x.dtype)], 1)
-        enc = self.vit.encode(x)
-        kv = enc["kv"]
+        kv = self.vit.encode(x)["kv"]
         if self.vit.config.query_mode == "shallow":
             kv = [None] * (len(kv) - 1) + [kv[-1]]
-        return dict(kv=kv, n_frames=frames.shape[1], patches=enc["features"])
+        return dict(kv=kv, n_frames=frames.shape[1])
 
     def read(self, cache, queries, temperature=None, look=None):
         """queries (B, T, query_dim), one per frame -> features (B, T, C), attention (B, T, N) averaged
@@ -258,29 +246,6 @@ class FoveatedVLM(nn.Module):
         out, maps = self.vit.read(qx, cache, temperature, bias)
         att = torch.stack(maps).mean(0)[:, 0]
         return out.view(B, T, -1), att.view(B, T, -1)
-
-    def glimpse_window(self, queries):
-        """glimpse_sample: queries (B, T, query_dim) -> (window (B, T, N) bool: the 3x3 patches around one patch of
-        each query's location map, sampled in training and the most likely in eval; log-probability of that patch
-        (B, T)). None, None when glimpse_sample is off."""
-        if not self.glimpse_sample:
-            return None, None
-        logp = self.glimpse_log_map(queries)
-        pick = torch.distributions.Categorical(logits=logp.detach()).sample() if self.training else logp.argmax(-1)
-        g = math.isqrt(self.n_patches)
-        grid = torch.arange(g, device=queries.device)
-        near_y = (grid - (pick // g)[..., None]).abs() <= 1  # (B, T, g)
-        near_x = (grid - (pick % g)[..., None]).abs() <= 1
-        window = (near_y[..., :, None] & near_x[..., None, :]).flatten(-2)
-        return window, logp.gather(-1, pick[..., None])[..., 0]
-
-    def glimpse_reinforce(self, logp, feats, targets):
-        """REINFORCE for the sampled windows: the reward of a pick is minus its read's own-frame error through
-        read_head; the baseline is the batch mean per frame index. Frame 0's fine query has no history: left out."""
-        if logp is None:
-            return 0.0
-        err = (self.read_head(feats).float() - targets.float()).pow(2).mean(-1).detach()  # (B, T)
-        return ((err - err.mean(0)) * logp)[:, 1:].mean()
 
     def glimpse_log_map(self, queries):
         """queries (..., query_dim) -> the location map (..., N) as log-probabilities over the patches."""
@@ -330,19 +295,6 @@ class FoveatedVLM(nn.Module):
         pred = pred + self.read_head(feats[:, :-1]) if self.read_skip else pred
         return pred, F.mse_loss(pred.float(), targets[:, 1:].float())
 
-    @torch.no_grad()
-    def hindsight_look(self, cache, targets):
-        """Where each frame's read should have looked, known only after the fact and from the training targets alone
-        (no positions): each final patch token goes through read_head (what a read of that patch alone would say
-        about its frame), and p (B, T, N) = softmax over the patches of -(its MSE to the frame's latent) / look_tau.
-        A teacher only: nothing is trained through it (training the patches to explain their frame, as a second
-        loss, taught the ViT to copy the target's features into other patches: the best patch was on the target in
-        20-30% of frames, and from patch-local tokens it found nothing, README)."""
-        B, T, _ = targets.shape
-        patches = cache["patches"].unflatten(0, (B, T))
-        err = (self.read_head(patches).float() - targets[:, :, None].float()).pow(2).mean(-1)  # (B, T, N)
-        return F.softmax(-err / look_tau, -1)
-
     def latents(self, frames, encoder):
         """Prediction targets from the frozen encoder, standardised: (B, T, D); position t+1 is what position t
         predicts. frames are what get_batch() put in "latent_frames" (the target layer or the frames themselves);
@@ -363,24 +315,21 @@ class FoveatedVLM(nn.Module):
         cache = self.encode(frames)
         text_mode = "text" if mode == "text" else "video"
         # pass 1 (coarse): the static query on every frame
-        q_c = self.q_static.expand(B, T, -1)
-        win_c, logp_c = self.glimpse_window(q_c)
-        z_c, att_c = self.read(cache, q_c, look=win_c)
+        z_c, att_c = self.read(cache, self.q_static.expand(B, T, -1))
         h, _ = self.sequence(z_c, text_mode, captions)
         pred_c, loss_c = self.predict(h, z_c, targets)
         read_c = F.mse_loss(self.read_head(z_c).float(), targets.float())
         fine, cap_loss = [], None
         h = h.detach() if detach_coarse else h
         if self.recurrent:  # one fine pass whose queries come from its own state: pass 1 is the baseline only
-            z_f, att_f, q, logp_f = self.recurrent_reads(cache, text_mode, captions, look)
+            z_f, att_f, q = self.recurrent_reads(cache, text_mode, captions, look)
             h, cap_loss = self.sequence(z_f, mode if mode == "caption" else text_mode, captions, fine=True)
             pred_f, pass_loss = self.predict(h, z_f, targets)
             fine.append(pass_loss)
         for p in range(0 if self.recurrent else n_passes):
             # pass 2+ (fine): frame t is read with the query predicted after frames < t
             q = torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1)
-            win_f, logp_f = self.glimpse_window(q)
-            z_f, att_f = self.read(cache, q, look=look if win_f is None else win_f)
+            z_f, att_f = self.read(cache, q, look=look)
             last = p == n_passes - 1
             h, cap = self.sequence(z_f, "caption" if (last and mode == "caption") else text_mode, captions, fine=True)
             cap_loss = cap if cap is not None else cap_loss
@@ -391,53 +340,40 @@ class FoveatedVLM(nn.Module):
         loss = loss_f + loss_c + (cap_loss if cap_loss is not None else 0.0)
         if read_weight > 0:
             loss = loss + read_weight * (read_c + read_f)
-        loss = loss + self.glimpse_reinforce(logp_c, z_c, targets) + self.glimpse_reinforce(logp_f, z_f, targets)
-        p = None
-        if look_weight > 0:  # both paths' attention is pulled to where, in hindsight, the frame's latent was
-            p = self.hindsight_look(cache, targets)
-            loss = loss + look_weight * (look_xent(p, att_c) + look_xent(p, att_f))
         return dict(loss=loss, loss_fine=fine[-1], loss_coarse=loss_c, loss_caption=cap_loss, pred_fine=pred_f,
                     loss_read_fine=read_f, loss_read_coarse=read_c,
-                    pred_coarse=pred_c, z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q,
-                    hindsight=p)
+                    pred_coarse=pred_c, z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q)
 
     def recurrent_reads(self, cache, mode, captions=None, look=None):
         """The fine reads frame by frame: frame t is read with the query the GPT predicts after the fine reads of
         frames < t (frame 0: q_init). A tracker's loop: each query is one step from a place the model has seen,
         where n_passes=1 queries come from the static reads' state and drift. Equal to n_passes = n_frames,
         at about the cost of one pass (the GPT re-runs the prefix; it is causal, so the rows it has are final).
-        -> features (B, T, C), attention (B, T, N), queries (B, T, query_dim), glimpse_sample's log-probs (B, T)
-        or None."""
+        -> features (B, T, C), attention (B, T, N), queries (B, T, query_dim)."""
         B, T = cache["kv"][-1][0].shape[0] // cache["n_frames"], cache["n_frames"]
-        q, feats, maps, queries, logps = self.q_init.expand(B, -1), [], [], [], []
+        q, feats, maps, queries = self.q_init.expand(B, -1), [], [], []
         for t in range(T):
             queries.append(q)
             layers = [None if kv is None else tuple(x.unflatten(0, (B, T))[:, t] for x in kv) for kv in cache["kv"]]
             frame = dict(kv=layers, n_frames=1)
-            window, logp = self.glimpse_window(q[:, None])
-            z, a = self.read(frame, q[:, None], look=window if window is not None else
-                             None if look is None else look[:, t:t + 1])
+            z, a = self.read(frame, q[:, None], look=None if look is None else look[:, t:t + 1])
             feats.append(z)
             maps.append(a)
-            logps.append(logp)
             if t < T - 1:
                 q = self.query_head(self.sequence(torch.cat(feats, 1), mode, captions, fine=True)[0][:, -1])
-        return (torch.cat(feats, 1), torch.cat(maps, 1), torch.stack(queries, 1),
-                None if logps[0] is None else torch.cat(logps, 1))
+        return torch.cat(feats, 1), torch.cat(maps, 1), torch.stack(queries, 1)
 
     @torch.no_grad()
     def caption(self, frames, max_new_tokens, n_passes=1):
         """Generated captions (rollout) from the final fine features, through the KV-cached GPT.generate."""
         B, T = frames.shape[:2]
         cache = self.encode(frames)
-        q = self.q_static.expand(B, T, -1)
-        z, _ = self.read(cache, q, look=self.glimpse_window(q)[0])
+        z, _ = self.read(cache, self.q_static.expand(B, T, -1))
         if self.recurrent:
             z = self.recurrent_reads(cache, "video")[0]
         for p in range(0 if self.recurrent else n_passes):
             h, _ = self.sequence(z, "video", fine=p > 0)
-            q = torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1)
-            z, _ = self.read(cache, q, look=self.glimpse_window(q)[0])
+            z, _ = self.read(cache, torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1))
         idx = torch.tensor([[IMG] * T + [BOS]] * B, device=frames.device)
         out = self.gpt.generate(idx, max_new_tokens, vision_embeds=self.rows(z, fine=True), eos_id=EOS,
                                 suppress_ids=(BOS, PAD))
@@ -452,12 +388,6 @@ def check_cache(cache, query_mode):
         raise InputError("frame cache has no last-layer K/V: build it with FoveatedVLM.encode()")
     if query_mode == "deep" and any(layer is None for layer in kv):
         raise InputError("deep query mode needs the K/V of every layer but this cache is the shallow layout")
-
-
-def look_xent(p, att):
-    """Cross-entropy of an attention map (B, T, N) against the hindsight look p (B, T, N), frames 1.. (frame 0's
-    fine query has no history, so neither path is asked to find it there)."""
-    return -(p[:, 1:] * att[:, 1:].float().clamp_min(1e-8).log()).sum(-1).mean()
 
 
 def encode_caption(caption):
@@ -477,8 +407,7 @@ def build_model(meta=None):
         sequence_len=n_frames + caption_tokens + 4, image_token_id=IMG)
     fov = meta["foveated"] if meta else dict(query_dim=query_dim, latent_dim=latent_enc.dim,
                                              coord_channels=coord_channels, max_frames=n_frames, glimpse=glimpse,
-                                             fine_proj=fine_proj, read_skip=read_skip, recurrent=recurrent,
-                                             glimpse_sample=glimpse_sample)
+                                             fine_proj=fine_proj, read_skip=read_skip, recurrent=recurrent)
     return FoveatedVLM(vit_cfg, gpt_cfg, **fov), dict(vit=asdict(vit_cfg), gpt=asdict(gpt_cfg), foveated=fov)
 
 
@@ -560,7 +489,7 @@ if master:
 @torch.no_grad()
 def evaluate(step):
     raw_model.eval()
-    acc = {k: [] for k in ("pf", "pc", "tg", "now", "zf", "zc", "af", "ac", "qf", "xy", "hs")}
+    acc = {k: [] for k in ("pf", "pc", "tg", "now", "zf", "zc", "af", "ac", "qf", "xy")}
     size, reads = 0, []
     for start in range(0, n_eval, eval_batch):
         b = get_batch('val', range(start, min(n_eval, start + eval_batch)))
@@ -571,8 +500,6 @@ def evaluate(step):
                      ("zf", r["z_fine"]), ("zc", r["z_coarse"]), ("af", r["att_fine"]), ("ac", r["att_coarse"]),
                      ("qf", r["queries"])):
             acc[k].append(v.float().cpu())
-        if r["hindsight"] is not None:
-            acc["hs"].append(r["hindsight"].float().cpu())
         reads.append((r["loss_read_fine"].item(), r["loss_read_coarse"].item(), len(b["frames"])))
         if b["target_xy"] is not None:
             acc["xy"].append(b["target_xy"])
@@ -595,8 +522,6 @@ def evaluate(step):
     if "xy" in a:  # attention mass on the target's patches (frames 1.. : frame 0 has no history)
         m["target_att_fine"] = fov_target_hit(a["af"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
         m["target_att_coarse"] = fov_target_hit(a["ac"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
-        if "hs" in a:  # does the hindsight look (made from the latents alone) find the target?
-            m["target_hindsight"] = fov_target_hit(a["hs"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
         if raw_model.glimpse:  # the location maps' mass on the target's patches (uniform: ~0.05)
             maps = dict(fine=raw_model.glimpse_log_map(a["qf"][:, 1:]).exp(),
                         coarse=raw_model.glimpse_log_map(raw_model.q_static.detach().float().cpu()).exp()
