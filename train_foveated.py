@@ -66,7 +66,7 @@ specks = 1                 # flickering random pixels per frame (unpredictable c
 jitter = 0.5               # std (px/frame, per axis) of each sprite's random velocity kick per frame. 0 (pure momentum)
                            # leaves almost nothing to look for: dead reckoning from the cue predicts nearly as well,
                            # so even with the target's place given (--oracle_look) the ratio reached only 1.16 there,
-                           # against 1.61 at 0.5 (README, Foveated)
+                           # against 1.61 at 0.5 (notes/foveated.md)
 latent_encoder = 'fixed'   # 'fixed' (seeded random high-pass filters) | path/to/taesd_encoder.safetensors
 latent_target = 'target_layer'  # what position t predicts, through the frozen encoder:
                            # 'target_layer': frame t+1 with only the target drawn (on black), at a spatial grid:
@@ -89,7 +89,7 @@ glimpse = False            # True: the last (image_size // patch_size)^2 numbers
                            # read's query->patch logits at every layer, so where to look is one linear map of the GPT
                            # state away (needs query_dim > N). Tried as the default (query_dim 96): the fine maps did
                            # not learn to find the target in ~1400 steps (mass on its patches 0.02-0.04, uniform
-                           # 0.05) and both paths stayed at the mean; off by default (README, Foveated)
+                           # 0.05) and both paths stayed at the mean; off by default (notes/foveated.md)
 freeze_vit = False
 vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*' weights (a pretrained ViT)
 # LLM
