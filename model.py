@@ -664,7 +664,7 @@ def gpt_flops_per_token(config, n_params):
     return 6 * n_params + 12 * config.n_layer * config.n_head * head_dim * config.sequence_len
 
 
-def measure_matmul_peak(device="cpu", dtype=torch.float32, n=1024, seconds=1.0):
+def measure_matmul_peak(device="cpu", dtype=torch.float32, n=1024, seconds=0.25):
     """Measured (not datasheet) matmul FLOP/s: the denominator of every MFU this repo prints."""
     gen = torch.Generator(device=device).manual_seed(0)  # its own RNG: measuring never shifts a resumed run's
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
