@@ -489,14 +489,14 @@ if master:
 @torch.no_grad()
 def evaluate(step):
     raw_model.eval()
-    acc = {k: [] for k in ("pf", "pc", "tg", "now", "zf", "zc", "af", "ac", "qf", "xy")}
+    acc = {k: [] for k in ("pf", "pc", "tg", "all", "zf", "zc", "af", "ac", "qf", "xy")}
     size, reads = 0, []
     for start in range(0, n_eval, eval_batch):
         b = get_batch('val', range(start, min(n_eval, start + eval_batch)))
         with ctx:
             tgt = raw_model.latents(b["latent_frames"], latent_enc)
             r = raw_model(b["frames"], tgt, "video", n_passes=n_passes, look=b["look"])
-        for k, v in (("pf", r["pred_fine"]), ("pc", r["pred_coarse"]), ("tg", tgt[:, 1:]), ("now", tgt[:, :-1]),
+        for k, v in (("pf", r["pred_fine"]), ("pc", r["pred_coarse"]), ("tg", tgt[:, 1:]), ("all", tgt),
                      ("zf", r["z_fine"]), ("zc", r["z_coarse"]), ("af", r["att_fine"]), ("ac", r["att_coarse"]),
                      ("qf", r["queries"])):
             acc[k].append(v.float().cpu())
@@ -511,7 +511,7 @@ def evaluate(step):
     # loss_mean: predicting the training mean (0 after standardisation); a path above it has not learned at all
     # loss_copy: predicting frame t+1 as frame t's true latent ("as it looks now", known exactly): a reference
     m = dict(ratio=lc / max(lf, 1e-12), loss_fine=lf, loss_coarse=lc, loss_mean=(a["tg"] ** 2).mean().item(),
-             loss_copy=F.mse_loss(a["now"], a["tg"]).item(),
+             loss_copy=F.mse_loss(a["all"][:, :-1], a["tg"]).item(),
              entropy_fine=ent_f, entropy_coarse=ent_c,
              entropy_gap=ent_c - ent_f, max_att_fine=max_f, max_att_coarse=max_c,
              cos_z_fine_coarse=fov_cosine(a["zf"], a["zc"]))
@@ -537,7 +537,12 @@ def evaluate(step):
                                                        [False] * abs(len(g.split()) - len(c.split())))
                                                for g, c in zip(gen, b["captions"])]))
         print(f"  caption: {gen[0]!r} (truth {b['captions'][0]!r})")
-    per_frame = dict(fine=fov_per_frame_mse(a["pf"], a["tg"]), coarse=fov_per_frame_mse(a["pc"], a["tg"]))
+    per_frame = dict(fine=fov_per_frame_mse(a["pf"], a["tg"]), coarse=fov_per_frame_mse(a["pc"], a["tg"]),
+                     copy=fov_per_frame_mse(a["all"][:, :-1], a["tg"]))
+    if read_weight > 0:  # what each path's read of frame t holds of frame t, per frame: where tracking is lost
+        w, bias = (p.detach().float().cpu() for p in (raw_model.read_head.weight, raw_model.read_head.bias))
+        per_frame.update(read_fine=fov_per_frame_mse(F.linear(a["zf"], w, bias), a["all"]),
+                         read_coarse=fov_per_frame_mse(F.linear(a["zc"], w, bias), a["all"]))
     # the picture: frames, coarse attention, fine attention, for the first n_vis held-out videos
     b = get_batch('val', range(n_vis))
     strips = [fov_attention_strip(b["frames"][i].cpu(), a["ac"][i], a["af"][i]) for i in range(n_vis)]
@@ -556,6 +561,10 @@ def run_eval(step, train_seconds):
     print(f"eval step {step}: " + format_metrics(m, TARGETS))
     print("  per-frame loss fine   " + " ".join(f"{x:.3f}" for x in per_frame["fine"]))
     print("  per-frame loss coarse " + " ".join(f"{x:.3f}" for x in per_frame["coarse"]))
+    print("  per-frame loss copy   " + " ".join(f"{x:.3f}" for x in per_frame["copy"]))
+    for path in ("fine", "coarse"):
+        if f"read_{path}" in per_frame:  # frames 0..T-1 (the loss lines above are the predictions of 1..T-1)
+            print(f"  per-frame read {path:6s} " + " ".join(f"{x:.3f}" for x in per_frame[f"read_{path}"]))
     write_results(out_dir, RECIPE, 'val', n_eval, m, TARGETS, step=step, train_seconds=train_seconds,
                   device=device, dtype=dtype_name, params=n_params, config=config, per_frame=per_frame,
                   task=task, png=os.path.basename(png))

@@ -457,7 +457,11 @@ def test_end_to_end_writes_results_png_checkpoint_and_resumes_exactly(tmp_path):
     assert len(res["per_frame"]["fine"]) == 3  # 4 frames -> 3 next-frame predictions
     assert os.path.exists(tmp_path / "run" / "attention_000004.png")
     assert os.path.exists(tmp_path / "run" / "ckpt" / "model.safetensors")
-    assert "per-frame loss fine" in out
+    assert "per-frame loss fine" in out and "per-frame read fine" in out
+    assert len(res["per_frame"]["read_coarse"]) == 4  # what each read holds of its own frame, frames 0..3
+    assert np.mean(res["per_frame"]["copy"]) == pytest.approx(res["metrics"]["loss_copy"], rel=1e-4)
+    for path in ("fine", "coarse"):  # the per-frame read losses average to the eval's read loss
+        assert np.mean(res["per_frame"][f"read_{path}"]) == pytest.approx(res["metrics"][f"loss_read_{path}"], rel=1e-4)
     resumed = run_script(tmp_path, "--max_steps=6", "--eval_interval=100", "--init_from=resume",
                          f"--out_dir={tmp_path / 'run'}")
     assert json.loads((tmp_path / "run" / "results.json").read_text())["step"] == 6
