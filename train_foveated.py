@@ -368,9 +368,10 @@ class FoveatedVLM(nn.Module):
         """Generated captions (rollout) from the final fine features, through the KV-cached GPT.generate."""
         B, T = frames.shape[:2]
         cache = self.encode(frames)
-        z, _ = self.read(cache, self.q_static.expand(B, T, -1))
         if self.recurrent:
             z = self.recurrent_reads(cache, "video")[0]
+        else:
+            z, _ = self.read(cache, self.q_static.expand(B, T, -1))
         for p in range(0 if self.recurrent else n_passes):
             h, _ = self.sequence(z, "video", fine=p > 0)
             z, _ = self.read(cache, torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1))
@@ -490,7 +491,7 @@ if master:
 def evaluate(step):
     raw_model.eval()
     acc = {k: [] for k in ("pf", "pc", "tg", "all", "zf", "zc", "af", "ac", "qf", "xy")}
-    size, reads = 0, []
+    size = 0
     for start in range(0, n_eval, eval_batch):
         b = get_batch('val', range(start, min(n_eval, start + eval_batch)))
         with ctx:
@@ -500,7 +501,6 @@ def evaluate(step):
                      ("zf", r["z_fine"]), ("zc", r["z_coarse"]), ("af", r["att_fine"]), ("ac", r["att_coarse"]),
                      ("qf", r["queries"])):
             acc[k].append(v.float().cpu())
-        reads.append((r["loss_read_fine"].item(), r["loss_read_coarse"].item(), len(b["frames"])))
         if b["target_xy"] is not None:
             acc["xy"].append(b["target_xy"])
             size = b["target_size"]
@@ -515,10 +515,15 @@ def evaluate(step):
              entropy_fine=ent_f, entropy_coarse=ent_c,
              entropy_gap=ent_c - ent_f, max_att_fine=max_f, max_att_coarse=max_c,
              cos_z_fine_coarse=fov_cosine(a["zf"], a["zc"]))
-    if read_weight > 0:  # how much of its own frame's latent each path's reads hold (the read head's MSE)
-        n = sum(k for _, _, k in reads)
-        m["loss_read_fine"] = sum(f * k for f, _, k in reads) / n
-        m["loss_read_coarse"] = sum(c * k for _, c, k in reads) / n
+    per_frame = dict(fine=fov_per_frame_mse(a["pf"], a["tg"]), coarse=fov_per_frame_mse(a["pc"], a["tg"]),
+                     copy=fov_per_frame_mse(a["all"][:, :-1], a["tg"]))
+    if read_weight > 0:  # how much of its own frame's latent each path's reads hold (the read head's MSE), also per
+        # frame: where the track is lost
+        w, bias = (p.detach().float().cpu() for p in (raw_model.read_head.weight, raw_model.read_head.bias))
+        for path, z in (("fine", a["zf"]), ("coarse", a["zc"])):
+            read = F.linear(z, w, bias)
+            m[f"loss_read_{path}"] = F.mse_loss(read, a["all"]).item()
+            per_frame[f"read_{path}"] = fov_per_frame_mse(read, a["all"])
     if "xy" in a:  # attention mass on the target's patches (frames 1.. : frame 0 has no history)
         m["target_att_fine"] = fov_target_hit(a["af"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
         m["target_att_coarse"] = fov_target_hit(a["ac"][:, 1:], a["xy"][:, 1:], size, image_size, patch_size)
@@ -537,12 +542,6 @@ def evaluate(step):
                                                        [False] * abs(len(g.split()) - len(c.split())))
                                                for g, c in zip(gen, b["captions"])]))
         print(f"  caption: {gen[0]!r} (truth {b['captions'][0]!r})")
-    per_frame = dict(fine=fov_per_frame_mse(a["pf"], a["tg"]), coarse=fov_per_frame_mse(a["pc"], a["tg"]),
-                     copy=fov_per_frame_mse(a["all"][:, :-1], a["tg"]))
-    if read_weight > 0:  # what each path's read of frame t holds of frame t, per frame: where tracking is lost
-        w, bias = (p.detach().float().cpu() for p in (raw_model.read_head.weight, raw_model.read_head.bias))
-        per_frame.update(read_fine=fov_per_frame_mse(F.linear(a["zf"], w, bias), a["all"]),
-                         read_coarse=fov_per_frame_mse(F.linear(a["zc"], w, bias), a["all"]))
     # the picture: frames, coarse attention, fine attention, for the first n_vis held-out videos
     b = get_batch('val', range(n_vis))
     strips = [fov_attention_strip(b["frames"][i].cpu(), a["ac"][i], a["af"][i]) for i in range(n_vis)]
