@@ -4,7 +4,6 @@ and an end-to-end run with resume."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -19,6 +18,7 @@ from data_foveated import (FovFixedEncoder, FovTaesdEncoder, fov_attention_stats
                            fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_per_frame_mse, fov_pick_mode,
                            fov_synthetic_video, fov_target_hit)
 from model import InputError  # noqa: E402
+from scripts import run_script  # noqa: E402
 
 TINY = ["--device=cpu", "--n_frames=4", "--image_size=16", "--vit_layers=2", "--vit_width=32", "--n_embd=32",
         "--n_layer=1", "--query_dim=32", "--latent_channels=4", "--n_distractors=2", "--max_train_seconds=0"]
@@ -432,11 +432,10 @@ def test_folder_reader_reads_npy_clips_and_frame_folders(tmp_path):
 # -- end to end
 
 
-def run_script(tmp_path, *args):
-    cmd = [sys.executable, "train_foveated.py", *TINY, "--batch_size=4", "--n_eval=8", "--eval_batch=8",
-           "--n_caption_eval=2", "--caption_tokens=40", "--n_vis=2", "--log_interval=1", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+def run_foveated(*args):
+    p = run_script("train_foveated.py", [*TINY, "--batch_size=4", "--n_eval=8", "--eval_batch=8", "--n_caption_eval=2",
+                                         "--caption_tokens=40", "--n_vis=2", "--log_interval=1", *args],
+                   env=dict(OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout + p.stderr
     return p.stdout
 
@@ -446,8 +445,8 @@ def step_losses(out):
 
 
 def test_end_to_end_writes_results_png_checkpoint_and_resumes_exactly(tmp_path):
-    full = run_script(tmp_path, "--max_steps=6", "--eval_interval=100", f"--out_dir={tmp_path / 'full'}")
-    out = run_script(tmp_path, "--max_steps=4", "--eval_interval=4", f"--out_dir={tmp_path / 'run'}")
+    full = run_foveated("--max_steps=6", "--eval_interval=100", f"--out_dir={tmp_path / 'full'}")
+    out = run_foveated("--max_steps=4", "--eval_interval=4", f"--out_dir={tmp_path / 'run'}")
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["recipe"] == "foveated" and res["step"] == 4 and res["split"] == "val"
     for k in ("ratio", "loss_fine", "loss_coarse", "entropy_fine", "entropy_coarse", "max_att_fine",
@@ -462,11 +461,11 @@ def test_end_to_end_writes_results_png_checkpoint_and_resumes_exactly(tmp_path):
     assert np.mean(res["per_frame"]["copy"]) == pytest.approx(res["metrics"]["loss_copy"], rel=1e-4)
     for path in ("fine", "coarse"):  # the per-frame read losses average to the eval's read loss
         assert np.mean(res["per_frame"][f"read_{path}"]) == pytest.approx(res["metrics"][f"loss_read_{path}"], rel=1e-4)
-    resumed = run_script(tmp_path, "--max_steps=6", "--eval_interval=100", "--init_from=resume",
+    resumed = run_foveated("--max_steps=6", "--eval_interval=100", "--init_from=resume",
                          f"--out_dir={tmp_path / 'run'}")
     assert json.loads((tmp_path / "run" / "results.json").read_text())["step"] == 6
     assert step_losses(resumed)["5/6"] == step_losses(full)["5/6"]  # exact resume
-    ev = run_script(tmp_path, "--eval_only=True", f"--init_from={tmp_path / 'run' / 'ckpt'}",
+    ev = run_foveated("--eval_only=True", f"--init_from={tmp_path / 'run' / 'ckpt'}",
                     f"--out_dir={tmp_path / 'ev'}")
     assert "ratio" in ev and os.path.exists(tmp_path / "ev" / "results.json")
 

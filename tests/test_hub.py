@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import model as M
+from scripts import run_script  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,8 +94,7 @@ def test_push_run_to_hub_card_carries_the_run_metrics(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("recipe", ["lanelm", "pointer", "ocr", "seg_gumbel", "foveated"])
 def test_bad_push_to_hub_fails_before_training(recipe, tmp_path):
-    out = subprocess.run([sys.executable, f"train_{recipe}.py", "--push_to_hub=no-slash", f"--out_dir={tmp_path}/r"],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    out = run_script(f"train_{recipe}.py", ["--push_to_hub=no-slash", f"--out_dir={tmp_path}/r"])
     assert out.returncode != 0
     assert "push_to_hub must look like 'owner/name'" in out.stderr and "Traceback" not in out.stderr
     assert not os.path.exists(tmp_path / "r" / "ckpt")

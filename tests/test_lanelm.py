@@ -5,8 +5,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from data_lanelm import (TUSIMPLE_H_SAMPLES, LaneTokenizer, lane_draw, lane_seg_
                          lane_synthetic_sample,
                          tusimple_angle, tusimple_bench, tusimple_line_accuracy, tusimple_metrics,
                          tusimple_read_labels, tusimple_sample)
+from scripts import run_script  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HS = TUSIMPLE_H_SAMPLES  # 160..710 step 10, 56 rows
@@ -286,8 +285,7 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--conv_width=8", "--batch_s
 
 
 def run(args):
-    r = subprocess.run([sys.executable, "train_lanelm.py", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = run_script("train_lanelm.py", args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r.stdout
 

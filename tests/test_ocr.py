@@ -1,7 +1,6 @@
 """OCR recipe: DeepEncoder layout, gradients, generation, metrics (worked examples), data, end to end."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, fox_word_metrics, ocr_
                       ocr_probe_images, ocr_read_fox, ocr_read_jsonl, ocr_read_omnidocbench, ocr_synthetic_sample,
                       ocr_word_split)
 from model import GPT, GPTConfig, save_checkpoint  # noqa: E402
+from scripts import run_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -341,8 +341,7 @@ TINY = ["--image_size=32", "--sam_dim=16", "--sam_window=4", "--neck_dim=8", "--
 
 
 def run(args):
-    r = subprocess.run([sys.executable, "train_ocr.py"] + TINY + args, cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = run_script("train_ocr.py", TINY + args)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
@@ -373,6 +372,5 @@ def test_end_to_end_stage1_resume_stage2(tmp_path):
 
 
 def test_stage2_without_encoder_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "train_ocr.py", "--stage=2", "--out_dir=" + str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = run_script("train_ocr.py", ["--stage=2", "--out_dir=" + str(tmp_path)])
     assert r.returncode != 0 and "init_encoder" in r.stderr and "Traceback" not in r.stderr

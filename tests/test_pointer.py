@@ -2,8 +2,6 @@
 coordinate transform, the synthetic generator, the JSONL reader on files written here, and a short run."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,8 +18,8 @@ from data_pointer import (POINTER_COLOURS, POINTER_FRAME, POINTER_KINDS, POINTER
                           pointer_synthetic_sample, pointer_wrong_object_rate)
 from data import Tokenizer, sample_rng
 from model import InputError
+from scripts import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def at(d):
@@ -339,10 +337,8 @@ TINY = ["--img_size=32", "--patch_size=8", "--vit_layers=1", "--vit_embd=32", "-
         "--n_train_eval=8", "--log_interval=10", "--warmup_steps=5", "--lr=3e-3", "--max_query_len=24", "--max_train_seconds=0"]
 
 
-def run(args, env_threads=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1") if env_threads else None
-    r = subprocess.run([sys.executable, "train_pointer.py", *TINY, *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env=env)
+def run(args):
+    r = run_script("train_pointer.py", [*TINY, *args], env=dict(OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r.stdout
 
@@ -372,12 +368,10 @@ def test_conv_stem_and_global_window_variants_run(tmp_path):
     run(["--stem=conv", "--window=-1", "--curriculum_steps=3", "--max_steps=6", "--eval_interval=6", "--out_dir=" + out])
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["step"] == 6 and np.isfinite(res["metrics"]["mean_px"]) and res["config"]["stem"] == "conv"
-    r = subprocess.run([sys.executable, "train_pointer.py", "--stem=vgg"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    r = run_script("train_pointer.py", ["--stem=vgg"])
     assert r.returncode != 0 and "stem must be" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_loss_name_is_one_line_error():
-    r = subprocess.run([sys.executable, "train_pointer.py", "--loss=mse"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    r = run_script("train_pointer.py", ["--loss=mse"])
     assert r.returncode != 0 and "loss must be one of" in r.stderr and "Traceback" not in r.stderr

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from scripts import run_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # tiny shapes per recipe; batch_size is per rank (the 1-process run gets twice as much)
@@ -35,25 +37,32 @@ STEPS = 4
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def run(cmd, out):
+def losses(r):
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return [float(x) for x in re.findall(r"^step \d+/\d+ \| loss ([-\d.]+)", r.stdout, re.M)]
+
+
+def run_torchrun(script, args):
+    """2 ranks under torchrun: real processes, the command line a user types."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    full = cmd + [f"--max_steps={STEPS}", "--log_interval=1", "--eval_interval=1000", "--out_dir=" + out]
-    r = subprocess.run(full, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     if r.returncode != 0 and TEARDOWN_ABORT in r.stdout + r.stderr:
         # seen rarely (about 1 run in 10 on a loaded CPU): a gloo rank aborts in C++ teardown AFTER training,
         # eval and the checkpoint completed. Only that exact abort is retried, once; any other failure fails.
-        r = subprocess.run(full, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return [float(x) for x in re.findall(r"^step \d+/\d+ \| loss ([-\d.]+)", r.stdout, re.M)]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return losses(r)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_two_processes_equal_one(recipe, tmp_path):
     from safetensors.torch import load_file
     script, args = f"train_{recipe}.py", RECIPES[recipe]
-    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-               *args, "--batch_size=2"], str(tmp_path / "two"))
-    one = run([sys.executable, script, *args, "--batch_size=4"], str(tmp_path / "one"))
+    common = [*args, f"--max_steps={STEPS}", "--log_interval=1", "--eval_interval=1000"]
+    two = run_torchrun(script, [*common, "--batch_size=2", f"--out_dir={tmp_path / 'two'}"])
+    # the 1-process reference runs inside this process (tests/scripts.py): same script, one thread, no launcher
+    one = losses(run_script(script, [*common, "--batch_size=4", f"--out_dir={tmp_path / 'one'}"],
+                            env=dict(OMP_NUM_THREADS="1")))
     assert len(one) >= STEPS - 1 and len(two) == len(one), (one, two)  # rank 0 alone prints
     assert two == pytest.approx(one, rel=1e-4, abs=1e-4)
     a = load_file(str(tmp_path / "one" / "ckpt" / "model.safetensors"))

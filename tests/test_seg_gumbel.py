@@ -2,7 +2,6 @@
 the RefCOCO-style reader, and a short end-to-end run with resume."""
 import json
 import os
-import subprocess
 import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on a shared CPU
@@ -13,10 +12,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data import Tokenizer, save_png  # noqa: E402
+from data import Tokenizer  # noqa: E402
 from data_seg import (SEG_SPECIALS, seg_caption_token_accuracy, seg_check_context_counts, seg_ciou,  # noqa: E402
                       seg_giou, seg_iou_stats, seg_load_record, seg_prompt_ids, seg_read_refcoco,
                       seg_region_cells, seg_synthetic_sample, seg_vp_prompt_ids)
+from scripts import run_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -237,10 +237,9 @@ def test_end_to_end_run_and_resume(tmp_path):
             "--n_kv_head=2", "--dec_dim=16", "--batch_size=4", "--n_eval=8", "--eval_batch_size=8", "--n_vis=2",
             "--log_interval=2", "--max_caption_len=8"]
     out = str(tmp_path / "run")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "train_seg_gumbel.py", f"--out_dir={out}", "--stage_a_steps=4",
-                        "--max_steps=6", "--eval_interval=4"] + tiny, cwd=ROOT, capture_output=True, text=True,
-                       env=env, timeout=300)
+    env = dict(OMP_NUM_THREADS="1")
+    r = run_script("train_seg_gumbel.py", [f"--out_dir={out}", "--stage_a_steps=4", "--max_steps=6",
+                                           "--eval_interval=4"] + tiny, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["recipe"] == "seg_gumbel" and res["step"] == 6 and res["stage"] == "B"
@@ -249,9 +248,8 @@ def test_end_to_end_run_and_resume(tmp_path):
     assert "giou" in res["stage_a"] and os.path.exists(os.path.join(out, "samples_step00004.png"))
     assert os.path.exists(os.path.join(out, "ckpt", "model.safetensors"))
     assert "text-emb grad" in r.stdout and "stage B" in r.stdout
-    r = subprocess.run([sys.executable, "train_seg_gumbel.py", f"--out_dir={out}", "--init_from=resume",
-                        "--stage_a_steps=4", "--max_steps=8", "--eval_interval=4"] + tiny, cwd=ROOT,
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = run_script("train_seg_gumbel.py", [f"--out_dir={out}", "--init_from=resume", "--stage_a_steps=4",
+                                           "--max_steps=8", "--eval_interval=4"] + tiny, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed" in r.stdout and "step 8/8" in r.stdout
     res2 = json.load(open(os.path.join(out, "results.json")))
