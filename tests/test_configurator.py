@@ -151,3 +151,18 @@ def test_script_end_to_end(tmp_path):
         assert r.returncode != 0 and "RESULT" not in r.stdout
         assert expect in r.stderr
         assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr  # one clear line
+
+
+@pytest.mark.parametrize("args", [["--loss=mse"], ["--n_layr=2"]])
+def test_in_process_runner_reports_as_the_interpreter_does(args):
+    """tests/scripts.py runs the recipes inside the test process; for bad input (an InputError through the
+    script's excepthook, a config error through sys.exit(str)) it must give what a real
+    `python train_pointer.py ...` gives, and leave this process as it found it."""
+    import torch
+    from scripts import run_script as run_in_process
+    argv, env, threads = list(sys.argv), dict(os.environ), torch.get_num_threads()
+    mine = run_in_process("train_pointer.py", args, env=dict(OMP_NUM_THREADS="1"))
+    real = subprocess.run([sys.executable, "train_pointer.py", *args], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+    assert (mine.returncode, mine.stdout, mine.stderr) == (real.returncode, real.stdout, real.stderr)
+    assert sys.argv == argv and dict(os.environ) == env and torch.get_num_threads() == threads
