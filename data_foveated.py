@@ -338,6 +338,13 @@ def fov_target_patches(target_xy, target_size, image_size, patch_size):
     return mask.view(B, T, g * g)
 
 
+def fov_look_loss(maps, target_patches):
+    """-log of the attention mass on the target's patches, averaged over frames 1.. (frame 0's fine query has no
+    history to predict from). maps (B, T, N) attention; target_patches (B, T, N) bool (fov_target_patches)."""
+    mass = (maps.float() * target_patches).sum(-1)[:, 1:]
+    return -(mass + 1e-6).log().mean()
+
+
 def fov_target_hit(maps, target_xy, target_size, image_size, patch_size):
     """Share of attention mass on the patches the target overlaps. maps (B, T, N); target_xy (B, T, 2)."""
     mask = fov_target_patches(target_xy, target_size, image_size, patch_size)

@@ -13,7 +13,9 @@ the cache (deep: at every layer; shallow: after the last), one query feature per
   pass 2 (fine):   shifted queries [q_init, q_1, ..., q_{T-1}] read the frames -> GPT -> the next frame's latent
   (n_passes > 1 repeats pass 2, each time with queries predicted from the previous fine pass; recurrent=True
   reads frame by frame, each query from the fine reads before it)
-loss = fine + coarse (+ caption cross-entropy in captioning mode; + read_weight x the reads' own-frame loss);
+loss = fine + coarse (+ caption cross-entropy in captioning mode; + read_weight x the reads' own-frame loss;
++ look_weight x both paths' -log attention mass on the target, synthetic training only: where to look is taught,
+never given at eval, and the prediction loss alone never taught it);
 detach_coarse=True stops the fine loss at the predicted queries, so the static-query baseline trains on its own
 loss only; the mode (video-only / text-conditioned / captioning) is drawn per batch. The hypothesis is
 ratio = loss_coarse / loss_fine > 1 on held-out videos. Each path predicts frame t+1 as read_head(its read of
@@ -41,7 +43,7 @@ from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbL
 from data import Tokenizer, batch_indices, format_metrics, normalize, save_png, write_results  # noqa: E402
 from data_foveated import (fov_attention_stats, fov_attention_strip, fov_clip_split, fov_cosine,  # noqa: E402
                            fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_per_frame_mse,
-                           fov_pick_mode, fov_synthetic_batch, fov_target_hit, fov_target_patches)
+                           fov_look_loss, fov_pick_mode, fov_synthetic_batch, fov_target_hit, fov_target_patches)
 
 # -----------------------------------------------------------------------------
 # config (defaults = config/foveated_synthetic.py: the 2-core CPU run)
@@ -103,6 +105,11 @@ read_weight = 1.0          # > 0: both paths' reads of frame t must also give fr
                            # linear head (a short gradient path to "what is here", the same for both paths)
 read_skip = True           # True: the prediction of frame t+1 adds read_head(read of frame t) to the GPT's latent_head:
                            # the GPT learns the change from what the read sees now (both paths alike)
+look_weight = 1.0          # synthetic only, training only: + look_weight x -log(attention mass on the target's patches)
+                           # for the reads of BOTH paths (the same objective; one static query simply cannot follow
+                           # a mover). The prediction loss alone never taught the predicted queries where to look
+                           # (12 signals tried, notes/foveated.md); the generator knows where the target is, as the
+                           # OCR renderer knows its glyphs. Eval never sees a position. 0 = the journal's setting
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
 oracle_look = False        # DIAGNOSTIC (synthetic only), never a result: the fine reads get the target's true
                            # patches as a location prior (-8 on every other patch): what perfect looking buys
@@ -154,6 +161,9 @@ if n_passes < 1:
 if oracle_look and task == 'folder':
     raise InputError("oracle_look=True needs the synthetic generator's target positions (task='track' or "
                      "'static_large')")
+if look_weight > 0 and task == 'folder':
+    raise InputError("look_weight > 0 needs the synthetic generator's target positions; set look_weight=0 for "
+                     "task='folder'")
 if recurrent and n_passes > 1:
     raise InputError(f"recurrent=True is one fine pass whose queries come from its own state (the fixed point of "
                      f"n_passes); set n_passes=1, got {n_passes}")
@@ -305,8 +315,9 @@ class FoveatedVLM(nn.Module):
             z = z - z[:, :1]
         return (z - self.lat_mean) / self.lat_std
 
-    def forward(self, frames, targets, mode="video", captions=None, n_passes=1, look=None):
-        """frames (B, T, 3, H, W); targets (B, T, D) standardised latents of the same frames; look: see read().
+    def forward(self, frames, targets, mode="video", captions=None, n_passes=1, look=None, target_patches=None):
+        """frames (B, T, 3, H, W); targets (B, T, D) standardised latents of the same frames; look: see read();
+        target_patches (B, T, N) bool: where the target is, for the look loss (training only, look_weight).
         Position t predicts the latent of frame t+1. Returns a dict of losses and diagnostics."""
         if not isinstance(mode, str) or mode not in MODES:
             raise InputError(f"mode must be one of {MODES} for the whole batch (per-sample modes broke "
@@ -340,9 +351,12 @@ class FoveatedVLM(nn.Module):
         loss = loss_f + loss_c + (cap_loss if cap_loss is not None else 0.0)
         if read_weight > 0:
             loss = loss + read_weight * (read_c + read_f)
-        return dict(loss=loss, loss_fine=fine[-1], loss_coarse=loss_c, loss_caption=cap_loss, pred_fine=pred_f,
-                    loss_read_fine=read_f, loss_read_coarse=read_c,
-                    pred_coarse=pred_c, z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q)
+        look_loss = None
+        if target_patches is not None and look_weight > 0:  # both paths alike (the last fine pass's reads)
+            look_loss = fov_look_loss(att_f, target_patches) + fov_look_loss(att_c, target_patches)
+            loss = loss + look_weight * look_loss
+        return dict(loss=loss, loss_fine=fine[-1], loss_coarse=loss_c, loss_caption=cap_loss, loss_look=look_loss,
+                    pred_fine=pred_f, loss_read_fine=read_f, loss_read_coarse=read_c, pred_coarse=pred_c, z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q)
 
     def recurrent_reads(self, cache, mode, captions=None, look=None):
         """The fine reads frame by frame: frame t is read with the query the GPT predicts after the fine reads of
@@ -421,8 +435,9 @@ def get_batch(split, indices):
                                 n_distractors=n_distractors, noise=noise, cue_frames=cue_frames, p_change=p_change,
                                 center_start=center_start, specks=specks, jitter=jitter)
     b["frames"] = b["frames"].to(device)
-    b["look"] = fov_target_patches(b["target_xy"], b["target_size"], image_size, patch_size).to(device) \
-        if oracle_look else None
+    b["target_patches"] = fov_target_patches(b["target_xy"], b["target_size"], image_size, patch_size).to(device) \
+        if (oracle_look or look_weight > 0) and task != 'folder' else None
+    b["look"] = b["target_patches"] if oracle_look else None
     # what the latent target encodes: the target alone (synthetic) or the whole frame
     b["latent_frames"] = b.pop("target_layer").to(device) if latent_target == 'target_layer' else b["frames"]
     return b
@@ -599,7 +614,7 @@ for step in range(start_step, max_steps):
     b = get_batch('train', batch_indices(step, batch_size, ddp['rank'], ddp['world_size']))
     with ctx:
         tgt = raw_model.latents(b["latent_frames"], latent_enc)
-        r = model(b["frames"], tgt, mode, b["captions"], n_passes, b["look"])
+        r = model(b["frames"], tgt, mode, b["captions"], n_passes, b["look"], b["target_patches"])
     loss = r["loss"]
     check_finite(loss, step)
     optimizer.zero_grad(set_to_none=True)
@@ -619,6 +634,8 @@ for step in range(start_step, max_steps):
         extra = f"{mode:7s} | fine {r['loss_fine'].item():.4f} | coarse {r['loss_coarse'].item():.4f}"
         if r["loss_caption"] is not None:
             extra += f" | caption {r['loss_caption'].item():.3f}"
+        if r["loss_look"] is not None:
+            extra += f" | look {r['loss_look'].item():.3f}"
         print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens_per_step, flops_per_step, peak, extra))
         wandb.log(dict(loss=loss.item(), loss_fine=r['loss_fine'].item(), loss_coarse=r['loss_coarse'].item(),
                        lr=lr_now), step)

@@ -44,6 +44,7 @@ n_embd = 128
 fine_proj = True           # True: the fine reads enter the GPT through their own Projector
 read_weight = 1.0          # > 0: each read of frame t must also give frame t's latent (one head, both paths)
 read_skip = True           # True: predict frame t+1 as read_head(read of frame t) + the GPT's change
+look_weight = 1.0          # training only: -log(attention mass on the target's patches), both paths (eval: no positions)
 oracle_look = False        # DIAGNOSTIC: the fine reads get the target's true patches as a location prior (upper bound)
 recurrent = False          # True: frame t's fine query from the GPT state after the fine reads of frames < t
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)

@@ -23,6 +23,7 @@ n_layer = 12
 n_head = 12
 n_embd = 768
 n_passes = 1
+look_weight = 0.0         # real clips carry no target positions (the look loss is synthetic-only)
 caption_tokens = 96
 n_caption_eval = 128
 max_steps = 20000

@@ -15,8 +15,8 @@ sys.path.insert(0, ROOT)
 
 from data import sample_rng  # noqa: E402
 from data_foveated import (FovFixedEncoder, FovTaesdEncoder, fov_attention_stats, fov_cosine,  # noqa: E402
-                           fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_per_frame_mse, fov_pick_mode,
-                           fov_synthetic_video, fov_target_hit)
+                           fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_look_loss, fov_per_frame_mse,
+                           fov_pick_mode, fov_synthetic_video, fov_target_hit)
 from model import InputError  # noqa: E402
 from scripts import run_script  # noqa: E402
 
@@ -216,7 +216,38 @@ def test_oracle_look_puts_the_fine_reads_on_the_target(recurrent):
     assert hit(seen["att_fine"]) > 0.5 and hit(seen["att_fine"]) > 3 * hit(blind["att_fine"])
     assert torch.equal(seen["att_coarse"], blind["att_coarse"])
     with pytest.raises(InputError, match="oracle_look"):
-        recipe("--oracle_look=True", "--task=folder", "--data_dir=x")
+        recipe("--oracle_look=True", "--task=folder", "--data_dir=x", "--look_weight=0")
+
+
+def test_look_loss_worked_examples():
+    """-log(attention mass on the target's patches), mean over frames 1.. (frame 0 is never counted)."""
+    target = torch.zeros(1, 3, 4, dtype=torch.bool)
+    target[:, :, 1] = True
+    maps = torch.tensor([[[1.0, 0, 0, 0],  # frame 0: no mass on the target, but not counted
+                          [0.0, 1, 0, 0],  # all of it: -log 1 = 0
+                          [0.25, 0.5, 0.25, 0]]])  # half: -log 0.5
+    assert fov_look_loss(maps, target).item() == pytest.approx(math.log(2) / 2, abs=1e-4)
+
+
+def test_look_loss_trains_both_paths_queries_and_never_reaches_eval():
+    """look_weight: the reads of both paths are pulled toward the target's patches in training (gradient on
+    q_static and on the predicted queries' head); eval batches carry no positions into the model."""
+    ns = recipe("--look_weight=1.0")
+    torch.manual_seed(0)
+    model, _ = ns["build_model"]()
+    b = ns["get_batch"]("train", range(2))
+    assert b["target_patches"] is not None and b["look"] is None  # the positions are never a prior
+    tgt = model.latents(b["latent_frames"], ns["latent_enc"])
+    with_look = model(b["frames"], tgt, "video", target_patches=b["target_patches"])
+    plain = model(b["frames"], tgt, "video")
+    expected = fov_look_loss(with_look["att_fine"], b["target_patches"]) + \
+        fov_look_loss(with_look["att_coarse"], b["target_patches"])
+    assert plain["loss_look"] is None and with_look["loss_look"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert (with_look["loss"] - plain["loss"]).item() == pytest.approx(expected.item(), rel=1e-4)
+    with_look["loss_look"].backward()
+    assert model.q_static.grad.abs().sum() > 0 and model.query_head.weight.grad.abs().sum() > 0
+    with pytest.raises(InputError, match="look_weight"):
+        recipe("--look_weight=1.0", "--task=folder", "--data_dir=x")
 
 
 @pytest.mark.parametrize("read_skip", [False, True])
@@ -383,7 +414,7 @@ def test_latent_target_options(target, dim):
 
 def test_target_layer_is_refused_for_real_clips(tmp_path):
     with pytest.raises(InputError, match="target_layer"):
-        recipe("--task=folder", f"--data_dir={tmp_path}", "--latent_target=target_layer")
+        recipe("--task=folder", f"--data_dir={tmp_path}", "--latent_target=target_layer", "--look_weight=0")
 
 
 def test_fixed_encoder_ignores_flat_images_and_sees_texture():
