@@ -108,7 +108,7 @@ read_skip = True           # True: the prediction of frame t+1 adds read_head(re
 look_weight = 1.0          # synthetic only, training only: + look_weight x -log(attention mass on the target's patches)
                            # for the reads of BOTH paths (the same objective; one static query simply cannot follow
                            # a mover). The prediction loss alone never taught the predicted queries where to look
-                           # (12 signals tried, notes/foveated.md); the generator knows where the target is, as the
+                           # (10 signals tried, notes/foveated.md); the generator knows where the target is, as the
                            # OCR renderer knows its glyphs. Eval never sees a position. 0 = the journal's setting
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
 oracle_look = False        # DIAGNOSTIC (synthetic only), never a result: the fine reads get the target's true

@@ -155,11 +155,11 @@ def test_script_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("args", [["--loss=mse"], ["--n_layr=2"]])
 def test_in_process_runner_reports_as_the_interpreter_does(args):
-    """tests/scripts.py runs the recipes inside the test process; for bad input (an InputError through the
+    """tests/inprocess.py runs the recipes inside the test process; for bad input (an InputError through the
     script's excepthook, a config error through sys.exit(str)) it must give what a real
     `python train_pointer.py ...` gives, and leave this process as it found it."""
     import torch
-    from scripts import run_script as run_in_process
+    from inprocess import run_script as run_in_process
     argv, env, threads = list(sys.argv), dict(os.environ), torch.get_num_threads()
     mine = run_in_process("train_pointer.py", args, env=dict(OMP_NUM_THREADS="1"))
     real = subprocess.run([sys.executable, "train_pointer.py", *args], capture_output=True, text=True, timeout=60,

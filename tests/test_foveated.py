@@ -18,7 +18,7 @@ from data_foveated import (FovFixedEncoder, FovTaesdEncoder, fov_attention_stats
                            fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_look_loss, fov_per_frame_mse,
                            fov_pick_mode, fov_synthetic_video, fov_target_hit)
 from model import InputError  # noqa: E402
-from scripts import run_script  # noqa: E402
+from inprocess import run_script  # noqa: E402
 
 TINY = ["--device=cpu", "--n_frames=4", "--image_size=16", "--vit_layers=2", "--vit_width=32", "--n_embd=32",
         "--n_layer=1", "--query_dim=32", "--latent_channels=4", "--n_distractors=2", "--max_train_seconds=0"]

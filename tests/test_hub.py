@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import model as M
-from scripts import run_script  # noqa: E402
+from inprocess import run_script  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,7 +17,7 @@ from data_lanelm import (TUSIMPLE_H_SAMPLES, LaneTokenizer, lane_draw, lane_seg_
                          lane_synthetic_sample,
                          tusimple_angle, tusimple_bench, tusimple_line_accuracy, tusimple_metrics,
                          tusimple_read_labels, tusimple_sample)
-from scripts import run_script  # noqa: E402
+from inprocess import run_script  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HS = TUSIMPLE_H_SAMPLES  # 160..710 step 10, 56 rows

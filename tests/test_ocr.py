@@ -14,7 +14,7 @@ from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, fox_word_metrics, ocr_
                       ocr_probe_images, ocr_read_fox, ocr_read_jsonl, ocr_read_omnidocbench, ocr_synthetic_sample,
                       ocr_word_split)
 from model import GPT, GPTConfig, save_checkpoint  # noqa: E402
-from scripts import run_script  # noqa: E402
+from inprocess import run_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")

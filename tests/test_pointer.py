@@ -18,7 +18,7 @@ from data_pointer import (POINTER_COLOURS, POINTER_FRAME, POINTER_KINDS, POINTER
                           pointer_synthetic_sample, pointer_wrong_object_rate)
 from data import Tokenizer, sample_rng
 from model import InputError
-from scripts import run_script
+from inprocess import run_script
 
 
 

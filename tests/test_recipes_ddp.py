@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from scripts import run_script
+from inprocess import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +60,7 @@ def test_two_processes_equal_one(recipe, tmp_path):
     script, args = f"train_{recipe}.py", RECIPES[recipe]
     common = [*args, f"--max_steps={STEPS}", "--log_interval=1", "--eval_interval=1000"]
     two = run_torchrun(script, [*common, "--batch_size=2", f"--out_dir={tmp_path / 'two'}"])
-    # the 1-process reference runs inside this process (tests/scripts.py): same script, one thread, no launcher
+    # the 1-process reference runs inside this process (tests/inprocess.py): same script, one thread, no launcher
     one = losses(run_script(script, [*common, "--batch_size=4", f"--out_dir={tmp_path / 'one'}"],
                             env=dict(OMP_NUM_THREADS="1")))
     assert len(one) >= STEPS - 1 and len(two) == len(one), (one, two)  # rank 0 alone prints

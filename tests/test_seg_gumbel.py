@@ -16,7 +16,7 @@ from data import Tokenizer  # noqa: E402
 from data_seg import (SEG_SPECIALS, seg_caption_token_accuracy, seg_check_context_counts, seg_ciou,  # noqa: E402
                       seg_giou, seg_iou_stats, seg_load_record, seg_prompt_ids, seg_read_refcoco,
                       seg_region_cells, seg_synthetic_sample, seg_vp_prompt_ids)
-from scripts import run_script  # noqa: E402
+from inprocess import run_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
