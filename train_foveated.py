@@ -356,7 +356,8 @@ class FoveatedVLM(nn.Module):
             look_loss = fov_look_loss(att_f, target_patches) + fov_look_loss(att_c, target_patches)
             loss = loss + look_weight * look_loss
         return dict(loss=loss, loss_fine=fine[-1], loss_coarse=loss_c, loss_caption=cap_loss, loss_look=look_loss,
-                    pred_fine=pred_f, loss_read_fine=read_f, loss_read_coarse=read_c, pred_coarse=pred_c, z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q)
+                    pred_fine=pred_f, loss_read_fine=read_f, loss_read_coarse=read_c, pred_coarse=pred_c,
+                    z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q)
 
     def recurrent_reads(self, cache, mode, captions=None, look=None):
         """The fine reads frame by frame: frame t is read with the query the GPT predicts after the fine reads of
