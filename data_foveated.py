@@ -338,17 +338,20 @@ def fov_target_patches(target_xy, target_size, image_size, patch_size):
     return mask.view(B, T, g * g)
 
 
+def fov_target_mass(maps, target_patches):
+    """(B, T) attention mass on the target's patches. maps (B, T, N); target_patches (B, T, N) bool."""
+    return (maps.float() * target_patches.to(maps.device)).sum(-1)
+
+
 def fov_look_loss(maps, target_patches):
     """-log of the attention mass on the target's patches, averaged over frames 1.. (frame 0's fine query has no
-    history to predict from). maps (B, T, N) attention; target_patches (B, T, N) bool (fov_target_patches)."""
-    mass = (maps.float() * target_patches).sum(-1)[:, 1:]
-    return -(mass + 1e-6).log().mean()
+    history to predict from): the look loss (look_weight)."""
+    return -(fov_target_mass(maps, target_patches)[:, 1:] + 1e-6).log().mean()
 
 
 def fov_target_hit(maps, target_xy, target_size, image_size, patch_size):
     """Share of attention mass on the patches the target overlaps. maps (B, T, N); target_xy (B, T, 2)."""
-    mask = fov_target_patches(target_xy, target_size, image_size, patch_size)
-    return float((maps.float() * mask.to(maps.device)).sum(-1).mean())
+    return float(fov_target_mass(maps, fov_target_patches(target_xy, target_size, image_size, patch_size)).mean())
 
 # -----------------------------------------------------------------------------
 # drawing
