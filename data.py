@@ -8,6 +8,7 @@ import subprocess
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # tokenizer: byte-level tiktoken built offline + named special tokens, addressed by id
@@ -90,6 +91,21 @@ def normalize(x, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return (x - mean) / std
+
+
+def oriented_edges(images):
+    """(B, C, H, W) -> (B, 4, H, W): |oriented Sobel| (x, y and the two diagonals), the max over colour. Extra
+    input channels for a linear patch embedding: summed over a patch they are an orientation histogram (a
+    square's energy in x and y, a diamond's on the diagonals, a circle's in all four), which from raw pixels
+    it can only learn position by position, slowly."""
+    k = torch.tensor([[[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]],
+                      [[-1, -2, -1], [0, 0, 0], [1, 2, 1]],
+                      [[0, 1, 2], [-1, 0, 1], [-2, -1, 0]],
+                      [[-2, -1, 0], [-1, 0, 1], [0, 1, 2]]], dtype=images.dtype, device=images.device) / 4
+    B, C, H, W = images.shape
+    flat = F.pad(images.reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="replicate")  # no phantom edge at the border
+    g = F.conv2d(flat, k[:, None]).abs()
+    return g.reshape(B, C, 4, H, W).amax(1)
 
 
 def save_png(img, path):

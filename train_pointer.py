@@ -32,6 +32,9 @@ dataset = "synthetic"        # synthetic | jsonl
 train_jsonl = ""             # jsonl: {"image": path, "query": str, "points": [[x, y], ...]} per line
 val_jsonl = ""
 img_size = 96                # rendered/resized image side (px); errors are still measured at 384 px
+edge_channels = True         # 4 more input channels, |Sobel| in 4 orientations: summed over a patch they are an
+                             #   orientation histogram, so the linear patch embedding sees shape (centre-patch
+                             #   shape accuracy 0.47 -> 0.97, <= 5 px 60% -> 82% on one CPU budget)
 patch_size = 12
 stem = "patch"               # patch: the plain linear patch embedding; conv: 3 strided convs (stride 2, 2, patch/4)
                              #   make the tokens (learned slower here: patch CE 1.7 vs 1.2 at step 300)
@@ -90,7 +93,8 @@ from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfi
                    init_distributed, install_error_hook, left_pad, load_checkpoint, load_meta, log_line,
                    maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state, run_dir,
                    save_checkpoint, set_lr, set_rng_state, unwrap)
-from data import Tokenizer, batch_indices, epoch_order, format_metrics, image_grid, normalize, save_png, write_results  # noqa: E402
+from data import (Tokenizer, batch_indices, epoch_order, format_metrics, image_grid, normalize,  # noqa: E402
+                  oriented_edges, save_png, write_results)
 from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
                           POINTER_N_SIZE, pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_draw,
                           pointer_encode, pointer_load_record, pointer_parse_accuracy, pointer_patch_mask, pointer_pixel_metrics,
@@ -146,9 +150,12 @@ def head(n):
 
 
 class Pointer(nn.Module):
-    def __init__(self, vit_cfg, gpt_cfg, point_id, head_mode="attend", window=-1):
+    def __init__(self, vit_cfg, gpt_cfg, point_id, head_mode="attend", window=-1, edges=False):
         super().__init__()
-        self.point_id, self.head_mode, self.window = point_id, head_mode, window
+        self.point_id, self.head_mode, self.window, self.edges = point_id, head_mode, window, edges
+        if vit_cfg.in_chans != 3 + 4 * edges + 2:
+            raise InputError(f"the ViT takes {vit_cfg.in_chans} channels but RGB + {'4 edge + ' if edges else ''}"
+                             f"2 coordinate channels make {3 + 4 * edges + 2}")
         self.grid = G = vit_cfg.image_size // vit_cfg.patch_size
         self.vit = ViT(vit_cfg)
         # patch_embed=False: the ViT takes tokens, made by the conv stem
@@ -183,7 +190,8 @@ class Pointer(nn.Module):
 
     def vision(self, images):
         """-> (projected image tokens (B, N, C_gpt), parse logits (B, N, classes))."""
-        x = coord_channels(normalize(images))
+        x = normalize(images)
+        x = coord_channels(torch.cat([x, oriented_edges(x)], 1) if self.edges else x)
         feats = self.vit(x if self.stem is None else self.stem(x).transpose(1, 2))
         return self.proj(feats), self.parse(feats)
 
@@ -242,7 +250,8 @@ class Pointer(nn.Module):
 def build_model(meta):
     vit_cfg = dataclass_from_dict(ViTConfig, meta["vit"])
     gpt_cfg = dataclass_from_dict(GPTConfig, meta["gpt"])
-    return Pointer(vit_cfg, gpt_cfg, meta["point_id"], meta.get("head_mode", "mlp"), meta.get("window", -1))
+    return Pointer(vit_cfg, gpt_cfg, meta["point_id"], meta.get("head_mode", "mlp"), meta.get("window", -1),
+                   meta.get("edge_channels", False))
 
 # -----------------------------------------------------------------------------
 # setup
@@ -267,14 +276,14 @@ if ddp["ddp"]:  # every rank must write to rank 0's out_dir
 if init_from == "scratch":
     if stem not in ("conv", "patch"):
         raise InputError(f"stem must be 'conv' or 'patch', got {stem!r}")
-    vit_cfg = ViTConfig(image_size=img_size, patch_size=patch_size, in_chans=5, n_layer=vit_layers,
+    vit_cfg = ViTConfig(image_size=img_size, patch_size=patch_size, in_chans=3 + 4 * edge_channels + 2, n_layer=vit_layers,
                         n_head=vit_heads, n_embd=vit_embd, patch_embed=stem == "patch",
                         num_tokens=0 if stem == "patch" else (img_size // patch_size) ** 2)
     gpt_cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
                         n_embd=n_embd, sequence_len=2 + (img_size // patch_size) ** 2 + max_query_len + max_points,
                         image_token_id=IMAGE)
     meta0 = dict(vit=vit_cfg.__dict__, gpt=gpt_cfg.__dict__, point_id=POINT, head_mode=head_mode, word_tokens=word_tokens,
-                 window=window)
+                 window=window, edge_channels=edge_channels)
 else:  # resume, a checkpoint dir, or hf:owner/name: the architecture comes from the checkpoint
     meta0 = load_meta(os.path.join(out_dir, "ckpt") if init_from == "resume" else init_from)
 if meta0["vit"]["image_size"] != img_size:
@@ -490,7 +499,8 @@ def evaluate():
 def save(name, extra=None):
     meta = dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), best_px=best_px, bad_evals=bad_evals,
                 vit=raw_model.vit.config.__dict__, gpt=raw_model.gpt.config.__dict__, point_id=POINT,
-                head_mode=raw_model.head_mode, word_tokens=word_tokens, window=raw_model.window, **(extra or {}))
+                head_mode=raw_model.head_mode, word_tokens=word_tokens, window=raw_model.window,
+                edge_channels=raw_model.edges, **(extra or {}))
     save_checkpoint(os.path.join(out_dir, name), raw_model, optimizer, meta=meta)
 
 

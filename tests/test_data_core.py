@@ -83,6 +83,26 @@ def test_normalize_and_grid():
     assert grid.size == (10, 12)
 
 
+def test_oriented_edges_measure_each_orientation():
+    n = 12
+    ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    vertical = (xs >= 6).float()     # a step in x: only the x channel and (equally) both diagonals respond
+    diagonal = (xs > ys).float()     # brighter toward the top right: the anti-diagonal filter, not the other
+    for img, expected in ((vertical, [1.0, 0.0, 0.75, 0.75]), (diagonal, None)):
+        e = data.oriented_edges(img.expand(1, 3, n, n))
+        assert e.shape == (1, 4, n, n)
+        peak = e[0, :, 1:-1, 1:-1].flatten(1).amax(1)  # the border replicates, which bends a diagonal
+        if expected is not None:
+            assert torch.allclose(peak, torch.tensor(expected))
+    assert peak[2] > 0.9 and peak[3] < 1e-6 and torch.isclose(peak[0], peak[1])
+    # replicate padding: a flat image has no edges, not even at its border
+    assert float(data.oriented_edges(torch.full((2, 3, 8, 8), -0.8)).abs().max()) < 1e-6  # zero padding: 0.8
+    # the max over colour: a step in the blue channel alone is an edge as strong as one in all three
+    blue = torch.zeros(1, 3, n, n)
+    blue[0, 2] = vertical
+    assert torch.equal(data.oriented_edges(blue), data.oriented_edges(vertical.expand(1, 3, n, n)))
+
+
 # -----------------------------------------------------------------------------
 # seeded batching
 
