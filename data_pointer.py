@@ -401,21 +401,34 @@ def pointer_parse_accuracy(logits, dense):
             for i, (name, lg) in enumerate(zip(("colour", "shape", "size"), parts))}
 
 
-def pointer_wrong_object_rate(pred, samples):
-    """Share of single-target predictions that lie nearer another object's centre than the target's (the
-    grounding failures, as opposed to imprecise points on the right object). pred (N, 2) normalised; samples
-    with 'objects' (frame px) and 'points'. Samples without objects (real data) are skipped; None if none."""
-    wrong, n = 0, 0
+def pointer_error_breakdown(pred, samples, radius=5.0):
+    """Where single-target answers go wrong. pred (N, 2) normalised; samples with 'objects' (frame px: x, y,
+    half, size) and 'points'; samples without objects (real data) are skipped. -> dict:
+      wrong_object  nearer another object's centre than the target's (grounding failures)
+      near_miss     nearest the target but more than `radius` px off (imprecision on the right object)
+      within_5px_small / _large      by the target's size
+      within_5px_overlapped / _clear whether another object's box overlaps the target's
+    (the within keys name 5 px for the default radius). Keys with no samples are left out; {} without objects."""
+    groups = {k: [] for k in ("wrong", "near", "small", "large", "overlapped", "clear")}
     for p, s in zip(np.asarray(pred, dtype=np.float64).reshape(-1, 2), samples):
         if not s.get("objects"):
             continue
         frame = np.asarray(s["frame"], dtype=np.float64)
         p_px, t_px = (p + 1) / 2 * frame, (np.asarray(s["points"][0], dtype=np.float64) + 1) / 2 * frame
-        centres = np.array([[o["x"] + 0.5, o["y"] + 0.5] for o in s["objects"]])
-        target = int(np.argmin(np.hypot(*(centres - t_px).T)))
-        wrong += int(np.argmin(np.hypot(*(centres - p_px).T))) != target
-        n += 1
-    return wrong / n if n else None
+        objs = s["objects"]
+        centres = np.array([[o["x"] + 0.5, o["y"] + 0.5] for o in objs])
+        t = int(np.argmin(np.hypot(*(centres - t_px).T)))
+        wrong = int(np.argmin(np.hypot(*(centres - p_px).T))) != t
+        hit = float(np.hypot(*(p_px - t_px))) <= radius
+        groups["wrong"].append(wrong)
+        groups["near"].append(not wrong and not hit)
+        groups[objs[t].get("size", "small")].append(hit)
+        overlapped = any(max(abs(o["x"] - objs[t]["x"]), abs(o["y"] - objs[t]["y"])) < o["half"] + objs[t]["half"]
+                         for i, o in enumerate(objs) if i != t)
+        groups["overlapped" if overlapped else "clear"].append(hit)
+    names = dict(wrong="wrong_object", near="near_miss", small="within_5px_small", large="within_5px_large",
+                 overlapped="within_5px_overlapped", clear="within_5px_clear")
+    return {names[k]: float(np.mean(v)) for k, v in groups.items() if v}
 
 
 def pointer_match(pred_px, gt_px, radius):

@@ -99,7 +99,7 @@ from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_
                           POINTER_N_SIZE, pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_draw,
                           pointer_encode, pointer_load_record, pointer_parse_accuracy, pointer_patch_mask, pointer_pixel_metrics,
                           pointer_read_jsonl, pointer_sequence_metrics, pointer_synthetic_sample, pointer_window_softmax,
-                          pointer_word_specials, pointer_wrong_object_rate)
+                          pointer_word_specials, pointer_error_breakdown)
 
 install_error_hook()
 if push_to_hub:
@@ -474,8 +474,9 @@ def evaluate():
     for k in SINGLE_KINDS if dataset == "synthetic" else ():  # which query kinds fail (grounding vs precision)
         if (kinds == k).any():
             metrics[f"within_5px_{k}"] = float(err_ok[kinds == k].mean())
-    if dataset == "synthetic":  # grounding failures vs imprecision (what the ViT can tell apart: below)
-        metrics["wrong_object"] = pointer_wrong_object_rate(np.stack([p[0] for p in pred1]), single)
+    # grounding failures vs imprecision, by target size and occlusion (synthetic scenes only; what the ViT can
+    # tell apart: parse_acc below)
+    metrics.update(pointer_error_breakdown(np.stack([p[0] for p in pred1]), single))
     metrics["train_mean_px"] = train_m["mean_px"]
     metrics["gap_px"] = metrics["mean_px"] - train_m["mean_px"]
     pred_multi = []

@@ -15,7 +15,7 @@ from data_pointer import (POINTER_COLOURS, POINTER_FRAME, POINTER_KINDS, POINTER
                           pointer_loss_smooth_l1, pointer_loss_three_stage, pointer_loss_three_stage_cont,
                           pointer_match, pointer_matches, pointer_pixel_errors, pointer_pixel_metrics,
                           pointer_parse_accuracy, pointer_read_jsonl, pointer_render, pointer_scene, pointer_sequence_metrics,
-                          pointer_synthetic_sample, pointer_wrong_object_rate)
+                          pointer_synthetic_sample, pointer_error_breakdown)
 from data import Tokenizer, sample_rng
 from model import InputError
 from inprocess import run_script
@@ -244,17 +244,23 @@ def test_parse_accuracy_counts_only_centre_patches():
     assert pointer_parse_accuracy(logits, torch.from_numpy(pointer_dense_labels(None, 4))[None]) == {}
 
 
-def test_wrong_object_rate_worked_example():
-    objs = [dict(x=100, y=100), dict(x=300, y=100), dict(x=200, y=300)]
+def test_error_breakdown_worked_example():
+    objs = [dict(x=100, y=100, half=30, size="large"), dict(x=300, y=100, half=12, size="small"),
+            dict(x=200, y=300, half=12, size="small"), dict(x=212, y=318, half=12, size="small")]  # 2 and 3 overlap
     norm = lambda x, y: [(x + 0.5) / POINTER_FRAME * 2 - 1, (y + 0.5) / POINTER_FRAME * 2 - 1]
-    samples = [dict(objects=objs, points=np.array([norm(100, 100)]), frame=(POINTER_FRAME, POINTER_FRAME))] * 3
-    samples.append(dict(objects=None, points=np.array([norm(0, 0)]), frame=(POINTER_FRAME, POINTER_FRAME)))
-    pred = [norm(130, 110),   # 30 px off, but still nearest the target: imprecise, not wrong
+    frame = (POINTER_FRAME, POINTER_FRAME)
+    on = lambda i: [dict(objects=objs, points=np.array([norm(objs[i]["x"], objs[i]["y"])]), frame=frame)]
+    samples = on(0) * 3 + on(2) * 2 + [dict(objects=None, points=np.array([norm(0, 0)]), frame=frame)]
+    pred = [norm(130, 110),   # 31.6 px off, but still nearest the target: a near miss, not wrong
             norm(280, 100),   # nearest the second object: wrong
-            norm(199, 290),   # nearest the third: wrong
+            norm(103, 104),   # 5 px off: a hit (on the boundary)
+            norm(201, 302),   # the overlapped small target, hit
+            norm(211, 316),   # nearest the object overlapping it: wrong
             norm(300, 300)]   # no objects (real data): skipped
-    assert pointer_wrong_object_rate(np.array(pred), samples) == pytest.approx(2 / 3)
-    assert pointer_wrong_object_rate(np.array(pred[3:]), samples[3:]) is None
+    b = pointer_error_breakdown(np.array(pred), samples)
+    assert b == pytest.approx(dict(wrong_object=2 / 5, near_miss=1 / 5, within_5px_large=1 / 3, within_5px_small=1 / 2,
+                                   within_5px_clear=1 / 3, within_5px_overlapped=1 / 2))
+    assert pointer_error_breakdown(np.array(pred[5:]), samples[5:]) == {}
 
 
 def test_window_softmax_keeps_far_patches_out():
