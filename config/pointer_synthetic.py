@@ -35,7 +35,7 @@ dense_weight = 20.0          # dense scene parsing of EVERY object (synthetic on
                              #   classes on the ViT features + per-patch offset to its object's centre (attend);
                              #   weighted up because shape is what the ViT learns slowest (1 -> 20: <= 5 px 57% -> 79%)
 parse_object_weight = 5.0    # dense parsing: a patch an object covers weighs 5 background patches
-window = 1                   # the answer's soft-argmax only over the 3x3 patches around the best one (-1 = global)
+window = 0                   # the best patch's centre + offset alone (1: soft-argmax over its 3x3; -1 = global)
 curriculum_steps = 150       # > 0: attribute-only queries (no relations / "every") before this step
 augment = False              # translate/scale/flip (synthetic scenes are infinite, so off by default)
 max_steps = 2200              # ~210 ms/step on a quiet 2-core CPU; max_train_seconds caps it
