@@ -422,7 +422,7 @@ def pointer_error_breakdown(pred, samples, radius=5.0):
         hit = float(np.hypot(*(p_px - t_px))) <= radius
         groups["wrong"].append(wrong)
         groups["near"].append(not wrong and not hit)
-        groups[objs[t].get("size", "small")].append(hit)
+        groups[objs[t]["size"]].append(hit)
         overlapped = any(max(abs(o["x"] - objs[t]["x"]), abs(o["y"] - objs[t]["y"])) < o["half"] + objs[t]["half"]
                          for i, o in enumerate(objs) if i != t)
         groups["overlapped" if overlapped else "clear"].append(hit)

@@ -387,15 +387,13 @@ class GPT(nn.Module):
         banned = list(suppress_ids) + ([self.config.image_token_id] if self.config.image_token_id >= 0 else [])
         if pad_mask is None:
             pad_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
-        cache = None
+        cache, head = None, None  # head: the decode-layout lm_head (cached path only)
         if use_cache:
             cfg = self.config
             cache = KVCache(batch_size=B, num_heads=cfg.n_kv_head, seq_len=T + max_new_tokens,
                             head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer,
                             device=idx.device, dtype=self.lm_head.weight.dtype)
             cache.weights, head = self.decode_weights()
-        else:
-            head = None
         x = self.embed(idx, vision_embeds)
         logits = self.logits(self.forward_embeds(x, pad_mask, cache)[:, -1], head)
         seq, mask, out = idx, pad_mask, []
