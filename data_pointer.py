@@ -57,21 +57,33 @@ def pointer_query_text(q, objects):
     return ("every " if q["kind"] == "multi" else "the ") + " ".join(words) + noun
 
 
-def _place(rng, objects, half, frame, overlap):
+def _place(rng, objects, half, frame, overlap, cluster=0.0):
     """A centre (integer px in the frame) inside the frame. Objects may overlap partially, but no centre
-    lies inside another object's box (so every target centre stays visible)."""
+    lies inside another object's box (so every target centre stays visible). With probability `cluster`
+    the centre is drawn next to an earlier object (boxes touching or overlapping): crowded scenes."""
+    lo, hi = half + 2, frame - half - 2
     for _ in range(100):
-        x, y = (int(v) for v in rng.integers(half + 2, frame - half - 2, size=2))
+        if cluster > 0 and objects and rng.random() < cluster:  # cluster=0 draws exactly as before
+            o = objects[int(rng.integers(len(objects)))]
+            reach = half + o["half"] + 4
+            x, y = (int(np.clip(c + rng.integers(-reach, reach + 1), lo, hi - 1)) for c in (o["x"], o["y"]))
+        else:
+            x, y = (int(v) for v in rng.integers(lo, hi, size=2))
         if all(max(abs(x - o["x"]), abs(y - o["y"])) >= max(half, o["half"]) + 3
                and math.hypot(x - o["x"], y - o["y"]) >= overlap * (half + o["half"]) for o in objects):
             return x, y
     return None
 
 
+def _pick(rng, options):
+    """options[uniform index]: the same draw as rng.choice(options), 5x cheaper (scenes are built per step)."""
+    return str(options[int(rng.integers(len(options)))])
+
+
 def _random_object(rng, colours, shapes):
-    size = str(rng.choice(list(POINTER_SIZES)))
+    size = _pick(rng, list(POINTER_SIZES))
     lo, hi = POINTER_SIZES[size]
-    return dict(colour=str(rng.choice(colours)), shape=str(rng.choice(shapes)), size=size,
+    return dict(colour=_pick(rng, colours), shape=_pick(rng, shapes), size=size,
                 half=int(rng.integers(lo, hi + 1)))
 
 
@@ -79,7 +91,7 @@ POINTER_KIND_WEIGHTS = {"attr": 0.3, "size": 0.15, "single_attr": 0.1, "relation
 
 
 def pointer_scene(rng, kind=None, frame=POINTER_FRAME, min_objects=3, max_objects=6, max_points=3, overlap=0.6,
-                  kinds=POINTER_KINDS):
+                  kinds=POINTER_KINDS, cluster=0.0):
     """One scene and one query. Distractors share the target's colour or shape (each scene draws from a
     small palette), some objects overlap partially. Returns dict(objects, query, text, points (K, 2) in
     frame px, kind). Rejection-sampled until the query refers to exactly the intended targets.
@@ -102,7 +114,7 @@ def pointer_scene(rng, kind=None, frame=POINTER_FRAME, min_objects=3, max_object
                 protos[j] = dict(_random_object(rng, colours, shapes), colour=protos[0]["colour"], shape=protos[0]["shape"])
         objects = []
         for p in protos:
-            xy = _place(rng, objects, p["half"], frame, overlap)
+            xy = _place(rng, objects, p["half"], frame, overlap, cluster)
             if xy is not None:
                 objects.append(dict(p, x=xy[0], y=xy[1]))
         query = _pointer_query(rng, kind, objects, max_points)
@@ -178,10 +190,10 @@ def pointer_denormalize(points, frame_wh):
     return (np.asarray(points, dtype=np.float32).reshape(-1, 2) + 1) / 2 * wh
 
 
-def pointer_synthetic_sample(seed, split, index, img_size, kind=None, max_points=3, kinds=POINTER_KINDS):
+def pointer_synthetic_sample(seed, split, index, img_size, kind=None, max_points=3, kinds=POINTER_KINDS, cluster=0.0):
     """A pure function of (seed, split, index): dict(image (3, S, S), text, points (K, 2) in [-1, 1], frame, kind)."""
     rng = sample_rng(seed, split, index)
-    s = pointer_scene(rng, kind=kind, max_points=max_points, kinds=kinds)
+    s = pointer_scene(rng, kind=kind, max_points=max_points, kinds=kinds, cluster=cluster)
     return dict(image=pointer_render(s["objects"], img_size), text=s["text"], kind=s["kind"],
                 points=pointer_normalize(s["points"], (POINTER_FRAME, POINTER_FRAME)),
                 halves=s["halves"] / (POINTER_FRAME / 2), frame=(POINTER_FRAME, POINTER_FRAME), objects=s["objects"])

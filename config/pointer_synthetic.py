@@ -11,6 +11,7 @@ dataset = "synthetic"        # synthetic | jsonl
 train_jsonl = ""             # jsonl: {"image": path, "query": str, "points": [[x, y], ...]} per line
 val_jsonl = ""
 img_size = 96                # rendered/resized image side (px); errors are still measured at 384 px
+edge_channels = True         # + |Sobel| in 4 orientations as input channels (the ViT sees shape)
 patch_size = 12
 stem = "patch"               # patch: linear patch embedding | conv: 3 strided convs (measured slower to learn)
 vit_layers = 4
@@ -22,6 +23,7 @@ n_head = 4
 n_kv_head = 4
 head_mode = "attend"         # attend: point token attends over image tokens (soft-argmax + offsets) plus
                              #   x_head/y_head refinement; mlp: x_head/y_head of the hidden state alone
+direction_bias = True        # attend: a learned linear ramp over patch positions in the point token's scores
 max_points = 3               # longest point sequence (multi-target queries)
 max_query_len = 48           # query tokens kept
 word_tokens = True           # one token per word of the synthetic grammar (unknown words: bytes)
@@ -36,6 +38,7 @@ dense_weight = 20.0          # dense scene parsing of EVERY object (synthetic on
                              #   weighted up because shape is what the ViT learns slowest (1 -> 20: <= 5 px 57% -> 79%)
 parse_object_weight = 5.0    # dense parsing: a patch an object covers weighs 5 background patches
 window = 0                   # the best patch's centre + offset alone (1: soft-argmax over its 3x3; -1 = global)
+train_cluster = 0.3          # training objects placed next to an earlier one with this probability (more overlap)
 curriculum_steps = 150       # > 0: attribute-only queries (no relations / "every") before this step
 augment = False              # translate/scale/flip (synthetic scenes are infinite, so off by default)
 max_steps = 2200              # ~210 ms/step on a quiet 2-core CPU; max_train_seconds caps it

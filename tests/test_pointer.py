@@ -171,10 +171,16 @@ def test_scenes_are_deterministic_and_splits_disjoint():
     assert not (v["text"] == a["text"] and np.array_equal(v["points"], a["points"]))
 
 
-def test_scene_queries_resolve_to_their_points_and_centres_are_visible():
+def _overlapped_objects(objects):
+    return sum(any(max(abs(o["x"] - p["x"]), abs(o["y"] - p["y"])) < o["half"] + p["half"] for p in objects if p is not o)
+               for o in objects)
+
+
+@pytest.mark.parametrize("cluster", [0.0, 0.5])
+def test_scene_queries_resolve_to_their_points_and_centres_are_visible(cluster):
     kinds = set()
     for i in range(60):
-        s = pointer_scene(sample_rng(0, "train", i))
+        s = pointer_scene(sample_rng(0, "train", i), cluster=cluster)
         kinds.add(s["kind"])
         idx = pointer_matches(s["query"], s["objects"])
         assert len(idx) == len(s["points"]) >= 1
@@ -187,6 +193,15 @@ def test_scene_queries_resolve_to_their_points_and_centres_are_visible():
             assert len(owners) == 1
             assert pix == list(POINTER_COLOURS[owners[0]["colour"]])  # not hidden by another object
     assert kinds == {"attr", "size", "single_attr", "relation", "multi"}
+
+
+def test_cluster_crowds_training_scenes_and_zero_changes_nothing():
+    plain = [pointer_scene(sample_rng(0, "val", i)) for i in range(100)]
+    same = [pointer_scene(sample_rng(0, "val", i), cluster=0.0) for i in range(100)]
+    crowded = [pointer_scene(sample_rng(0, "val", i), cluster=0.5) for i in range(100)]
+    assert [s["objects"] for s in plain] == [s["objects"] for s in same]  # held-out scenes stay as they were
+    n_plain, n_crowded = (sum(_overlapped_objects(s["objects"]) for s in ss) for ss in (plain, crowded))
+    assert n_crowded > 2 * n_plain > 0
 
 
 def test_patch_mask_marks_the_target_box():
