@@ -91,13 +91,13 @@ POINTER_KIND_WEIGHTS = {"attr": 0.3, "size": 0.15, "single_attr": 0.1, "relation
 
 
 def pointer_scene(rng, kind=None, frame=POINTER_FRAME, min_objects=3, max_objects=6, max_points=3, overlap=0.6,
-                  kinds=POINTER_KINDS, cluster=0.0):
+                  kinds=POINTER_KINDS, cluster=0.0, weights=POINTER_KIND_WEIGHTS):
     """One scene and one query. Distractors share the target's colour or shape (each scene draws from a
     small palette), some objects overlap partially. Returns dict(objects, query, text, points (K, 2) in
     frame px, kind). Rejection-sampled until the query refers to exactly the intended targets.
-    kind=None draws one of `kinds` with POINTER_KIND_WEIGHTS."""
+    kind=None draws one of `kinds` with `weights` (renormalised over `kinds`)."""
     if kind is None:
-        w = np.array([POINTER_KIND_WEIGHTS[k] for k in kinds])
+        w = np.array([weights[k] for k in kinds])
         kind = str(rng.choice(list(kinds), p=w / w.sum()))
     for _ in range(200):
         colours = list(rng.choice(list(POINTER_COLOURS), size=int(rng.integers(2, 4)), replace=False))
@@ -190,10 +190,11 @@ def pointer_denormalize(points, frame_wh):
     return (np.asarray(points, dtype=np.float32).reshape(-1, 2) + 1) / 2 * wh
 
 
-def pointer_synthetic_sample(seed, split, index, img_size, kind=None, max_points=3, kinds=POINTER_KINDS, cluster=0.0):
+def pointer_synthetic_sample(seed, split, index, img_size, kind=None, max_points=3, kinds=POINTER_KINDS, cluster=0.0,
+                             weights=POINTER_KIND_WEIGHTS):
     """A pure function of (seed, split, index): dict(image (3, S, S), text, points (K, 2) in [-1, 1], frame, kind)."""
     rng = sample_rng(seed, split, index)
-    s = pointer_scene(rng, kind=kind, max_points=max_points, kinds=kinds, cluster=cluster)
+    s = pointer_scene(rng, kind=kind, max_points=max_points, kinds=kinds, cluster=cluster, weights=weights)
     return dict(image=pointer_render(s["objects"], img_size), text=s["text"], kind=s["kind"],
                 points=pointer_normalize(s["points"], (POINTER_FRAME, POINTER_FRAME)),
                 halves=s["halves"] / (POINTER_FRAME / 2), frame=(POINTER_FRAME, POINTER_FRAME), objects=s["objects"])

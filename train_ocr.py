@@ -14,7 +14,6 @@ projected stages over a fixed probe set (noise, white, black, a text page); the 
 (0.02 -> 0.90) and then answered every page with the same stock text. The small models here collapsed the
 same way within a few hundred steps, so the projected tokens are batch-centred (BatchCenter) by default.
 """
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbL
                    budget_spent, check_finite, check_repo_id, cleanup_distributed, configure_optimizers,
                    dataclass_from_dict, get_lr, global_mean, gpt_flops_per_token, init_distributed, load_checkpoint,
                    load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub,
-                   resolve_checkpoint, rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, sync, unwrap)
+                   rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, sync)
 from data import (Tokenizer, batch_indices, format_metrics, load_image, normalize, save_png,  # noqa: E402
                   write_results)
 from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, fox_word_metrics, ocr_draw_predictions, ocr_metrics, ocr_probe_images,  # noqa: E402

@@ -67,6 +67,8 @@ window = 0                   # attend mode: the answer's soft-argmax only over t
                              #   best patch; -1 = over all patches. 0 = that patch's centre + offset alone: a
                              #   neighbour holding part of another object no longer pulls the point (near misses
                              #   5.8% -> 2.4%, <= 5 px 84.8% -> 86.8% side by side; alone 90.8% -> 93.6%)
+multi_weight = 0.25          # synthetic: share of "every ..." queries among training queries (the other kinds keep
+                             #   their ratios; held-out queries are drawn as always)
 curriculum_steps = 150       # > 0: training queries are attribute-only (no relations / "every") before this step
 train_cluster = 0.3          # synthetic: probability that a training object is placed next to an earlier one
                              #   (overlapped targets: 9% of queries at 0, 30% at 0.3); held-out scenes never are
@@ -103,7 +105,7 @@ from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfi
                    save_checkpoint, set_lr, set_rng_state, unwrap)
 from data import (Tokenizer, batch_indices, epoch_order, format_metrics, image_grid, normalize,  # noqa: E402
                   oriented_edges, save_png, write_results)
-from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
+from data_pointer import (POINTER_FRAME, POINTER_KIND_WEIGHTS, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
                           POINTER_N_SIZE, pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_draw,
                           pointer_encode, pointer_load_record, pointer_parse_accuracy, pointer_patch_mask, pointer_pixel_metrics,
                           pointer_read_jsonl, pointer_sequence_metrics, pointer_synthetic_sample, pointer_window_softmax,
@@ -115,6 +117,10 @@ if push_to_hub:
 RECIPE = "pointer"
 TARGETS = {"within_5px": (">=", 0.95), "mean_px": ("<", 3.0)}
 SINGLE_KINDS = tuple(k for k in POINTER_KINDS if k != "multi")
+if not 0 <= multi_weight < 1:
+    raise InputError(f"multi_weight is a share of the training queries, in [0, 1): got {multi_weight}")
+TRAIN_KIND_WEIGHTS = {k: w * (1 - multi_weight) / (1 - POINTER_KIND_WEIGHTS["multi"]) for k, w in POINTER_KIND_WEIGHTS.items()}
+TRAIN_KIND_WEIGHTS["multi"] = multi_weight
 if loss not in POINTER_LOSSES:
     raise InputError(f"loss must be one of {' | '.join(POINTER_LOSSES)}, got {loss!r}")
 if dataset not in ("synthetic", "jsonl"):
@@ -353,8 +359,10 @@ def get_sample(split, index, kinds=POINTER_KINDS):
             epoch, i = divmod(index, len(train_records))
             return pointer_load_record(train_records[epoch_order(len(train_records), seed, epoch)[i]], img_size)
         return pointer_load_record(val_records[index % len(val_records)], img_size)
+    train = split == "train"
     s = pointer_synthetic_sample(seed, split, index, img_size, max_points=max_points, kinds=kinds,
-                                 cluster=train_cluster if split == "train" else 0.0)
+                                 cluster=train_cluster if train else 0.0,
+                                 weights=TRAIN_KIND_WEIGHTS if train else POINTER_KIND_WEIGHTS)
     if augment and split == "train":
         rng = np.random.default_rng([seed, 99, index])
         s["image"], s["points"], s["text"], scale = pointer_augment(s["image"], s["points"], s["text"], rng)

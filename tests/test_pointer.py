@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from data_pointer import (POINTER_COLOURS, POINTER_FRAME, POINTER_KINDS, POINTER_N_COLOUR, POINTER_N_SHAPE,
+from data_pointer import (POINTER_COLOURS, POINTER_FRAME, POINTER_KIND_WEIGHTS, POINTER_KINDS, POINTER_N_COLOUR, POINTER_N_SHAPE,
                           POINTER_N_SIZE, POINTER_SHAPES,
                           pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_window_softmax, pointer_encode, pointer_patch_mask,
                           pointer_word_specials, pointer_draw, pointer_load_record, pointer_loss_l1,
@@ -204,6 +204,13 @@ def test_cluster_crowds_training_scenes_and_zero_changes_nothing():
     assert n_crowded > 2 * n_plain > 0
 
 
+def test_kind_weights_set_the_training_mix():
+    kinds = [pointer_scene(sample_rng(0, "train", i), weights=dict(POINTER_KIND_WEIGHTS, multi=0.0))["kind"] for i in range(200)]
+    assert "multi" not in kinds and {"attr", "relation"} <= set(kinds)
+    only_multi = dict.fromkeys(POINTER_KIND_WEIGHTS, 0.0) | {"multi": 1.0}
+    assert all(pointer_scene(sample_rng(0, "train", i), weights=only_multi)["kind"] == "multi" for i in range(20))
+
+
 def test_patch_mask_marks_the_target_box():
     # 4x4 grid (patch width 0.5): a target at (0.0, -0.6) with half-extent 0.3 covers patch centres
     # x in {-0.25, 0.25} and y in {-0.75}; a zero-size target still marks its own patch
@@ -393,6 +400,7 @@ def test_conv_stem_and_global_window_variants_run(tmp_path):
     assert r.returncode != 0 and "stem must be" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bad_loss_name_is_one_line_error():
-    r = run_script("train_pointer.py", ["--loss=mse"])
-    assert r.returncode != 0 and "loss must be one of" in r.stderr and "Traceback" not in r.stderr
+@pytest.mark.parametrize("arg, message", [("--loss=mse", "loss must be one of"), ("--multi_weight=1.0", "multi_weight is a share")])
+def test_bad_settings_are_one_line_errors(arg, message):
+    r = run_script("train_pointer.py", [arg])
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
