@@ -39,6 +39,7 @@ dense_weight = 20.0          # dense scene parsing of EVERY object (synthetic on
 parse_object_weight = 5.0    # dense parsing: a patch an object covers weighs 5 background patches
 window = 0                   # the best patch's centre + offset alone (1: soft-argmax over its 3x3; -1 = global)
 train_cluster = 0.3          # training objects placed next to an earlier one with this probability (more overlap)
+multi_weight = 0.25          # share of "every ..." queries among training queries
 curriculum_steps = 150       # > 0: attribute-only queries (no relations / "every") before this step
 augment = False              # translate/scale/flip (synthetic scenes are infinite, so off by default)
 max_steps = 2200              # ~210 ms/step on a quiet 2-core CPU; max_train_seconds caps it

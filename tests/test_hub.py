@@ -60,7 +60,7 @@ def test_push_then_load_from_hf_cache(tmp_path, monkeypatch):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=FakeHfApi.cache, PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    expected = sum(float(p.double().sum()) for p in gpt.parameters())
+    expected = sum(float(p.detach().double().sum()) for p in gpt.parameters())
     assert abs(float(out.stdout.strip()) - expected) < 1e-9
 
 
