@@ -108,7 +108,7 @@ from data import (Tokenizer, batch_indices, epoch_order, format_metrics, image_g
                   oriented_edges, save_png, write_results)
 from data_pointer import (POINTER_FRAME, POINTER_KIND_WEIGHTS, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
                           POINTER_N_SIZE, pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_draw,
-                          pointer_encode, pointer_load_record, pointer_parse_accuracy, pointer_patch_mask, pointer_pixel_metrics,
+                          pointer_encode, pointer_load_record, pointer_parse_accuracy, pointer_patch_mask, pointer_pixel_errors, pointer_pixel_metrics,
                           pointer_read_jsonl, pointer_sequence_metrics, pointer_synthetic_sample, pointer_window_softmax,
                           pointer_word_specials, pointer_error_breakdown)
 
@@ -364,7 +364,7 @@ def get_sample(split, index, kinds=POINTER_KINDS):
     s = pointer_synthetic_sample(seed, split, index, img_size, max_points=max_points, kinds=kinds,
                                  cluster=train_cluster if train else 0.0,
                                  weights=TRAIN_KIND_WEIGHTS if train else POINTER_KIND_WEIGHTS)
-    if augment and split == "train":
+    if augment and train:
         rng = np.random.default_rng([seed, 99, index])
         s["image"], s["points"], s["text"], scale = pointer_augment(s["image"], s["points"], s["text"], rng)
         s["halves"], s["objects"] = s["halves"] * scale, None  # dense labels are not transformed: ignored
@@ -493,20 +493,20 @@ def evaluate():
     chunk = 100
     run = lambda ss, L: [p for i in range(0, len(ss), chunk) for p in rollout(m, ss[i:i + chunk], L)]
     pred1 = run(single, 1)
-    metrics = pointer_pixel_metrics(np.stack([p[0] for p in pred1]), np.stack([s["points"][0] for s in single]),
-                                    np.array([s["frame"] for s in single]))
+    first, truth, frames = (np.stack([p[0] for p in pred1]), np.stack([s["points"][0] for s in single]),
+                            np.array([s["frame"] for s in single]))
+    metrics = pointer_pixel_metrics(first, truth, frames)
     train_pred = run(train, 1)
     train_m = pointer_pixel_metrics(np.stack([p[0] for p in train_pred]), np.stack([s["points"][0] for s in train]),
                                     np.array([s["frame"] for s in train]))
     kinds = np.array([s["kind"] for s in single])
-    err_ok = np.array([pointer_pixel_metrics(p[0][None], s["points"][:1], np.array(s["frame"])[None])["within_5px"]
-                       for p, s in zip(pred1, single)])
+    err_ok = pointer_pixel_errors(first, truth, frames) <= 5
     for k in SINGLE_KINDS if dataset == "synthetic" else ():  # which query kinds fail (grounding vs precision)
         if (kinds == k).any():
             metrics[f"within_5px_{k}"] = float(err_ok[kinds == k].mean())
     # grounding failures vs imprecision, by target size and occlusion (synthetic scenes only; what the ViT can
     # tell apart: parse_acc below)
-    metrics.update(pointer_error_breakdown(np.stack([p[0] for p in pred1]), single))
+    metrics.update(pointer_error_breakdown(first, single))
     metrics["train_mean_px"] = train_m["mean_px"]
     metrics["gap_px"] = metrics["mean_px"] - train_m["mean_px"]
     pred_multi = []
