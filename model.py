@@ -606,14 +606,93 @@ class Projector(nn.Sequential):
 # training mechanisms
 
 
-def configure_optimizers(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
+def configure_optimizers(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu", optimizer="adamw"):
     """AdamW with weight decay on matrices (dim >= 2) only; the fused kernel on CUDA and CPU (one pass per
-    tensor instead of ~8 elementwise ops: measurable on CPU, where the optimizer is memory-bound)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    tensor instead of ~8 elementwise ops: measurable on CPU, where the optimizer is memory-bound).
+    optimizer='muon': the hidden matrices (muon_matrices) take Muon at the same lr, the rest AdamW."""
+    if optimizer not in ("adamw", "muon"):
+        raise InputError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+    hidden = {id(p) for p in muon_matrices(model)} if optimizer == "muon" else set()
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     extra = dict(fused=True) if device_type in ("cuda", "cpu") else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **extra)
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **extra)
+    if not hidden:
+        return adamw
+    return OptimizerPair(adamw, Muon([p for p in muon_matrices(model)], lr=lr, weight_decay=weight_decay))
+
+
+def muon_matrices(model, min_dim=16):
+    """The weights Muon is for: matrices of nn.Linear layers, both sides >= min_dim (not the output heads of one
+    or two units), and not the vocabulary head (embeddings are nn.Embedding / nn.Parameter: never listed)."""
+    return [m.weight for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m.weight.requires_grad and min(m.weight.shape) >= min_dim
+            and not name.endswith("lm_head")]
+
+
+def orthogonalize(g, steps=5):
+    """Newton-Schulz iteration (B, m, n) -> ~U V^T of each matrix's SVD: every singular value pushed towards 1
+    (the quintic's coefficients trade exactness, ~0.7-1.2, for speed). Runs on the wide side (m <= n)."""
+    x = g.float()
+    tall = x.shape[-2] > x.shape[-1]
+    x = x.mT if tall else x
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the basin
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * (s @ s)) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum whose update is orthogonalised (Newton-Schulz), for 2-D hidden weights: every direction of the
+    update moves at the same rate, so the rare directions learn as fast as the common ones. Each update is
+    scaled to an RMS of update_rms (x lr) whatever the matrix's shape, so one lr and schedule serve Muon and
+    AdamW; decoupled weight decay. Matrices of one shape are orthogonalised together (one batched matmul)."""
+
+    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0, nesterov=True, ns_steps=5, update_rms=0.5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                      ns_steps=ns_steps, update_rms=update_rms))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            by_shape = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                by_shape.setdefault(tuple(p.shape), []).append((p, g))
+            for (m, n), items in by_shape.items():
+                update = orthogonalize(torch.stack([g for _, g in items]), group["ns_steps"]) * (group["update_rms"] * max(m, n) ** 0.5)
+                for (p, _), u in zip(items, update):
+                    p.mul_(1 - group["lr"] * group["weight_decay"]).add_(u.to(p.dtype), alpha=-group["lr"])
+
+
+class OptimizerPair:
+    """Two optimizers stepped as one (AdamW + Muon): one param_groups list (set_lr reaches both), one state dict."""
+
+    def __init__(self, first, second):
+        self.optimizers = (first, second)
+        self.param_groups = first.param_groups + second.param_groups
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return dict(pair=[o.state_dict() for o in self.optimizers])
+
+    def load_state_dict(self, state):
+        for o, s in zip(self.optimizers, state["pair"]):
+            o.load_state_dict(s)
 
 
 def get_lr(step, max_steps, lr, warmup_steps=0, min_lr_frac=0.1):
@@ -862,6 +941,10 @@ def load_checkpoint(src, model, optimizer=None, strict=True):
             opt_state = torch.load(opt_path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated/garbled file: pickle/zip errors
             raise InputError(f"checkpoint optimizer state {opt_path} is corrupted or unreadable: {e}") from None
+        kinds = ("AdamW", "AdamW + Muon")
+        saved, used = kinds["pair" in opt_state], kinds[isinstance(optimizer, OptimizerPair)]
+        if saved != used:
+            raise InputError(f"checkpoint optimizer state {opt_path} is {saved}'s, this run uses {used} (the optim key)")
         try:
             optimizer.load_state_dict(opt_state)
         except ValueError as e:  # a different parameter grouping

@@ -49,6 +49,7 @@ lr = 2e-3
 min_lr_frac = 0.05
 warmup_steps = 100
 weight_decay = 0.05
+optim = "muon"               # muon: hidden matrices take Muon (same lr), the rest AdamW | adamw
 grad_clip = 1.0
 log_interval = 25
 eval_interval = 250

@@ -17,7 +17,7 @@ from data_lanelm import (TUSIMPLE_H_SAMPLES, LaneTokenizer, lane_draw, lane_seg_
                          lane_synthetic_sample,
                          tusimple_angle, tusimple_bench, tusimple_line_accuracy, tusimple_metrics,
                          tusimple_read_labels, tusimple_sample)
-from inprocess import run_script  # noqa: E402
+from inprocess import literal_assignments, run_script  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HS = TUSIMPLE_H_SAMPLES  # 160..710 step 10, 56 rows
@@ -316,14 +316,6 @@ def test_train_eval_resume_end_to_end(tmp_path):
 
 def test_synthetic_config_equals_script_defaults():
     """config/lanelm_synthetic.py documents the default run: every value in it must be the script's default."""
-    import ast
-
-    def assignments(path):
-        tree = ast.parse(open(os.path.join(ROOT, path)).read())
-        return {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
-                for t in n.targets if isinstance(t, ast.Name) and t.id.islower()
-                and isinstance(n.value, (ast.Constant, ast.UnaryOp))}
-
-    defaults, cfg = assignments("train_lanelm.py"), assignments("config/lanelm_synthetic.py")
+    defaults, cfg = literal_assignments("train_lanelm.py"), literal_assignments("config/lanelm_synthetic.py")
     assert len(cfg) >= 25
     assert {k: v for k, v in cfg.items() if defaults.get(k, object()) != v} == {}

@@ -553,6 +553,62 @@ def test_configure_optimizers_groups():
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["lr"] == 1e-3
 
 
+def test_orthogonalize_pushes_singular_values_to_one():
+    g = torch.randn(3, 48, 16, dtype=torch.float64) * torch.logspace(-1, 1, 16, dtype=torch.float64)  # condition number 100
+    u = M.orthogonalize(g)
+    assert u.shape == g.shape
+    sv = torch.linalg.svdvals(u)
+    assert sv.min() > 0.5 and sv.max() < 1.3, sv  # the quintic lands in ~[0.7, 1.2], not exactly 1
+    # the same directions: u ~ U V^T of g's SVD
+    U, _, Vh = torch.linalg.svd(g, full_matrices=False)
+    cos = (u * (U @ Vh)).sum((-2, -1)) / (u.norm(dim=(-2, -1)) * (U @ Vh).norm(dim=(-2, -1)))
+    assert (cos > 0.97).all(), cos
+    assert torch.allclose(M.orthogonalize(g[1:2]), u[1:2], atol=1e-6)  # batched = one by one
+
+
+def test_configure_optimizers_muon_splits_hidden_matrices():
+    m = nn.Sequential(tiny_gpt(), nn.Linear(32, 1))  # the 1-unit head is not a hidden matrix
+    opt = M.configure_optimizers(m, 1e-3, weight_decay=0.1, optimizer="muon")
+    adamw, muon = opt.optimizers
+    hidden = {id(p) for g in muon.param_groups for p in g["params"]}
+    blocks = {id(p) for n, p in m.named_parameters() if ".h." in n and p.dim() == 2}
+    assert hidden == blocks  # every attention / MLP matrix; not wte, lm_head or the head
+    rest = [id(p) for g in adamw.param_groups for p in g["params"]]
+    assert sorted(rest + list(hidden)) == sorted(id(p) for p in m.parameters()) and len(set(rest)) == len(rest)
+    M.set_lr(opt, 0.5)
+    assert all(g["lr"] == 0.5 for o in opt.optimizers for g in o.param_groups)
+    with pytest.raises(M.InputError, match="adamw' or 'muon"):
+        M.configure_optimizers(m, 1e-3, optimizer="sgd")
+
+
+def test_muon_trains_and_resumes_exactly(tmp_path):
+    m = tiny_gpt(0).train()
+    opt = M.configure_optimizers(m, 3e-3, optimizer="muon")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 64, (4, 9), generator=g)
+    first = m(idx[:, :-1], idx[:, 1:])[1].item()
+    for _ in range(20):
+        opt.zero_grad(set_to_none=True)
+        m(idx[:, :-1], idx[:, 1:])[1].backward()
+        opt.step()
+    assert m(idx[:, :-1], idx[:, 1:])[1].item() < first - 0.5  # it learns (a fixed batch)
+    M.save_checkpoint(str(tmp_path / "ckpt"), m, opt, meta=dict(step=20))
+    m2 = tiny_gpt(1).train()
+    opt2 = M.configure_optimizers(m2, 3e-3, optimizer="muon")
+    M.load_checkpoint(str(tmp_path / "ckpt"), m2, opt2)
+    for a, b in zip(opt.optimizers, opt2.optimizers):
+        assert_same_optim(a, b)
+    train_steps(m, opt, 2, seed=9)
+    train_steps(m2, opt2, 2, seed=9)
+    assert_same_state(m, m2)
+    # an AdamW run's checkpoint cannot resume a Muon run (and the other way): one clear error
+    M.save_checkpoint(str(tmp_path / "adamw"), *trained(), meta=dict(step=2))
+    with pytest.raises(M.InputError, match="is AdamW's, this run uses AdamW \\+ Muon"):
+        M.load_checkpoint(str(tmp_path / "adamw"), m2, opt2)
+    with pytest.raises(M.InputError, match="is AdamW \\+ Muon's, this run uses AdamW "):
+        M.load_checkpoint(str(tmp_path / "ckpt"), m2, M.configure_optimizers(m2, 1e-3))
+
+
 def test_resize_token_embeddings_keeps_old_rows():
     m = tiny_gpt()
     wte, head = m.transformer.wte.weight.clone(), m.lm_head.weight.clone()

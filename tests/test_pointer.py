@@ -18,7 +18,7 @@ from data_pointer import (POINTER_COLOURS, POINTER_FRAME, POINTER_KIND_WEIGHTS, 
                           pointer_synthetic_sample, pointer_error_breakdown)
 from data import Tokenizer, sample_rng
 from model import InputError
-from inprocess import run_script
+from inprocess import literal_assignments, run_script
 
 
 
@@ -391,16 +391,26 @@ def test_train_eval_resume(tmp_path):
 
 
 def test_conv_stem_and_global_window_variants_run(tmp_path):
-    # the non-default front end (conv stem) and answer (global soft-argmax) train, evaluate and checkpoint
+    # the non-default front end (conv stem), answer (global soft-argmax) and optimizer (AdamW alone) train,
+    # evaluate and checkpoint
     out = str(tmp_path / "conv")
-    run(["--stem=conv", "--window=-1", "--curriculum_steps=3", "--max_steps=6", "--eval_interval=6", "--out_dir=" + out])
+    run(["--stem=conv", "--window=-1", "--optim=adamw", "--curriculum_steps=3", "--max_steps=6", "--eval_interval=6",
+         "--out_dir=" + out])
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["step"] == 6 and np.isfinite(res["metrics"]["mean_px"]) and res["config"]["stem"] == "conv"
     r = run_script("train_pointer.py", ["--stem=vgg"])
     assert r.returncode != 0 and "stem must be" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("arg, message", [("--loss=mse", "loss must be one of"), ("--multi_weight=1.0", "multi_weight is a share")])
+@pytest.mark.parametrize("arg, message", [("--loss=mse", "loss must be one of"), ("--multi_weight=1.0", "multi_weight is a share"),
+                                          ("--optim=sgd", "optimizer must be 'adamw' or 'muon'")])
 def test_bad_settings_are_one_line_errors(arg, message):
     r = run_script("train_pointer.py", [arg])
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_synthetic_config_equals_script_defaults():
+    """config/pointer_synthetic.py documents the default run: every value in it must be the script's default."""
+    defaults, cfg = literal_assignments("train_pointer.py"), literal_assignments("config/pointer_synthetic.py")
+    assert len(cfg) >= 45
+    assert {k: v for k, v in cfg.items() if defaults.get(k, object()) != v} == {}
