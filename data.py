@@ -150,6 +150,25 @@ def batch_indices(step, batch_size, rank=0, world_size=1):
     return list(range(start, start + batch_size))
 
 
+class _StepBatches(torch.utils.data.Dataset):
+    def __init__(self, make_batch):
+        self.make_batch = make_batch
+
+    def __getitem__(self, step):
+        return self.make_batch(step)
+
+
+def step_batches(make_batch, start, stop, num_workers=0, pin_memory=False):
+    """make_batch(start), make_batch(start + 1), ... in order. num_workers > 0 builds them in worker processes
+    (a DataLoader, forked so the script's own functions need no pickling) while the model trains on the
+    previous ones; make_batch stays a pure function of the step, so a resumed run sees the same batches."""
+    if num_workers == 0:
+        return (make_batch(s) for s in range(start, stop))
+    return iter(torch.utils.data.DataLoader(_StepBatches(make_batch), batch_size=None, sampler=range(start, stop),
+                                            num_workers=num_workers, prefetch_factor=2, pin_memory=pin_memory,
+                                            multiprocessing_context="fork"))
+
+
 def shard(items, rank=0, world_size=1):
     """A real dataset's share for this rank (DistributedSampler without padding)."""
     return items[rank::world_size]

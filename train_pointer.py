@@ -78,6 +78,8 @@ augment = False              # translate/scale/flip (synthetic scenes are infini
 max_steps = 2200             # ~400 ms/step on a 2-core AMD EPYC (1,300 steps in 540 s); max_train_seconds caps it
 max_train_seconds = 540.0         # > 0: stop training after this many seconds (then eval); LR decays on time too
 batch_size = 32
+num_workers = 0              # > 0: worker processes build the next batches while the model trains (for GPUs and
+                             #   real images; on this 2-core CPU a worker made 120 steps slower, 56-57 s vs 52 s)
 lr = 2e-3
 min_lr_frac = 0.05
 warmup_steps = 100
@@ -108,7 +110,7 @@ from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfi
                    maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state, run_dir,
                    save_checkpoint, set_lr, set_rng_state, unwrap)
 from data import (Tokenizer, batch_indices, epoch_order, format_metrics, image_grid, normalize,  # noqa: E402
-                  oriented_edges, save_png, write_results)
+                  oriented_edges, save_png, step_batches, write_results)
 from data_pointer import (POINTER_FRAME, POINTER_KIND_WEIGHTS, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
                           POINTER_N_SIZE, pointer_augment, pointer_curriculum_kinds, pointer_dense_labels, pointer_draw,
                           pointer_encode, pointer_load_record, pointer_parse_accuracy, pointer_patch_mask, pointer_pixel_errors, pointer_pixel_metrics,
@@ -406,11 +408,10 @@ def collate(samples):
                 dense=torch.from_numpy(np.stack([pointer_dense_labels(s.get("objects"), grid) for s in samples])))
 
 
-def get_batch(step):
+def make_batch(step):
+    """Step -> this rank's training batch (CPU tensors): a pure function of the step (and seed, rank)."""
     idx = batch_indices(step, batch_size, ddp["rank"], ddp["world_size"])
-    kinds = pointer_curriculum_kinds(step, curriculum_steps)
-    batch = collate([get_sample("train", i, kinds) for i in idx])
-    return {k: v.to(dev) for k, v in batch.items()}
+    return collate([get_sample("train", i, pointer_curriculum_kinds(step, curriculum_steps)) for i in idx])
 
 
 def compute_loss(batch):
@@ -566,11 +567,12 @@ flops_per_step = batch_size * (gpt_flops_per_token(raw_model.gpt.config, sum(p.n
                                + 6 * sum(p.numel() for p in raw_model.vit.parameters()) * n_vision)
 head_norms, train_seconds, stop_reason = {}, 0.0, "max_steps"
 t_start = time.time()
+batches = step_batches(make_batch, step, max_steps, num_workers, pin_memory=device_type == "cuda")
 while step < max_steps:
     t0 = time.time()
     sched_step = budget_lr_step(step, max_steps, t0 - t_start, max_train_seconds, dev)  # LR decays on time too
     set_lr(optimizer, get_lr(sched_step, max_steps, lr, warmup_steps, min_lr_frac))
-    batch = get_batch(step)
+    batch = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
     total, parts = compute_loss(batch)
     check_finite(total, step)
     optimizer.zero_grad(set_to_none=True)

@@ -24,6 +24,7 @@ window = 1                    # answer = soft-argmax over the 3x3 patches around
                               #   labels in JSONL, so only the grounding / patch / coordinate losses train)
 augment = True                # translate/scale/flip with the points moved along (a flip swaps left/right)
 batch_size = 32
+num_workers = 4               # image decoding + resizing in 4 worker processes while the GPU trains
 lr = 3e-4
 warmup_steps = 1000
 max_steps = 50000

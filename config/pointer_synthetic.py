@@ -45,6 +45,7 @@ augment = False              # translate/scale/flip (synthetic scenes are infini
 max_steps = 2200             # ~400 ms/step on a 2-core AMD EPYC (1,300 steps in 540 s); max_train_seconds caps it
 max_train_seconds = 540.0         # > 0: stop training after this many seconds (then eval); LR decays on time too
 batch_size = 32
+num_workers = 0              # > 0: worker processes build batches ahead (slower on 2 cores: they share them)
 lr = 2e-3
 min_lr_frac = 0.05
 warmup_steps = 100

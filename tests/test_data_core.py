@@ -122,6 +122,20 @@ def test_sample_rng_determinism_and_disjoint_splits():
         data.sample_rng(0, "valid", 0)
 
 
+def _noisy_batch(step):
+    # a function of the step alone, but one that uses numpy and torch random state as real generators do
+    rng = np.random.default_rng(step)
+    return dict(x=torch.from_numpy(rng.normal(size=(2, 3))), step=torch.tensor(step))
+
+
+def test_step_batches_in_workers_equal_the_main_process():
+    inline = list(data.step_batches(_noisy_batch, 3, 9))
+    forked = list(data.step_batches(_noisy_batch, 3, 9, num_workers=2))
+    assert [int(b["step"]) for b in forked] == list(range(3, 9))  # in order, from the resume step
+    for a, b in zip(inline, forked):
+        assert torch.equal(a["x"], b["x"])
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_batch_indices_union_over_ranks_equals_one_process_batch(world):
     B = 3

@@ -391,11 +391,11 @@ def test_train_eval_resume(tmp_path):
 
 
 def test_conv_stem_and_global_window_variants_run(tmp_path):
-    # the non-default front end (conv stem), answer (global soft-argmax) and optimizer (AdamW alone) train,
-    # evaluate and checkpoint
+    # the non-default front end (conv stem), answer (global soft-argmax), optimizer (AdamW alone) and data path
+    # (a worker process) train, evaluate and checkpoint
     out = str(tmp_path / "conv")
-    run(["--stem=conv", "--window=-1", "--optim=adamw", "--curriculum_steps=3", "--max_steps=6", "--eval_interval=6",
-         "--out_dir=" + out])
+    run(["--stem=conv", "--window=-1", "--optim=adamw", "--num_workers=1", "--curriculum_steps=3", "--max_steps=6",
+         "--eval_interval=6", "--out_dir=" + out])
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["step"] == 6 and np.isfinite(res["metrics"]["mean_px"]) and res["config"]["stem"] == "conv"
     r = run_script("train_pointer.py", ["--stem=vgg"])
