@@ -612,23 +612,24 @@ def configure_optimizers(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_
     optimizer='muon': the hidden matrices (muon_matrices) take Muon at the same lr, the rest AdamW."""
     if optimizer not in ("adamw", "muon"):
         raise InputError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
-    hidden = {id(p) for p in muon_matrices(model)} if optimizer == "muon" else set()
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden]
+    hidden = muon_matrices(model) if optimizer == "muon" else []
+    params = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in hidden)]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     extra = dict(fused=True) if device_type in ("cuda", "cpu") else {}
     adamw = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **extra)
     if not hidden:
         return adamw
-    return OptimizerPair(adamw, Muon([p for p in muon_matrices(model)], lr=lr, weight_decay=weight_decay))
+    return OptimizerPair(adamw, Muon(hidden, lr=lr, weight_decay=weight_decay))
 
 
 def muon_matrices(model, min_dim=16):
     """The weights Muon is for: matrices of nn.Linear layers, both sides >= min_dim (not the output heads of one
     or two units), and not the vocabulary head (embeddings are nn.Embedding / nn.Parameter: never listed)."""
-    return [m.weight for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m.weight.requires_grad and min(m.weight.shape) >= min_dim
-            and not name.endswith("lm_head")]
+    found = {id(m.weight): m.weight for name, m in model.named_modules()  # by id: a shared weight counts once
+             if isinstance(m, nn.Linear) and m.weight.requires_grad and min(m.weight.shape) >= min_dim
+             and not name.endswith("lm_head")}
+    return list(found.values())
 
 
 def orthogonalize(g, steps=5):
@@ -667,7 +668,9 @@ class Muon(torch.optim.Optimizer):
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 by_shape.setdefault(tuple(p.shape), []).append((p, g))
             for (m, n), items in by_shape.items():
-                update = orthogonalize(torch.stack([g for _, g in items]), group["ns_steps"]) * (group["update_rms"] * max(m, n) ** 0.5)
+                # an m x n matrix with unit singular values has RMS 1 / sqrt(max(m, n)): rescale to update_rms
+                update = orthogonalize(torch.stack([g for _, g in items]), group["ns_steps"])
+                update *= group["update_rms"] * max(m, n) ** 0.5
                 for (p, _), u in zip(items, update):
                     p.mul_(1 - group["lr"] * group["weight_decay"]).add_(u.to(p.dtype), alpha=-group["lr"])
 
