@@ -75,7 +75,7 @@ train_cluster = 0.3          # synthetic: probability that a training object is 
                              #   (overlapped targets: 9% of queries at 0, 30% at 0.3); held-out scenes never are
                              #   (+1.2 to +2.0 points <= 5 px in 3 side-by-side pairs)
 augment = False              # translate/scale/flip (synthetic scenes are infinite, so off by default)
-max_steps = 2200             # ~400 ms/step on a 2-core AMD EPYC (1,300 steps in 540 s); max_train_seconds caps it
+max_steps = 2200             # ~460 ms/step with Muon on a 2-core AMD EPYC (1,120 steps in 540 s); max_train_seconds caps it
 max_train_seconds = 540.0         # > 0: stop training after this many seconds (then eval); LR decays on time too
 batch_size = 32
 num_workers = 0              # > 0: worker processes build the next batches while the model trains (for GPUs and
