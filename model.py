@@ -663,7 +663,9 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                if "momentum" not in self.state[p]:  # (setdefault would allocate a zero tensor on every step)
+                    self.state[p]["momentum"] = torch.zeros_like(p)
+                buf = self.state[p]["momentum"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 by_shape.setdefault(tuple(p.shape), []).append((p, g))
@@ -944,8 +946,8 @@ def load_checkpoint(src, model, optimizer=None, strict=True):
             opt_state = torch.load(opt_path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated/garbled file: pickle/zip errors
             raise InputError(f"checkpoint optimizer state {opt_path} is corrupted or unreadable: {e}") from None
-        kinds = ("AdamW", "AdamW + Muon")
-        saved, used = kinds["pair" in opt_state], kinds[isinstance(optimizer, OptimizerPair)]
+        saved = "AdamW + Muon" if "pair" in opt_state else "AdamW"
+        used = "AdamW + Muon" if isinstance(optimizer, OptimizerPair) else "AdamW"
         if saved != used:
             raise InputError(f"checkpoint optimizer state {opt_path} is {saved}'s, this run uses {used} (the optim key)")
         try:

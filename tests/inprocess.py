@@ -9,7 +9,6 @@ What a run may change in this process is put back afterwards: sys.argv, os.envir
 sys.excepthook and torch's thread count. An exception that escapes the script goes through whatever
 sys.excepthook the script installed (model.install_error_hook prints one line for bad input), as the
 interpreter would do at exit."""
-import ast
 import contextlib
 import io
 import os
@@ -59,11 +58,3 @@ def run_script(script, args=(), env=None):
         torch.set_num_threads(saved[4])
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
-
-def literal_assignments(path):
-    """{name: value} of every top-level lower-case `name = <literal>` in a file under the repo root: a
-    script's config block or a config file (so a test can check a config file against a script's defaults)."""
-    tree = ast.parse(open(os.path.join(ROOT, path)).read())
-    return {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
-            for t in n.targets if isinstance(t, ast.Name) and t.id.islower()
-            and isinstance(n.value, (ast.Constant, ast.UnaryOp, ast.Tuple))}

@@ -166,3 +166,23 @@ def test_in_process_runner_reports_as_the_interpreter_does(args):
                           cwd=ROOT)
     assert (mine.returncode, mine.stdout, mine.stderr) == (real.returncode, real.stdout, real.stderr)
     assert sys.argv == argv and dict(os.environ) == env and torch.get_num_threads() == threads
+
+
+def literal_assignments(path):
+    """{name: value} of every top-level lower-case `name = <literal>` in a file under the repo root: a
+    script's config block or a config file."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, path)).read())
+    return {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+            for t in n.targets if isinstance(t, ast.Name) and t.id.islower()
+            and isinstance(n.value, (ast.Constant, ast.UnaryOp, ast.Tuple))}
+
+
+@pytest.mark.parametrize("script, config, n_keys", [("train_lanelm.py", "config/lanelm_synthetic.py", 25),
+                                                    ("train_foveated.py", "config/foveated_synthetic.py", 40),
+                                                    ("train_pointer.py", "config/pointer_synthetic.py", 45)])
+def test_synthetic_config_equals_script_defaults(script, config, n_keys):
+    """config/<recipe>_synthetic.py documents the default run: every value in it must be the script's default."""
+    defaults, cfg = literal_assignments(script), literal_assignments(config)
+    assert len(cfg) >= n_keys
+    assert {k: v for k, v in cfg.items() if defaults.get(k, object()) != v} == {}

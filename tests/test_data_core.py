@@ -123,7 +123,7 @@ def test_sample_rng_determinism_and_disjoint_splits():
 
 
 def _noisy_batch(step):
-    # a function of the step alone, but one that uses numpy and torch random state as real generators do
+    # a function of the step alone, drawing random numbers as the synthetic generators do (seeded per step)
     rng = np.random.default_rng(step)
     return dict(x=torch.from_numpy(rng.normal(size=(2, 3))), step=torch.tensor(step))
 
