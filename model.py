@@ -1024,7 +1024,8 @@ class WandbLogger:
             return
         data = dict(scalars)
         for name, path in (images or {}).items():
-            data[name] = self.wandb.Image(path)
+            if path:  # None: that picture was not drawn (n_vis=0)
+                data[name] = self.wandb.Image(path)
         self.run.log(data, step=step)
 
     def finish(self):

@@ -137,7 +137,7 @@ log_interval = 50
 eval_interval = 1000
 n_eval = 256
 eval_batch = 64
-n_vis = 3                  # videos drawn in the attention strip PNG
+n_vis = 3                  # videos drawn in the attention strip PNG (0: no PNG)
 wandb_log = False
 wandb_project = 'nano-vlm'
 wandb_run_name = 'foveated'
@@ -559,9 +559,11 @@ def evaluate(step):
                                                for g, c in zip(gen, b["captions"])]))
         print(f"  caption: {gen[0]!r} (truth {b['captions'][0]!r})")
     # the picture: frames, coarse attention, fine attention, for the first n_vis held-out videos
-    b = get_batch('val', range(n_vis))
-    strips = [fov_attention_strip(b["frames"][i].cpu(), a["ac"][i], a["af"][i]) for i in range(n_vis)]
-    png = save_png(torch.cat(strips, 1), os.path.join(out_dir, f"attention_{step:06d}.png"))
+    png = None  # n_vis=0: no picture
+    if n_vis > 0:
+        b = get_batch('val', range(n_vis))
+        strips = [fov_attention_strip(b["frames"][i].cpu(), a["ac"][i], a["af"][i]) for i in range(n_vis)]
+        png = save_png(torch.cat(strips, 1), os.path.join(out_dir, f"attention_{step:06d}.png"))
     raw_model.train()
     return m, per_frame, png
 
@@ -582,7 +584,7 @@ def run_eval(step, train_seconds):
             print(f"  per-frame read {path:6s} " + " ".join(f"{x:.3f}" for x in per_frame[f"read_{path}"]))
     write_results(out_dir, RECIPE, 'val', n_eval, m, TARGETS, step=step, train_seconds=train_seconds,
                   device=device, dtype=dtype_name, params=n_params, config=config, per_frame=per_frame,
-                  task=task, png=os.path.basename(png))
+                  task=task, png=os.path.basename(png) if png else None)
     wandb.log(m, step, images={"attention": png})
     save_all(step, m)
     return m

@@ -97,7 +97,7 @@ eval_interval = 5200         # eval + checkpoint every N steps and at the end (d
 n_eval = 500                 # held-out images scored with the TuSimple metric
 n_eval_tf = 128              # held-out images for the teacher-forced token accuracy
 eval_batch = 50              # images per decoding batch (x max_lanes prompts)
-n_vis = 8                    # images drawn in the eval PNG
+n_vis = 8                    # images drawn in the eval PNG (0: no PNG)
 wandb_log = False
 wandb_project = 'lanelm'
 wandb_run_name = 'lanelm'
@@ -431,7 +431,7 @@ def evaluate(step):
     metrics['invalid_seq'] = invalid / (len(preds) * max_lanes)
     tf_acc, tf_loss = teacher_forced([get_sample('val', j) for j in range(min(n_eval_tf, n_eval))])
     metrics['tf_token_acc'], metrics['val_loss_tf'] = tf_acc, tf_loss
-    png = save_png(image_grid(vis_panels, 4), os.path.join(out_dir, f'val_{step:05d}.png'))
+    png = save_png(image_grid(vis_panels, 4), os.path.join(out_dir, f'val_{step:05d}.png')) if vis_panels else None
     raw_model.train()
     return metrics, png, preds, gts, ys, time.time() - t0
 

@@ -94,7 +94,7 @@ n_eval = 500                 # held-out single-target queries
 n_eval_multi = 200           # held-out "every ..." queries, rolled out until done
 n_train_eval = 200           # training queries evaluated for the train/val gap
 patience = 5                 # early stopping: evals without a better val mean pixel error
-n_vis = 8
+n_vis = 8                    # queries drawn in the eval PNG, each kind (0: no PNG)
 wandb_log = False
 wandb_project = "vlm-pointer"
 wandb_run_name = "pointer"
@@ -528,7 +528,7 @@ def evaluate():
     vis = [pointer_draw(s["image"], p[:1], s["points"][:1], s["text"]) for s, p in zip(single[:n_vis], pred1)]
     vis += [pointer_draw(s["image"], p, s["points"], s["text"]) for s, p in zip(multi[:n_vis], pred_multi)]
     m.train()
-    return metrics, image_grid(vis, 4)
+    return metrics, image_grid(vis, 4) if vis else None  # n_vis=0: no picture
 
 
 def save(name, extra=None):
@@ -544,7 +544,7 @@ def eval_and_report(train_seconds, head_norms):
     metrics, grid = evaluate()
     metrics.update(head_norms)
     print(f"eval step {step} | " + format_metrics(metrics, TARGETS))
-    png = save_png(grid, os.path.join(out_dir, f"points_step{step:05d}.png"))
+    png = save_png(grid, os.path.join(out_dir, f"points_step{step:05d}.png")) if grid is not None else None
     write_results(out_dir, RECIPE, "val", n_eval, metrics, TARGETS, step=step, train_seconds=round(train_seconds, 1),
                   device=dev, dtype=dtype_name, params=n_params, config=config, n_eval_multi=n_eval_multi,
                   frame_px=POINTER_FRAME, img_size=img_size)

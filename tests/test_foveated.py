@@ -476,7 +476,8 @@ def step_losses(out):
 
 
 def test_end_to_end_writes_results_png_checkpoint_and_resumes_exactly(tmp_path):
-    full = run_foveated("--max_steps=6", "--eval_interval=100", f"--out_dir={tmp_path / 'full'}")
+    full = run_foveated("--max_steps=6", "--eval_interval=100", "--n_vis=0", f"--out_dir={tmp_path / 'full'}")
+    assert (tmp_path / "full" / "results.json").exists() and not list((tmp_path / "full").glob("*.png"))  # n_vis=0
     out = run_foveated("--max_steps=4", "--eval_interval=4", f"--out_dir={tmp_path / 'run'}")
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["recipe"] == "foveated" and res["step"] == 4 and res["split"] == "val"

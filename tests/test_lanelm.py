@@ -309,6 +309,7 @@ def test_train_eval_resume_end_to_end(tmp_path):
     assert "step 45/50" in log and "step 5/50" not in log
     assert json.load(open(os.path.join(out, "results.json")))["step"] == 50
     log = run(["--eval_only=True", "--init_from=" + os.path.join(out, "ckpt"), "--out_dir=" + str(tmp_path / "ev"),
-               "--n_eval=4", "--n_eval_tf=2", "--torch_threads=1", "--n_layer=3"])
+               "--n_eval=4", "--n_eval_tf=2", "--torch_threads=1", "--n_layer=3", "--n_vis=0"])
     assert "from checkpoint: n_layer=1" in log  # the checkpoint's model shape wins
     assert json.load(open(tmp_path / "ev" / "results.json"))["n_eval"] == 4
+    assert not list((tmp_path / "ev").glob("*.png"))  # n_vis=0: no picture, no crash

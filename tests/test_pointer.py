@@ -395,9 +395,10 @@ def test_conv_stem_and_global_window_variants_run(tmp_path):
     # (a worker process) train, evaluate and checkpoint
     out = str(tmp_path / "conv")
     run(["--stem=conv", "--window=-1", "--optim=adamw", "--num_workers=1", "--curriculum_steps=3", "--max_steps=6",
-         "--eval_interval=6", "--out_dir=" + out])
+         "--eval_interval=6", "--n_vis=0", "--out_dir=" + out])
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["step"] == 6 and np.isfinite(res["metrics"]["mean_px"]) and res["config"]["stem"] == "conv"
+    assert not [f for f in os.listdir(out) if f.endswith(".png")]  # n_vis=0: no picture, no crash
     r = run_script("train_pointer.py", ["--stem=vgg"])
     assert r.returncode != 0 and "stem must be" in r.stderr and "Traceback" not in r.stderr
 
