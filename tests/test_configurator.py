@@ -52,6 +52,15 @@ def test_wrong_type_rejected(arg, expect):
         parse_args(DEFAULTS, [arg])
 
 
+@pytest.mark.parametrize("arg", ["--batch_size=0", "--log_interval=0", "--eval_interval=-5", "--n_eval=0"])
+def test_shared_counts_must_be_positive(arg):
+    # step % log_interval with 0 was a ZeroDivisionError deep in the loop; an empty eval a numpy stack error
+    defaults = dict(DEFAULTS, log_interval=25, eval_interval=250, n_eval=500)
+    with pytest.raises(ConfigError, match=f"'{arg[2:].split('=')[0]}' must be >= 1, got {arg.split('=')[1]}"):
+        parse_args(defaults, [arg])
+    assert parse_args(dict(defaults, batch_size=0), ["--batch_size=0"])["batch_size"] == 0  # 0 by default: allowed
+
+
 def test_unknown_key_on_command_line_names_closest():
     with pytest.raises(ConfigError, match="unknown config key 'learning_rat'.*did you mean 'learning_rate'"):
         parse_args(DEFAULTS, ["--learning_rat=0.1"])
