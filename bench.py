@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from model import (GPT, GPTConfig, InputError, autocast_ctx, configure_optimizers, gpt_flops_per_token,
-                   install_error_hook, maybe_compile, measure_matmul_peak, sync)
+                   install_error_hook, maybe_compile, measure_matmul_peak, resolve_device, sync)
 
 # -----------------------------------------------------------------------------
 # config (python bench.py --help lists these)
@@ -215,10 +215,7 @@ def ratio(a, b):
 
 def run(cfg):
     torch.manual_seed(cfg["seed"])
-    dev_str = cfg["device"]
-    if dev_str == "auto":
-        dev_str = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(dev_str)
+    dev = torch.device(resolve_device(cfg["device"]))
     if cfg["preset"] not in PRESETS:
         raise InputError(f"preset must be one of {sorted(PRESETS)}, got {cfg['preset']!r}")
     shape = {k: (cfg[k] or v) for k, v in PRESETS[cfg["preset"]].items()}

@@ -713,10 +713,19 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
+def resolve_device(device="auto"):
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; asking for CUDA without one is a one-line error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}, built for CUDA "
+                         f"{torch.version.cuda}); use --device=cpu or --device=auto")
+    return device
+
+
 def init_distributed(device="auto"):
     """torchrun env -> process group (nccl on CUDA, gloo on CPU). Returns a dict every script uses."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = 0, 0, 1
     if ddp:

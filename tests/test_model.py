@@ -655,6 +655,12 @@ def test_init_distributed_without_torchrun(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     d = M.init_distributed("cpu")
     assert d == dict(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", device_type="cpu", master=True)
+    # --device=cuda on a machine without a GPU: one clear line, not an assertion deep inside torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for ask in (M.init_distributed, M.resolve_device):  # the scripts and bench.py
+        with pytest.raises(M.InputError, match="device='cuda:1' but torch sees no CUDA GPU"):
+            ask("cuda:1")
+    assert M.init_distributed("auto")["device"] == "cpu"
 
 
 # -----------------------------------------------------------------------------
