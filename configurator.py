@@ -9,7 +9,7 @@ every `--key=value`, and returns the final {key: value} dict. Rules:
   - an unknown key (on the command line *or* inside a config file) is an error naming the closest key;
   - a value must have its default's type (an int is accepted for a float; None defaults take anything);
   - values are Python literals (`--flag=False` is False, `--betas=(0.9,0.95)`); a bare word is a string;
-  - the counts every script shares (POSITIVE_KEYS: batch size, log/eval intervals, eval sizes) must be >= 1
+  - the counts every script shares (POSITIVE_KEYS: steps, batch size, log/eval intervals, eval sizes) must be >= 1
     where their default is (bench.py's batch_size=0 means "the preset's");
   - `--help` lists every key with its default.
 """
@@ -20,7 +20,7 @@ import sys
 
 CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
 # the same meaning in every train script; 0 would divide by zero (step % log_interval) or evaluate nothing
-POSITIVE_KEYS = ("batch_size", "log_interval", "eval_interval", "n_eval", "eval_batch")
+POSITIVE_KEYS = ("max_steps", "batch_size", "log_interval", "eval_interval", "n_eval", "eval_batch")
 
 
 class ConfigError(ValueError):

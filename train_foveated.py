@@ -651,7 +651,7 @@ for step in range(start_step, max_steps):
             print(f"stopping at step {step + 1}/{max_steps}: max_train_seconds={max_train_seconds:.0f} reached")
         break
 if master:
-    print(f"done: {step + 1 - start_step} steps in {train_seconds:.0f} s of training | batches per mode {counts}")
+    print(f"done: {sum(counts.values())} steps in {train_seconds:.0f} s of training | batches per mode {counts}")
 if master and push_to_hub:
     push_run_to_hub(push_to_hub, out_dir, RECIPE, config)
 wandb.finish()

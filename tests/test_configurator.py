@@ -52,7 +52,7 @@ def test_wrong_type_rejected(arg, expect):
         parse_args(DEFAULTS, [arg])
 
 
-@pytest.mark.parametrize("arg", ["--batch_size=0", "--log_interval=0", "--eval_interval=-5", "--n_eval=0"])
+@pytest.mark.parametrize("arg", ["--max_steps=0", "--batch_size=0", "--log_interval=0", "--eval_interval=-5", "--n_eval=0"])
 def test_shared_counts_must_be_positive(arg):
     # step % log_interval with 0 was a ZeroDivisionError deep in the loop; an empty eval a numpy stack error
     defaults = dict(DEFAULTS, log_interval=25, eval_interval=250, n_eval=500)

@@ -497,6 +497,8 @@ def test_end_to_end_writes_results_png_checkpoint_and_resumes_exactly(tmp_path):
                          f"--out_dir={tmp_path / 'run'}")
     assert json.loads((tmp_path / "run" / "results.json").read_text())["step"] == 6
     assert step_losses(resumed)["5/6"] == step_losses(full)["5/6"]  # exact resume
+    again = run_foveated("--max_steps=6", "--eval_interval=100", "--init_from=resume", f"--out_dir={tmp_path / 'run'}")
+    assert "done: 0 steps" in again  # resuming a finished run trains nothing and says so (was a NameError)
     ev = run_foveated("--eval_only=True", f"--init_from={tmp_path / 'run' / 'ckpt'}",
                     f"--out_dir={tmp_path / 'ev'}")
     assert "ratio" in ev and os.path.exists(tmp_path / "ev" / "results.json")
