@@ -926,6 +926,18 @@ def load_meta(src):
         raise InputError(f"checkpoint meta {path} is corrupted: {e}") from None
 
 
+def adopt_checkpoint_config(meta, config, keys, verbose=True):
+    """The model's shape comes from the checkpoint: config's `keys` take the values the checkpoint was trained
+    with (each change printed), so the run's config and results.json describe the model it really trains.
+    -> {key: value} for those keys (a script puts them back into its globals)."""
+    for k in keys:
+        if k in meta.get("config", {}) and meta["config"][k] != config[k]:
+            if verbose:
+                print(f"from checkpoint: {k}={meta['config'][k]!r} (config said {config[k]!r})")
+            config[k] = meta["config"][k]
+    return {k: config[k] for k in keys}
+
+
 def load_checkpoint(src, model, optimizer=None, strict=True):
     """Loads weights (and optimizer state, with weights_only=True) into model. Returns meta."""
     from safetensors.torch import load_file

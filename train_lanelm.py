@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, InputError, Projector, WandbLogger, autocast_ctx, budget_lr_step, budget_spent,
-                   check_finite, check_repo_id, cleanup_distributed, configure_optimizers, get_lr, global_mean,
-                   gpt_flops_per_token, idle_cores, init_distributed, install_error_hook, load_checkpoint, load_meta,
-                   log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, norm, push_run_to_hub, rng_state,
+from model import (GPT, GPTConfig, InputError, Projector, WandbLogger, adopt_checkpoint_config, autocast_ctx,
+                   budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed, configure_optimizers,
+                   get_lr, global_mean, gpt_flops_per_token, idle_cores, init_distributed, install_error_hook,
+                   load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, norm, push_run_to_hub, rng_state,
                    run_dir, save_checkpoint, set_lr, set_rng_state)
 from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
 from configurator import configure
@@ -125,13 +125,7 @@ resume = init_from == 'resume'
 out_dir = run_dir(out_dir, RECIPE, init_from)
 ckpt_src = os.path.join(out_dir, 'ckpt') if resume else (None if init_from == 'scratch' else init_from)
 if ckpt_src is not None:
-    meta = load_meta(ckpt_src)
-    for k in MODEL_KEYS:
-        if k in meta['config'] and meta['config'][k] != config[k]:
-            if master:
-                print(f"from checkpoint: {k}={meta['config'][k]!r}")
-            config[k] = meta['config'][k]
-    globals().update({k: config[k] for k in MODEL_KEYS})
+    globals().update(adopt_checkpoint_config(load_meta(ckpt_src), config, MODEL_KEYS, verbose=master))
 if vis_levels not in ('p5', 'p3p4p5'):
     raise InputError(f"vis_levels must be 'p5' or 'p3p4p5', got {vis_levels!r}")
 if overfit:  # one image, every step; eval = decode that image

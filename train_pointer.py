@@ -103,8 +103,8 @@ push_to_hub = ''            # 'owner/name': upload the final checkpoint + a mode
 from configurator import configure  # noqa: E402
 config = configure(globals())
 
-from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx,  # noqa: E402
-                   budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed,
+from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
+                   adopt_checkpoint_config, autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed,
                    configure_optimizers, dataclass_from_dict, get_lr, global_mean, gpt_flops_per_token,
                    init_distributed, install_error_hook, left_pad, load_checkpoint, load_meta, log_line,
                    maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state, run_dir,
@@ -122,6 +122,9 @@ if push_to_hub:
     check_repo_id(push_to_hub)
 RECIPE = "pointer"
 TARGETS = {"within_5px": (">=", 0.95), "mean_px": ("<", 3.0)}
+# the model's shape: a run from a checkpoint takes these from it, and says so (img_size, word_tokens: must match)
+MODEL_KEYS = ("patch_size", "stem", "vit_layers", "vit_embd", "vit_heads", "n_layer", "n_embd", "n_head", "n_kv_head",
+              "head_mode", "edge_channels", "direction_bias", "max_query_len", "max_points")
 SINGLE_KINDS = tuple(k for k in POINTER_KINDS if k != "multi")
 if not 0 <= multi_weight < 1:
     raise InputError(f"multi_weight is a share of the training queries, in [0, 1): got {multi_weight}")
@@ -318,6 +321,7 @@ if init_from == "scratch":
                  window=window, edge_channels=edge_channels, direction_bias=direction_bias)
 else:  # resume, a checkpoint dir, or hf:owner/name: the architecture comes from the checkpoint
     meta0 = load_meta(os.path.join(out_dir, "ckpt") if init_from == "resume" else init_from)
+    globals().update(adopt_checkpoint_config(meta0, config, MODEL_KEYS, verbose=master))
 if meta0["vit"]["image_size"] != img_size:
     raise InputError(f"checkpoint was trained at img_size={meta0['vit']['image_size']}, config says {img_size}")
 if meta0.get("word_tokens", word_tokens) != word_tokens or meta0["gpt"]["vocab_size"] != tok.vocab_size:

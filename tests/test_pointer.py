@@ -385,9 +385,13 @@ def test_train_eval_resume(tmp_path):
     assert res["metrics"]["mean_px"] < 0.95 * untrained, (untrained, res["metrics"]["mean_px"])
     assert os.path.exists(os.path.join(out, "points_step00060.png"))
     assert os.path.exists(os.path.join(out, "ckpt", "model.safetensors"))
-    stdout = run(["--max_steps=70", "--eval_interval=30", "--init_from=resume", "--out_dir=" + out])
+    stdout = run(["--max_steps=70", "--eval_interval=30", "--init_from=resume", "--out_dir=" + out, "--n_layer=2",
+                  "--head_mode=mlp"])
     assert "resumed" in stdout and "at step 60" in stdout
-    assert json.load(open(os.path.join(out, "results.json")))["step"] == 70
+    # the checkpoint's shape wins, is printed, and is what results.json records (it was silently ignored)
+    assert "from checkpoint: n_layer=1 (config said 2)" in stdout and "from checkpoint: head_mode='attend'" in stdout
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["step"] == 70 and res["config"]["n_layer"] == 1 and res["config"]["head_mode"] == "attend"
 
 
 def test_conv_stem_and_global_window_variants_run(tmp_path):
