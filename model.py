@@ -931,10 +931,14 @@ def adopt_checkpoint_config(meta, config, keys, verbose=True):
     with (each change printed), so the run's config and results.json describe the model it really trains.
     -> {key: value} for those keys (a script puts them back into its globals)."""
     for k in keys:
-        if k in meta.get("config", {}) and meta["config"][k] != config[k]:
+        if k not in meta.get("config", {}):
+            continue
+        value = meta["config"][k]
+        value = tuple(value) if isinstance(config[k], tuple) and isinstance(value, list) else value  # JSON: no tuples
+        if value != config[k]:
             if verbose:
-                print(f"from checkpoint: {k}={meta['config'][k]!r} (config said {config[k]!r})")
-            config[k] = meta["config"][k]
+                print(f"from checkpoint: {k}={value!r} (config said {config[k]!r})")
+            config[k] = value
     return {k: config[k] for k in keys}
 
 

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from model import install_error_hook
 install_error_hook()
-from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx, budget_lr_step,  # noqa: E402
-                   budget_spent, check_finite, check_repo_id, cleanup_distributed, configure_optimizers,
+from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, adopt_checkpoint_config,  # noqa: E402
+                   autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed, configure_optimizers,
                    dataclass_from_dict, get_lr, global_mean, gpt_flops_per_token, init_distributed, load_checkpoint,
                    load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub,
                    rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, sync)
@@ -113,6 +113,9 @@ if push_to_hub:
 
 RECIPE = 'ocr'
 TARGETS = {"ned": ("<=", 0.05), "fox_precision": (">=", 0.95), "collapse_cos": ("<", 0.95)}
+# the model's shape: a run from a checkpoint takes these from it, and says so
+MODEL_KEYS = ("image_size", "sam_patch", "sam_dim", "sam_layers", "sam_heads", "sam_window", "sam_global", "neck_dim",
+              "clip_layers", "clip_heads", "center_vision", "n_layer", "n_head", "n_kv_head", "n_embd", "max_text_tokens")
 PROMPT = "\nFree OCR."
 
 # -----------------------------------------------------------------------------
@@ -399,10 +402,12 @@ resume = init_from == 'resume'
 meta = None
 if init_from not in ('scratch', 'resume'):
     meta = load_meta(init_from)
+    globals().update(adopt_checkpoint_config(meta, config, MODEL_KEYS, verbose=master))
     model = build_model(meta)
     load_checkpoint(init_from, model)
 elif resume:
     meta = load_meta(os.path.join(out_dir, 'ckpt'))
+    globals().update(adopt_checkpoint_config(meta, config, MODEL_KEYS, verbose=master))
     model = build_model(meta)
 else:
     model = build_model()

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from model import install_error_hook
 install_error_hook()
-from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx, check_finite,
+from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, adopt_checkpoint_config,
+                   autocast_ctx, check_finite,
                    configure_optimizers, dataclass_from_dict, get_lr, gpt_flops_per_token, cleanup_distributed,
                    init_distributed, left_pad, load_checkpoint, load_meta, log_line, maybe_compile,
                    mean_across_ranks, measure_matmul_peak, resolve_checkpoint, rng_state, run_dir, save_checkpoint,
@@ -41,6 +42,9 @@ from data_seg import (SEG_SPECIALS, seg_caption_token_accuracy, seg_check_contex
 RECIPE = "seg_gumbel"
 # giou after stage A must be >= 0.85; stage B must keep it (drop <= 0.02) and raise the cycle IoU
 TARGETS = {"giou": (">=", 0.85), "giou_drop": ("<=", 0.02), "cycle_iou_gain": (">", 0.0)}
+# the model's shape: a run from a checkpoint takes these from it, and says so
+MODEL_KEYS = ("patch_size", "llm_grid", "vit_layers", "vit_embd", "vit_heads", "n_layer", "n_embd", "n_head", "n_kv_head",
+              "dec_dim")
 
 # -----------------------------------------------------------------------------
 # config (every key can be set from config/*.py or --key=value)
@@ -438,6 +442,7 @@ def main():
         meta = load_meta(src)
         if meta.get("recipe") != RECIPE:
             raise InputError(f"checkpoint {src} is a '{meta.get('recipe')}' checkpoint, not '{RECIPE}'")
+        globals().update(adopt_checkpoint_config(meta, config, MODEL_KEYS, verbose=master))
         bundle = build_model(meta)
     bundle.to(dev)
     student, teacher = bundle["student"], bundle["teacher"]

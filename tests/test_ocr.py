@@ -360,8 +360,13 @@ def test_end_to_end_stage1_resume_stage2(tmp_path):
     assert os.path.exists(os.path.join(out1, "ckpt", "model.safetensors"))
     enc_keys = load_file(os.path.join(out1, "encoder", "model.safetensors")).keys()
     assert enc_keys and not any(k.startswith("gpt") for k in enc_keys)  # encoder-only
-    log = run(["--max_steps=4", "--eval_interval=2", "--init_from=resume", "--out_dir=" + out1])
-    assert "resumed" in log and json.load(open(os.path.join(out1, "results.json")))["step"] == 4
+    log = run(["--max_steps=4", "--eval_interval=2", "--init_from=resume", "--out_dir=" + out1, "--n_layer=2"])
+    res = json.load(open(os.path.join(out1, "results.json")))
+    assert "resumed" in log and res["step"] == 4
+    # the checkpoint's shape wins, is printed, and is what results.json records; sam_global comes back from JSON
+    # as a list and still equals the config's tuple (no false "from checkpoint" line)
+    assert "from checkpoint: n_layer=1 (config said 2)" in log and res["config"]["n_layer"] == 1
+    assert "sam_global" not in log
     run(["--max_steps=2", "--eval_interval=2", "--stage=2", "--init_encoder=" + os.path.join(out1, "encoder"),
          "--out_dir=" + out2])
     enc = load_file(os.path.join(out1, "encoder", "model.safetensors"))

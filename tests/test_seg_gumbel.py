@@ -249,11 +249,13 @@ def test_end_to_end_run_and_resume(tmp_path):
     assert os.path.exists(os.path.join(out, "ckpt", "model.safetensors"))
     assert "text-emb grad" in r.stdout and "stage B" in r.stdout
     r = run_script("train_seg_gumbel.py", [f"--out_dir={out}", "--init_from=resume", "--stage_a_steps=4",
-                                           "--max_steps=8", "--eval_interval=4"] + tiny, env=env)
+                                           "--max_steps=8", "--eval_interval=4"] + tiny + ["--n_layer=2"], env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed" in r.stdout and "step 8/8" in r.stdout
     res2 = json.load(open(os.path.join(out, "results.json")))
     assert res2["step"] == 8 and res2["stage_a"] == res["stage_a"]
+    # the checkpoint's shape wins, is printed, and is what results.json records (it was silently ignored)
+    assert "from checkpoint: n_layer=1 (config said 2)" in r.stdout and res2["config"]["n_layer"] == 1
 
 
 def test_configs_match_script_defaults(T):
