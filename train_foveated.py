@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from model import install_error_hook
 install_error_hook()
-from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, autocast_ctx, budget_lr_step,  # noqa: E402
-                   budget_spent, check_finite, check_repo_id, cleanup_distributed, configure_optimizers,
+from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, adopt_checkpoint_config,  # noqa: E402
+                   autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed, configure_optimizers,
                    dataclass_from_dict, get_lr, global_mean, init_distributed, left_pad, load_checkpoint, load_meta,
                    log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub,
                    resolve_checkpoint, rng_state, run_dir, save_checkpoint, set_lr, set_rng_state)
@@ -150,6 +150,10 @@ if push_to_hub:
 
 RECIPE = 'foveated'
 TARGETS = {"ratio": (">=", 1.15), "entropy_gap": (">", 0.0)}  # entropy_gap = coarse - fine attention entropy
+# the model's weights' shape: a run from a checkpoint takes these from it, and says so (the data's shape, e.g.
+# image_size or n_frames, and the read settings, query_mode / attn_temperature, stay the config's)
+MODEL_KEYS = ("vit_layers", "vit_heads", "vit_width", "coord_channels", "query_dim", "glimpse", "n_layer", "n_head",
+              "n_embd", "fine_proj", "read_skip", "recurrent")
 MODES = ("video", "text", "caption")
 tok = Tokenizer()
 BOS, EOS, PAD, IMG = tok['<|bos|>'], tok['<|eos|>'], tok['<|pad|>'], tok['<|image|>']
@@ -459,10 +463,12 @@ out_dir = run_dir(out_dir, RECIPE, init_from)
 resume = init_from == 'resume'
 latent_enc.to(device)
 
+if init_from != 'scratch':
+    src = os.path.join(out_dir, 'ckpt') if resume else resolve_checkpoint(init_from)
+    globals().update(adopt_checkpoint_config(load_meta(src), config, MODEL_KEYS, verbose=master))
 if init_from in ('scratch', 'resume'):
     model, model_meta = build_model()
 else:  # a checkpoint dir or hf:owner/name: the architecture comes from its meta
-    src = resolve_checkpoint(init_from)
     model, model_meta = build_model(load_meta(src))
     load_checkpoint(src, model)
 model.to(device)

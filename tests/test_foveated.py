@@ -493,9 +493,13 @@ def test_end_to_end_writes_results_png_checkpoint_and_resumes_exactly(tmp_path):
     assert np.mean(res["per_frame"]["copy"]) == pytest.approx(res["metrics"]["loss_copy"], rel=1e-4)
     for path in ("fine", "coarse"):  # the per-frame read losses average to the eval's read loss
         assert np.mean(res["per_frame"][f"read_{path}"]) == pytest.approx(res["metrics"][f"loss_read_{path}"], rel=1e-4)
-    resumed = run_foveated("--max_steps=6", "--eval_interval=100", "--init_from=resume",
-                         f"--out_dir={tmp_path / 'run'}")
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["step"] == 6
+    resumed = run_foveated("--max_steps=6", "--eval_interval=100", "--init_from=resume", "--n_layer=2",
+                           f"--out_dir={tmp_path / 'run'}")
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["step"] == 6
+    # the checkpoint's shape wins, is printed, and is what results.json records (a resume with another shape
+    # was a missing-weights error; from a checkpoint dir, silently ignored)
+    assert "from checkpoint: n_layer=1 (config said 2)" in resumed and res["config"]["n_layer"] == 1
     assert step_losses(resumed)["5/6"] == step_losses(full)["5/6"]  # exact resume
     again = run_foveated("--max_steps=6", "--eval_interval=100", "--init_from=resume", f"--out_dir={tmp_path / 'run'}")
     assert "done: 0 steps" in again  # resuming a finished run trains nothing and says so (was a NameError)
