@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from model import install_error_hook
 install_error_hook()
 from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, adopt_checkpoint_config,  # noqa: E402
-                   autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed, configure_optimizers,
+                   autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed,
+                   configure_optimizers,
                    dataclass_from_dict, get_lr, global_mean, gpt_flops_per_token, init_distributed, load_checkpoint,
                    load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub,
                    rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, sync)
@@ -400,15 +401,12 @@ def build_model(meta=None):
 
 resume = init_from == 'resume'
 meta = None
-if init_from not in ('scratch', 'resume'):
-    meta = load_meta(init_from)
+if init_from != 'scratch':  # resume (weights and optimizer loaded below), a checkpoint dir or hf:owner/name
+    meta = load_meta(os.path.join(out_dir, 'ckpt') if resume else init_from)
     globals().update(adopt_checkpoint_config(meta, config, MODEL_KEYS, verbose=master))
     model = build_model(meta)
-    load_checkpoint(init_from, model)
-elif resume:
-    meta = load_meta(os.path.join(out_dir, 'ckpt'))
-    globals().update(adopt_checkpoint_config(meta, config, MODEL_KEYS, verbose=master))
-    model = build_model(meta)
+    if not resume:
+        load_checkpoint(init_from, model)
 else:
     model = build_model()
 if init_encoder and not resume:

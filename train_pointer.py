@@ -104,7 +104,8 @@ from configurator import configure  # noqa: E402
 config = configure(globals())
 
 from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
-                   adopt_checkpoint_config, autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed,
+                   adopt_checkpoint_config, autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id,
+                   cleanup_distributed,
                    configure_optimizers, dataclass_from_dict, get_lr, global_mean, gpt_flops_per_token,
                    init_distributed, install_error_hook, left_pad, load_checkpoint, load_meta, log_line,
                    maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state, run_dir,
