@@ -48,6 +48,12 @@ def pointer_matches(query, objects):
     return [i for i, o in enumerate(objects) if i != query["ref"] and has(o, query["colour"]) and rel(o)]
 
 
+def pointer_candidates(query, objects):
+    """The objects a relation query's own words select, before the relation: every object of the named colour but
+    the reference. The target is the extreme one of them in the named direction (the only one on that side)."""
+    return [i for i, o in enumerate(objects) if i != query["ref"] and o["colour"] == query["colour"]]
+
+
 def pointer_query_text(q, objects):
     if q["kind"] == "relation":
         ref = objects[q["ref"]]
@@ -94,7 +100,8 @@ def pointer_scene(rng, kind=None, frame=POINTER_FRAME, min_objects=3, max_object
                   kinds=POINTER_KINDS, cluster=0.0, weights=POINTER_KIND_WEIGHTS):
     """One scene and one query. Distractors share the target's colour or shape (each scene draws from a
     small palette), some objects overlap partially. Returns dict(objects, query, text, points (K, 2) in
-    frame px, kind). Rejection-sampled until the query refers to exactly the intended targets.
+    frame px, halves, kind, cand_points / cand_halves: the candidates the query's words select, for relation
+    queries every object of the named colour but the reference, else the targets). Rejection-sampled until the query refers to exactly the intended targets.
     kind=None draws one of `kinds` with `weights` (renormalised over `kinds`)."""
     if kind is None:
         w = np.array([weights[k] for k in kinds])
@@ -124,8 +131,11 @@ def pointer_scene(rng, kind=None, frame=POINTER_FRAME, min_objects=3, max_object
                 targets = sorted(targets, key=lambda i: (objects[i]["x"], objects[i]["y"]))
             points = np.array([[objects[i]["x"] + 0.5, objects[i]["y"] + 0.5] for i in targets], dtype=np.float32)
             halves = np.array([objects[i]["half"] for i in targets], dtype=np.float32)
+            cands = pointer_candidates(query, objects) if kind == "relation" else targets
             return dict(objects=objects, query=query, text=pointer_query_text(query, objects), points=points,
-                        halves=halves, kind=kind)
+                        halves=halves, kind=kind,
+                        cand_points=np.array([[objects[i]["x"] + 0.5, objects[i]["y"] + 0.5] for i in cands], dtype=np.float32),
+                        cand_halves=np.array([objects[i]["half"] for i in cands], dtype=np.float32))
     raise RuntimeError(f"could not build a '{kind}' scene")  # not reached with these settings
 
 
@@ -192,12 +202,15 @@ def pointer_denormalize(points, frame_wh):
 
 def pointer_synthetic_sample(seed, split, index, img_size, kind=None, max_points=3, kinds=POINTER_KINDS, cluster=0.0,
                              weights=POINTER_KIND_WEIGHTS):
-    """A pure function of (seed, split, index): dict(image (3, S, S), text, points (K, 2) in [-1, 1], frame, kind)."""
+    """A pure function of (seed, split, index): dict(image (3, S, S), text, points (K, 2) in [-1, 1], frame, kind,
+    halves, objects, cand_points / cand_halves (see pointer_scene), all coordinates in [-1, 1] units)."""
     rng = sample_rng(seed, split, index)
     s = pointer_scene(rng, kind=kind, max_points=max_points, kinds=kinds, cluster=cluster, weights=weights)
     return dict(image=pointer_render(s["objects"], img_size), text=s["text"], kind=s["kind"],
                 points=pointer_normalize(s["points"], (POINTER_FRAME, POINTER_FRAME)),
-                halves=s["halves"] / (POINTER_FRAME / 2), frame=(POINTER_FRAME, POINTER_FRAME), objects=s["objects"])
+                halves=s["halves"] / (POINTER_FRAME / 2), frame=(POINTER_FRAME, POINTER_FRAME), objects=s["objects"],
+                cand_points=pointer_normalize(s["cand_points"], (POINTER_FRAME, POINTER_FRAME)),
+                cand_halves=s["cand_halves"] / (POINTER_FRAME / 2))
 
 def pointer_word_specials():
     """Special-token names for the synthetic grammar's closed vocabulary (one token per word)."""

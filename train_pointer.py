@@ -51,6 +51,12 @@ direction_bias = True        # attend: the point token adds a learned linear ram
                              #   scores ("left of ...": of the same-colour objects, the leftmost). Side by side, one
                              #   thread, 480 s: relation queries 78% -> 86% <= 5 px, all 88.6% -> 90.8%; alone at the
                              #   full budget 93.2-93.8%, within noise of the 93.0-93.6% before
+gate_ramp = True             # attend: the ramp counts only where the grounding logit says "candidate" (ramp x
+                             #   sigmoid(match)), so a far object of another colour cannot win on position alone
+ground_candidates = True     # relation queries: the grounding (mask) label marks every object of the named colour
+                             #   but the reference, not only the target; a patch can tell that locally, and the
+                             #   gated ramp picks the extreme candidate. With gate_ramp, alone at the full budget:
+                             #   relation far answers 5 -> 3 of 125, mean 4.2 -> 2.9 px (notes/pointer.md, session 13)
 max_points = 3               # longest point sequence (multi-target queries)
 max_query_len = 48           # query tokens kept
 word_tokens = True           # one token per word of the synthetic grammar (unknown words: bytes)
@@ -125,7 +131,7 @@ RECIPE = "pointer"
 TARGETS = {"within_5px": (">=", 0.95), "mean_px": ("<", 3.0)}
 # the model's shape: a run from a checkpoint takes these from it, and says so (img_size, word_tokens: must match)
 MODEL_KEYS = ("patch_size", "stem", "vit_layers", "vit_embd", "vit_heads", "n_layer", "n_embd", "n_head", "n_kv_head",
-              "head_mode", "edge_channels", "direction_bias", "max_query_len", "max_points")
+              "head_mode", "edge_channels", "direction_bias", "gate_ramp", "max_query_len", "max_points")
 SINGLE_KINDS = tuple(k for k in POINTER_KINDS if k != "multi")
 if not 0 <= multi_weight < 1:
     raise InputError(f"multi_weight is a share of the training queries, in [0, 1): got {multi_weight}")
@@ -178,10 +184,11 @@ def head(n):
 
 
 class Pointer(nn.Module):
-    def __init__(self, vit_cfg, gpt_cfg, point_id, head_mode="attend", window=-1, edges=False, direction=False):
+    def __init__(self, vit_cfg, gpt_cfg, point_id, head_mode="attend", window=-1, edges=False, direction=False,
+                 gate=False):
         super().__init__()
         self.point_id, self.head_mode, self.window, self.edges = point_id, head_mode, window, edges
-        self.direction = direction
+        self.direction, self.gate = direction, gate
         if vit_cfg.in_chans != input_channels(edges):
             raise InputError(f"the ViT takes {vit_cfg.in_chans} channels but RGB + {'4 edge + ' if edges else ''}"
                              f"2 coordinate channels make {input_channels(edges)}")
@@ -254,7 +261,9 @@ class Pointer(nn.Module):
             keys = self.k_proj(img_h)[row]  # (M, N, C)
             logits = torch.einsum("mc,mnc->mn", self.q_proj(h), keys).div(math.sqrt(h.shape[-1])).float() + match[row]
             if self.ramp is not None:
-                logits = logits + (self.ramp(h).float() @ self.centres.T)
+                ramp = self.ramp(h).float() @ self.centres.T  # (M, N)
+                # gated: the direction only orders the patches the words select (the candidates)
+                logits = logits + (ramp * torch.sigmoid(match[row]) if self.gate else ramp)
             targets = self.centres + self.offset(img_h[row]).float() * self.patch_w  # (M, N, 2)
             xy = xy + torch.einsum("mn,mnk->mk", pointer_window_softmax(logits, self.grid, self.window), targets).to(xy.dtype)
         return xy, self.done_head(h).squeeze(-1), logits
@@ -287,7 +296,7 @@ def build_model(meta):
     vit_cfg = dataclass_from_dict(ViTConfig, meta["vit"])
     gpt_cfg = dataclass_from_dict(GPTConfig, meta["gpt"])
     return Pointer(vit_cfg, gpt_cfg, meta["point_id"], meta.get("head_mode", "mlp"), meta.get("window", -1),
-                   meta.get("edge_channels", False), meta.get("direction_bias", False))
+                   meta.get("edge_channels", False), meta.get("direction_bias", False), meta.get("gate_ramp", False))
 
 # -----------------------------------------------------------------------------
 # setup
@@ -319,7 +328,7 @@ if init_from == "scratch":
                         n_embd=n_embd, sequence_len=2 + (img_size // patch_size) ** 2 + max_query_len + max_points,
                         image_token_id=IMAGE)
     meta0 = dict(vit=vit_cfg.__dict__, gpt=gpt_cfg.__dict__, point_id=POINT, head_mode=head_mode, word_tokens=word_tokens,
-                 window=window, edge_channels=edge_channels, direction_bias=direction_bias)
+                 window=window, edge_channels=edge_channels, direction_bias=direction_bias, gate_ramp=gate_ramp)
 else:  # resume, a checkpoint dir, or hf:owner/name: the architecture comes from the checkpoint
     meta0 = load_meta(os.path.join(out_dir, "ckpt") if init_from == "resume" else init_from)
     globals().update(adopt_checkpoint_config(meta0, config, MODEL_KEYS, verbose=master))
@@ -378,6 +387,7 @@ def get_sample(split, index, kinds=POINTER_KINDS):
         rng = np.random.default_rng([seed, 99, index])
         s["image"], s["points"], s["text"], scale = pointer_augment(s["image"], s["points"], s["text"], rng)
         s["halves"], s["objects"] = s["halves"] * scale, None  # dense labels are not transformed: ignored
+        s["cand_points"] = None  # nor are the candidates: the grounding label falls back to the targets
     return s
 
 
@@ -386,6 +396,14 @@ def prompt_ids(text):
     each patch can decide locally whether it belongs to the referred object."""
     q = pointer_encode(tok, text, word_tokens)[:max_query_len]
     return [BOS] + q + [IMAGE] * n_vision + [POINT]
+
+
+def grounding_label(s):
+    """The per-patch target of the grounding logit: the referred objects' patches or, for relation queries with
+    ground_candidates, every candidate's (the words select them; the relation then picks one)."""
+    if ground_candidates and s.get("kind") == "relation" and s.get("cand_points") is not None:
+        return pointer_patch_mask(s["cand_points"], s["cand_halves"], grid)
+    return pointer_patch_mask(s["points"][:max_points], s["halves"][:max_points], grid)
 
 
 def collate(samples):
@@ -408,8 +426,7 @@ def collate(samples):
     return dict(ids=ids, pad_mask=pad_mask, images=torch.stack([s["image"] for s in samples]), feed=feed,
                 feed_mask=feed_mask, xy=torch.from_numpy(np.concatenate([np.concatenate([p, np.zeros((1, 2), np.float32)]) for p in xy])),
                 done=torch.tensor([d for ds in done for d in ds]),
-                mask=torch.from_numpy(np.stack([pointer_patch_mask(s["points"][:max_points], s["halves"][:max_points], grid)
-                                                for s in samples])),
+                mask=torch.from_numpy(np.stack([grounding_label(s) for s in samples])),
                 dense=torch.from_numpy(np.stack([pointer_dense_labels(s.get("objects"), grid) for s in samples])))
 
 
@@ -540,7 +557,8 @@ def save(name, extra=None):
     meta = dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), best_px=best_px, bad_evals=bad_evals,
                 vit=raw_model.vit.config.__dict__, gpt=raw_model.gpt.config.__dict__, point_id=POINT,
                 head_mode=raw_model.head_mode, word_tokens=word_tokens, window=raw_model.window,
-                edge_channels=raw_model.edges, direction_bias=raw_model.direction, **(extra or {}))
+                edge_channels=raw_model.edges, direction_bias=raw_model.direction, gate_ramp=raw_model.gate,
+                **(extra or {}))
     save_checkpoint(os.path.join(out_dir, name), raw_model, optimizer, meta=meta)
 
 

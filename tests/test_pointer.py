@@ -211,6 +211,26 @@ def test_kind_weights_set_the_training_mix():
     assert all(pointer_scene(sample_rng(0, "train", i), weights=only_multi)["kind"] == "multi" for i in range(20))
 
 
+def test_relation_candidates_are_the_named_colour_and_the_target_is_their_extreme():
+    # the grounding label of a relation query (ground_candidates): every object of the named colour but the
+    # reference; the target is the one furthest in the named direction, so the gated ramp can pick it
+    axis_sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
+    n_multi = 0
+    for i in range(40):
+        s = pointer_scene(sample_rng(0, "train", i), kind="relation")
+        q, objs = s["query"], s["objects"]
+        cands = [j for j, o in enumerate(objs) if o["colour"] == q["colour"] and j != q["ref"]]
+        assert sorted(map(tuple, s["cand_points"].tolist())) == sorted((objs[j]["x"] + 0.5, objs[j]["y"] + 0.5) for j in cands)
+        axis, sign = axis_sign[q["relation"]]
+        assert np.array_equal(s["points"][0], max(s["cand_points"].tolist(), key=lambda p: sign * p[axis]))
+        n_multi += len(cands) > 1
+    assert n_multi >= 10  # most relation scenes have other candidates: the label differs from the target's
+    a = pointer_scene(sample_rng(0, "train", 0), kind="attr")
+    assert np.array_equal(a["cand_points"], a["points"]) and np.array_equal(a["cand_halves"], a["halves"])
+    n = pointer_synthetic_sample(0, "train", 3, 64, kind="relation")  # normalised like the points
+    assert np.abs(n["cand_points"]).max() <= 1 and any(np.allclose(p, n["points"][0]) for p in n["cand_points"])
+
+
 def test_patch_mask_marks_the_target_box():
     # 4x4 grid (patch width 0.5): a target at (0.0, -0.6) with half-extent 0.3 covers patch centres
     # x in {-0.25, 0.25} and y in {-0.75}; a zero-size target still marks its own patch
@@ -396,9 +416,10 @@ def test_train_eval_resume(tmp_path):
 
 def test_conv_stem_and_global_window_variants_run(tmp_path):
     # the non-default front end (conv stem), answer (global soft-argmax), optimizer (AdamW alone) and data path
-    # (a worker process) train, evaluate and checkpoint
+    # (a worker process), the ungated ramp with target-only grounding labels, train, evaluate and checkpoint
     out = str(tmp_path / "conv")
     run(["--stem=conv", "--window=-1", "--optim=adamw", "--num_workers=1", "--curriculum_steps=3", "--max_steps=6",
+         "--gate_ramp=False", "--ground_candidates=False",
          "--eval_interval=6", "--n_vis=0", "--out_dir=" + out])
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["step"] == 6 and np.isfinite(res["metrics"]["mean_px"]) and res["config"]["stem"] == "conv"
