@@ -56,7 +56,7 @@ gate_ramp = True             # attend: the ramp counts only where the grounding 
 ground_candidates = True     # relation queries: the grounding (mask) label marks every object of the named colour
                              #   but the reference, not only the target; a patch can tell that locally, and the
                              #   gated ramp picks the extreme candidate. With gate_ramp, alone at the full budget:
-                             #   mean < 3 px in 5 of 6 runs (2.56-2.90, and 4.19), against 1 of 5 before; either
+                             #   mean < 3 px in 5 of 7 runs (2.56-2.90; 4.19, 4.76), against 1 of 5 before; either
                              #   alone was level (notes/pointer.md, session 13)
 max_points = 3               # longest point sequence (multi-target queries)
 max_query_len = 48           # query tokens kept
@@ -293,11 +293,16 @@ class Pointer(nn.Module):
                     offset=self.offset(img_h).float() if attend else None)
 
 
+# what a checkpoint from before a switch existed was built with (it does not record the switch)
+LEGACY = dict(head_mode="mlp", window=-1, edge_channels=False, direction_bias=False, gate_ramp=False)
+
+
 def build_model(meta):
     vit_cfg = dataclass_from_dict(ViTConfig, meta["vit"])
     gpt_cfg = dataclass_from_dict(GPTConfig, meta["gpt"])
-    return Pointer(vit_cfg, gpt_cfg, meta["point_id"], meta.get("head_mode", "mlp"), meta.get("window", -1),
-                   meta.get("edge_channels", False), meta.get("direction_bias", False), meta.get("gate_ramp", False))
+    a = {k: meta.get(k, v) for k, v in LEGACY.items()}
+    return Pointer(vit_cfg, gpt_cfg, meta["point_id"], a["head_mode"], a["window"], a["edge_channels"],
+                   a["direction_bias"], a["gate_ramp"])
 
 # -----------------------------------------------------------------------------
 # setup
@@ -332,6 +337,8 @@ if init_from == "scratch":
                  window=window, edge_channels=edge_channels, direction_bias=direction_bias, gate_ramp=gate_ramp)
 else:  # resume, a checkpoint dir, or hf:owner/name: the architecture comes from the checkpoint
     meta0 = load_meta(os.path.join(out_dir, "ckpt") if init_from == "resume" else init_from)
+    for k in ("head_mode", "edge_channels", "direction_bias", "gate_ramp"):  # an older checkpoint: what it was built as
+        meta0.setdefault("config", {}).setdefault(k, meta0.get(k, LEGACY[k]))
     globals().update(adopt_checkpoint_config(meta0, config, MODEL_KEYS, verbose=master))
 if meta0["vit"]["image_size"] != img_size:
     raise InputError(f"checkpoint was trained at img_size={meta0['vit']['image_size']}, config says {img_size}")

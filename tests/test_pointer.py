@@ -414,6 +414,21 @@ def test_train_eval_resume(tmp_path):
     assert res["step"] == 70 and res["config"]["n_layer"] == 1 and res["config"]["head_mode"] == "attend"
 
 
+def test_checkpoint_from_before_a_switch_is_built_and_reported_as_it_was(tmp_path):
+    # a checkpoint written before gate_ramp existed records it nowhere: it was ungated, and the run must say so
+    # (not report the config's default, gate_ramp=True, for a model built without the gate)
+    out = str(tmp_path / "old")
+    run(["--max_steps=2", "--eval_interval=2", "--n_vis=0", "--out_dir=" + out])
+    path = os.path.join(out, "ckpt", "meta.json")
+    meta = json.load(open(path))
+    del meta["gate_ramp"], meta["config"]["gate_ramp"]
+    json.dump(meta, open(path, "w"))
+    new = str(tmp_path / "eval")
+    stdout = run(["--eval_only=True", "--n_vis=0", "--init_from=" + os.path.join(out, "ckpt"), "--out_dir=" + new])
+    assert "from checkpoint: gate_ramp=False (config said True)" in stdout
+    assert json.load(open(os.path.join(new, "results.json")))["config"]["gate_ramp"] is False
+
+
 def test_conv_stem_and_global_window_variants_run(tmp_path):
     # the non-default front end (conv stem), answer (global soft-argmax), optimizer (AdamW alone) and data path
     # (a worker process), the ungated ramp with target-only grounding labels, train, evaluate and checkpoint
