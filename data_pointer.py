@@ -101,7 +101,8 @@ def pointer_scene(rng, kind=None, frame=POINTER_FRAME, min_objects=3, max_object
     """One scene and one query. Distractors share the target's colour or shape (each scene draws from a
     small palette), some objects overlap partially. Returns dict(objects, query, text, points (K, 2) in
     frame px, halves, kind, cand_points / cand_halves: the candidates the query's words select, for relation
-    queries every object of the named colour but the reference, else the targets). Rejection-sampled until the query refers to exactly the intended targets.
+    queries every object of the named colour but the reference, else the targets). Rejection-sampled until the
+    query refers to exactly the intended targets.
     kind=None draws one of `kinds` with `weights` (renormalised over `kinds`)."""
     if kind is None:
         w = np.array([weights[k] for k in kinds])
@@ -129,14 +130,18 @@ def pointer_scene(rng, kind=None, frame=POINTER_FRAME, min_objects=3, max_object
             targets = pointer_matches(query, objects)
             if kind == "multi":  # reading order of a sequence: left to right, then top to bottom
                 targets = sorted(targets, key=lambda i: (objects[i]["x"], objects[i]["y"]))
-            points = np.array([[objects[i]["x"] + 0.5, objects[i]["y"] + 0.5] for i in targets], dtype=np.float32)
-            halves = np.array([objects[i]["half"] for i in targets], dtype=np.float32)
-            cands = pointer_candidates(query, objects) if kind == "relation" else targets
+            points, halves = _centres_and_halves(objects, targets)
+            cand_points, cand_halves = _centres_and_halves(
+                objects, pointer_candidates(query, objects) if kind == "relation" else targets)
             return dict(objects=objects, query=query, text=pointer_query_text(query, objects), points=points,
-                        halves=halves, kind=kind,
-                        cand_points=np.array([[objects[i]["x"] + 0.5, objects[i]["y"] + 0.5] for i in cands], dtype=np.float32),
-                        cand_halves=np.array([objects[i]["half"] for i in cands], dtype=np.float32))
+                        halves=halves, kind=kind, cand_points=cand_points, cand_halves=cand_halves)
     raise RuntimeError(f"could not build a '{kind}' scene")  # not reached with these settings
+
+
+def _centres_and_halves(objects, idx):
+    """The objects' centres (pixel centres of their integer positions, frame px) and half-extents."""
+    return (np.array([[objects[i]["x"] + 0.5, objects[i]["y"] + 0.5] for i in idx], dtype=np.float32),
+            np.array([objects[i]["half"] for i in idx], dtype=np.float32))
 
 
 def _pointer_query(rng, kind, objects, max_points):
