@@ -56,7 +56,7 @@ gate_ramp = True             # attend: the ramp counts only where the grounding 
 ground_candidates = True     # relation queries: the grounding (mask) label marks every object of the named colour
                              #   but the reference, not only the target; a patch can tell that locally, and the
                              #   gated ramp picks the extreme candidate. With gate_ramp, alone at the full budget:
-                             #   mean < 3 px in 5 of 7 runs (2.56-2.90; 4.19, 4.76), against 1 of 5 before; either
+                             #   mean < 3 px in 5 of 8 runs (2.56-2.90; 4.19-5.08), against 1 of 5 before; either
                              #   alone was level (notes/pointer.md, session 13)
 max_points = 3               # longest point sequence (multi-target queries)
 max_query_len = 48           # query tokens kept
