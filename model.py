@@ -926,14 +926,19 @@ def load_meta(src):
         raise InputError(f"checkpoint meta {path} is corrupted: {e}") from None
 
 
-def adopt_checkpoint_config(meta, config, keys, verbose=True):
+def adopt_checkpoint_config(meta, config, keys, verbose=True, absent=None):
     """The model's shape comes from the checkpoint: config's `keys` take the values the checkpoint was trained
     with (each change printed), so the run's config and results.json describe the model it really trains.
+    absent: {key: value} a checkpoint written before the key existed was built with (its config lacks the key).
     -> {key: value} for those keys (a script puts them back into its globals)."""
+    absent = absent or {}
     for k in keys:
-        if k not in meta.get("config", {}):
+        if k in meta.get("config", {}):
+            value = meta["config"][k]
+        elif k in absent:
+            value = absent[k]
+        else:
             continue
-        value = meta["config"][k]
         value = tuple(value) if isinstance(config[k], tuple) and isinstance(value, list) else value  # JSON: no tuples
         if value != config[k]:
             if verbose:

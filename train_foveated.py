@@ -35,12 +35,12 @@ import torch.nn.functional as F
 
 from model import install_error_hook
 install_error_hook()
-from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, adopt_checkpoint_config,  # noqa: E402
-                   autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed,
-                   configure_optimizers,
-                   dataclass_from_dict, get_lr, global_mean, init_distributed, left_pad, load_checkpoint, load_meta,
-                   log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub,
-                   resolve_checkpoint, rng_state, run_dir, save_checkpoint, set_lr, set_rng_state)
+from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
+                   adopt_checkpoint_config, autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id,
+                   cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr, global_mean,
+                   init_distributed, left_pad, load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks,
+                   measure_matmul_peak, push_run_to_hub, resolve_checkpoint, rng_state, run_dir, save_checkpoint,
+                   set_lr, set_rng_state)
 from data import Tokenizer, batch_indices, format_metrics, normalize, save_png, write_results  # noqa: E402
 from data_foveated import (fov_attention_stats, fov_attention_strip, fov_clip_split, fov_cosine,  # noqa: E402
                            fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_per_frame_mse,

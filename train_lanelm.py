@@ -26,11 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (GPT, GPTConfig, InputError, Projector, WandbLogger, adopt_checkpoint_config, autocast_ctx,
-                   budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed, configure_optimizers,
-                   get_lr, global_mean, gpt_flops_per_token, idle_cores, init_distributed, install_error_hook,
-                   load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, norm,
-                   push_run_to_hub, rng_state,
-                   run_dir, save_checkpoint, set_lr, set_rng_state)
+                   budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed,
+                   configure_optimizers, get_lr, global_mean, gpt_flops_per_token, idle_cores, init_distributed,
+                   install_error_hook, load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks,
+                   measure_matmul_peak, norm, push_run_to_hub, rng_state, run_dir, save_checkpoint, set_lr,
+                   set_rng_state)
 from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
 from configurator import configure
 from data_lanelm import (LaneTokenizer, lane_draw, lane_seg_target, lane_slots, lane_sort, lane_synthetic_sample,

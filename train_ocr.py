@@ -25,12 +25,12 @@ import torch.nn.functional as F
 
 from model import install_error_hook
 install_error_hook()
-from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, adopt_checkpoint_config,  # noqa: E402
-                   autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed,
-                   configure_optimizers,
-                   dataclass_from_dict, get_lr, global_mean, gpt_flops_per_token, init_distributed, load_checkpoint,
-                   load_meta, log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub,
-                   rng_state, run_dir, save_checkpoint, set_lr, set_rng_state, sync)
+from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
+                   adopt_checkpoint_config, autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id,
+                   cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr, global_mean,
+                   gpt_flops_per_token, init_distributed, load_checkpoint, load_meta, log_line, maybe_compile,
+                   mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state, run_dir, save_checkpoint,
+                   set_lr, set_rng_state, sync)
 from data import (Tokenizer, batch_indices, format_metrics, load_image, normalize, save_png,  # noqa: E402
                   write_results)
 from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, fox_word_metrics, ocr_draw_predictions, ocr_metrics, ocr_probe_images,  # noqa: E402

@@ -112,11 +112,10 @@ config = configure(globals())
 
 from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
                    adopt_checkpoint_config, autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id,
-                   cleanup_distributed,
-                   configure_optimizers, dataclass_from_dict, get_lr, global_mean, gpt_flops_per_token,
-                   init_distributed, install_error_hook, left_pad, load_checkpoint, load_meta, log_line,
-                   maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state, run_dir,
-                   save_checkpoint, set_lr, set_rng_state, unwrap)
+                   cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr, global_mean,
+                   gpt_flops_per_token, init_distributed, install_error_hook, left_pad, load_checkpoint, load_meta,
+                   log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state,
+                   run_dir, save_checkpoint, set_lr, set_rng_state, unwrap)
 from data import (Tokenizer, batch_indices, epoch_order, format_metrics, image_grid, normalize,  # noqa: E402
                   oriented_edges, save_png, step_batches, write_results)
 from data_pointer import (POINTER_FRAME, POINTER_KIND_WEIGHTS, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
@@ -337,9 +336,8 @@ if init_from == "scratch":
                  window=window, edge_channels=edge_channels, direction_bias=direction_bias, gate_ramp=gate_ramp)
 else:  # resume, a checkpoint dir, or hf:owner/name: the architecture comes from the checkpoint
     meta0 = load_meta(os.path.join(out_dir, "ckpt") if init_from == "resume" else init_from)
-    for k in ("head_mode", "edge_channels", "direction_bias", "gate_ramp"):  # an older checkpoint: what it was built as
-        meta0.setdefault("config", {}).setdefault(k, meta0.get(k, LEGACY[k]))
-    globals().update(adopt_checkpoint_config(meta0, config, MODEL_KEYS, verbose=master))
+    built_as = {k: meta0.get(k, v) for k, v in LEGACY.items()}  # what build_model makes of an older checkpoint
+    globals().update(adopt_checkpoint_config(meta0, config, MODEL_KEYS, verbose=master, absent=built_as))
 if meta0["vit"]["image_size"] != img_size:
     raise InputError(f"checkpoint was trained at img_size={meta0['vit']['image_size']}, config says {img_size}")
 if meta0.get("word_tokens", word_tokens) != word_tokens or meta0["gpt"]["vocab_size"] != tok.vocab_size:
