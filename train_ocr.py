@@ -27,7 +27,7 @@ from model import install_error_hook
 install_error_hook()
 from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
                    adopt_checkpoint_config, autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id,
-                   cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr, global_mean,
+                   cleanup_distributed, configure_optimizers, dataclass_from_dict, embed_patches, get_lr, global_mean,
                    gpt_flops_per_token, init_distributed, load_checkpoint, load_meta, log_line, maybe_compile,
                    mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state, run_dir, save_checkpoint,
                    set_lr, set_rng_state, sync)
@@ -221,7 +221,7 @@ class SAMEncoder(nn.Module):
 
     def forward(self, images, glyphs=False):
         """-> (B, q*q, 4*neck) tokens, and with glyphs=True also (B, g, g, glyph_classes) glyph logits."""
-        x = self.patch(images).permute(0, 2, 3, 1) + self.pos
+        x = embed_patches(images, self.patch) + self.pos
         for block in self.blocks:
             x = block(x)
         glyph_logits = self.glyph(x) if glyphs else None

@@ -509,6 +509,19 @@ def test_vit_read_bias_adds_to_the_query_patch_logits():
 
 
 
+def test_patch_embedding_is_the_strided_conv():
+    # the ViT's (and the OCR's SAM-like encoder's) patch conv, computed as one matmul: equal to F.conv2d in float64,
+    # including a remainder of pixels that makes no whole patch (26 x 30 with 4-px patches: 6 x 7 patches)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 4, stride=4).double()
+    images = torch.randn(2, 3, 26, 30, dtype=torch.float64)
+    got = M.embed_patches(images, conv)
+    assert got.shape == (2, 6, 7, 5)
+    assert torch.allclose(got, conv(images).permute(0, 2, 3, 1), atol=1e-12)
+    with pytest.raises(ValueError, match="kernel = stride"):
+        M.embed_patches(images, torch.nn.Conv2d(3, 5, 4, stride=2))
+
+
 def test_vit_token_input_mode_and_count_check():
     vit = tiny_vit(patch_embed=False, num_tokens=10)
     feats = vit(torch.randn(2, 10, 32))
