@@ -1,10 +1,12 @@
 """
 Pointing with a small VLM at pixel precision: image + text query -> (x, y) of the referred object(s).
 
-ViT -> Projector -> GPT over [bos, query bytes, image x N, <|point|> ...]. The hidden state of each
-<|point|> token feeds x_head / y_head (coordinates in [-1, 1]) and a done head. Sequential pointing: the
-next <|point|> token carries the previous point (Fourier features), and `done` says "no more points".
-Pixel errors are measured in a 384 x 384 frame (the image itself is rendered at img_size px).
+ViT -> Projector -> GPT over [bos, query words, image x N, <|point|> ...]. Each <|point|> token scores every
+image token (its own q.k, a grounding logit the words give the patch, a direction ramp for "left of ...");
+the answer is the best patch's centre + that patch's predicted offset, refined by x_head / y_head
+(coordinates in [-1, 1]), and a done head says "no more points". Sequential pointing: the next <|point|>
+token carries the previous point (Fourier features). Pixel errors are measured in a 384 x 384 frame (the
+image itself is rendered at img_size px).
 
     python train_pointer.py                                  # synthetic scenes, CPU, <= 10 min
     python train_pointer.py --loss=l1 --max_steps=600        # loss ablation
