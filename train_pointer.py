@@ -58,8 +58,8 @@ gate_ramp = True             # attend: the ramp counts only where the grounding 
 ground_candidates = True     # relation queries: the grounding (mask) label marks every object of the named colour
                              #   but the reference, not only the target; a patch can tell that locally, and the
                              #   gated ramp picks the extreme candidate. With gate_ramp, alone at the full budget:
-                             #   mean < 3 px in 5 of 8 runs (2.56-2.90; 4.19-5.08), against 1 of 5 before; either
-                             #   alone was level (notes/pointer.md, session 13)
+                             #   mean < 3 px in 7 of 11 runs (2.17-2.90; 3.32-5.08), against 1 of 5 before; either
+                             #   alone was level (notes/pointer.md, sessions 13-14)
 max_points = 3               # longest point sequence (multi-target queries)
 max_query_len = 48           # query tokens kept
 word_tokens = True           # one token per word of the synthetic grammar (unknown words: bytes)
