@@ -55,6 +55,8 @@ class GPTConfig:
     image_token_id: int = -1    # token whose positions receive vision embeddings (-1: none)
     logit_softcap: float = 15.0  # nanochat's tanh softcap; 0 disables
     rope_base: float = 10000.0
+    input_norm: bool = True     # RMS-normalise the input embeddings before the first block (nanochat does); off,
+                                #   the projector sets the image tokens' scale against the words' (train_pointer)
 
 
 def norm(x):
@@ -314,10 +316,15 @@ class GPT(nn.Module):
         return x
 
     # -- the transformer on embeddings (so recipes can feed soft/continuous inputs)
-    def forward_embeds(self, x, pad_mask=None, kv_cache=None):
-        """x: (B, T, C) -> final hidden states (B, T, C). pad_mask: (B, T) bool, True = real token (left padding)."""
+    def forward_embeds(self, x, pad_mask=None, kv_cache=None, block=None):
+        """x: (B, T, C) -> final hidden states (B, T, C). pad_mask: (B, T) bool, True = real token (left padding).
+        block: (B, T) bool, True on tokens that attend to each other both ways (an image, as a prefix-LM like
+        PaliGemma); every other token stays causal. Only where the sequence starts (a whole sequence or the
+        first prefill of a cache): later tokens cannot reach back into earlier keys' attention."""
         B, T, _ = x.shape
         start = 0 if kv_cache is None else kv_cache.pos
+        if block is not None and start > 0:
+            raise ValueError(f"block= needs the sequence from position 0; this call starts at {start}")
         padded = pad_mask is not None and not bool(pad_mask.all())
         if not padded and (kv_cache is None or not kv_cache.has_pad):
             # the common path: positions start..start+T, no mask to build (decode steps stay cheap)
@@ -325,14 +332,18 @@ class GPT(nn.Module):
                 raise InputError(f"position {start + T - 1} exceeds the rotary table ({self.cos.shape[0]})")
             cos, sin = self.cos[start:start + T], self.sin[start:start + T]
             attn_mask = None
-            if T > 1 and start > 0:  # chunked prefill: causal with an offset
+            if (T > 1 and start > 0) or block is not None:  # chunked prefill (causal with an offset), or a block
                 k_idx = torch.arange(start + T, device=x.device)
                 attn_mask = (k_idx[None, :] <= k_idx[start:, None])[None, None]
         else:
             cos, sin, attn_mask = self.padded_positions_and_mask(B, T, start, pad_mask, kv_cache, x.device)
-        x = norm(x)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, attn_mask, kv_cache)
+        if block is not None:
+            block = block if pad_mask is None else block & pad_mask.bool()  # a pad stays invisible
+            attn_mask = attn_mask | (block[:, None, :, None] & block[:, None, None, :])
+        if self.config.input_norm:
+            x = norm(x)
+        for layer in self.transformer.h:
+            x = layer(x, cos, sin, attn_mask, kv_cache)
         return norm(x)
 
     def padded_positions_and_mask(self, B, T, start, pad_mask, kv_cache, device):

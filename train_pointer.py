@@ -47,6 +47,11 @@ n_layer = 3                  # GPT
 n_embd = 128
 n_head = 4
 n_kv_head = 4
+image_attention = "causal"   # causal | bidirectional: the image tokens attend to each other both ways (a prefix-LM,
+                             #   as PaliGemma; the query before them and the point tokens after stay causal)
+input_norm = True            # RMS-normalise the GPT's input embeddings (image tokens and words) before its first
+                             #   block. Bidirectional without the norm: 2.02-2.49 px in 3 runs at ~1,150 steps (against
+                             #   2.17-5.08 px in 11 of the default), but 1.79-2.49 against 1.66-2.01 px at ~1,700 steps
 head_mode = "attend"         # attend: point token attends over image tokens (soft-argmax + offsets) plus
                              #   x_head/y_head refinement; mlp: x_head/y_head of the hidden state alone
 direction_bias = True        # attend: the point token adds a learned linear ramp over the patch centres to its
@@ -84,7 +89,8 @@ train_cluster = 0.3          # synthetic: probability that a training object is 
                              #   (overlapped targets: 9% of queries at 0, 30% at 0.3); held-out scenes never are
                              #   (+1.2 to +2.0 points <= 5 px in 3 side-by-side pairs)
 augment = False              # translate/scale/flip (synthetic scenes are infinite, so off by default)
-max_steps = 2200             # ~460 ms/step with Muon on a 2-core AMD EPYC (1,120 steps in 540 s); max_train_seconds caps it
+max_steps = 2200             # 300-460 ms/step with Muon on a 2-core AMD EPYC (1,000-1,750 steps in 540 s, by the
+                             #   machine's speed that day); max_train_seconds caps it
 max_train_seconds = 540.0         # > 0: stop training after this many seconds (then eval); LR decays on time too
 batch_size = 32
 num_workers = 0              # > 0: worker processes build the next batches while the model trains (for GPUs and
@@ -133,7 +139,8 @@ RECIPE = "pointer"
 TARGETS = {"within_5px": (">=", 0.95), "mean_px": ("<", 3.0)}
 # the model's shape: a run from a checkpoint takes these from it, and says so (img_size, word_tokens: must match)
 MODEL_KEYS = ("patch_size", "stem", "vit_layers", "vit_embd", "vit_heads", "n_layer", "n_embd", "n_head", "n_kv_head",
-              "head_mode", "edge_channels", "direction_bias", "gate_ramp", "max_query_len", "max_points")
+              "head_mode", "edge_channels", "direction_bias", "gate_ramp", "max_query_len", "max_points",
+              "image_attention", "input_norm")
 SINGLE_KINDS = tuple(k for k in POINTER_KINDS if k != "multi")
 if not 0 <= multi_weight < 1:
     raise InputError(f"multi_weight is a share of the training queries, in [0, 1): got {multi_weight}")
@@ -141,6 +148,8 @@ TRAIN_KIND_WEIGHTS = {k: w * (1 - multi_weight) / (1 - POINTER_KIND_WEIGHTS["mul
 TRAIN_KIND_WEIGHTS["multi"] = multi_weight
 if loss not in POINTER_LOSSES:
     raise InputError(f"loss must be one of {' | '.join(POINTER_LOSSES)}, got {loss!r}")
+if image_attention not in ("bidirectional", "causal"):
+    raise InputError(f"image_attention must be 'bidirectional' or 'causal', got {image_attention!r}")
 if dataset not in ("synthetic", "jsonl"):
     raise InputError(f"dataset must be 'synthetic' or 'jsonl', got {dataset!r}")
 
@@ -187,10 +196,10 @@ def head(n):
 
 class Pointer(nn.Module):
     def __init__(self, vit_cfg, gpt_cfg, point_id, head_mode="attend", window=-1, edges=False, direction=False,
-                 gate=False):
+                 gate=False, image_attention="causal"):
         super().__init__()
         self.point_id, self.head_mode, self.window, self.edges = point_id, head_mode, window, edges
-        self.direction, self.gate = direction, gate
+        self.direction, self.gate, self.image_attention = direction, gate, image_attention
         if vit_cfg.in_chans != input_channels(edges):
             raise InputError(f"the ViT takes {vit_cfg.in_chans} channels but RGB + {'4 edge + ' if edges else ''}"
                              f"2 coordinate channels make {input_channels(edges)}")
@@ -276,6 +285,10 @@ class Pointer(nn.Module):
         col, r = (((xy + 1) / 2 * G).long().clamp(0, G - 1)).unbind(-1)
         return r * G + col
 
+    def image_block(self, ids):
+        """The tokens that attend to each other both ways (forward_embeds' block=): the image, or None (causal)."""
+        return ids == self.gpt.config.image_token_id if self.image_attention == "bidirectional" else None
+
     def image_states(self, ids, h):
         return h[ids == self.gpt.config.image_token_id].view(ids.shape[0], -1, h.shape[-1])
 
@@ -283,7 +296,7 @@ class Pointer(nn.Module):
         """-> dict(xy (M, 2), done (M,) logits, patch (M, N) logits or None, match (B, N) logits or None,
         parse (B, N, classes) logits, offset (B, N, 2) in patch widths or None)."""
         x, parse = self.embed(ids, images, feed, feed_mask)
-        h = self.gpt.forward_embeds(x, pad_mask)
+        h = self.gpt.forward_embeds(x, pad_mask, block=self.image_block(ids))
         is_point = ids == self.point_id
         row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[is_point]
         img_h = self.image_states(ids, h)
@@ -295,7 +308,8 @@ class Pointer(nn.Module):
 
 
 # what a checkpoint from before a switch existed was built with (it does not record the switch)
-LEGACY = dict(head_mode="mlp", window=-1, edge_channels=False, direction_bias=False, gate_ramp=False)
+LEGACY = dict(head_mode="mlp", window=-1, edge_channels=False, direction_bias=False, gate_ramp=False,
+              image_attention="causal", input_norm=True)
 
 
 def build_model(meta):
@@ -303,7 +317,7 @@ def build_model(meta):
     gpt_cfg = dataclass_from_dict(GPTConfig, meta["gpt"])
     a = {k: meta.get(k, v) for k, v in LEGACY.items()}
     return Pointer(vit_cfg, gpt_cfg, meta["point_id"], a["head_mode"], a["window"], a["edge_channels"],
-                   a["direction_bias"], a["gate_ramp"])
+                   a["direction_bias"], a["gate_ramp"], a["image_attention"])
 
 # -----------------------------------------------------------------------------
 # setup
@@ -333,9 +347,10 @@ if init_from == "scratch":
                         num_tokens=0 if stem == "patch" else (img_size // patch_size) ** 2)
     gpt_cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
                         n_embd=n_embd, sequence_len=2 + (img_size // patch_size) ** 2 + max_query_len + max_points,
-                        image_token_id=IMAGE)
+                        image_token_id=IMAGE, input_norm=input_norm)
     meta0 = dict(vit=vit_cfg.__dict__, gpt=gpt_cfg.__dict__, point_id=POINT, head_mode=head_mode, word_tokens=word_tokens,
-                 window=window, edge_channels=edge_channels, direction_bias=direction_bias, gate_ramp=gate_ramp)
+                 window=window, edge_channels=edge_channels, direction_bias=direction_bias, gate_ramp=gate_ramp,
+                 image_attention=image_attention)
 else:  # resume, a checkpoint dir, or hf:owner/name: the architecture comes from the checkpoint
     meta0 = load_meta(os.path.join(out_dir, "ckpt") if init_from == "resume" else init_from)
     built_as = {k: meta0.get(k, v) for k, v in LEGACY.items()}  # what build_model makes of an older checkpoint
@@ -494,7 +509,7 @@ def rollout(m, samples, max_len):
                     num_layers=cfg.n_layer, device=dev, dtype=torch.float32)
     with ctx:
         x = m.gpt.embed(ids, m.vision(images)[0])
-        h_all = m.gpt.forward_embeds(x, pad_mask, cache)
+        h_all = m.gpt.forward_embeds(x, pad_mask, cache, block=m.image_block(ids))
     h, img_h, rows = h_all[:, -1], m.image_states(ids, h_all), torch.arange(B, device=dev)
     match = m.grounding(ids, pad_mask, h_all, img_h) if m.head_mode == "attend" else None
     out, stopped = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=dev)
@@ -566,7 +581,7 @@ def save(name, extra=None):
                 vit=raw_model.vit.config.__dict__, gpt=raw_model.gpt.config.__dict__, point_id=POINT,
                 head_mode=raw_model.head_mode, word_tokens=word_tokens, window=raw_model.window,
                 edge_channels=raw_model.edges, direction_bias=raw_model.direction, gate_ramp=raw_model.gate,
-                **(extra or {}))
+                image_attention=raw_model.image_attention, **(extra or {}))
     save_checkpoint(os.path.join(out_dir, name), raw_model, optimizer, meta=meta)
 
 

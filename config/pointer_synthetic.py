@@ -21,6 +21,8 @@ n_layer = 3                  # GPT
 n_embd = 128
 n_head = 4
 n_kv_head = 4
+image_attention = "causal"   # causal | bidirectional: the image tokens see each other both ways (a prefix-LM)
+input_norm = True            # RMS-normalise the GPT's input embeddings before its first block
 head_mode = "attend"         # attend: point token attends over image tokens (soft-argmax + offsets) plus
                              #   x_head/y_head refinement; mlp: x_head/y_head of the hidden state alone
 direction_bias = True        # attend: a learned linear ramp over patch positions in the point token's scores
@@ -42,7 +44,7 @@ train_cluster = 0.3          # training objects placed next to an earlier one wi
 multi_weight = 0.25          # share of "every ..." queries among training queries
 curriculum_steps = 150       # > 0: attribute-only queries (no relations / "every") before this step
 augment = False              # translate/scale/flip (synthetic scenes are infinite, so off by default)
-max_steps = 2200             # ~460 ms/step with Muon on a 2-core AMD EPYC (1,120 steps in 540 s); max_train_seconds caps it
+max_steps = 2200             # 300-460 ms/step with Muon on a 2-core AMD EPYC (1,000-1,750 steps in 540 s); the time caps it
 max_train_seconds = 540.0         # > 0: stop training after this many seconds (then eval); LR decays on time too
 batch_size = 32
 num_workers = 0              # > 0: worker processes build batches ahead (slower on 2 cores: they share them)

@@ -52,8 +52,9 @@ def naive_rope(x, positions, base):
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], -1)
 
 
-def naive_attention(attn, x, positions, key_valid=None, base=10000.0):
-    """x (B, T, C) float64. key_valid (B, T) bool: keys that may be attended (left padding)."""
+def naive_attention(attn, x, positions, key_valid=None, base=10000.0, block=None):
+    """x (B, T, C) float64. key_valid (B, T) bool: keys that may be attended (left padding). block (B, T) bool:
+    tokens that also see each other both ways."""
     B, T, C = x.shape
     H, Hkv = attn.n_head, attn.n_kv_head
     D = C // H
@@ -69,6 +70,8 @@ def naive_attention(attn, x, positions, key_valid=None, base=10000.0):
         if key_valid is not None:
             allowed &= key_valid[b][None, :]
             allowed |= torch.eye(T, dtype=torch.bool)
+        if block is not None:
+            allowed |= block[b][:, None] & block[b][None, :]
         for h in range(H):
             g = h // (H // Hkv)                      # query head h reads kv head h // n_rep
             s = q[b, :, h] @ k[b, :, g].T / math.sqrt(D)
@@ -79,14 +82,15 @@ def naive_attention(attn, x, positions, key_valid=None, base=10000.0):
     return y.reshape(B, T, C) @ W(attn.c_proj).T
 
 
-def naive_gpt_logits(m, idx, pad_mask=None):
+def naive_gpt_logits(m, idx, pad_mask=None, block=None):
     cfg = m.config
     if pad_mask is None:
         pad_mask = torch.ones_like(idx, dtype=torch.bool)
     positions = (pad_mask.long().cumsum(1) - 1).clamp(min=0)
-    x = rms(m.transformer.wte.weight.detach().double()[idx])
+    x = m.transformer.wte.weight.detach().double()[idx]
+    x = rms(x) if cfg.input_norm else x
     for blk in m.transformer.h:
-        x = x + naive_attention(blk.attn, rms(x), positions, pad_mask, cfg.rope_base)
+        x = x + naive_attention(blk.attn, rms(x), positions, pad_mask, cfg.rope_base, block)
         h = rms(x) @ blk.mlp.c_fc.weight.detach().double().T
         x = x + torch.relu(h).square() @ blk.mlp.c_proj.weight.detach().double().T
     logits = rms(x) @ m.lm_head.weight.detach().double().T
@@ -116,6 +120,63 @@ def test_gpt_logits_match_naive_float64(n_kv_head, softcap):
     # the explicit-mask path (pad_mask all True) is the same computation as is_causal
     logits_masked, _ = m(idx, pad_mask=torch.ones_like(idx, dtype=torch.bool))
     assert (logits_masked - logits).abs().max() < 1e-5
+
+
+def test_gpt_without_input_norm_matches_naive_float64():
+    m = tiny_gpt(input_norm=False)
+    with torch.no_grad():
+        m.transformer.wte.weight.mul_(3.0)  # embeddings far from unit RMS: the switch must matter
+    idx = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(0))
+    logits, _ = m(idx)
+    assert (logits.double() - naive_gpt_logits(m, idx)).abs().max() < 1e-4
+    m.config.input_norm = True
+    normed, _ = m(idx)
+    assert (normed - logits).abs().max() > 1e-2
+
+
+def block_logits(m, idx, pad_mask=None, block=None, kv_cache=None):
+    return m.logits(m.forward_embeds(m.transformer.wte(idx), pad_mask, kv_cache, block=block))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_block_attention_matches_naive_float64(padded):
+    """block=: the marked tokens (an image) see each other both ways; the rest stays causal."""
+    m = tiny_gpt()
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 64, (L,), generator=g).tolist() for L in ((12, 8) if padded else (12, 12))]
+    idx, mask = M.left_pad(seqs)
+    mask = mask if padded else None
+    block = torch.zeros_like(idx, dtype=torch.bool)
+    block[0, 2:7] = True
+    block[1, 3:9] = True  # padded: its first token is a pad, which must stay invisible
+    got = block_logits(m, idx, mask, block)
+    valid = torch.ones_like(block) if mask is None else mask
+    assert (got.double() - naive_gpt_logits(m, idx, mask, block & valid)).abs()[valid].max() < 1e-4
+    # an early block token now reads a later one; the tokens before the block still do not
+    changed = idx.clone()
+    changed[0, 6] = (changed[0, 6] + 1) % 64
+    out = block_logits(m, changed, mask, block)
+    assert (out[0, 2] - got[0, 2]).abs().max() > 1e-3 and (out[0, :2] - got[0, :2]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_block_prefill_then_cached_decode_equals_full_forward(padded):
+    m = tiny_gpt()
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, 64, (L,), generator=g).tolist() for L in ((14, 10) if padded else (14, 14))]
+    idx, mask = M.left_pad(seqs)
+    mask = mask if padded else None
+    block = torch.zeros_like(idx, dtype=torch.bool)
+    block[:, 3:8] = True
+    full = block_logits(m, idx, mask, block)
+    cache = KVCache(batch_size=2, num_heads=2, seq_len=14, head_dim=8, num_layers=2)
+    pre = block_logits(m, idx[:, :9], None if mask is None else mask[:, :9], block[:, :9], cache)
+    steps = [block_logits(m, idx[:, t:t + 1], kv_cache=cache) for t in range(9, 14)]
+    got = torch.cat([pre] + steps, 1)
+    valid = torch.ones_like(block) if mask is None else mask
+    assert (got - full).abs()[valid].max() < 1e-5
+    with pytest.raises(ValueError, match="position 0"):
+        block_logits(m, idx[:, :1], kv_cache=cache, block=block[:, :1])
 
 
 def test_left_padded_logits_match_naive_and_unpadded():

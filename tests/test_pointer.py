@@ -415,36 +415,50 @@ def test_train_eval_resume(tmp_path):
 
 
 def test_checkpoint_from_before_a_switch_is_built_and_reported_as_it_was(tmp_path):
-    # a checkpoint written before gate_ramp existed records it nowhere: it was ungated, and the run must say so
-    # (not report the config's default, gate_ramp=True, for a model built without the gate)
+    # a checkpoint written before gate_ramp / image_attention / input_norm existed records them nowhere: it was
+    # ungated, causal and normed, and the run must say so (not report the config's defaults for it)
     out = str(tmp_path / "old")
-    run(["--max_steps=2", "--eval_interval=2", "--n_vis=0", "--out_dir=" + out])
+    run(["--max_steps=2", "--eval_interval=2", "--n_vis=0", "--out_dir=" + out, "--gate_ramp=False"])
+    before = json.load(open(os.path.join(out, "results.json")))["metrics"]["mean_px"]
     path = os.path.join(out, "ckpt", "meta.json")
     meta = json.load(open(path))
-    del meta["gate_ramp"], meta["config"]["gate_ramp"]
+    for key in ("gate_ramp", "image_attention"):
+        del meta[key], meta["config"][key]
+    del meta["config"]["input_norm"], meta["gpt"]["input_norm"]
     json.dump(meta, open(path, "w"))
     new = str(tmp_path / "eval")
-    stdout = run(["--eval_only=True", "--n_vis=0", "--init_from=" + os.path.join(out, "ckpt"), "--out_dir=" + new])
+    stdout = run(["--eval_only=True", "--n_vis=0", "--init_from=" + os.path.join(out, "ckpt"), "--out_dir=" + new,
+                  "--image_attention=bidirectional", "--input_norm=False"])
     assert "from checkpoint: gate_ramp=False (config said True)" in stdout
-    assert json.load(open(os.path.join(new, "results.json")))["config"]["gate_ramp"] is False
+    assert "from checkpoint: image_attention='causal' (config said 'bidirectional')" in stdout
+    assert "from checkpoint: input_norm=True (config said False)" in stdout
+    res = json.load(open(os.path.join(new, "results.json")))
+    assert res["config"]["gate_ramp"] is False and res["config"]["image_attention"] == "causal"
+    assert res["metrics"]["mean_px"] == before  # built as it was trained: the same answers
 
 
 def test_conv_stem_and_global_window_variants_run(tmp_path):
     # the non-default front end (conv stem), answer (global soft-argmax), optimizer (AdamW alone) and data path
-    # (a worker process), the ungated ramp with target-only grounding labels, train, evaluate and checkpoint
+    # (a worker process), the ungated ramp with target-only grounding labels, bidirectional image attention without
+    # the input norm: train, evaluate and checkpoint
     out = str(tmp_path / "conv")
     run(["--stem=conv", "--window=-1", "--optim=adamw", "--num_workers=1", "--curriculum_steps=3", "--max_steps=6",
-         "--gate_ramp=False", "--ground_candidates=False",
+         "--gate_ramp=False", "--ground_candidates=False", "--image_attention=bidirectional", "--input_norm=False",
          "--eval_interval=6", "--n_vis=0", "--out_dir=" + out])
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["step"] == 6 and np.isfinite(res["metrics"]["mean_px"]) and res["config"]["stem"] == "conv"
     assert not [f for f in os.listdir(out) if f.endswith(".png")]  # n_vis=0: no picture, no crash
+    # the checkpoint rebuilds the model it was trained as (it once forgot image_attention and came back causal)
+    again = str(tmp_path / "again")
+    run(["--eval_only=True", "--n_vis=0", "--window=-1", "--init_from=" + os.path.join(out, "ckpt"), "--out_dir=" + again])
+    assert json.load(open(os.path.join(again, "results.json")))["metrics"]["mean_px"] == res["metrics"]["mean_px"]
     r = run_script("train_pointer.py", ["--stem=vgg"])
     assert r.returncode != 0 and "stem must be" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("arg, message", [("--loss=mse", "loss must be one of"), ("--multi_weight=1.0", "multi_weight is a share"),
-                                          ("--optim=sgd", "optimizer must be 'adamw' or 'muon'")])
+                                          ("--optim=sgd", "optimizer must be 'adamw' or 'muon'"),
+                                          ("--image_attention=full", "image_attention must be")])
 def test_bad_settings_are_one_line_errors(arg, message):
     r = run_script("train_pointer.py", [arg])
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
