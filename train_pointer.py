@@ -577,11 +577,9 @@ def evaluate():
 
 
 def save(name, extra=None):
-    meta = dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), best_px=best_px, bad_evals=bad_evals,
-                vit=raw_model.vit.config.__dict__, gpt=raw_model.gpt.config.__dict__, point_id=POINT,
-                head_mode=raw_model.head_mode, word_tokens=word_tokens, window=raw_model.window,
-                edge_channels=raw_model.edges, direction_bias=raw_model.direction, gate_ramp=raw_model.gate,
-                image_attention=raw_model.image_attention, **(extra or {}))
+    # meta0 is what build_model made the model from: writing it back keeps one list of the architecture's keys
+    meta = dict(meta0, recipe=RECIPE, step=step, config=config, rng=rng_state(), best_px=best_px, bad_evals=bad_evals,
+                window=raw_model.window, **(extra or {}))
     save_checkpoint(os.path.join(out_dir, name), raw_model, optimizer, meta=meta)
 
 

@@ -134,6 +134,13 @@ def test_gpt_without_input_norm_matches_naive_float64():
     assert (normed - logits).abs().max() > 1e-2
 
 
+def two_rows(seed, long, short):
+    """Two random token rows, the second left-padded to the first's length -> (idx, pad_mask or None if unpadded)."""
+    g = torch.Generator().manual_seed(seed)
+    idx, mask = M.left_pad([torch.randint(0, 64, (L,), generator=g).tolist() for L in (long, short)])
+    return idx, (mask if short < long else None)
+
+
 def block_logits(m, idx, pad_mask=None, block=None, kv_cache=None):
     return m.logits(m.forward_embeds(m.transformer.wte(idx), pad_mask, kv_cache, block=block))
 
@@ -142,10 +149,7 @@ def block_logits(m, idx, pad_mask=None, block=None, kv_cache=None):
 def test_block_attention_matches_naive_float64(padded):
     """block=: the marked tokens (an image) see each other both ways; the rest stays causal."""
     m = tiny_gpt()
-    g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(0, 64, (L,), generator=g).tolist() for L in ((12, 8) if padded else (12, 12))]
-    idx, mask = M.left_pad(seqs)
-    mask = mask if padded else None
+    idx, mask = two_rows(seed=1, long=12, short=8 if padded else 12)
     block = torch.zeros_like(idx, dtype=torch.bool)
     block[0, 2:7] = True
     block[1, 3:9] = True  # padded: its first token is a pad, which must stay invisible
@@ -162,10 +166,7 @@ def test_block_attention_matches_naive_float64(padded):
 @pytest.mark.parametrize("padded", [False, True])
 def test_block_prefill_then_cached_decode_equals_full_forward(padded):
     m = tiny_gpt()
-    g = torch.Generator().manual_seed(2)
-    seqs = [torch.randint(0, 64, (L,), generator=g).tolist() for L in ((14, 10) if padded else (14, 14))]
-    idx, mask = M.left_pad(seqs)
-    mask = mask if padded else None
+    idx, mask = two_rows(seed=2, long=14, short=10 if padded else 14)
     block = torch.zeros_like(idx, dtype=torch.bool)
     block[:, 3:8] = True
     full = block_logits(m, idx, mask, block)
