@@ -765,7 +765,10 @@ def init_distributed(device="auto"):
 
 
 def cleanup_distributed():
-    """End of a DDP run: wait until every rank is done (rank 0 may still be evaluating), then tear down."""
+    """End of a DDP run: wait until every rank is done (rank 0 may still be evaluating), then tear down.
+    Drop the DDP wrapper first (`model = unwrap(model)`): its reducer holds the process group, and a gloo group
+    that outlives destroy_process_group is freed at interpreter exit, where it sometimes aborts the process
+    ("terminate called without an active exception") after a run that otherwise finished."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

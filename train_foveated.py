@@ -40,7 +40,7 @@ from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbL
                    cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr, global_mean,
                    init_distributed, left_pad, load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks,
                    measure_matmul_peak, push_run_to_hub, resolve_checkpoint, rng_state, run_dir, save_checkpoint,
-                   set_lr, set_rng_state)
+                   set_lr, set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, format_metrics, normalize, save_png, write_results  # noqa: E402
 from data_foveated import (fov_attention_stats, fov_attention_strip, fov_clip_split, fov_cosine,  # noqa: E402
                            fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_per_frame_mse,
@@ -662,4 +662,5 @@ if master:
 if master and push_to_hub:
     push_run_to_hub(push_to_hub, out_dir, RECIPE, config)
 wandb.finish()
+model = unwrap(model)  # drop the DDP wrapper first: it holds the process group, which must not outlive teardown
 cleanup_distributed()

@@ -30,7 +30,7 @@ from model import (GPT, GPTConfig, InputError, Projector, WandbLogger, adopt_che
                    configure_optimizers, get_lr, global_mean, gpt_flops_per_token, idle_cores, init_distributed,
                    install_error_hook, load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks,
                    measure_matmul_peak, norm, push_run_to_hub, rng_state, run_dir, save_checkpoint, set_lr,
-                   set_rng_state)
+                   set_rng_state, unwrap)
 from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
 from configurator import configure
 from data_lanelm import (LaneTokenizer, lane_draw, lane_seg_target, lane_slots, lane_sort, lane_synthetic_sample,
@@ -518,4 +518,5 @@ if master:
 if master and push_to_hub:
     push_run_to_hub(push_to_hub, out_dir, RECIPE, config)
 wandb.finish()
+model = unwrap(model)  # drop the DDP wrapper first: it holds the process group, which must not outlive teardown
 cleanup_distributed()

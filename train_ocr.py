@@ -30,7 +30,7 @@ from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbL
                    cleanup_distributed, configure_optimizers, dataclass_from_dict, embed_patches, get_lr, global_mean,
                    gpt_flops_per_token, init_distributed, load_checkpoint, load_meta, log_line, maybe_compile,
                    mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state, run_dir, save_checkpoint,
-                   set_lr, set_rng_state, sync)
+                   set_lr, set_rng_state, sync, unwrap)
 from data import (Tokenizer, batch_indices, format_metrics, load_image, normalize, save_png,  # noqa: E402
                   write_results)
 from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, fox_word_metrics, ocr_draw_predictions, ocr_metrics, ocr_probe_images,  # noqa: E402
@@ -720,4 +720,5 @@ for step in range(start_step, max_steps):
 if master and push_to_hub:
     push_run_to_hub(push_to_hub, out_dir, RECIPE, config)
 logger.finish()
+model = unwrap(model)  # drop the DDP wrapper first: it holds the process group, which must not outlive teardown
 cleanup_distributed()

@@ -663,4 +663,5 @@ if master:
 if master and push_to_hub:  # the checkpoint the final report came from
     push_run_to_hub(push_to_hub, out_dir, RECIPE, config, 'best' if stop_reason.startswith('early stop') else 'ckpt')
 logger.finish()
+model = unwrap(model)  # drop the DDP wrapper first: it holds the process group, which must not outlive teardown
 cleanup_distributed()

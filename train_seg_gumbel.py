@@ -32,7 +32,7 @@ from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbL
                    autocast_ctx, check_finite, configure_optimizers, dataclass_from_dict, get_lr, gpt_flops_per_token,
                    cleanup_distributed, init_distributed, left_pad, load_checkpoint, load_meta, log_line,
                    maybe_compile, mean_across_ranks, measure_matmul_peak, resolve_checkpoint, rng_state, run_dir,
-                   save_checkpoint, check_repo_id, push_run_to_hub, set_lr, set_rng_state)
+                   save_checkpoint, check_repo_id, push_run_to_hub, set_lr, set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, epoch_order, format_metrics, normalize, save_png, write_results
 from data_seg import (SEG_SPECIALS, seg_caption_token_accuracy, seg_check_context_counts, seg_ciou, seg_collate,
                       seg_giou, seg_iou_stats, seg_load_record, seg_panel, seg_panels, seg_prompt_ids,
@@ -555,6 +555,7 @@ def main():
     if master and push_to_hub:
         push_run_to_hub(push_to_hub, run, RECIPE, config)
     logger.finish()
+    model = unwrap(model)  # drop the DDP wrapper first: it holds the process group, which must not outlive teardown
     cleanup_distributed()
 
 

@@ -46,7 +46,8 @@ def worker(rank, port, out_dir):
     loss.backward()
     assert M.unwrap(ddp) is m
     torch.save({n: p.grad for n, p in m.named_parameters()}, os.path.join(out_dir, f"grads{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    del ddp  # its reducer holds the process group; drop it before the group goes
+    M.cleanup_distributed()  # what every recipe ends with: barrier, then teardown (a rank leaving early aborts the other)
 
 
 def free_port():

@@ -48,8 +48,9 @@ def run_torchrun(script, args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     if r.returncode != 0 and TEARDOWN_ABORT in r.stdout + r.stderr:
-        # seen rarely (about 1 run in 10 on a loaded CPU): a gloo rank aborts in C++ teardown AFTER training,
-        # eval and the checkpoint completed. Only that exact abort is retried, once; any other failure fails.
+        # seen rarely (about 1 run in 10 on a loaded CPU, earlier; 0 in 60 launches on 2026-12-01 after the
+        # scripts began dropping their DDP wrapper before cleanup_distributed(), 0 in 40 before): a gloo rank aborts
+        # in C++ teardown AFTER training, eval and the checkpoint completed. Only that exact abort is retried, once.
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     return losses(r)
 
