@@ -10,6 +10,7 @@ The shared core: every module and training mechanism used by two or more recipes
   training   optimizer groups, warmup+cosine LR, DDP setup, autocast, compile, FLOPs/MFU,
              atomic checkpoints, from_pretrained (local dir or hf:owner/name).
 """
+import gc
 import json
 import math
 import numbers
@@ -764,12 +765,20 @@ def init_distributed(device="auto"):
                 device_type="cuda" if device.startswith("cuda") else "cpu", master=rank == 0)
 
 
+TEARDOWN_WARNING = "a DDP wrapper is still alive at teardown"
+
+
 def cleanup_distributed():
     """End of a DDP run: wait until every rank is done (rank 0 may still be evaluating), then tear down.
     Drop the DDP wrapper first (`model = unwrap(model)`): its reducer holds the process group, and a gloo group
     that outlives destroy_process_group is freed at interpreter exit, where it sometimes aborts the process
     ("terminate called without an active exception") after a run that otherwise finished."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        # issubclass(type(o)) and not isinstance(o): isinstance reads o.__class__, which wakes deprecated proxies
+        if any(issubclass(type(o), torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects()):
+            print(f"warning: {TEARDOWN_WARNING}: drop it before cleanup_distributed() (model = unwrap(model))",
+                  file=sys.stderr, flush=True)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 

@@ -79,3 +79,20 @@ def test_two_process_gloo_step_equals_one_process(tmp_path):
         assert g is not None and g.abs().max() > 0, name
         for r in range(WORLD):
             assert (grads[r][name] - g).abs().max() < 1e-6, (r, name)
+
+
+def test_cleanup_distributed_warns_while_a_ddp_wrapper_lives(tmp_path, capfd):
+    """A DDP wrapper alive at teardown keeps the gloo group alive past destroy_process_group (see
+    model.cleanup_distributed): the cleanup names it; once the wrapper is dropped it is quiet."""
+    import model as M
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    for keep_wrapper in (True, False):
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{keep_wrapper}'}",
+                                             rank=0, world_size=1)
+        layer = nn.Linear(2, 2)
+        wrapped = DDP(layer)
+        if not keep_wrapper:
+            wrapped = M.unwrap(wrapped)
+        M.cleanup_distributed()
+        assert (M.TEARDOWN_WARNING in capfd.readouterr().err) == keep_wrapper
+        del wrapped

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from inprocess import run_script
+from model import TEARDOWN_WARNING
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +53,7 @@ def run_torchrun(script, args):
         # scripts began dropping their DDP wrapper before cleanup_distributed(), 0 in 40 before): a gloo rank aborts
         # in C++ teardown AFTER training, eval and the checkpoint completed. Only that exact abort is retried, once.
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert TEARDOWN_WARNING not in r.stderr, r.stderr[-2000:]  # the script dropped its DDP wrapper in time
     return losses(r)
 
 
