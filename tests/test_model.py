@@ -203,15 +203,16 @@ def test_loss_ignores_minus_one_targets():
     assert torch.allclose(loss, ref, atol=1e-6) and torch.allclose(eval_loss, ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("cap,reduction", [(15.0, "mean"), (0.0, "mean"), (15.0, "sum")])
-def test_fused_head_loss_matches_plain_float64_reference(cap, reduction):
+@pytest.mark.parametrize("cap,reduction,chunk", [(15.0, "mean", 32), (0.0, "mean", 32), (15.0, "sum", 32),
+                                                 (15.0, "mean", None)])
+def test_fused_head_loss_matches_plain_float64_reference(cap, reduction, chunk):
     from model import head_loss
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 50, 16, generator=g, requires_grad=True)
     w = (torch.randn(40, 16, generator=g) * 2).requires_grad_()   # large logits: the softcap matters
     t = torch.randint(0, 40, (3, 50), generator=g)
     t[0, :7] = -1
-    loss = head_loss(h, w, t, cap, reduction, chunk=32)           # 150 rows: chunks of 32 + a ragged 22
+    loss = head_loss(h, w, t, cap, reduction, chunk=chunk)  # 32: chunks of 32 + a ragged 22; None: sized by logits
     loss.backward()
     hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     z = hd.reshape(-1, 16) @ wd.t()
