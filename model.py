@@ -120,16 +120,19 @@ class _FusedHeadLoss(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
-HEAD_CHUNK_LOGITS = 2 ** 21  # logits per chunk of the fused head (8 MB in fp32)
+# logits per chunk of the fused head: on CPU 8 MB of fp32 (measured, below); on CUDA 1 GB, where each chunk costs
+# ~15 kernel launches and memory is plentiful (not yet measured: no GPU was lent to this project)
+HEAD_CHUNK_LOGITS = dict(cpu=2 ** 21, cuda=2 ** 28)
 
 
 def head_loss(h, weight, targets, cap, reduction="mean", chunk=None):
     """Cross-entropy of the softcapped logits of h (..., C) against targets (...), -1 ignored. Training takes the
     fused chunked path (under autocast: bf16 matmuls, fp32 softmax, as autocast would); under torch.compile
     (which fuses the softcap itself) or for reduction='none', the plain one. They agree (tests).
-    chunk: rows per chunk; None sizes chunks by HEAD_CHUNK_LOGITS (256 rows at vocab 8192: a bench.py training
-    step took 1.17-1.19 s against 1.24-1.25 s with 128-row chunks, whose (128, C) x (C, V) products run well
-    under the matmul peak; 384 and 512 rows measured the same as 256). A small vocabulary gets one chunk."""
+    chunk: rows per chunk; None sizes chunks by HEAD_CHUNK_LOGITS, at least 128 rows (on CPU 256 rows at vocab
+    8192: a bench.py training step took 1.17-1.19 s against 1.24-1.25 s with 128-row chunks, whose (128, C) x
+    (C, V) products run well under the matmul peak; 384 and 512 rows measured the same as 256). A small
+    vocabulary gets one chunk."""
     h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     fused = (reduction in ("mean", "sum") and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
              and not torch.compiler.is_compiling())
@@ -142,7 +145,7 @@ def head_loss(h, weight, targets, cap, reduction="mean", chunk=None):
     if torch.is_autocast_enabled(device_type):  # the casts autocast would make, made explicitly (differentiable)
         low = torch.get_autocast_dtype(device_type)
         h2, weight = h2.to(low), weight.to(low)
-    chunk = chunk or max(1, HEAD_CHUNK_LOGITS // weight.shape[0])
+    chunk = chunk or max(128, HEAD_CHUNK_LOGITS.get(device_type, HEAD_CHUNK_LOGITS["cpu"]) // weight.shape[0])
     with torch.autocast(device_type, enabled=False):
         total = _FusedHeadLoss.apply(h2, weight, t2, float(cap), chunk)
     return total if reduction == "sum" else total / (t2 >= 0).sum()

@@ -224,6 +224,16 @@ def test_fused_head_loss_matches_plain_float64_reference(cap, reduction, chunk):
     assert (w.grad.double() - wd.grad).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("vocab,rows", [(8192, 256), (65536, 128), (260, 8065)])
+def test_fused_head_chunk_rows_follow_the_logit_budget(monkeypatch, vocab, rows):
+    """CPU chunks hold 2^21 logits (256 rows at vocab 8192), never fewer than 128 rows; a small vocab is one chunk."""
+    import model as M
+    seen = []
+    monkeypatch.setattr(M._FusedHeadLoss, "apply", lambda h, w, t, cap, chunk: seen.append(chunk) or h.sum())
+    M.head_loss(torch.randn(4, 8, requires_grad=True), torch.zeros(vocab, 8), torch.zeros(4, dtype=torch.long), 15.0)
+    assert seen == [rows]
+
+
 def test_fused_head_loss_frozen_weight_and_frozen_input():
     from model import head_loss
     h, w = torch.randn(10, 8, requires_grad=True), torch.randn(12, 8)
