@@ -302,6 +302,28 @@ def test_kv_cache_greedy_equals_full_recomputation(B, n_img):
     assert len(set(cached.flatten().tolist())) > 3  # not a degenerate constant output
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_generate_keeps_cache_and_decode_weights_in_the_compute_dtype(monkeypatch, autocast):
+    """Under bf16 autocast the cache and the packed decode weights are bf16: an fp32 cache was cast whole at every
+    step and the packed fp32 weights at every matmul (bf16 decoding ran at half speed). Without it, fp32."""
+    made = []
+
+    class RecordingCache(M.KVCache):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            made.append(self)
+
+    monkeypatch.setattr(M, "KVCache", RecordingCache)
+    m = tiny_gpt()
+    idx = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = m.generate(idx, 6)
+    want = torch.bfloat16 if autocast else torch.float32
+    (cache,) = made
+    assert out.shape == (2, 6) and cache.k.dtype == cache.v.dtype == want
+    assert {w.dtype for layer in cache.weights for w in layer.values()} == {want}
+
+
 def test_kv_cache_logits_equal_full_forward():
     """Prefill + one-token decode steps through the cache give the same logits as the full forward."""
     m = tiny_gpt()
