@@ -506,7 +506,7 @@ def rollout(m, samples, max_len):
     B, T = ids.shape
     cfg = m.gpt.config
     cache = KVCache(batch_size=B, num_heads=cfg.n_kv_head, seq_len=T + max_len, head_dim=cfg.n_embd // cfg.n_head,
-                    num_layers=cfg.n_layer, device=dev, dtype=torch.float32)
+                    num_layers=cfg.n_layer, device=dev, dtype=getattr(torch, dtype_name))  # autocast's: no per-step cast
     with ctx:
         x = m.gpt.embed(ids, m.vision(images)[0])
         h_all = m.gpt.forward_embeds(x, pad_mask, cache, block=m.image_block(ids))
