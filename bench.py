@@ -8,9 +8,11 @@ Speed on the current device, in one run (DESIGN.md section 6):
   - optionally (--compare_hf=True) the same shapes through transformers' LlamaForCausalLM (sdpa), with its
     SwiGLU width chosen so its non-embedding parameter count (and so its 6N FLOPs) equals ours, measured
     alternately with ours in this process (ours, theirs, ours, theirs, ... median of `rounds`), same dtype.
+  - optionally (--breakdown=True, CPU) where a training step's time goes: matmuls, attention, everything else
 
     python bench.py                                   # CPU-sized GPT (6L x 384, 6/2 heads, seq 256, batch 8)
     python bench.py --compare_hf=True --json=out/bench.json
+    python bench.py --compare_hf=True --breakdown=True  # + the profiled split of a step, and the ratio's ceiling
     python bench.py --preset=d20 --compile=True       # nanochat-d20 shapes; on CPU: params/FLOPs only (meta device)
 """
 import json as _json
@@ -50,6 +52,8 @@ recompute = True        # also time generation without the KV cache (slow: a ful
 peak_seconds = 1.0      # time spent measuring each matmul peak
 matmul_n = 0            # matmul size for the peak; 0: 1024 on CPU, 8192 on CUDA
 compare_hf = False      # also run transformers' LlamaForCausalLM at the same shapes (needs `pip install transformers`)
+breakdown = False       # also profile one training step per model (torch.profiler, CPU only): its time in matmuls,
+                        #   attention and everything else, and the train ratio's ceiling were everything else free
 json = ""               # path: also write the results as JSON
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -182,6 +186,23 @@ def hf_loss(model, x, y):
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
+def step_time_shares(model, opt, loss_fn, x, y, ctx, dev):
+    """Shares of one training step's self CPU time (torch.profiler) in matmuls, attention (SDPA's kernels,
+    forward and backward) and everything else (norms, rotary, activations, loss, optimizer, autograd)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_train(model, opt, loss_fn, x, y, 1, ctx, dev)
+    spent = dict(matmul=0.0, attention=0.0, other=0.0)
+    for e in prof.key_averages():
+        kind = "matmul" if e.key in MATMUL_OPS else "attention" if "scaled_dot_product" in e.key else "other"
+        spent[kind] += e.self_cpu_time_total
+    total = sum(spent.values())
+    return {k: v / total for k, v in spent.items()}
+
+
 def time_generate(fn, ctx, dev):
     sync(dev)
     t0 = time.perf_counter()
@@ -289,12 +310,20 @@ def run(cfg):
             reset_peak_memory(dev)
             t["times"].append(time_train(t["model"], t["opt"], t["loss_fn"], x, y, cfg["steps"], ctx_factory(), dev))
             t["mem"] = max(t["mem"] or 0, peak_memory_mib(dev))
+    if cfg["breakdown"] and dev.type != "cpu":
+        notes.append("breakdown=True is CPU only (it reads torch.profiler's CPU times): skipped")
     for name, t in train.items():
         side = res[name]
         tok_s = [cfg["steps"] * B * seq / s for s in t["times"]]
         side.update(train_tok_s=median(tok_s), train_tok_s_best=max(tok_s), train_tok_s_rounds=tok_s,
                     train_peak_mem_mib=t["mem"])
         side["train_mfu"] = side["train_tok_s"] * side["flops_per_token"] / peak if peak else None
+        if cfg["breakdown"] and dev.type == "cpu":
+            shares = step_time_shares(t["model"], t["opt"], t["loss_fn"], x, y, ctx_factory(), dev)
+            # 6N of the FLOPs are matmuls (the attention's are SDPA's): their rate inside the training step
+            matmul_seconds = shares["matmul"] * B * seq / side["train_tok_s"]
+            side.update(train_shares=shares,
+                        train_matmul_gflops=6 * side["params_non_embedding"] * B * seq / matmul_seconds / 1e9)
         t["opt"].zero_grad(set_to_none=True)
     del train  # optimizer state goes before generation is measured
 
@@ -338,6 +367,10 @@ def finish(res):
     res["ratios"] = dict(train_vs_hf=ratio(o.get("train_tok_s"), h.get("train_tok_s")),
                          gen_vs_hf=ratio(o.get("gen_cached_tok_s"), h.get("gen_cached_tok_s")),
                          kv_speedup=o.get("kv_speedup"))
+    if res["ratios"]["train_vs_hf"] and o.get("train_shares"):
+        # were our step nothing but its matmuls and attention, at the speed they ran, against the peer as measured
+        s = o["train_shares"]
+        res["ratios"]["train_vs_hf_ceiling"] = res["ratios"]["train_vs_hf"] / (s["matmul"] + s["attention"])
     # best-of-rounds ratios: on a shared, loaded machine the fastest round is the least disturbed one
     res["ratios_best_round"] = dict(train_vs_hf=ratio(o.get("train_tok_s_best"), h.get("train_tok_s_best")),
                                     gen_vs_hf=ratio(o.get("gen_cached_tok_s_best"), h.get("gen_cached_tok_s_best")),
@@ -392,6 +425,7 @@ def table_rows(res):
         (f"train tok/s (fwd+bwd+AdamW, {dt})", fmt(o.get("train_tok_s"), "int"), fmt(h.get("train_tok_s"), "int"),
          fmt(r.get("train_vs_hf"), "x")),
         (f"train MFU vs {dt} matmul peak", fmt(o.get("train_mfu"), "pct"), fmt(h.get("train_mfu"), "pct"), ""),
+        *breakdown_rows(o, h, r),
         ("train peak memory (MiB)", fmt(o.get("train_peak_mem_mib"), "int"), fmt(h.get("train_peak_mem_mib"), "int"), ""),
         ("generate tok/s, KV cache (batch 1)", fmt(o.get("gen_cached_tok_s"), "f"), fmt(h.get("gen_cached_tok_s"), "f"),
          fmt(r.get("gen_vs_hf"), "x")),
@@ -403,6 +437,20 @@ def table_rows(res):
         ("cached == recomputed tokens (fraction)", fmt(o.get("cache_matches_recompute"), "frac"), "", ""),
     ]
     return [list(row) for row in rows]
+
+
+def shares_text(side):
+    shares = side.get("train_shares")
+    return " / ".join(fmt(shares[k], "pct") for k in ("matmul", "attention", "other")) if shares else "-"
+
+
+def breakdown_rows(o, h, r):
+    if not o.get("train_shares"):
+        return []
+    return [("train step time: matmul / attention / other", shares_text(o), shares_text(h), ""),
+            ("train matmul GFLOP/s (6N FLOPs / matmul time)", fmt(o["train_matmul_gflops"], "f"),
+             fmt(h.get("train_matmul_gflops"), "f"), ""),
+            ("train ratio were 'other' free (ceiling)", "", "", fmt(r.get("train_vs_hf_ceiling"), "x"))]
 
 
 def print_report(res, cfg):

@@ -58,9 +58,21 @@ def test_bench_d20_counts_on_meta_device(capsys):
     assert "meta device" in capsys.readouterr().out
 
 
+def test_bench_breakdown_splits_the_step(capsys):
+    # one profiled step: its self CPU time split three ways, the matmuls' own rate, and no ceiling without a peer
+    res = run_in_process("--breakdown=True", "--recompute=False")
+    shares = res["ours"]["train_shares"]
+    assert set(shares) == {"matmul", "attention", "other"}
+    assert abs(sum(shares.values()) - 1) < 1e-9
+    assert shares["matmul"] > 0 and shares["attention"] > 0 and shares["other"] > 0
+    assert res["ours"]["train_matmul_gflops"] > 0
+    assert "train_vs_hf_ceiling" not in res["ratios"]
+    assert "matmul / attention / other" in capsys.readouterr().out
+
+
 def test_bench_compare_hf(capsys):
     pytest.importorskip("transformers")
-    res = run_in_process("--compare_hf=True")
+    res = run_in_process("--compare_hf=True", "--breakdown=True")
     check_ours(res)
     hf = res["hf"]
     for key in ("params", "params_non_embedding", "train_tok_s", "train_mfu", "gen_cached_tok_s"):
@@ -68,6 +80,11 @@ def test_bench_compare_hf(capsys):
     # the SwiGLU width makes the non-embedding parameter counts equal (to within rounding of 8C/3)
     assert abs(hf["params_non_embedding"] - res["ours"]["params_non_embedding"]) < 0.01 * hf["params_non_embedding"]
     assert res["ratios"]["train_vs_hf"] > 0 and res["ratios"]["gen_vs_hf"] > 0
+    # the ceiling: our step cut to its matmul + attention time, against the peer's whole step
+    s = res["ours"]["train_shares"]
+    ceiling = res["ratios"]["train_vs_hf"] / (s["matmul"] + s["attention"])
+    assert res["ratios"]["train_vs_hf_ceiling"] == pytest.approx(ceiling)
+    assert 0 < hf["train_shares"]["matmul"] < 1
     assert "HF Llama" in capsys.readouterr().out
 
 
