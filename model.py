@@ -443,15 +443,19 @@ class GPT(nn.Module):
         return torch.stack(out, 1) if out else idx.new_zeros(B, 0)
 
     def decode_weights(self, dtype=None):
-        """generate(): every matrix of a decode step once, in (in, out) layout for `x @ w`, with q|k|v concatenated
-        (one matmul instead of three), in `dtype` (default: the weights'). On CPU a contiguous copy: a decode step
-        is a matrix-vector product bound by memory, and CPU GEMV streams an (in, out) matrix ~25% faster than
-        nn.Linear's (out, in) one (this bench model's 25 matrices at batch 1: 4.1 -> 3.2 ms); the copy costs ~20 ms
-        a call. On GPU a transposed view (cuBLAS reads either layout), or a transposed copy in another dtype."""
-        def pack(w):
-            if w.is_cpu:
+        """generate(): every matrix of a decode step once, shaped (in, out) for `x @ w`, with q|k|v concatenated
+        (one matmul instead of three), in `dtype` (default: the weights'). A decode step is matrix-vector products
+        bound by memory, and which memory layout CPU GEMV streams faster depends on the matrix: one at least as
+        wide as tall (out >= in: q|k|v, the MLP's up projection, the head) is copied to a contiguous (in, out)
+        (~25% faster than nn.Linear's (out, in): this bench model's 25 matrices at batch 1, 4.1 -> 3.2 ms); a tall
+        one (the MLP's down projection, in = 4 out) stays (out, in) behind a transposed view, one contiguous dot
+        product per output (as an (in, out) copy it made the bench's fp32 generation ~11% slower: 184-191 against
+        206-215 tok/s, alternating in one process). On GPU every matrix is a transposed view (cuBLAS reads either
+        layout), or a transposed copy in another dtype."""
+        def pack(w):  # w: (out, in)
+            if w.is_cpu and w.shape[0] >= w.shape[1]:
                 return torch.empty(w.shape[::-1], dtype=dtype or w.dtype, device=w.device).copy_(w.t())
-            return w.t().to(dtype or w.dtype)
+            return w.to(dtype or w.dtype).t()
         layers = [dict(qkv=pack(b.attn.qkv_weight()), proj=pack(b.attn.c_proj.weight),
                        fc=pack(b.mlp.c_fc.weight), down=pack(b.mlp.c_proj.weight)) for b in self.transformer.h]
         return layers, pack(self.lm_head.weight)

@@ -324,6 +324,19 @@ def test_generate_keeps_cache_and_decode_weights_in_the_compute_dtype(monkeypatc
     assert {w.dtype for layer in cache.weights for w in layer.values()} == {want}
 
 
+def test_decode_weights_are_the_weights_as_in_out():
+    """Every packed matrix is its nn.Linear weight transposed to (in, out), whatever the memory layout chosen."""
+    m = tiny_gpt()
+    layers, head = m.decode_weights()
+    for block, w in zip(m.transformer.h, layers):
+        a = block.attn
+        assert torch.equal(w["qkv"], torch.cat([a.c_q.weight, a.c_k.weight, a.c_v.weight]).t())
+        assert torch.equal(w["proj"], a.c_proj.weight.t())
+        assert torch.equal(w["fc"], block.mlp.c_fc.weight.t())
+        assert torch.equal(w["down"], block.mlp.c_proj.weight.t())
+    assert torch.equal(head, m.lm_head.weight.t())
+
+
 def test_kv_cache_logits_equal_full_forward():
     """Prefill + one-token decode steps through the cache give the same logits as the full forward."""
     m = tiny_gpt()
