@@ -110,6 +110,16 @@ def test_attention_module_matches_naive_float64(n_kv_head):
     assert (got.double() - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+def test_rotary_matches_naive_float64_in_the_input_dtype(dtype, tol):
+    # the fp32 tables are cast to x's dtype (bf16 under autocast), so q and k never round-trip through fp32
+    m = tiny_gpt()
+    x = torch.randn(2, 9, 4, 8, generator=torch.Generator().manual_seed(3))
+    got = M.apply_rotary(x.to(dtype), m.cos[:9], m.sin[:9])
+    assert got.dtype == dtype
+    assert (got.double() - naive_rope(x.double(), torch.arange(9), 10000.0)).abs().max() < tol
+
+
 @pytest.mark.parametrize("n_kv_head,softcap", [(4, 15.0), (2, 15.0), (1, 0.0)])
 def test_gpt_logits_match_naive_float64(n_kv_head, softcap):
     m = tiny_gpt(n_kv_head=n_kv_head, logit_softcap=softcap)
