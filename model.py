@@ -732,7 +732,12 @@ class OptimizerPair:
 
     def __init__(self, first, second):
         self.optimizers = (first, second)
-        self.param_groups = first.param_groups + second.param_groups
+
+    @property
+    def param_groups(self):
+        # read afresh each time: load_state_dict gives each optimizer new group dicts, and a list built once
+        # would keep the old ones, so set_lr after a resume changed nothing (the run kept the checkpoint's LR)
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def step(self):
         for o in self.optimizers:
@@ -1054,8 +1059,11 @@ def rng_state():
     import numpy as np
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return dict(torch=torch.get_rng_state().tolist(), python=[version, list(mt), gauss],
-                numpy=[kind, keys.tolist(), pos, has_gauss, cached])
+    state = dict(torch=torch.get_rng_state().tolist(), python=[version, list(mt), gauss],
+                 numpy=[kind, keys.tolist(), pos, has_gauss, cached])
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout / sampling noise drawn on the GPU
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state):
@@ -1066,6 +1074,8 @@ def set_rng_state(state):
     random.setstate((version, tuple(mt), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def from_pretrained(src, build_model):

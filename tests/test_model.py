@@ -729,6 +729,9 @@ def test_muon_trains_and_resumes_exactly(tmp_path):
     M.load_checkpoint(str(tmp_path / "ckpt"), m2, opt2)
     for a, b in zip(opt.optimizers, opt2.optimizers):
         assert_same_optim(a, b)
+    for o in (opt, opt2):  # the LR schedule must still reach both inner optimizers after load_state_dict
+        M.set_lr(o, 1e-4)
+        assert [g["lr"] for inner in o.optimizers for g in inner.param_groups] == [1e-4] * len(o.param_groups)
     train_steps(m, opt, 2, seed=9)
     train_steps(m2, opt2, 2, seed=9)
     assert_same_state(m, m2)
