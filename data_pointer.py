@@ -1,6 +1,7 @@
 """
 Pointer recipe data: synthetic referring scenes, a PixMo-Points-like JSONL reader, coordinate-correct
-augmentation, pixel-error / sequential metrics and the red-green-yellow drawing. Merged into data.py later.
+augmentation, pixel-error / sequential metrics and the red-green-yellow drawing (the shared data code is in
+data.py; what only this recipe uses lives here).
 
 Coordinates everywhere are normalised to [-1, 1] with -1 the left/top image EDGE and +1 the right/bottom
 edge (pixel i covers [i, i+1), so its centre is (i + 0.5) / W * 2 - 1; torch's align_corners=False).
@@ -11,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -239,10 +241,12 @@ def pointer_encode(tok, text, word_tokens=True):
 
 def pointer_read_jsonl(path):
     """-> list of records (image path resolved relative to the JSONL file). Pixel points are converted
-    with each image's own size when the sample is loaded (images are not square)."""
+    with each image's own size when the sample is loaded (images are not square). Checked here, so a bad
+    record stops the run before training rather than when it is first sampled: the fields, finite points,
+    and that the image file exists."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"JSONL file not found: {path}")
-    root, records = os.path.dirname(os.path.abspath(path)), []
+    root, records, seen = os.path.dirname(os.path.abspath(path)), [], set()
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -254,6 +258,12 @@ def pointer_read_jsonl(path):
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise InputError(f"{path}:{n}: bad record ({type(e).__name__}: {e}); expected "
                                  '{"image": str, "query": str, "points": [[x, y], ...]}') from None
+            if not all(math.isfinite(v) for p in pts for v in p):  # JSON allows NaN / Infinity
+                raise InputError(f"{path}:{n}: a point is not a finite number: {pts}")
+            if rec["image"] not in seen:
+                if not os.path.isfile(rec["image"]):
+                    raise InputError(f"{path}:{n}: image not found: {rec['image']}")
+                seen.add(rec["image"])
             records.append(rec)
     if not records:
         raise InputError(f"{path} holds no records")
@@ -261,15 +271,20 @@ def pointer_read_jsonl(path):
 
 
 def pointer_load_record(rec, img_size):
-    """Record -> sample dict like the synthetic one. Points outside the image raise InputError."""
-    with Image.open(rec["image"]) as im:
-        w, h = im.size
+    """Record -> sample dict like the synthetic one. Points outside the image, and an image that cannot be
+    read, raise InputError (naming the file)."""
+    try:
+        with Image.open(rec["image"]) as im:
+            w, h = im.size
+        image = load_image(rec["image"], img_size)  # decodes the pixels: a truncated file fails here
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's decode errors (UnidentifiedImageError is an OSError)
+        raise InputError(f"{rec['image']}: cannot read the image ({type(e).__name__}: {e})") from None
     pts = np.asarray(rec["points_px"], dtype=np.float32).reshape(-1, 2)
     if len(pts) and ((pts < 0).any() or (pts[:, 0] > w).any() or (pts[:, 1] > h).any()):
         raise InputError(f"{rec['image']}: a point lies outside the {w}x{h} image: {pts.tolist()}")
     order = np.lexsort((pts[:, 1], pts[:, 0])) if len(pts) else []
     frame = (round(POINTER_FRAME * w / h), POINTER_FRAME)
-    return dict(image=load_image(rec["image"], img_size), text=rec["text"], kind="multi" if len(pts) > 1 else "attr",
+    return dict(image=image, text=rec["text"], kind="multi" if len(pts) > 1 else "attr",
                 points=pointer_normalize(pts[order], (w, h)), halves=np.zeros(len(pts), np.float32), frame=frame,
                 objects=None)
 
@@ -294,7 +309,8 @@ def pointer_augment(image, points, text, rng, max_shift=0.1, scale_range=(0.9, 1
     grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
     out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
     if flip:
-        text = text.replace("left", "\0").replace("right", "left").replace("\0", "right")
+        # whole words only: "bright" stays "bright"
+        text = re.sub(r"\b(left|right)\b", lambda w: "right" if w.group(1) == "left" else "left", text)
         new = new[np.lexsort((new[:, 1], new[:, 0]))] if len(new) else new
     return out, new, text, s
 
@@ -502,16 +518,20 @@ def pointer_sequence_metrics(preds, gts, frames, radius=5.0):
 # drawing: predicted point red, ground truth green, a yellow line between, err=XXpx
 
 
-def pointer_draw(image, pred, gt, text="", size=256):
-    """(3, H, W) image, pred/gt (K, 2) normalised -> PIL image `size` px wide with the points drawn.
-    The error label is measured in the image's 384-px-tall frame (the same frame as the metrics)."""
+def pointer_draw(image, pred, gt, text="", size=256, frame=None):
+    """(3, H, W) image, pred/gt (K, 2) normalised -> PIL image `size` x `size` with the points drawn.
+    frame: the sample's (W, H) frame (real images are resized to a square for the model, so the tensor's own
+    shape no longer says); the picture is drawn at that aspect ratio (longer side `size`, the rest black)
+    and the error label is measured in that frame, as the metrics are. None: the image's own shape."""
     im = to_pil(image)
-    h = round(size * im.height / im.width)
-    im = im.resize((size, h), Image.NEAREST)
-    frame = (round(POINTER_FRAME * im.width / im.height), POINTER_FRAME)
+    fw, fh = frame if frame is not None else (round(POINTER_FRAME * im.width / im.height), POINTER_FRAME)
+    w, h = (size, max(1, round(size * fh / fw))) if fw >= fh else (max(1, round(size * fw / fh)), size)
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(im.resize((w, h), Image.NEAREST), (0, 0))
+    im, frame = canvas, (fw, fh)
     d = ImageDraw.Draw(im)
     pred, gt = np.asarray(pred, dtype=np.float64).reshape(-1, 2), np.asarray(gt, dtype=np.float64).reshape(-1, 2)
-    to_px = lambda p: ((p[0] + 1) / 2 * size, (p[1] + 1) / 2 * h)
+    to_px = lambda p: ((p[0] + 1) / 2 * w, (p[1] + 1) / 2 * h)
     labels = []
     for i in range(max(len(pred), len(gt))):
         if i < len(pred) and i < len(gt):

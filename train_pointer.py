@@ -5,8 +5,8 @@ ViT -> Projector -> GPT over [bos, query words, image x N, <|point|> ...]. Each 
 image token (its own q.k, a grounding logit the words give the patch, a direction ramp for "left of ...");
 the answer is the best patch's centre + that patch's predicted offset, refined by x_head / y_head
 (coordinates in [-1, 1]), and a done head says "no more points". Sequential pointing: the next <|point|>
-token carries the previous point (Fourier features). Pixel errors are measured in a 384 x 384 frame (the
-image itself is rendered at img_size px).
+token carries the previous point (Fourier features). Pixel errors are measured in a frame 384 px tall (384 x 384
+for synthetic scenes; a real image's frame keeps its aspect ratio); the image itself is rendered at img_size px.
 
     python train_pointer.py                                  # synthetic scenes, CPU, <= 10 min
     python train_pointer.py --loss=l1 --max_steps=600        # loss ablation
@@ -330,9 +330,7 @@ np.random.seed(seed + ddp["rank"])
 ctx, dtype_name = autocast_ctx(device_type, dtype)
 tok = Tokenizer(specials=["<|point|>"] + (pointer_word_specials() if word_tokens else []))
 BOS, IMAGE, POINT = tok["<|bos|>"], tok["<|image|>"], tok["<|point|>"]
-if init_from == "resume":
-    out_dir = run_dir(out_dir, RECIPE, init_from)
-elif master:
+if master or init_from == "resume":  # resume names its dir on every rank; a new run's name is rank 0's
     out_dir = run_dir(out_dir, RECIPE, init_from)
 if ddp["ddp"]:  # every rank must write to rank 0's out_dir
     holder = [out_dir]
@@ -366,10 +364,14 @@ grid = meta0["vit"]["image_size"] // meta0["vit"]["patch_size"]
 n_vision = grid * grid
 optimizer = configure_optimizers(model, lr, weight_decay, device_type=device_type, optimizer=optim)
 step, best_px, bad_evals = 0, float("inf"), 0
+seconds_before = dict(train=0.0, budget=0.0)  # what earlier segments of this run used (resume): the clocks continue
 if init_from == "resume":
     meta = load_checkpoint(os.path.join(out_dir, "ckpt"), model, optimizer)
     set_rng_state(meta["rng"])
     step, best_px, bad_evals = meta["step"], meta["best_px"], meta["bad_evals"]
+    # older checkpoints recorded no time: they resume at 0 s
+    seconds_before["train"] = meta.get("train_seconds", 0.0)
+    seconds_before["budget"] = meta.get("budget_seconds", seconds_before["train"])
     print(f"resumed {out_dir} at step {step}")
 elif init_from != "scratch":
     load_checkpoint(init_from, model)
@@ -394,19 +396,29 @@ if dataset == "jsonl":
         raise InputError("dataset='jsonl' needs --train_jsonl=... and --val_jsonl=...")
     train_records, val_records = pointer_read_jsonl(train_jsonl), pointer_read_jsonl(val_jsonl)
     print(f"jsonl: {len(train_records)} train / {len(val_records)} val records")
+    for name, recs in (("train", train_records), ("val", val_records)):
+        if n_long := sum(len(r["points_px"]) > max_points for r in recs):
+            print(f"jsonl: {n_long} {name} records have more than max_points={max_points} points: the model is "
+                  f"taught their first {max_points} (reading order); the val metrics count every point")
+    if n_eval > len(val_records):
+        print(f"n_eval={n_eval} but {val_jsonl} holds {len(val_records)} records: each is evaluated once")
+    if not any(r["points_px"] for r in val_records[:n_eval]):
+        raise InputError(f"{val_jsonl}: no record among the first {min(n_eval, len(val_records))} has a point: "
+                         "there is no pixel error to measure")
 
 
 def get_sample(split, index, kinds=POINTER_KINDS):
-    if dataset == "jsonl":
-        if split == "train":
-            epoch, i = divmod(index, len(train_records))
-            return pointer_load_record(train_records[epoch_order(len(train_records), seed, epoch)[i]], img_size)
-        return pointer_load_record(val_records[index % len(val_records)], img_size)
     train = split == "train"
-    s = pointer_synthetic_sample(seed, split, index, img_size, max_points=max_points, kinds=kinds,
-                                 cluster=train_cluster if train else 0.0,
-                                 weights=TRAIN_KIND_WEIGHTS if train else POINTER_KIND_WEIGHTS)
-    if augment and train:
+    if dataset == "jsonl" and not train:
+        return pointer_load_record(val_records[index % len(val_records)], img_size)
+    if dataset == "jsonl":
+        epoch, i = divmod(index, len(train_records))
+        s = pointer_load_record(train_records[epoch_order(len(train_records), seed, epoch)[i]], img_size)
+    else:
+        s = pointer_synthetic_sample(seed, split, index, img_size, max_points=max_points, kinds=kinds,
+                                     cluster=train_cluster if train else 0.0,
+                                     weights=TRAIN_KIND_WEIGHTS if train else POINTER_KIND_WEIGHTS)
+    if augment and train:  # real images too (config/pointer_jsonl.py turns it on; it used to reach synthetic only)
         rng = np.random.default_rng([seed, 99, index])
         s["image"], s["points"], s["text"], scale = pointer_augment(s["image"], s["points"], s["text"], rng)
         s["halves"], s["objects"] = s["halves"] * scale, None  # dense labels are not transformed: ignored
@@ -467,7 +479,9 @@ def compute_loss(batch):
     n_point = has_point.sum()
     # masked means are re-weighted to the global batch (global_mean), so DDP matches one process exactly
     coord = global_mean(POINTER_LOSSES[loss](xy[has_point], batch["xy"][has_point]) * n_point, n_point, dev)
-    done_bce = F.binary_cross_entropy_with_logits(done_logit, batch["done"])
+    # every point token (the done ones too) over the global batch: ranks hold different numbers of them
+    done_bce = global_mean(F.binary_cross_entropy_with_logits(done_logit, batch["done"], reduction="sum"),
+                           batch["done"].numel(), dev)
     parts = dict(coord=coord, done=done_bce)
     if patch_logits is not None and patch_weight > 0:
         parts["patch"] = global_mean(F.cross_entropy(patch_logits[has_point], raw_model.patch_index(batch["xy"][has_point]),
@@ -531,68 +545,83 @@ def rollout(m, samples, max_len):
 
 @torch.no_grad()
 def evaluate():
+    """-> (metrics, PNG grid or None, dict(n_eval=, n_eval_multi=): how many queries were measured)."""
     m = unwrap(model)
     m.eval()
     t0 = time.time()
-    single = [get_sample("val", i, SINGLE_KINDS) for i in range(n_eval)]
-    multi = [get_sample("val", 10**6 + i, ("multi",)) for i in range(n_eval_multi)] if dataset == "synthetic" else []
-    if dataset == "jsonl":  # real data: single- and multi-point records come from the same file
-        single, multi = [s for s in single if len(s["points"]) == 1], [s for s in single if len(s["points"]) > 1]
-    train = [get_sample("train", i, SINGLE_KINDS) for i in range(n_train_eval)]
+    if dataset == "jsonl":  # real data: single- and multi-point records come from one file, each record once
+        val = [get_sample("val", i) for i in range(min(n_eval, len(val_records)))]
+        single, multi = [s for s in val if len(s["points"]) == 1], [s for s in val if len(s["points"]) > 1]
+    else:
+        single = [get_sample("val", i, SINGLE_KINDS) for i in range(n_eval)]
+        multi = [get_sample("val", 10**6 + i, ("multi",)) for i in range(n_eval_multi)]
+    # the pixel metrics are on single-point queries; a val file with none: on the first point (reading order) of
+    # the multi-point ones. Records without points (nothing to point at) only train the done head.
+    pix = single or multi
+    measured = (lambda s: len(s["points"]) == 1) if single else (lambda s: len(s["points"]) > 0)
+    train = [s for s in (get_sample("train", i, SINGLE_KINDS) for i in range(n_train_eval)) if measured(s)]
     chunk = 100
     run = lambda ss, L: [p for i in range(0, len(ss), chunk) for p in rollout(m, ss[i:i + chunk], L)]
-    pred1 = run(single, 1)
-    first, truth, frames = (np.stack([p[0] for p in pred1]), np.stack([s["points"][0] for s in single]),
-                            np.array([s["frame"] for s in single]))
+    pred1 = run(pix, 1)
+    first, truth, frames = (np.stack([p[0] for p in pred1]), np.stack([s["points"][0] for s in pix]),
+                            np.array([s["frame"] for s in pix]))
     metrics = pointer_pixel_metrics(first, truth, frames)
-    train_pred = run(train, 1)
-    train_m = pointer_pixel_metrics(np.stack([p[0] for p in train_pred]), np.stack([s["points"][0] for s in train]),
-                                    np.array([s["frame"] for s in train]))
-    kinds = np.array([s["kind"] for s in single])
+    kinds = np.array([s["kind"] for s in pix])
     err_ok = pointer_pixel_errors(first, truth, frames) <= 5
     for k in SINGLE_KINDS if dataset == "synthetic" else ():  # which query kinds fail (grounding vs precision)
         if (kinds == k).any():
             metrics[f"within_5px_{k}"] = float(err_ok[kinds == k].mean())
     # grounding failures vs imprecision, by target size and occlusion (synthetic scenes only; what the ViT can
     # tell apart: parse_acc below)
-    metrics.update(pointer_error_breakdown(first, single))
-    metrics["train_mean_px"] = train_m["mean_px"]
-    metrics["gap_px"] = metrics["mean_px"] - train_m["mean_px"]
+    metrics.update(pointer_error_breakdown(first, pix))
+    if train:
+        # train vs held-out error. Synthetic: training scenes are crowded (train_cluster) and held-out ones never
+        # are, so gap_px is not overfitting alone: harder training scenes push it down (it is often negative)
+        train_pred = run(train, 1)
+        train_m = pointer_pixel_metrics(np.stack([p[0] for p in train_pred]), np.stack([s["points"][0] for s in train]),
+                                        np.array([s["frame"] for s in train]))
+        metrics["train_mean_px"] = train_m["mean_px"]
+        metrics["gap_px"] = metrics["mean_px"] - train_m["mean_px"]
     pred_multi = []
     if multi:
         pred_multi = run(multi, max_points + 1)
         metrics.update(pointer_sequence_metrics(pred_multi, [s["points"] for s in multi], [s["frame"] for s in multi]))
-    # the training loss on held-out single queries (for the curve only; it is not an error measure)
-    batch = collate(single[:200])
+    # the training loss on held-out queries (for the curve only; it is not an error measure)
+    batch = collate(pix[:200])
     with ctx:
         out = m(*(batch[k].to(dev) for k in ("ids", "pad_mask", "images", "feed", "feed_mask")))
     keep = batch["done"] < 0.5
     metrics["val_loss"] = POINTER_LOSSES[loss](out["xy"].float().cpu()[keep], batch["xy"][keep]).item()
     metrics.update(pointer_parse_accuracy(out["parse"].cpu(), batch["dense"]))  # {} without labels (real data)
     metrics["eval_seconds"] = time.time() - t0
-    vis = [pointer_draw(s["image"], p[:1], s["points"][:1], s["text"]) for s, p in zip(single[:n_vis], pred1)]
-    vis += [pointer_draw(s["image"], p, s["points"], s["text"]) for s, p in zip(multi[:n_vis], pred_multi)]
+    vis = [pointer_draw(s["image"], p[:1], s["points"][:1], s["text"], frame=s["frame"]) for s, p in zip(single[:n_vis], pred1)]
+    vis += [pointer_draw(s["image"], p, s["points"], s["text"], frame=s["frame"]) for s, p in zip(multi[:n_vis], pred_multi)]
     m.train()
-    return metrics, image_grid(vis, 4) if vis else None  # n_vis=0: no picture
+    return metrics, image_grid(vis, 4) if vis else None, dict(n_eval=len(pix), n_eval_multi=len(multi))
 
 
 def save(name, extra=None):
     # meta0 is what build_model made the model from: writing it back keeps one list of the architecture's keys
+    # train_seconds: the steps' own time (results.json); budget_seconds: the wall clock the time budget and the
+    # LR schedule run on (evals included), so that a resumed run continues both
     meta = dict(meta0, recipe=RECIPE, step=step, config=config, rng=rng_state(), best_px=best_px, bad_evals=bad_evals,
-                window=raw_model.window, **(extra or {}))
+                window=raw_model.window, train_seconds=train_seconds, budget_seconds=time.time() - t_start,
+                **(extra or {}))
     save_checkpoint(os.path.join(out_dir, name), raw_model, optimizer, meta=meta)
 
 
-def eval_and_report(train_seconds, head_norms):
-    """Eval, print, PNG, results.json, wandb. Returns the val mean pixel error."""
-    metrics, grid = evaluate()
+def eval_and_report(train_seconds, head_norms, at_step=None, **fields):
+    """Eval, print, PNG, results.json, wandb. Returns the val mean pixel error. at_step: the step the weights
+    come from (the best checkpoint's after an early stop), default the current one."""
+    at_step = step if at_step is None else at_step
+    metrics, grid, counts = evaluate()
     metrics.update(head_norms)
-    print(f"eval step {step} | " + format_metrics(metrics, TARGETS))
-    png = save_png(grid, os.path.join(out_dir, f"points_step{step:05d}.png")) if grid is not None else None
-    write_results(out_dir, RECIPE, "val", n_eval, metrics, TARGETS, step=step, train_seconds=round(train_seconds, 1),
-                  device=dev, dtype=dtype_name, params=n_params, config=config, n_eval_multi=n_eval_multi,
-                  frame_px=POINTER_FRAME, img_size=img_size)
-    logger.log({f"val/{k}": v for k, v in metrics.items()}, step, images={"points": png})
+    print(f"eval step {at_step} | " + format_metrics(metrics, TARGETS))
+    png = save_png(grid, os.path.join(out_dir, f"points_step{at_step:05d}.png")) if grid is not None else None
+    write_results(out_dir, RECIPE, "val", counts["n_eval"], metrics, TARGETS, step=at_step,
+                  train_seconds=round(train_seconds, 1), device=dev, dtype=dtype_name, params=n_params, config=config,
+                  n_eval_multi=counts["n_eval_multi"], frame_px=POINTER_FRAME, img_size=img_size, **fields)
+    logger.log({f"val/{k}": v for k, v in metrics.items()}, at_step, images={"points": png})
     return metrics["mean_px"]
 
 
@@ -606,11 +635,10 @@ if eval_only:
 
 
 peak = measure_matmul_peak(dev) if master else None
-seq_len = 1 + n_vision + 40 + 2
-flops_per_step = batch_size * (gpt_flops_per_token(raw_model.gpt.config, sum(p.numel() for p in raw_model.gpt.parameters())) * seq_len
-                               + 6 * sum(p.numel() for p in raw_model.vit.parameters()) * n_vision)
-head_norms, train_seconds, stop_reason = {}, 0.0, "max_steps"
-t_start = time.time()
+gpt_flops = gpt_flops_per_token(raw_model.gpt.config, sum(p.numel() for p in raw_model.gpt.parameters()))
+vit_flops = 6 * sum(p.numel() for p in raw_model.vit.parameters()) * n_vision
+head_norms, train_seconds, stop_reason = {}, seconds_before["train"], "max_steps"
+t_start = time.time() - seconds_before["budget"]
 batches = step_batches(make_batch, step, max_steps, num_workers, pin_memory=device_type == "cuda")
 while step < max_steps:
     t0 = time.time()
@@ -634,8 +662,10 @@ while step < max_steps:
         loss_avg = mean_across_ranks(total.item(), dev)  # the global batch's loss (every rank joins)
     if master and (step % log_interval == 0 or step == 1):
         extra = " | ".join(f"{k} {v.item():.4f}" for k, v in parts.items()) + " | " + " ".join(f"{k} {v:.3f}" for k, v in head_norms.items())
+        # FLOPs of this batch's padded length (bos + query + image + point tokens), the ViT's per image
+        flops = batch["ids"].shape[0] * (gpt_flops * batch["ids"].shape[1] + vit_flops)
         print(log_line(step, max_steps, loss_avg, optimizer.param_groups[0]["lr"], dt,
-                       tokens=batch["ids"].numel(), flops_per_step=flops_per_step, peak=peak, extra=extra))
+                       tokens=batch["ids"].numel(), flops_per_step=flops, peak=peak, extra=extra))
     out_of_time = budget_spent(time.time() - t_start, max_train_seconds, dev)  # every rank agrees before the eval
     if master and (step % eval_interval == 0 or step == max_steps or out_of_time):
         px = eval_and_report(train_seconds, head_norms)
@@ -657,9 +687,9 @@ while step < max_steps:
 
 if master:
     print(f"done: {stop_reason} at step {step}, {train_seconds:.0f}s of training, best val mean {best_px:.2f}px")
-    if stop_reason.startswith("early stop"):  # report the best checkpoint, not the last
-        load_checkpoint(os.path.join(out_dir, "best"), raw_model)
-        eval_and_report(train_seconds, head_norms)
+    if stop_reason.startswith("early stop"):  # report the best checkpoint, not the last, and the step it is from
+        best_step = load_checkpoint(os.path.join(out_dir, "best"), raw_model)["step"]
+        eval_and_report(train_seconds, head_norms, at_step=best_step, stopped_at_step=step)
 if master and push_to_hub:  # the checkpoint the final report came from
     push_run_to_hub(push_to_hub, out_dir, RECIPE, config, 'best' if stop_reason.startswith('early stop') else 'ckpt')
 logger.finish()

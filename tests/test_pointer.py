@@ -2,6 +2,7 @@
 coordinate transform, the synthetic generator, the JSONL reader on files written here, and a short run."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -159,6 +160,17 @@ def test_augment_flip_swaps_words_and_reorders_points():
     assert text == "every red square left of the blue circle" and s == 1.0
     assert np.allclose(q, [[-0.5, 0.2], [0.5, 0.0]])  # mirrored, then re-sorted left to right
     assert torch.allclose(out, img.flip(-1), atol=1e-5)  # a pure flip resamples exactly
+
+def test_augment_flip_swaps_whole_words_only():
+    class FlipOnly:
+        def uniform(self, lo, hi, size=None):
+            return np.zeros(size, dtype=np.float32) if size else 1.0
+
+        def random(self):
+            return 0.0
+    _, _, text, _ = pointer_augment(torch.rand(3, 8, 8), np.zeros((1, 2), np.float32),
+                                    "the bright cup left of the outright winner, right", FlipOnly())
+    assert text == "the bright cup right of the outright winner, left"  # not "bleft", "outleft"
 
 # -----------------------------------------------------------------------------
 # synthetic scenes
@@ -342,6 +354,19 @@ def test_drawing_labels_the_error():
     assert ((arr[..., 0] > 200) & (arr[..., 1] < 60)).any()  # red prediction
     assert ((arr[..., 1] > 200) & (arr[..., 0] < 60) & (arr[..., 2] < 60)).any()  # green ground truth
 
+def test_drawing_keeps_a_real_images_aspect_ratio():
+    # a 2:1 image reaches the model as a square; drawn with its frame it is 2:1 again (top half of the square
+    # canvas), and the points land where they are in the real image
+    img = torch.zeros(3, 32, 32)
+    im = pointer_draw(img, np.array([[0.5, 0.5]]), np.array([[-0.5, 0.0]]), size=128, frame=(768, 384))
+    arr = np.asarray(im).astype(int)
+    assert im.size == (128, 128)
+    green = np.argwhere((arr[..., 1] > 200) & (arr[..., 0] < 60) & (arr[..., 2] < 60))
+    red = np.argwhere((arr[..., 0] > 200) & (arr[..., 1] < 60))
+    assert abs(green[:, 1].mean() - 32) < 1.5 and abs(green[:, 0].mean() - 32) < 1.5  # (-0.5, 0) of 128 x 64
+    assert abs(red[:, 1].mean() - 96) < 1.5 and abs(red[:, 0].mean() - 48) < 1.5      # (0.5, 0.5)
+    assert green[:, 0].max() < 64 and red[:, 0].max() < 64
+
 # -----------------------------------------------------------------------------
 # JSONL reader on files written here
 
@@ -375,6 +400,17 @@ def test_jsonl_reader_rejects_bad_input(tmp_path):
         pointer_load_record(pointer_read_jsonl(str(tmp_path / "out.jsonl"))[0], 16)
     with pytest.raises(FileNotFoundError):
         pointer_read_jsonl(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "nan.jsonl").write_text('{"image": "a.png", "query": "x", "points": [[1, 2]]}\n'
+                                        '{"image": "a.png", "query": "x", "points": [[NaN, 3]]}\n')
+    with pytest.raises(InputError, match="nan.jsonl:2: a point is not a finite number"):
+        pointer_read_jsonl(str(tmp_path / "nan.jsonl"))
+    (tmp_path / "gone.jsonl").write_text('{"image": "gone.png", "query": "x", "points": [[1, 2]]}\n')
+    with pytest.raises(InputError, match="gone.jsonl:1: image not found: .*gone.png"):  # at read time, not when sampled
+        pointer_read_jsonl(str(tmp_path / "gone.jsonl"))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (tmp_path / "corrupt.jsonl").write_text('{"image": "bad.png", "query": "x", "points": [[1, 1]]}\n')
+    with pytest.raises(InputError, match="bad.png: cannot read the image"):
+        pointer_load_record(pointer_read_jsonl(str(tmp_path / "corrupt.jsonl"))[0], 16)
 
 # -----------------------------------------------------------------------------
 # end to end: the script trains, its pixel error falls, it writes results/PNG/checkpoint, and resumes
@@ -462,3 +498,76 @@ def test_conv_stem_and_global_window_variants_run(tmp_path):
 def test_bad_settings_are_one_line_errors(arg, message):
     r = run_script("train_pointer.py", [arg])
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def write_dots(tmp_path):
+    """Three 40 x 24 images with a red dot; the records' points in image pixels."""
+    dots = [(10, 6), (30, 18), (20, 12)]
+    for i, (x, y) in enumerate(dots):
+        img = Image.new("RGB", (40, 24))
+        ImageDraw.Draw(img).ellipse([x - 2, y - 2, x + 2, y + 2], fill=(255, 0, 0))
+        img.save(tmp_path / f"{i}.png")
+    return dots
+
+
+def test_jsonl_run_with_empty_and_multi_point_records(tmp_path):
+    # legal real data that crashed the eval: a training record with no points (it only teaches "done"), a val
+    # file of multi-point records only, and n_eval larger than the val file; augmented as config/pointer_jsonl.py does
+    dots = write_dots(tmp_path)
+    rec = lambda i, q, pts: json.dumps({"image": f"{i}.png", "query": q, "points": pts}) + "\n"
+    (tmp_path / "train.jsonl").write_text(rec(0, "the blue dot", []) + "".join(rec(i, "the red dot", [d]) for i, d in enumerate(dots))
+                                          + rec(1, "every dot", [list(d) for d in dots] * 2))  # 6 > max_points
+    (tmp_path / "val.jsonl").write_text(rec(2, "every dot", [[1, 1], [39, 23]]) + rec(0, "every thing", [[5, 5], [30, 20]]))
+    out = str(tmp_path / "run")
+    stdout = run(["--dataset=jsonl", f"--train_jsonl={tmp_path / 'train.jsonl'}", f"--val_jsonl={tmp_path / 'val.jsonl'}",
+                  "--max_steps=2", "--eval_interval=2", "--n_eval=10", "--n_train_eval=4", "--augment=True",
+                  "--out_dir=" + out])
+    assert "n_eval=10 but" in stdout and "1 train records have more than max_points=3" in stdout
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["n_eval"] == 2 and res["n_eval_multi"] == 2  # what was measured: each val record once
+    assert np.isfinite(res["metrics"]["mean_px"]) and "seq_recall_5px" in res["metrics"] and "gap_px" in res["metrics"]
+    (tmp_path / "none.jsonl").write_text(rec(0, "the blue dot", []))
+    r = run_script("train_pointer.py", [*TINY, "--dataset=jsonl", f"--train_jsonl={tmp_path / 'train.jsonl'}",
+                                        f"--val_jsonl={tmp_path / 'none.jsonl'}", "--out_dir=" + str(tmp_path / "none")])
+    assert r.returncode != 0 and "no record among the first 1 has a point" in r.stderr and "Traceback" not in r.stderr
+
+
+def loss_lines(stdout):
+    """The step lines without their timings (ms, tok/s, mfu): what must repeat exactly."""
+    return [re.sub(r" \| \d+ ms \| [\d.]+k tok/s \| mfu \d+%", "", ln) for ln in stdout.splitlines() if ln.startswith("step ")]
+
+
+def test_stopped_run_resumes_exactly_and_keeps_its_clock(tmp_path, monkeypatch):
+    # a run stopped half-way on its time budget and resumed (same max_steps, Muon, the default) must print the
+    # uninterrupted run's losses and LRs, and carry on the time it had used (budget, LR clock, results.json)
+    import model
+    args = ["--max_steps=16", "--eval_interval=8", "--log_interval=2", "--n_vis=0", "--curriculum_steps=4"]
+    whole = loss_lines(run([*args, "--out_dir=" + str(tmp_path / "whole")]))
+    out = str(tmp_path / "cut")
+    real_spent, real_lr_step, calls, seen = model.budget_spent, model.budget_lr_step, [0], []
+
+    def spent_after_8_steps(seconds, budget_s, device="cpu"):
+        calls[0] += 1
+        return calls[0] >= 8
+    monkeypatch.setattr(model, "budget_spent", spent_after_8_steps)
+    first = run([*args, "--out_dir=" + out])
+    assert "time budget" in first and "at step 8" in first
+    used = json.load(open(os.path.join(out, "ckpt", "meta.json")))["train_seconds"]
+    assert used > 0
+    monkeypatch.setattr(model, "budget_spent", real_spent)
+    monkeypatch.setattr(model, "budget_lr_step", lambda step, m, seconds, *a: seen.append(seconds) or real_lr_step(step, m, seconds, *a))
+    second = run([*args, "--init_from=resume", "--out_dir=" + out])
+    assert loss_lines(first) + loss_lines(second) == whole
+    assert seen[0] >= used  # the budget clock went on from the first segment's time, not from 0
+    assert json.load(open(os.path.join(out, "results.json")))["train_seconds"] >= round(used, 1)
+
+
+def test_early_stop_reports_the_best_checkpoints_step(tmp_path):
+    out = str(tmp_path / "es")
+    stdout = run(["--max_steps=40", "--eval_interval=2", "--patience=1", "--n_vis=0", "--out_dir=" + out])
+    assert "early stop" in stdout
+    res = json.load(open(os.path.join(out, "results.json")))
+    best = json.load(open(os.path.join(out, "best", "meta.json")))["step"]
+    last = json.load(open(os.path.join(out, "ckpt", "meta.json")))["step"]
+    assert res["step"] == best < last == res["stopped_at_step"]
+    assert res["metrics"]["mean_px"] == pytest.approx(json.load(open(os.path.join(out, "best", "meta.json")))["best_px"])

@@ -30,7 +30,8 @@ RECIPES = {
                "--eval_batch=4", "--n_vis=2", "--max_train_seconds=0"],
     "pointer": ["--img_size=32", "--patch_size=8", "--vit_layers=1", "--vit_embd=32", "--vit_heads=2", "--n_layer=1",
                 "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--n_eval=8", "--n_eval_multi=4", "--n_train_eval=4",
-                "--max_query_len=24", "--max_train_seconds=0"],
+                "--max_query_len=24", "--max_train_seconds=0",
+                "--curriculum_steps=0", "--multi_weight=0.5"],  # multi-point queries from step 0: ranks differ in point count
 }
 STEPS = 4
 
