@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from data import load_image, sample_rng, to_pil
+from model import InputError
 
 # -----------------------------------------------------------------------------
 # special tokens and prompt layouts (every special is inserted by id, never by string search)
@@ -122,44 +123,66 @@ def seg_collate(samples):
 def seg_read_refcoco(json_path, image_root=None):
     """-> list of records dict(image, polygons | mask_path, caption), one per referring sentence.
     Accepts a list of annotations or {"annotations": [...]}; each annotation has "image" (or "file_name"),
-    "segmentation" (COCO polygons) or "mask" (a PNG path), and "sentences" (strings or {"sent": str},
-    as the refer API writes them). Relative paths resolve against image_root (default: the JSON's folder)."""
+    "segmentation" (COCO polygons) or "mask" (a PNG path), and "sentences" (a list of strings or {"sent": str},
+    as the refer API writes them). Relative paths resolve against image_root (default: the JSON's folder).
+    Anything else is an InputError naming the file and the annotation."""
     if not os.path.exists(json_path):
         raise FileNotFoundError(f"RefCOCO JSON not found: {json_path}")
     with open(json_path) as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{json_path} is not valid JSON: {e}") from None
-    anns = data["annotations"] if isinstance(data, dict) else data
+            raise InputError(f"{json_path} is not valid JSON: {e}") from None
+    if isinstance(data, dict):
+        if "annotations" not in data:
+            raise InputError(f"{json_path}: a JSON object needs an 'annotations' list (it has keys "
+                             f"{sorted(data)[:8]}); or write the annotations list itself")
+        data = data["annotations"]
+    if not isinstance(data, list) or not data:
+        raise InputError(f"{json_path}: want a non-empty list of annotations, got "
+                         f"{'an empty list' if data == [] else type(data).__name__}")
     root = image_root or os.path.dirname(os.path.abspath(json_path))
     records = []
-    for i, ann in enumerate(anns):
+    for i, ann in enumerate(data):
+        where = f"{json_path}: annotation {i}"
+        if not isinstance(ann, dict):
+            raise InputError(f"{where} is a {type(ann).__name__}, not an object")
         image = ann.get("image", ann.get("file_name"))
-        if image is None:
-            raise ValueError(f"{json_path}: annotation {i} has no 'image' (or 'file_name')")
+        if not isinstance(image, str):
+            raise InputError(f"{where} has no 'image' (or 'file_name') path")
         rec = dict(image=os.path.join(root, image))
         if "segmentation" in ann:
             seg = ann["segmentation"]
             if isinstance(seg, dict):
-                raise ValueError(f"{json_path}: annotation {i} uses RLE segmentation; convert it to a mask PNG")
+                raise InputError(f"{where} uses RLE segmentation; convert it to a mask PNG")
             polys = [seg] if seg and not isinstance(seg[0], (list, tuple)) else seg
             if not polys or any(len(p) < 6 or len(p) % 2 for p in polys):
-                raise ValueError(f"{json_path}: annotation {i} has a polygon with fewer than 3 (x, y) points")
+                raise InputError(f"{where} has a polygon with fewer than 3 (x, y) points")
             rec["polygons"] = [[float(v) for v in p] for p in polys]
         elif "mask" in ann:
+            if not isinstance(ann["mask"], str):
+                raise InputError(f"{where}: 'mask' must be a PNG path, got {ann['mask']!r:.40}")
             rec["mask_path"] = os.path.join(root, ann["mask"])
         else:
-            raise ValueError(f"{json_path}: annotation {i} has neither 'segmentation' nor 'mask'")
-        sentences = [s["sent"] if isinstance(s, dict) else s for s in ann.get("sentences", [])]
+            raise InputError(f"{where} has neither 'segmentation' nor 'mask'")
+        sents = ann.get("sentences", [])
+        if not isinstance(sents, list):  # a bare string would become one caption per character
+            raise InputError(f"{where}: 'sentences' must be a list (of strings or {{'sent': str}}), got "
+                             f"{type(sents).__name__} {sents!r:.40}")
+        sentences = [s.get("sent") if isinstance(s, dict) else s for s in sents]
         if not sentences:
-            raise ValueError(f"{json_path}: annotation {i} has no referring sentences")
+            raise InputError(f"{where} has no referring sentences")
+        if not all(isinstance(s, str) and s.strip() for s in sentences):
+            raise InputError(f"{where}: every sentence must be a non-empty string (or {{'sent': str}}), "
+                             f"got {sents!r:.60}")
         records += [dict(rec, caption=s) for s in sentences]
     return records
 
 
 def seg_load_record(rec, image_size):
-    """A reader record -> the same sample dict as the synthetic generator (image and mask at image_size)."""
+    """A reader record -> the same sample dict as the synthetic generator (image and mask at image_size). A mask
+    PNG's nonzero pixels are the region whatever their value (0/1 and 0/255 PNGs both occur); an all-zero one
+    is an error naming the file. (A mask that vanishes at image_size is the training loop's counted skip.)"""
     from PIL import Image, ImageDraw
     if not os.path.exists(rec["image"]):
         raise FileNotFoundError(f"image not found: {rec['image']}")
@@ -173,9 +196,13 @@ def seg_load_record(rec, image_size):
     else:
         if not os.path.exists(rec["mask_path"]):
             raise FileNotFoundError(f"mask PNG not found: {rec['mask_path']}")
-        canvas = Image.open(rec["mask_path"]).convert("L")
+        with Image.open(rec["mask_path"]) as m:
+            canvas = m.convert("L")
         if canvas.size != (W, H):
-            raise ValueError(f"mask {rec['mask_path']} is {canvas.size} but its image is {(W, H)}")
+            raise InputError(f"mask {rec['mask_path']} is {canvas.size} but its image is {(W, H)}")
+        if canvas.getextrema()[1] == 0:
+            raise InputError(f"mask {rec['mask_path']} is empty (no nonzero pixel)")
+        canvas = canvas.point(lambda v: 255 if v else 0)
     canvas = canvas.resize((image_size, image_size), Image.BILINEAR)
     mask = torch.from_numpy((np.asarray(canvas, dtype=np.float32) >= 128).astype(np.float32))
     return dict(image=load_image(rec["image"], image_size), mask=mask, caption=rec["caption"])

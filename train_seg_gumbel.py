@@ -39,11 +39,12 @@ from data_seg import (SEG_SPECIALS, seg_caption_token_accuracy, seg_check_contex
                       seg_read_refcoco, seg_region_cells, seg_synthetic_sample, seg_vp_prompt_ids)
 
 RECIPE = "seg_gumbel"
-# giou after stage A must be >= 0.85; stage B must keep it (drop <= 0.02) and raise the cycle IoU
+# checked on the final (stage-B) eval: its gIoU >= 0.85, its drop from the stage-A gIoU <= 0.02, and a cycle-IoU
+# gain over stage A (the stage-A gIoU itself is reported as giou_stage_a, not checked)
 TARGETS = {"giou": (">=", 0.85), "giou_drop": ("<=", 0.02), "cycle_iou_gain": (">", 0.0)}
-# the model's shape: a run from a checkpoint takes these from it, and says so
-MODEL_KEYS = ("patch_size", "llm_grid", "vit_layers", "vit_embd", "vit_heads", "n_layer", "n_embd", "n_head", "n_kv_head",
-              "dec_dim")
+# the model's shape: a run from a checkpoint takes these from it, and says so (image_size: the ViT's position table)
+MODEL_KEYS = ("image_size", "patch_size", "llm_grid", "vit_layers", "vit_embd", "vit_heads", "n_layer", "n_embd",
+              "n_head", "n_kv_head", "dec_dim")
 
 # -----------------------------------------------------------------------------
 # config (every key can be set from config/*.py or --key=value)
@@ -114,6 +115,41 @@ tok = Tokenizer(specials=SEG_SPECIALS)
 BOS, EOS, PAD, IMG = tok["<|bos|>"], tok["<|eos|>"], tok["<|pad|>"], tok["<|image|>"]
 SEG, VP, VP_END, MASK = tok["[SEG]"], tok["<vp>"], tok["</vp>"], tok["<mask>"]
 INPUT_ONLY = [BOS, PAD, SEG, VP, VP_END, MASK]  # never generated (the image token is banned by GPT.generate)
+
+# -----------------------------------------------------------------------------
+# data
+
+
+_records = {}
+
+
+def records(split):
+    if split not in _records:
+        path = train_json if split == "train" else val_json
+        if not path:
+            raise InputError(f"dataset='refcoco' needs --{'train' if split == 'train' else 'val'}_json=")
+        _records[split] = seg_read_refcoco(path, image_root or None)
+    return _records[split]
+
+
+def get_batch(split, indices, dev, stage="A"):
+    if dataset == "synthetic":
+        if split == "train" and captioned_pool > 0:  # A: the captioned pool, again and again; B: scenes past it
+            indices = [i % captioned_pool if stage == "A" else captioned_pool + i for i in indices]
+        samples = [seg_synthetic_sample(seed, split, i, image_size) for i in indices]
+    elif dataset == "refcoco":
+        recs = records(split)
+        if split == "train":  # a fresh permutation per epoch, the same on every rank
+            picks = [epoch_order(len(recs), seed, i // len(recs))[i % len(recs)] for i in indices]
+        else:
+            picks = [i % len(recs) for i in indices]
+        samples = [seg_load_record(recs[j], image_size) for j in picks]
+    else:
+        raise InputError(f"dataset must be 'synthetic' or 'refcoco', got {dataset!r}")
+    b = seg_collate(samples)
+    return dict(images=b["images"].to(dev), masks=b["masks"].to(dev), captions=b["captions"],
+                caption_ids=[tok.encode(c)[:max_caption_len] for c in b["captions"]],
+                cells=seg_region_cells(b["masks"], vp_grid).to(dev))
 
 # -----------------------------------------------------------------------------
 # the model: ViT -> projector -> GPT, visual-prompt rows, SAM-style mask decoder
@@ -251,21 +287,6 @@ def mask_loss(logits, target):
     return (bce + dice).mean(), n_skip
 
 
-def stage_a_loss(model, images, masks, caption_ids, cells):
-    """Referring segmentation (BCE + Dice) + region captioning (teacher-forced cross-entropy)."""
-    feats, img = model.encode(images)
-    seg_loss, n_skip = mask_loss(segment(model, feats, img, images, caption_ids), masks)
-    ids, pad_mask, rows = vp_batch(model, feats, img, cells)
-    P = ids.shape[1]
-    caps, cap_mask = right_pad([c + [EOS] for c in caption_ids], img.device)
-    inputs = torch.cat([ids, caps[:, :-1]], 1)
-    logits, _ = model.gpt(inputs, vision_embeds=rows, pad_mask=torch.cat([pad_mask, cap_mask[:, :-1]], 1))
-    targets = caps.masked_fill(~cap_mask, -1)
-    ce = F.cross_entropy(logits[:, P - 1:].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
-    loss = ce * caption_weight if seg_loss is None else seg_loss + caption_weight * ce
-    return loss, dict(seg=float(seg_loss.detach()) if seg_loss is not None else float("nan"), ce=float(ce.detach()), skipped=n_skip)
-
-
 def right_pad(seqs, device):
     """Token lists -> (ids (B, L) padded with <|pad|>, valid (B, L)); L >= 1."""
     L = max(1, max(len(s) for s in seqs))
@@ -290,6 +311,25 @@ def st_topk_gumbel(logits, tau=0.7, top_k=0, noise=None):
     y_soft = F.softmax((logits + noise) / tau, dim=-1)
     y_hard = F.one_hot(y_soft.argmax(-1), logits.shape[-1]).to(y_soft.dtype)
     return y_hard - y_soft.detach() + y_soft
+
+
+def stage_a_loss(model, images, masks, caption_ids, cells):
+    """Referring segmentation (BCE + Dice) + region captioning (teacher-forced cross-entropy). A batch with no
+    non-empty mask gives loss None, a skipped step as in stage B: a caption-only step would leave the decoder
+    without a gradient, which under DDP stalls the ranks that have one."""
+    feats, img = model.encode(images)
+    seg_loss, n_skip = mask_loss(segment(model, feats, img, images, caption_ids), masks)
+    seg_tokens = len(caption_ids) * (img.shape[1] + 2 + max(len(c) for c in caption_ids))  # segment()'s prompt
+    ids, pad_mask, rows = vp_batch(model, feats, img, cells)
+    P = ids.shape[1]
+    caps, cap_mask = right_pad([c + [EOS] for c in caption_ids], img.device)
+    inputs = torch.cat([ids, caps[:, :-1]], 1)
+    logits, _ = model.gpt(inputs, vision_embeds=rows, pad_mask=torch.cat([pad_mask, cap_mask[:, :-1]], 1))
+    targets = caps.masked_fill(~cap_mask, -1)
+    ce = F.cross_entropy(logits[:, P - 1:].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+    loss = None if seg_loss is None else seg_loss + caption_weight * ce
+    return loss, dict(seg=float(seg_loss.detach()) if seg_loss is not None else float("nan"), ce=float(ce.detach()),
+                      skipped=n_skip, tokens=seg_tokens + inputs.numel())
 
 
 @torch.no_grad()
@@ -322,6 +362,7 @@ def stage_b_loss(model, teacher, images, masks, cells):
     x = model.gpt.embed(torch.cat([ids, masked[:, :-1]], 1), rows)
     h = model.gpt.forward_embeds(x, torch.cat([pad_mask, valid[:, :-1]], 1))
     logits = model.gpt.logits(h[:, P - 1:P - 1 + L])
+    n_tokens = x.shape[0] * x.shape[1]  # the trainable GPT's positions (padding included: it is computed)
     # self-distillation anchor: without it the byte-level captions lose their spelling within ~100 steps
     # (measured: 'green circle' -> 'green cire', cycle IoU 0.87 -> 0.75); it uses no ground-truth caption
     distill = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), caps.masked_fill(~valid, -1).reshape(-1),
@@ -341,52 +382,18 @@ def stage_b_loss(model, teacher, images, masks, cells):
     ones = torch.ones(images.shape[0], n, dtype=torch.bool, device=images.device)
     seg_mask = torch.cat([ones, text_valid, ones[:, :1]], 1)
     # (6) BCE + Dice against the region's mask
-    loss, n_skip = mask_loss(segment_embeds(model, x, seg_mask, seg_ids, feats, images), masks)
-    if loss is not None and distill_weight > 0:
-        loss = loss + distill_weight * distill
+    seg, n_skip = mask_loss(segment_embeds(model, x, seg_mask, seg_ids, feats, images), masks)
+    loss = seg + distill_weight * distill if seg is not None and distill_weight > 0 else seg
+    # seg on its own: the mask loss is what stage B trains (the journal's was 0.0000 for a whole run, unnoticed)
     return loss, dict(skipped=n_skip, pseudo_len=float(text_valid.sum(1).float().mean()),
-                      distill=float(distill.detach())), text
+                      distill=float(distill.detach()), seg=float(seg.detach()) if seg is not None else float("nan"),
+                      tokens=n_tokens + x.shape[0] * x.shape[1]), text
 
 
 @torch.no_grad()
 def ema_update(teacher, student, decay):
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.lerp_(s.detach(), 1 - decay)
-
-# -----------------------------------------------------------------------------
-# data
-
-
-_records = {}
-
-
-def records(split):
-    if split not in _records:
-        path = train_json if split == "train" else val_json
-        if not path:
-            raise InputError(f"dataset='refcoco' needs --{'train' if split == 'train' else 'val'}_json=")
-        _records[split] = seg_read_refcoco(path, image_root or None)
-    return _records[split]
-
-
-def get_batch(split, indices, dev, stage="A"):
-    if dataset == "synthetic":
-        if split == "train" and captioned_pool > 0:  # A: the captioned pool, again and again; B: scenes past it
-            indices = [i % captioned_pool if stage == "A" else captioned_pool + i for i in indices]
-        samples = [seg_synthetic_sample(seed, split, i, image_size) for i in indices]
-    elif dataset == "refcoco":
-        recs = records(split)
-        if split == "train":  # a fresh permutation per epoch, the same on every rank
-            picks = [epoch_order(len(recs), seed, i // len(recs))[i % len(recs)] for i in indices]
-        else:
-            picks = [i % len(recs) for i in indices]
-        samples = [seg_load_record(recs[j], image_size) for j in picks]
-    else:
-        raise InputError(f"dataset must be 'synthetic' or 'refcoco', got {dataset!r}")
-    b = seg_collate(samples)
-    return dict(images=b["images"].to(dev), masks=b["masks"].to(dev), captions=b["captions"],
-                caption_ids=[tok.encode(c)[:max_caption_len] for c in b["captions"]],
-                cells=seg_region_cells(b["masks"], vp_grid).to(dev))
 
 # -----------------------------------------------------------------------------
 # eval: rollout metrics (thresholded masks, generated captions, and the cycle mask -> caption -> mask)
@@ -421,13 +428,31 @@ def evaluate(model, dev, ctx, vis_path=None):
 # training
 
 
-def main():
+def check_config():
+    """Settings that would fail deep inside training (or train on nothing) fail here, in one line."""
     if dataset not in ("synthetic", "refcoco"):
         raise InputError(f"dataset must be 'synthetic' or 'refcoco', got {dataset!r}")
-    if dataset == "refcoco":
-        records("train"), records("val")  # fail on a missing/bad JSON before anything is written
     if not 0 < stage_a_steps <= max_steps:
         raise InputError(f"need 0 < stage_a_steps ({stage_a_steps}) <= max_steps ({max_steps})")
+    for k in ("max_caption_len", "vp_grid", "grad_norm_interval"):  # (the shared counts: configurator.POSITIVE_KEYS)
+        if globals()[k] < 1:
+            raise InputError(f"{k} must be >= 1, got {globals()[k]}")
+    if gumbel_tau <= 0:
+        raise InputError(f"gumbel_tau (the Gumbel-softmax temperature) must be > 0, got {gumbel_tau}")
+    if not 0 <= mask_ratio <= 1 or not 0 <= ema_decay <= 1:
+        raise InputError(f"mask_ratio ({mask_ratio}) and ema_decay ({ema_decay}) must lie in [0, 1]")
+
+
+def grad_norm(module):
+    """L2 norm of a module's gradients, before clipping (0.0 when none reached it)."""
+    norms = [p.grad.norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def main():
+    check_config()
+    if dataset == "refcoco":
+        records("train"), records("val")  # fail on a missing/bad JSON before anything is written
     ddp = init_distributed(device)
     dev, master = ddp["device"], ddp["master"]
     torch.manual_seed(seed + ddp["rank"])
@@ -448,12 +473,13 @@ def main():
     teacher.requires_grad_(False)
     teacher.eval()
     optimizer = configure_optimizers(student, lr, weight_decay, device_type=ddp["device_type"])
-    step, stage_a, skipped = 0, {}, 0
+    step, stage_a, skipped, skipped_steps = 0, {}, 0, 0
     peak = measure_matmul_peak(dev) if master else None  # before set_rng_state: its randn draws from the RNG
     if meta is not None:
         load_checkpoint(src, bundle, optimizer if init_from == "resume" else None)
         if init_from == "resume" or eval_only:
             step, stage_a, skipped = meta["step"], meta.get("stage_a", {}), meta.get("skipped", 0)
+            skipped_steps = meta.get("skipped_steps", 0)
         if init_from == "resume":
             set_rng_state(meta["rng"])
             print(f"resumed {src} at step {step}")
@@ -475,8 +501,9 @@ def main():
     def checkpoint():
         save_checkpoint(os.path.join(run, "ckpt"), bundle, optimizer, meta=dict(
             recipe=RECIPE, step=step, config=config, rng=rng_state(), vit=asdict(student.vit.config),
-            gpt=asdict(gpt_cfg), dec_dim=dec_dim, llm_grid=student.llm_grid, specials=list(SEG_SPECIALS), stage_a=stage_a, skipped=skipped,
-            train_seconds=train_seconds + time.time() - t_start))
+            gpt=asdict(gpt_cfg), dec_dim=dec_dim, llm_grid=student.llm_grid, specials=list(SEG_SPECIALS),
+            stage_a=stage_a, skipped=skipped, skipped_steps=skipped_steps,
+            train_seconds=train_seconds + time.time() - t_start))  # a resume continues this clock
 
     def run_eval():
         metrics = evaluate(student, dev, ctx, os.path.join(run, f"samples_step{step:05d}.png"))
@@ -487,7 +514,7 @@ def main():
             metrics.update(giou_stage_a=stage_a["giou"], cycle_iou_stage_a=stage_a["cycle_iou"],
                            giou_drop=stage_a["giou"] - metrics["giou"],
                            cycle_iou_gain=metrics["cycle_iou"] - stage_a["cycle_iou"])
-        metrics["skipped"] = skipped
+        metrics["skipped"], metrics["skipped_steps"] = skipped, skipped_steps
         stage = "A" if step <= stage_a_steps else "B"
         print(f"eval step {step} (stage {stage}) | " + format_metrics(metrics, TARGETS))
         write_results(run, RECIPE, "val", n_eval, metrics, TARGETS, step=step, stage=stage, stage_a=stage_a,
@@ -500,7 +527,8 @@ def main():
         if master:
             run_eval()
         return
-    t0, text_gn = time.time(), float("nan")
+    t0, step0, n_tokens = time.time(), step, 0
+    grads = None  # (step, text-emb, decoder, projector) gradient norms at their last measurement
     while step < max_steps:
         if step == stage_a_steps:  # stage B starts: the teacher is the stage A model
             teacher.load_state_dict(student.state_dict())
@@ -518,40 +546,50 @@ def main():
                 loss, stats = model("stage_a", images=b["images"], masks=b["masks"], caption_ids=b["caption_ids"],
                                     cells=b["cells"])
         skipped += stats["skipped"]
-        if loss is None:  # every sample had an empty mask: a counted skip, never a zero loss
-            print(f"step {step}: batch skipped (no sample with a non-empty mask); {skipped} samples skipped so far")
-            step += 1
-            continue
-        check_finite(loss, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if in_b and (step - stage_a_steps) % grad_norm_interval == 0:
-            if text.grad is None or float(text.grad.norm()) == 0.0:
-                raise RuntimeError(f"step {step}: no gradient reached the text embeddings (the Gumbel path is cut)")
-            text_gn = float(text.grad.norm())
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-        optimizer.step()
-        if in_b:
-            ema_update(teacher, student, ema_decay)
+        n_tokens += stats["tokens"]
+        # no sample with a non-empty mask: a counted skip, never a zero loss. Every rank skips together (a rank
+        # that skipped alone would leave the others waiting for its gradients); eval, checkpoint, log still run
+        skip = mean_across_ranks(float(loss is None), dev) > 0
+        if skip:
+            skipped_steps += 1
+            if master:
+                print(f"step {step + 1}: batch skipped (no sample with a non-empty mask on some rank); "
+                      f"{skipped_steps} steps skipped so far")
+        else:
+            check_finite(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if in_b and (step - stage_a_steps) % grad_norm_interval == 0:
+                if text.grad is None or float(text.grad.norm()) == 0.0:
+                    raise RuntimeError(f"step {step}: no gradient reached the text embeddings (the Gumbel path is cut)")
+                grads = (step + 1, float(text.grad.norm()), grad_norm(student.decoder), grad_norm(student.proj))
+                logger.log(dict(text_emb_grad=grads[1], decoder_grad=grads[2], proj_grad=grads[3]), step + 1)
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+            optimizer.step()
+            if in_b:
+                ema_update(teacher, student, ema_decay)
         step += 1
-        if step % log_interval == 0 or step == max_steps:
+        if not skip and (step % log_interval == 0 or step == max_steps):
             loss_avg = mean_across_ranks(loss.item(), dev)  # the global batch's loss (every rank joins)
-        if master and (step % log_interval == 0 or step == max_steps):
-            dt = (time.time() - t0) / log_interval
-            t0 = time.time()
-            tokens = batch_size * (2 * llm_grid ** 2 + 60)
-            extra = (f"stage B | text-emb grad {text_gn:.3g} | pseudo len {stats['pseudo_len']:.1f} | "
-                     f"distill {stats['distill']:.3f}" if in_b
-                     else f"stage A | seg {stats['seg']:.3f} | ce {stats['ce']:.3f}")
-            print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens,
-                           gpt_flops_per_token(gpt_cfg, n_params) * tokens, peak, extra=extra))
-            logger.log(dict(loss=loss_avg, lr=lr_now, text_emb_grad=text_gn), step)
+            dt, tokens = (time.time() - t0) / (step - step0), n_tokens / (step - step0)  # tokens: this rank's
+            t0, step0, n_tokens = time.time(), step, 0                                     # GPT positions per step
+            if master:
+                extra = (f"stage B | seg {stats['seg']:.4f} | distill {stats['distill']:.3f} | "
+                         f"pseudo len {stats['pseudo_len']:.1f}" if in_b
+                         else f"stage A | seg {stats['seg']:.3f} | ce {stats['ce']:.3f}")
+                if in_b and grads:  # measured every grad_norm_interval steps: printed with the step it is from
+                    extra += (f" | text-emb grad {grads[1]:.3g} @ step {grads[0]} "
+                              f"(decoder {grads[2]:.3g}, proj {grads[3]:.3g})")
+                print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens,
+                               gpt_flops_per_token(gpt_cfg, n_params) * tokens, peak, extra=extra))
+                logger.log(dict(loss=loss_avg, lr=lr_now, seg=stats["seg"]), step)
         if master and (step % eval_interval == 0 or step == stage_a_steps or step == max_steps):
             run_eval()
             checkpoint()
     if master:
-        print(f"done: {skipped} samples skipped (empty masks); results in {os.path.join(run, 'results.json')}")
+        print(f"done: {skipped_steps} steps skipped, {skipped} samples with an empty mask (rank 0's); "
+              f"results in {os.path.join(run, 'results.json')}")
     if master and push_to_hub:
         push_run_to_hub(push_to_hub, run, RECIPE, config)
     logger.finish()

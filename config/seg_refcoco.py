@@ -1,6 +1,6 @@
 # Seg-Gumbel on RefCOCO-style JSON (GPU scale). Write the JSON with the reader's format (data_seg.seg_read_refcoco):
 # [{"image": "train2014/COCO_train2014_000000000009.jpg", "segmentation": [[x1, y1, ...]] | "mask": "m.png",
-#   "sentences": ["the man on the left", ...]}, ...]
+#   "sentences": ["the man on the left", ...]}, ...]   (a mask PNG's nonzero pixels are the region: 0/1 or 0/255)
 # torchrun --standalone --nproc_per_node=8 train_seg_gumbel.py config/seg_refcoco.py
 dataset = "refcoco"
 train_json = "data/refcoco/refcoco_train.json"

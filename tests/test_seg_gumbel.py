@@ -1,7 +1,9 @@
 """Seg-Gumbel: prompt layout and vp counting, the ST Gumbel estimator, stage-B gradient flow, metrics,
-the RefCOCO-style reader, and a short end-to-end run with resume."""
+the RefCOCO-style reader and its errors, a short end-to-end run with resume (equal to the uninterrupted run),
+skipped steps, and config errors."""
 import json
 import os
+import re
 import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on a shared CPU
@@ -17,6 +19,7 @@ from data_seg import (SEG_SPECIALS, seg_caption_token_accuracy, seg_check_contex
                       seg_giou, seg_iou_stats, seg_load_record, seg_prompt_ids, seg_read_refcoco,
                       seg_region_cells, seg_synthetic_sample, seg_vp_prompt_ids)
 from inprocess import run_script  # noqa: E402
+from model import InputError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -211,11 +214,43 @@ def test_refcoco_reader_polygon_and_mask_png(tmp_path):
     assert q["mask"][:10, :10].all() and q["mask"][10:].sum() == 0 and q["mask"][:, 10:].sum() == 0
     (tmp_path / "bad.json").write_text(json.dumps([{"image": "a.png", "segmentation": {"counts": "x"},
                                                     "sentences": ["s"]}]))
-    with pytest.raises(ValueError, match="RLE"):
+    with pytest.raises(InputError, match="RLE"):
         seg_read_refcoco(str(tmp_path / "bad.json"))
     (tmp_path / "bad2.json").write_text(json.dumps([{"image": "a.png", "mask": "a_mask.png"}]))
-    with pytest.raises(ValueError, match="no referring sentences"):
+    with pytest.raises(InputError, match="no referring sentences"):
         seg_read_refcoco(str(tmp_path / "bad2.json"))
+
+
+@pytest.mark.parametrize("data, error", [
+    ([], "non-empty list of annotations, got an empty list"),             # was a ZeroDivisionError in training
+    ({"images": [], "refs": []}, "needs an 'annotations' list"),           # was a KeyError
+    ([{"image": "a.png", "mask": "a_mask.png", "sentences": "the box"}],   # was 7 one-character captions
+     "'sentences' must be a list"),
+    ([{"image": "a.png", "mask": "a_mask.png", "sentences": [{"raw": "x"}]}], "non-empty string"),
+    ([{"mask": "a_mask.png", "sentences": ["s"]}], "no 'image'"),
+])
+def test_refcoco_reader_rejects_bad_json(tmp_path, data, error):
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match=error) as e:
+        seg_read_refcoco(str(tmp_path / "r.json"))
+    assert str(tmp_path / "r.json") in str(e.value)  # the message names the file
+
+
+def test_refcoco_mask_png_0_1_valued_and_empty(tmp_path):
+    """A 0/1 mask PNG is the region (it thresholded to nothing at >= 128); an all-zero PNG is an error."""
+    from PIL import Image
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    m = np.zeros((20, 20), dtype=np.uint8)
+    m[:10, :10] = 1
+    Image.fromarray(m).save(tmp_path / "m01.png")
+    Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(tmp_path / "m0.png")
+    (tmp_path / "r.json").write_text(json.dumps([{"image": "a.png", "mask": "m01.png", "sentences": ["a"]},
+                                                 {"image": "a.png", "mask": "m0.png", "sentences": ["b"]}]))
+    recs = seg_read_refcoco(str(tmp_path / "r.json"))
+    mask = seg_load_record(recs[0], 20)["mask"]
+    assert mask[:10, :10].all() and mask.sum() == 100
+    with pytest.raises(InputError, match="m0.png is empty"):
+        seg_load_record(recs[1], 20)
 
 
 def test_short_stage_a_loss_falls(T):
@@ -232,30 +267,97 @@ def test_short_stage_a_loss_falls(T):
     assert losses[-1] < 0.7 * losses[0]
 
 
+TINY = ["--vit_layers=1", "--vit_embd=32", "--vit_heads=2", "--n_layer=1", "--n_embd=32", "--n_head=2",
+        "--n_kv_head=2", "--dec_dim=16", "--batch_size=4", "--n_eval=8", "--eval_batch_size=8", "--n_vis=2",
+        "--log_interval=2", "--max_caption_len=8"]
+
+
+def loss_lines(stdout):
+    """'step N | loss X | lr Y' of every log line (timings differ from run to run; M of N/M with max_steps)."""
+    return [re.sub(r"/\d+", "", " | ".join(ln.split(" | ")[:3])) for ln in stdout.splitlines()
+            if re.match(r"step \d+/\d+ \| loss", ln)]
+
+
 def test_end_to_end_run_and_resume(tmp_path):
-    tiny = ["--vit_layers=1", "--vit_embd=32", "--vit_heads=2", "--n_layer=1", "--n_embd=32", "--n_head=2",
-            "--n_kv_head=2", "--dec_dim=16", "--batch_size=4", "--n_eval=8", "--eval_batch_size=8", "--n_vis=2",
-            "--log_interval=2", "--max_caption_len=8"]
-    out = str(tmp_path / "run")
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
     env = dict(OMP_NUM_THREADS="1")
-    r = run_script("train_seg_gumbel.py", [f"--out_dir={out}", "--stage_a_steps=4", "--max_steps=6",
-                                           "--eval_interval=4"] + tiny, env=env)
+    r = run_script("train_seg_gumbel.py", [f"--out_dir={full}", "--stage_a_steps=4", "--max_steps=8",
+                                           "--eval_interval=4"] + TINY, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    res = json.load(open(os.path.join(out, "results.json")))
-    assert res["recipe"] == "seg_gumbel" and res["step"] == 6 and res["stage"] == "B"
+    res = json.load(open(os.path.join(full, "results.json")))
+    assert res["recipe"] == "seg_gumbel" and res["step"] == 8 and res["stage"] == "B"
     for k in ("giou", "ciou", "cycle_iou", "caption_acc", "giou_drop", "cycle_iou_gain"):
         assert k in res["metrics"]
-    assert "giou" in res["stage_a"] and os.path.exists(os.path.join(out, "samples_step00004.png"))
-    assert os.path.exists(os.path.join(out, "ckpt", "model.safetensors"))
-    assert "text-emb grad" in r.stdout and "stage B" in r.stdout
-    r = run_script("train_seg_gumbel.py", [f"--out_dir={out}", "--init_from=resume", "--stage_a_steps=4",
-                                           "--max_steps=8", "--eval_interval=4"] + tiny + ["--n_layer=2"], env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "resumed" in r.stdout and "step 8/8" in r.stdout
-    res2 = json.load(open(os.path.join(out, "results.json")))
-    assert res2["step"] == 8 and res2["stage_a"] == res["stage_a"]
+    assert "giou" in res["stage_a"] and os.path.exists(os.path.join(full, "samples_step00004.png"))
+    assert os.path.exists(os.path.join(full, "ckpt", "model.safetensors"))
+    # stage B logs its mask loss on its own, and the text-embedding gradient with the step it was measured at
+    assert "stage B | seg " in r.stdout and "text-emb grad" in r.stdout and "@ step 5 " in r.stdout
+    # stopped after stage A, then resumed: the same losses and the same final model as the run never stopped
+    r1 = run_script("train_seg_gumbel.py", [f"--out_dir={part}", "--stage_a_steps=4", "--max_steps=4",
+                                            "--eval_interval=4"] + TINY, env=env)
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    meta_path = os.path.join(part, "ckpt", "meta.json")
+    meta = json.load(open(meta_path))
+    meta["train_seconds"] = 1000.0  # as if the first run had trained 1000 s: the resumed clock must go on from it
+    json.dump(meta, open(meta_path, "w"))
+    r2 = run_script("train_seg_gumbel.py", [f"--out_dir={part}", "--init_from=resume", "--stage_a_steps=4",
+                                            "--max_steps=8", "--eval_interval=4"] + TINY + ["--n_layer=2"], env=env)
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    assert "resumed" in r2.stdout and "step 8/8" in r2.stdout
+    assert loss_lines(r1.stdout) + loss_lines(r2.stdout) == loss_lines(r.stdout)
+    res2 = json.load(open(os.path.join(part, "results.json")))
+    assert res2["step"] == 8 and res2["stage_a"] == res["stage_a"] and res2["metrics"] == res["metrics"]
+    assert res2["train_seconds"] >= 1000.0
     # the checkpoint's shape wins, is printed, and is what results.json records (it was silently ignored)
-    assert "from checkpoint: n_layer=1 (config said 2)" in r.stdout and res2["config"]["n_layer"] == 1
+    assert "from checkpoint: n_layer=1 (config said 2)" in r2.stdout and res2["config"]["n_layer"] == 1
+    # image_size is part of the shape (the ViT's position table): an eval at another size takes the checkpoint's
+    r3 = run_script("train_seg_gumbel.py", [f"--out_dir={tmp_path / 'ev'}", f"--init_from={part}/ckpt",
+                                            "--eval_only=True", "--image_size=64"] + TINY, env=env)
+    assert r3.returncode == 0, r3.stdout + r3.stderr
+    assert "from checkpoint: image_size=32 (config said 64)" in r3.stdout
+    assert json.load(open(tmp_path / "ev" / "results.json"))["metrics"]["giou"] == res["metrics"]["giou"]
+
+
+def test_skipped_steps_still_eval_checkpoint_and_count(tmp_path):
+    """RefCOCO-style data where a mask vanishes at image_size: those steps are counted skips, and the stage-A
+    eval and the final eval + checkpoint still happen when they fall on a skipped step (they were lost)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "im.png")
+    box = np.zeros((64, 64), dtype=np.uint8)
+    box[8:56, 8:56] = 1  # a 0/1-valued mask PNG
+    Image.fromarray(box).save(tmp_path / "box.png")
+    dot = np.zeros((64, 64), dtype=np.uint8)
+    dot[30, 30] = 1  # one pixel: empty at 32 px
+    Image.fromarray(dot).save(tmp_path / "dot.png")
+    (tmp_path / "train.json").write_text(json.dumps([{"image": "im.png", "mask": "box.png", "sentences": ["box"]},
+                                                     {"image": "im.png", "mask": "dot.png", "sentences": ["dot"]}]))
+    (tmp_path / "val.json").write_text(json.dumps([{"image": "im.png", "mask": "box.png", "sentences": ["box"]}]))
+    out = tmp_path / "run"
+    # batch 1, seed 1337: the epoch orders are [0, 1], [0, 1], [1, 0] -> steps 2, 4 (stage A's last) and 5 skip
+    data = ["--dataset=refcoco", f"--train_json={tmp_path / 'train.json'}", f"--val_json={tmp_path / 'val.json'}"]
+    r = run_script("train_seg_gumbel.py", [f"--out_dir={out}", *data, "--seed=1337", "--stage_a_steps=4",
+                                           "--max_steps=5", "--eval_interval=100", "--n_eval=1", "--eval_batch_size=1",
+                                           "--n_vis=1"] + TINY[:8] + ["--batch_size=1", "--log_interval=1"],
+                   env=dict(OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [ln.split(" |")[0] for ln in loss_lines(r.stdout)] == ["step 1", "step 3"]
+    assert "step 5: batch skipped" in r.stdout and "done: 3 steps skipped, 3 samples" in r.stdout
+    res = json.load(open(out / "results.json"))
+    assert res["step"] == 5 and res["stage"] == "B" and "giou" in res["stage_a"]
+    assert res["metrics"]["skipped_steps"] == 3 and res["metrics"]["skipped"] == 3
+    meta = json.load(open(out / "ckpt" / "meta.json"))
+    assert meta["step"] == 5 and meta["skipped_steps"] == 3
+    assert os.path.exists(out / "samples_step00004.png")
+
+
+@pytest.mark.parametrize("arg, error", [("--gumbel_tau=0", "gumbel_tau"), ("--max_caption_len=0", "max_caption_len"),
+                                        ("--vp_grid=0", "vp_grid"), ("--grad_norm_interval=0", "grad_norm_interval"),
+                                        ("--stage_a_steps=9", "stage_a_steps")])
+def test_bad_config_is_one_line_error(tmp_path, arg, error):
+    r = run_script("train_seg_gumbel.py", [f"--out_dir={tmp_path}", "--stage_a_steps=4", "--max_steps=8", arg])
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and error in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)
 
 
 def test_configs_match_script_defaults(T):
@@ -264,7 +366,8 @@ def test_configs_match_script_defaults(T):
     synthetic = parse_args(defaults, [os.path.join(ROOT, "config/seg_synthetic.py")])
     assert synthetic == defaults  # the default config file is the script's defaults, written out
     refcoco = parse_args(defaults, [os.path.join(ROOT, "config/seg_refcoco.py")])
-    assert refcoco["dataset"] == "refcoco" and (refcoco["image_size"] // refcoco["patch_size"]) % refcoco["llm_grid"] == 0
+    assert refcoco["dataset"] == "refcoco"
+    assert (refcoco["image_size"] // refcoco["patch_size"]) % refcoco["llm_grid"] == 0
 
 
 def test_captioned_pool_stage_a_repeats_stage_b_is_fresh(T):
