@@ -1,12 +1,18 @@
 """
 LaneLM data: the lane coordinate tokenizer, synthetic road scenes with TuSimple-form labels, the TuSimple
-reader, the official TuSimple metric (accuracy / FP / FN, plus F1) and the drawing helper. Merged into
-data.py by the lead; every public name starts with `lane_` or `tusimple_`.
+reader, the official TuSimple metric (accuracy / FP / FN, plus F1) and the drawing helper (LaneLM's own data
+code, as each recipe's lives in data_<recipe>.py; every public name starts with `lane_` or `tusimple_`).
 
 Coordinates. Labels always live in the label frame (TuSimple: 1280 x 720): a lane is a list of x values,
 one per `h_samples` row, -2 where the lane is absent. Images are rendered/resized to a small model frame
 (160 x 96 by default) but labels are never rescaled, so the official 20 px threshold keeps its meaning
 (20 label px = 2.5 model px at 160 wide).
+
+Rows. ROW tokens index one global row grid, y = 160, 160 + h_step, ... < 720 (lane_row_grid; TuSimple's 56
+rows at h_step=10), never an image's own h_samples: TuSimple's clips label different rows (0313: 240..710,
+the others 160..710), and a token must mean one y everywhere. An image's lanes are put on the grid
+(lane_to_grid, absent rows -2) before encoding and decoded lanes are read back at its h_samples
+(lane_from_grid); every h_samples row must lie on the grid (checked when the labels are read).
 """
 import json
 import math
@@ -16,9 +22,11 @@ import numpy as np
 import torch
 
 from data import load_image, to_pil
+from model import InputError
 
 TUSIMPLE_W, TUSIMPLE_H = 1280, 720
 TUSIMPLE_H_SAMPLES = list(range(160, 720, 10))  # the 56 rows of TuSimple's test set
+LANE_GRID_TOP = 160                             # the first row of the ROW grid (TuSimple's top labelled row)
 LANE_TOKENIZATIONS = ("relative_disjoint", "absolute", "relative")
 
 # -----------------------------------------------------------------------------
@@ -28,16 +36,17 @@ LANE_TOKENIZATIONS = ("relative_disjoint", "absolute", "relative")
 class LaneTokenizer:
     """Lane <-> tokens. One sequence per lane:  BOS_k ROW_r p_r p_r-1 ... EOS   (empty lane: BOS_k EOS).
 
-    BOS_k is the lane-id prompt (one BOS per lane index: the one-to-many fix), ROW_r says at which
-    h_samples row the lane starts, then one point token per row until EOS. Lanes are written bottom-up
-    (bottom_up=True): the first, absolute point is the nearest one, where lanes are wide apart and easy to
-    tell apart, and the relative steps walk towards the vanishing point. A point is an x bin
-    (bin = floor(x / (label_w / nbins_x)), decoded at the bin centre, so a round trip is within half a bin).
+    BOS_k is the lane-id prompt (one BOS per lane index: the one-to-many fix), ROW_r says at which row of
+    the global row grid (lane_row_grid: one y in every image) the lane starts, then one point token per row
+    until EOS. Lanes are written bottom-up (bottom_up=True): the first, absolute point is the nearest one,
+    where lanes are wide apart and easy to tell apart, and the relative steps walk towards the vanishing point.
+    A point is an x bin (bin = floor(x / (label_w / nbins_x)), decoded at the bin centre, so a round trip is
+    within half a bin).
 
-    Id layout (relative_disjoint, nbins_x=200, max_abs_dx=32, max_rows=56, max_lanes=4 -> vocab 333):
+    Id layout (relative_disjoint, nbins_x=200, max_abs_dx=32, max_rows=56, max_lanes=4 -> vocab 330):
         [0, nbins_x)                 ABS x bin
         [nbins_x, +2*max_abs_dx+1)   DX  signed bin step -max_abs_dx..+max_abs_dx (relative_disjoint only)
-        [.., +max_rows)              ROW start row index into h_samples
+        [.., +max_rows)              ROW start row: an index into the global row grid
         GAP                          this row is absent inside a lane (next point re-anchors absolutely)
         REANCHOR                     'relative' only: the next ABS-range token is an absolute bin
         EOS
@@ -53,9 +62,9 @@ class LaneTokenizer:
     def __init__(self, mode="relative_disjoint", nbins_x=200, max_abs_dx=32, max_rows=56, max_lanes=4,
                  label_w=TUSIMPLE_W, bottom_up=True):
         if mode not in LANE_TOKENIZATIONS:
-            raise ValueError(f"tokenization must be one of {LANE_TOKENIZATIONS}, got {mode!r}")
+            raise InputError(f"tokenization must be one of {LANE_TOKENIZATIONS}, got {mode!r}")
         if mode == "relative" and max_abs_dx >= nbins_x // 2:
-            raise ValueError(f"relative mode shares the ABS range: max_abs_dx ({max_abs_dx}) must be < nbins_x//2")
+            raise InputError(f"relative mode shares the ABS range: max_abs_dx ({max_abs_dx}) must be < nbins_x//2")
         self.mode, self.nbins, self.max_dx, self.step = mode, nbins_x, max_abs_dx, -1 if bottom_up else 1
         self.max_rows, self.max_lanes, self.label_w = max_rows, max_lanes, label_w
         self.bin_w = label_w / nbins_x
@@ -81,34 +90,42 @@ class LaneTokenizer:
     def bin_x(self, b):
         return (b + 0.5) * self.bin_w
 
-    def encode(self, xs, lane_id):
-        """xs: x per h_samples row (label px, < 0 = absent) -> [BOS_k, ROW, points..., EOS]."""
+    def encode(self, xs, lane_id, with_key=False):
+        """xs: x per grid row (label px, < 0 = absent) -> [BOS_k, ROW, points..., EOS]
+        (with_key: and per id whether it is a key token: the start row, every absolutely anchored point (the
+        first, after a GAP, after a step > max_abs_dx) and EOS, whatever the mode writes for them)."""
         if len(xs) > self.max_rows:
             raise ValueError(f"lane has {len(xs)} rows but the tokenizer has max_rows={self.max_rows}")
-        ids = [self.bos(lane_id)]
+        ids, key = [self.bos(lane_id)], [False]
         valid = [i for i, x in enumerate(xs) if x >= 0]
-        if not valid:
-            return ids + [self.eos]
-        first, last = (valid[-1], valid[0]) if self.step < 0 else (valid[0], valid[-1])
-        ids.append(self.row0 + first)
-        prev = None  # previous bin; None = the next point must be absolute
-        for r in range(first, last + self.step, self.step):
-            if xs[r] < 0:
-                ids.append(self.gap)
-                prev = None
-                continue
-            b = self.x_bin(xs[r])
-            if self.mode == "absolute" or prev is None:
-                ids.append(b)
-            elif abs(b - prev) <= self.max_dx:
-                ids.append(self.dx0 + self.max_dx + (b - prev) if self.mode == "relative_disjoint"
-                           else self.nbins // 2 + (b - prev))
-            elif self.mode == "relative_disjoint":
-                ids.append(b)  # disjoint ranges: an ABS token re-anchors unambiguously
-            else:
-                ids += [self.reanchor, b]
-            prev = b
-        return ids + [self.eos]
+        if valid:
+            first, last = (valid[-1], valid[0]) if self.step < 0 else (valid[0], valid[-1])
+            ids.append(self.row0 + first)
+            key.append(True)
+            prev = None  # previous bin; None = the next point must be absolute
+            for r in range(first, last + self.step, self.step):
+                if xs[r] < 0:
+                    ids.append(self.gap)
+                    key.append(False)
+                    prev = None
+                    continue
+                b = self.x_bin(xs[r])
+                anchor = prev is None or abs(b - prev) > self.max_dx
+                if self.mode == "absolute" or prev is None:
+                    ids.append(b)
+                elif not anchor:
+                    ids.append(self.dx0 + self.max_dx + (b - prev) if self.mode == "relative_disjoint"
+                               else self.nbins // 2 + (b - prev))
+                elif self.mode == "relative_disjoint":
+                    ids.append(b)  # disjoint ranges: an ABS token re-anchors unambiguously
+                else:
+                    ids += [self.reanchor, b]
+                    key.append(False)
+                key.append(anchor)
+                prev = b
+        ids.append(self.eos)
+        key.append(True)
+        return (ids, key) if with_key else ids
 
     def decode(self, ids, n_rows):
         """Tokens after the prompt (a leading BOS is skipped) -> (xs list of n_rows, -2 absent; ok flag).
@@ -176,6 +193,28 @@ def lane_slots(lanes, max_lanes=4, centre=TUSIMPLE_W / 2):
     for j, l in enumerate(right[:max_lanes - half]):
         slots[half + j] = l
     return slots, max(0, len(left) - half) + max(0, len(right) - (max_lanes - half))
+
+
+def lane_row_grid(h_step, label_h=TUSIMPLE_H):
+    """The rows ROW tokens index, the same in every image: y = 160, 160 + h_step, ... < label_h."""
+    if h_step <= 0:
+        raise InputError(f"h_step must be > 0 (the row grid's spacing in label px), got {h_step}")
+    return list(range(LANE_GRID_TOP, label_h, h_step))
+
+
+def lane_to_grid(xs, h_samples, rows):
+    """A lane labelled at an image's h_samples -> x per grid row (-2 on rows the image has no label for)."""
+    at = {y: i for i, y in enumerate(rows)}
+    out = [-2.0] * len(rows)
+    for x, y in zip(xs, h_samples):
+        out[at[y]] = float(x)
+    return out
+
+
+def lane_from_grid(xs, h_samples, rows):
+    """x per grid row -> the lane at an image's h_samples (the inverse of lane_to_grid on its rows)."""
+    at = {y: i for i, y in enumerate(rows)}
+    return [xs[at[y]] for y in h_samples]
 
 
 
@@ -318,9 +357,11 @@ def lane_synthetic_sample(rng, img_w=160, img_h=96, h_samples=None, max_lanes=4,
 # TuSimple reader
 
 
-def tusimple_read_labels(root, label_files):
+def tusimple_read_labels(root, label_files, rows=None):
     """TuSimple label files (one JSON object per line: lanes, h_samples, raw_file) -> list of entries.
-    label_files: list or comma-separated string of paths relative to root."""
+    label_files: list or comma-separated string of paths relative to root. Every line is checked here, so
+    bad data stops the run before training: its form, lane lengths, the image on disk, and (rows = the
+    ROW grid) that every h_samples row lies on the grid once."""
     if isinstance(label_files, str):
         label_files = [f for f in label_files.split(",") if f]
     entries = []
@@ -330,17 +371,38 @@ def tusimple_read_labels(root, label_files):
             raise FileNotFoundError(f"TuSimple label file not found: {path}")
         with open(path) as f:
             for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    e = json.loads(line)
-                    lanes, hs, raw = e["lanes"], e["h_samples"], e["raw_file"]
-                except (json.JSONDecodeError, KeyError) as err:
-                    raise ValueError(f"{path}:{n}: not a TuSimple label line ({err})") from None
-                if any(len(l) != len(hs) for l in lanes):
-                    raise ValueError(f"{path}:{n}: a lane has a different length than h_samples ({len(hs)})")
-                entries.append(dict(lanes=lanes, h_samples=hs, raw_file=raw))
+                if line.strip():
+                    entries.append(tusimple_check_entry(line, f"{path}:{n}", root, rows))
     return entries
+
+
+def tusimple_check_entry(line, where, root, rows=None):
+    """One label line -> dict(lanes, h_samples, raw_file), or an InputError naming the line and the problem."""
+    try:
+        e = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}: not a TuSimple label line ({err})") from None
+    if not isinstance(e, dict) or any(k not in e for k in ("lanes", "h_samples", "raw_file")):
+        raise InputError(f"{where}: not a TuSimple label line (want an object with lanes, h_samples, raw_file)")
+    lanes, hs, raw = e["lanes"], e["h_samples"], e["raw_file"]
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not isinstance(hs, list) or not all(number(y) for y in hs):
+        raise InputError(f"{where}: h_samples must be a list of row numbers, got {hs!r:.60}")
+    if not isinstance(lanes, list) or not all(isinstance(l, list) and all(number(x) for x in l) for l in lanes):
+        raise InputError(f"{where}: lanes must be a list of lists of x values, got {lanes!r:.60}")
+    if not isinstance(raw, str) or not raw:
+        raise InputError(f"{where}: raw_file must be an image path, got {raw!r}")
+    if any(len(l) != len(hs) for l in lanes):
+        raise InputError(f"{where}: a lane has a different length than h_samples ({len(hs)})")
+    if len(set(hs)) != len(hs):
+        raise InputError(f"{where}: h_samples repeats a row")
+    off = [y for y in hs if rows is not None and y not in rows]
+    if off:
+        raise InputError(f"{where}: h_samples row {off[0]} is not on the ROW grid {rows[0]}..{rows[-1]} "
+                         f"(its spacing is h_step; TuSimple's rows need h_step=10)")
+    if not os.path.exists(os.path.join(root, raw)):
+        raise FileNotFoundError(f"{where}: image {raw} not found under {root}")
+    return dict(lanes=lanes, h_samples=hs, raw_file=raw)
 
 
 def tusimple_sample(entry, root, img_w=160, img_h=96):
@@ -404,7 +466,9 @@ def tusimple_bench(pred, gt, y_samples, running_time=0.0, pixel_thresh=20, pt_th
 def tusimple_metrics(preds, gts, y_samples_list):
     """Dataset means of accuracy, FP, FN (as bench_one_submit), plus F1 from the totals of matched lanes,
     predictions and gt lanes (precision = matched / #pred, recall = matched / #gt).
-    preds, gts: per image a list of lanes (x per row, -2 absent); all-absent predictions are dropped."""
+    preds, gts: per image a list of lanes (x per row, -2 absent). All-absent predictions are dropped (a
+    submission lists only the lanes it found); every gt lane counts, all-absent ones included, as LaneEval
+    scores the label file's lanes as they are (line_accuracy maps absent rows to -100 on both sides)."""
     acc = fp = fn = 0.0
     n_match = n_pred = n_gt = 0
     for pred, gt, ys in zip(preds, gts, y_samples_list):

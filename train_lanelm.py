@@ -33,8 +33,9 @@ from model import (GPT, GPTConfig, InputError, Projector, WandbLogger, adopt_che
                    set_rng_state, unwrap)
 from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
 from configurator import configure
-from data_lanelm import (LaneTokenizer, lane_draw, lane_seg_target, lane_slots, lane_sort, lane_synthetic_sample,
-                         tusimple_metrics, tusimple_read_labels, tusimple_sample)
+from data_lanelm import (LaneTokenizer, lane_draw, lane_from_grid, lane_row_grid, lane_seg_target, lane_slots,
+                         lane_sort, lane_synthetic_sample, lane_to_grid, tusimple_metrics, tusimple_read_labels,
+                         tusimple_sample)
 
 install_error_hook()
 
@@ -58,8 +59,9 @@ val_labels = 'test_label.json'
 img_w = 160
 img_h = 96
 max_lanes = 4                # lane ids (BOS tokens); TuSimple has up to 5 lanes per image
-max_rows = 56                # ROW tokens = the most h_samples rows an image may have (TuSimple: 56)
-h_step = 20                  # synthetic label rows: h_samples = 160, 160 + h_step, ... < 720 (TuSimple's own: 10)
+max_rows = 56                # ROW tokens: at least the row grid's length (TuSimple: 56)
+h_step = 20                  # the row grid ROW tokens index, y = 160, 160 + h_step, ... < 720, the same in every
+                             # image; the synthetic labels' rows (TuSimple's rows need 10)
 # synthetic difficulty knobs (data_lanelm.lane_synthetic_sample; the first version's harder scene in brackets)
 syn_max_cars = 2             # vehicles occluding lane marks [3]
 syn_max_shadows = 1          # shadow bands across the road [2]
@@ -112,7 +114,8 @@ RECIPE = 'lanelm'
 TARGETS = {"tusimple_acc": (">=", 0.95), "fp": ("<=", 0.05), "fn": ("<=", 0.05)}
 OVERFIT_TARGETS = {"train_loss": ("<", 0.26), "lanes_decoded": (">=", 4)}
 # keys that define the model: a checkpoint's values win over the command line when loading it
-MODEL_KEYS = ('img_w', 'img_h', 'max_lanes', 'max_rows', 'tokenization', 'nbins_x', 'max_abs_dx',
+# (h_step: the row grid, i.e. which y each ROW token means)
+MODEL_KEYS = ('img_w', 'img_h', 'max_lanes', 'max_rows', 'h_step', 'tokenization', 'nbins_x', 'max_abs_dx',
               'vis_levels', 'conv_width', 'conv_norm', 'n_layer', 'n_head', 'n_embd')
 
 if torch_threads == 0 and device in ('auto', 'cpu') and not torch.cuda.is_available():
@@ -129,6 +132,15 @@ if ckpt_src is not None:
     globals().update(adopt_checkpoint_config(load_meta(ckpt_src), config, MODEL_KEYS, verbose=master))
 if vis_levels not in ('p5', 'p3p4p5'):
     raise InputError(f"vis_levels must be 'p5' or 'p3p4p5', got {vis_levels!r}")
+MIN_LANES = 2 if dataset == 'synthetic' else 1  # a synthetic scene has a lane on each side of the camera
+if max_lanes < MIN_LANES:
+    raise InputError(f"max_lanes must be >= {MIN_LANES} for dataset={dataset!r}, got {max_lanes}")
+if n_embd % 4 or n_embd % (2 * n_head):
+    raise InputError(f"n_embd ({n_embd}) must be a multiple of 4 (the 2D sin-cos positions) and of 2 * n_head "
+                     f"({2 * n_head}: even rotary head dims)")
+ROWS = lane_row_grid(h_step)  # the y of each ROW token
+if len(ROWS) > max_rows:
+    raise InputError(f"h_step={h_step} gives a row grid of {len(ROWS)} rows > max_rows={max_rows}")
 if overfit:  # one image, every step; eval = decode that image
     max_steps, batch_size, n_eval, n_eval_tf, warmup_steps, eval_interval = overfit_steps, 1, 1, 1, 20, overfit_steps
     max_train_seconds = 0.0
@@ -141,32 +153,46 @@ tok = LaneTokenizer(tokenization, nbins_x, max_abs_dx, max_rows=max_rows, max_la
 # data: every sample is a pure function of (seed, split, index) -> exact resume, DDP = one big batch
 
 if dataset == 'synthetic':
-    H_SAMPLES = list(range(160, 720, h_step))
-    if len(H_SAMPLES) > max_rows:
-        raise InputError(f"h_step={h_step} gives {len(H_SAMPLES)} rows > max_rows={max_rows}")
-    split_entries = None
+    split_entries = None  # synthetic labels are drawn at the grid's rows
 elif dataset == 'tusimple':
     if not data_root:
         raise InputError("dataset='tusimple' needs --data_root=<dir with clips/ and label_data_*.json>")
-    split_entries = dict(train=tusimple_read_labels(data_root, train_labels), val=tusimple_read_labels(data_root, val_labels))
-    H_SAMPLES = None
+    split_entries = dict(train=tusimple_read_labels(data_root, train_labels, ROWS),
+                         val=tusimple_read_labels(data_root, val_labels, ROWS))
+    for split, files in (('train', train_labels), ('val', val_labels)):
+        if not split_entries[split]:
+            raise InputError(f"no {split} labels in {files!r} under {data_root}")
+    if n_eval > len(split_entries['val']):  # score each val image once, and say how many
+        if master:
+            print(f"note: n_eval={n_eval} > the {len(split_entries['val'])} val images: scoring all of them")
+        n_eval = len(split_entries['val'])
+        config.update(n_eval=n_eval)
 else:
     raise InputError(f"dataset must be 'synthetic' or 'tusimple', got {dataset!r}")
 
 
-def get_sample(split, index):
-    if dataset == 'synthetic':
-        return lane_synthetic_sample(sample_rng(seed, split, index), img_w, img_h, H_SAMPLES, max_lanes,
-                                     max_cars=syn_max_cars, max_shadows=syn_max_shadows, noise=syn_noise,
-                                     lighting=syn_lighting, dash_freq=syn_dash_freq, tilt=syn_tilt)
+def tusimple_entry(split, index):
     entries = split_entries[split]
     if split == 'train':  # a fresh shuffle per epoch, the same on every rank
         index = epoch_order(len(entries), seed, index // len(entries))[index % len(entries)]
-    return tusimple_sample(entries[index % len(entries)], data_root, img_w, img_h)
+    return entries[index]
 
 
-if overfit:  # the first training image with max_lanes lanes
-    OVERFIT_INDEX = next(i for i in range(1000) if len(lane_sort(get_sample('train', i)['lanes'])) >= max_lanes)
+def get_sample(split, index):
+    if dataset == 'synthetic':
+        return lane_synthetic_sample(sample_rng(seed, split, index), img_w, img_h, ROWS, max_lanes,
+                                     max_cars=syn_max_cars, max_shadows=syn_max_shadows, noise=syn_noise,
+                                     lighting=syn_lighting, dash_freq=syn_dash_freq, tilt=syn_tilt)
+    return tusimple_sample(tusimple_entry(split, index), data_root, img_w, img_h)
+
+
+if overfit:  # the first training image with 4 lanes (max_lanes if fewer): the overfit target decodes 4
+    n_want, n_try = min(max_lanes, 4), 1000 if dataset == 'synthetic' else min(1000, len(split_entries['train']))
+    labels = (lambda i: get_sample('train', i)['lanes']) if dataset == 'synthetic' else (
+        lambda i: tusimple_entry('train', i)['lanes'])  # TuSimple: labels only, no image decoding
+    OVERFIT_INDEX = next((i for i in range(n_try) if len(lane_sort(labels(i))) >= n_want), None)
+    if OVERFIT_INDEX is None:
+        raise InputError(f"overfit=True needs a training image with {n_want} lanes; none in the first {n_try}")
     get_sample_any = get_sample
     get_sample = lambda split, index: get_sample_any('train', OVERFIT_INDEX)  # noqa: E731
 
@@ -236,7 +262,7 @@ class LaneLM(nn.Module):
         seg = F.pixel_shuffle(self.aux(feats['p5']), 4)[:, :, :self.seg_grid[0], :self.seg_grid[1]]
         return toks, seg
 
-    def forward(self, images, idx, seg, pos, targets, seg_target=None):
+    def forward(self, images, idx, seg, pos, targets, key, seg_target=None):
         """-> (loss to optimise: key tokens up-weighted + aux seg, plain mean token loss to report, aux seg loss)."""
         if seg_target is not None:  # (aux_seg_weight=0 still computes it: cheap, and DDP sees every param used)
             vis, seg_logits = self.vision(images, with_seg=True)
@@ -249,9 +275,9 @@ class LaneLM(nn.Module):
             vis, aux = self.vision(images), torch.zeros((), device=images.device)
         losses = packed_loss(self.gpt, idx, seg, pos, targets, vis, reduction='none').view(targets.shape)
         m = (targets >= 0).float()
-        # the tokens that need the image most (first x, start row, EOS = lane present or not) are ~1/10 of the
-        # targets; without the weight the dx tokens dominate and the LM learns a blind prior first
-        key = (targets < tok.nbins) | ((targets >= tok.row0) & (targets < tok.gap)) | (targets == tok.eos)
+        # the tokens that need the image most (start row, anchored x, EOS = lane present or not; `key`, marked
+        # by position in build_batch, so every tokenization weights the same tokens) are ~1/10 of the targets;
+        # without the weight the dx tokens dominate and the LM learns a blind prior first
         w = m * (1 + (key_token_weight - 1) * key.float())
         # means over the GLOBAL batch's tokens (global_mean), so DDP reproduces one process exactly
         loss = global_mean((losses * w).sum(), w.sum(), images.device) + aux_seg_weight * aux
@@ -282,44 +308,52 @@ def packed_loss(gpt, idx, seg, pos, targets, vision, reduction='mean'):
 
 
 def build_batch(samples, n_vis):
-    """Samples -> images (B, 3, H, W), packed rows (B, T): idx, seg, pos, targets, and the aux per-slot
-    lane masks (B, H/4, W/4).
-    Row b = [IMAGE]*n_vis + [BOS_0 ROW points EOS] + [BOS_1 ...] + ... + PAD. Targets are the next token
-    of the same lane (-1 on image slots, on each EOS and on padding)."""
+    """Samples -> images (B, 3, H, W), packed rows (B, T): idx, seg, pos, targets, key (whether each target
+    is a key token: LaneTokenizer.encode's with_key), and the aux per-slot lane masks (B, H/4, W/4).
+    Row b = [IMAGE]*n_vis + [BOS_0 ROW points EOS] + [BOS_1 ...] + ... + PAD, lanes put on the row grid
+    first. Targets are the next token of the same lane (-1 on image slots, on each EOS and on padding)."""
     images = torch.stack([s['image'] for s in samples])
     rows, masks, dropped = [], [], 0
     for s in samples:
         slots, n_drop = lane_slots(s['lanes'], max_lanes)
         dropped += n_drop
         masks.append(lane_seg_target(slots, s['h_samples'], math.ceil(img_w / 4), math.ceil(img_h / 4)))
-        n = len(s['h_samples'])
-        ids, seg, pos = [tok.image] * n_vis, [0] * n_vis, list(range(n_vis))
+        ids, seg, pos, key = [tok.image] * n_vis, [0] * n_vis, list(range(n_vis)), [False] * n_vis
         for k in range(max_lanes):
-            lane = tok.encode(slots[k] if slots[k] is not None else [-2.0] * n, k)
-            ids, seg, pos = ids + lane, seg + [k + 1] * len(lane), pos + list(range(n_vis, n_vis + len(lane)))
-        rows.append((ids, seg, pos))
+            xs = lane_to_grid(slots[k], s['h_samples'], ROWS) if slots[k] is not None else [-2.0] * len(ROWS)
+            lane, lane_key = tok.encode(xs, k, with_key=True)
+            ids, seg, key = ids + lane, seg + [k + 1] * len(lane), key + lane_key
+            pos = pos + list(range(n_vis, n_vis + len(lane)))
+        rows.append((ids, seg, pos, key))
     T = max(len(r[0]) for r in rows)
     idx = torch.full((len(rows), T), tok.pad, dtype=torch.long)
     seg = torch.full((len(rows), T), -1, dtype=torch.long)
     pos = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, (a, b, c) in enumerate(rows):
+    is_key = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, (a, b, c, d) in enumerate(rows):
         idx[i, :len(a)], seg[i, :len(b)], pos[i, :len(c)] = torch.tensor(a), torch.tensor(b), torch.tensor(c)
+        is_key[i, :len(d)] = torch.tensor(d)
     targets = torch.full_like(idx, -1)
     same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
     targets[:, :-1] = torch.where(same, idx[:, 1:], torch.full_like(idx[:, 1:], -1))
-    return images, idx, seg, pos, targets, torch.from_numpy(np.stack(masks)), dropped
+    key = torch.zeros_like(is_key)
+    key[:, :-1] = is_key[:, 1:] & same  # the target at t is the token at t + 1
+    return images, idx, seg, pos, targets, key, torch.from_numpy(np.stack(masks)), dropped
 
 
 def conv_flops(module, H, W):
-    """Forward FLOPs of the conv pyramid for one image (2 * MACs), counted with hooks once."""
-    total = []
+    """Forward FLOPs of the conv pyramid for one image (2 * MACs), counted with hooks once, in eval mode:
+    a train-mode forward would move BatchNorm's running statistics (a loaded checkpoint's too)."""
+    was_training, total = module.training, []
+    module.eval()
     hooks = [m.register_forward_hook(lambda m, i, o: total.append(2 * o.numel() * m.in_channels * m.kernel_size[0]
                                                                  * m.kernel_size[1] // m.groups))
              for m in module.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
-        module.vision(torch.zeros(1, 3, H, W))
+        module.vision(torch.zeros(1, 3, H, W, device=next(module.parameters()).device))
     for h in hooks:
         h.remove()
+    module.train(was_training)
     return sum(total)
 
 
@@ -328,10 +362,12 @@ def check_packing(model):
     """Packed training rows must give the logits of separate [IMAGE]*n_vis + [BOS_k ...] sequences (the
     inference layout); a mismatch here would mean training and decoding see different models."""
     model.eval()
-    images, idx, seg, pos, _, _, _ = build_batch([get_sample('val', i) for i in range(2)], model.n_vis)
+    n = 2 if dataset == 'synthetic' else min(2, len(split_entries['val']))
+    batch = build_batch([get_sample('val', i) for i in range(n)], model.n_vis)
+    images, idx, seg, pos = [t.to(ddp['device']) for t in batch[:4]]
     vis = model.vision(images)
     packed = model.gpt.logits(packed_hidden(model.gpt, idx, seg, pos, vis))
-    for b in range(2):
+    for b in range(n):
         for k in range(max_lanes):
             cols = (seg[b] == k + 1).nonzero().squeeze(1)
             alone = torch.cat([idx[b, :model.n_vis], idx[b, cols]])[None]
@@ -346,11 +382,12 @@ model = LaneLM().to(ddp['device'])
 check_packing(model)
 N_VIS = model.n_vis
 optimizer = configure_optimizers(model, lr, weight_decay, device_type=device_type)
-step = 0
+step, train_seconds = 0, 0.0  # train_seconds: training time so far, the budget's and LR schedule's clock
 if ckpt_src is not None:
     meta = load_checkpoint(ckpt_src, model, optimizer if resume else None)
+    if resume or eval_only:  # eval_only reports the step (and training time) the checkpoint is at
+        step, train_seconds = meta['step'], meta.get('train_seconds', 0.0)  # older checkpoints: no clock
     if resume:
-        step = meta['step']
         set_rng_state(meta['rng'])
 n_params = sum(p.numel() for p in model.parameters())
 flops_per_image = 3 * conv_flops(model, img_h, img_w)
@@ -369,25 +406,25 @@ if ddp['ddp']:
 
 
 @torch.no_grad()
-def decode_lanes(images, n_rows):
-    """(B, 3, H, W), rows per image -> (per image its decoded lanes (x per row, -2 absent), n invalid sequences).
-    All lane ids of all images go in one batch: prompt = [IMAGE]*n_vis + [BOS_k]."""
+def decode_lanes(images, h_samples):
+    """(B, 3, H, W), h_samples per image -> (per image its decoded lanes (x per h_samples row, -2 absent),
+    n invalid sequences). All lane ids of all images go in one batch: prompt = [IMAGE]*n_vis + [BOS_k];
+    lanes are decoded on the row grid, then read at each image's rows."""
     B = images.shape[0]
     with ctx:
         vis = raw_model.vision(images.to(ddp['device'])).repeat_interleave(max_lanes, 0)
         prompts = torch.tensor([[tok.image] * N_VIS + [tok.bos(k)] for _ in range(B) for k in range(max_lanes)],
                                device=ddp['device'])
-        most = max(n_rows)
-        max_new = most + 2 + (most if tokenization == 'relative' else 0)
+        max_new = len(ROWS) + 2 + (len(ROWS) if tokenization == 'relative' else 0)
         out = raw_model.gpt.generate(prompts, max_new, vision_embeds=vis, temperature=0.0, eos_id=tok.eos,
                                      suppress_ids=[tok.pad] + [tok.bos(k) for k in range(max_lanes)])
     lanes, invalid = [], 0
     for b in range(B):
         lanes.append([])
         for k in range(max_lanes):
-            xs, ok = tok.decode(out[b * max_lanes + k].tolist(), n_rows[b])
+            xs, ok = tok.decode(out[b * max_lanes + k].tolist(), len(ROWS))
             invalid += not ok
-            lanes[-1].append(xs)
+            lanes[-1].append(lane_from_grid(xs, h_samples[b], ROWS))
     return lanes, invalid
 
 
@@ -414,11 +451,11 @@ def evaluate(step):
     preds, gts, ys, invalid, vis_panels = [], [], [], 0, []
     for i in range(0, n_eval, eval_batch):
         samples = [get_sample('val', j) for j in range(i, min(n_eval, i + eval_batch))]
-        lanes, bad = decode_lanes(torch.stack([s['image'] for s in samples]), [len(s['h_samples']) for s in samples])
+        lanes, bad = decode_lanes(torch.stack([s['image'] for s in samples]), [s['h_samples'] for s in samples])
         invalid += bad
         for s, pred in zip(samples, lanes):
             preds.append(pred)
-            gts.append([l for l in s['lanes'] if any(x >= 0 for x in l)])
+            gts.append(s['lanes'])  # every gt lane, all-absent ones too: LaneEval scores the label file as is
             ys.append(s['h_samples'])
             if len(vis_panels) < n_vis:
                 vis_panels.append(lane_draw(s['image'], s['h_samples'], gt=gts[-1], pred=preds[-1]))
@@ -428,18 +465,18 @@ def evaluate(step):
     metrics['tf_token_acc'], metrics['val_loss_tf'] = tf_acc, tf_loss
     png = save_png(image_grid(vis_panels, 4), os.path.join(out_dir, f'val_{step:05d}.png')) if vis_panels else None
     raw_model.train()
-    return metrics, png, preds, gts, ys, time.time() - t0
+    return metrics, png, gts, time.time() - t0
 
 
-def checkpoint(step):
+def checkpoint(step, train_seconds):
     save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer,
-                    meta=dict(recipe=RECIPE, step=step, config=config, rng=rng_state(),
+                    meta=dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), train_seconds=train_seconds,
                               gpt=vars(raw_model.gpt.config), tokenizer=tok.describe(), n_vis=N_VIS))
 
 
 def report(step, train_seconds, extra_metrics=None):
     """Eval, print, PNG, results.json, checkpoint (master only)."""
-    metrics, png, preds, gts, _, eval_s = evaluate(step)
+    metrics, png, gts, eval_s = evaluate(step)
     metrics.update(extra_metrics or {})
     targets = TARGETS
     if overfit:
@@ -453,14 +490,14 @@ def report(step, train_seconds, extra_metrics=None):
                   train_seconds=round(train_seconds, 1), device=ddp['device'], dtype=dtype_name, params=n_params,
                   config=config)
     wandb.log(metrics, step, images={'val': png})
-    checkpoint(step)
+    checkpoint(step, train_seconds)
     return metrics
 
 
 wandb = WandbLogger(wandb_log and master, wandb_project, wandb_run_name, config, out_dir)
 if eval_only:
     if master:
-        report(step, 0.0)
+        report(step, train_seconds)
     raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
@@ -469,7 +506,7 @@ if eval_only:
 peak = measure_matmul_peak(ddp['device'], torch.bfloat16 if dtype_name == 'bfloat16' else torch.float32,
                            seconds=0.3) if master else None
 model.train()
-train_seconds, t_log, losses, dropped = 0.0, time.time(), [], 0
+t_log, losses, dropped = time.time(), [], 0
 while step < max_steps:
     t0 = time.time()
     lr_step = budget_lr_step(step, max_steps, train_seconds, max_train_seconds, ddp['device'])
@@ -478,9 +515,9 @@ while step < max_steps:
     idxs = batch_indices(step, batch_size, ddp['rank'], ddp['world_size'])
     *batch, n_drop = build_batch([get_sample('train', i) for i in idxs], N_VIS)
     dropped += n_drop
-    images, idx, seg, pos, y, seg_y = [t.to(ddp['device']) for t in batch]
+    images, idx, seg, pos, y, key, seg_y = [t.to(ddp['device']) for t in batch]
     with ctx:
-        loss, plain_loss, aux_loss = model(images, idx, seg, pos, y, seg_y)
+        loss, plain_loss, aux_loss = model(images, idx, seg, pos, y, key, seg_y)
     check_finite(loss, step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -12,6 +12,7 @@ img_w = 640
 img_h = 368
 max_lanes = 6
 max_rows = 56
+h_step = 10                  # the ROW grid 160, 170, ... 710: TuSimple's rows (clips 0313 label 240..710)
 tokenization = 'relative_disjoint'
 nbins_x = 200
 max_abs_dx = 32

@@ -1,10 +1,12 @@
-"""LaneLM: tokenizer round trips on real lane shapes and its id layout, the official TuSimple metric on
-hand-computed cases, the TuSimple reader on files written here, the synthetic scenes, and a short
-end-to-end run of train_lanelm.py (loss falls, results.json + PNG + checkpoint, resume)."""
+"""LaneLM: tokenizer round trips on real lane shapes and its id layout, the row grid, the official TuSimple
+metric on hand-computed cases, the TuSimple reader on files written here, the synthetic scenes, and short
+end-to-end runs of train_lanelm.py (loss falls, results.json + PNG + checkpoint, exact resume, eval_only,
+a TuSimple-form dataset, one-line errors for bad input)."""
 import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -13,8 +15,9 @@ from PIL import Image
 from data import sample_rng
 import numpy as np
 
-from data_lanelm import (TUSIMPLE_H_SAMPLES, LaneTokenizer, lane_draw, lane_seg_target, lane_slots, lane_sort,
-                         lane_synthetic_sample,
+import model
+from data_lanelm import (TUSIMPLE_H_SAMPLES, LaneTokenizer, lane_draw, lane_from_grid, lane_row_grid, lane_seg_target,
+                         lane_slots, lane_sort, lane_synthetic_sample, lane_to_grid,
                          tusimple_angle, tusimple_bench, tusimple_line_accuracy, tusimple_metrics,
                          tusimple_read_labels, tusimple_sample)
 from inprocess import run_script  # noqa: E402
@@ -119,6 +122,45 @@ def test_invalid_sequences_are_flagged_not_raised():
     assert not ok and xs[1] == tok.bin_x(10) and xs[0] == tok.bin_x(11)
     assert d([])[1] is False
 
+@pytest.mark.parametrize("mode", ["relative_disjoint", "absolute", "relative"])
+def test_key_tokens_are_marked_by_position(mode):
+    """Key tokens (loss weight key_token_weight) = start row, absolutely anchored points, EOS, in every mode.
+    relative_disjoint: exactly its ABS, ROW and EOS ids (the id-range rule the default run was trained with);
+    the other modes mark the same lane positions, though their ids cannot tell (every point is ABS-range)."""
+    ref, tok = LaneTokenizer(), LaneTokenizer(mode)
+    lanes = real_lanes(4) + [[100.0, 110.0, 700.0, 705.0, -2.0, 300.0, 302.0] + [-2.0] * 49]  # a jump, a gap
+    n_more = 0
+    for k, lane in enumerate(lanes):
+        ids, key = tok.encode(lane, k % 4, with_key=True)
+        assert ids == tok.encode(lane, k % 4) and len(key) == len(ids)
+        ref_ids, ref_key = ref.encode(lane, k % 4, with_key=True)
+        by_range = [t < ref.nbins or ref.row0 <= t < ref.gap or t == ref.eos for t in ref_ids]
+        assert ref_key == by_range
+        strip = [kk for t, kk in zip(ids, key) if t != tok.reanchor]  # REANCHOR: an extra, unweighted token
+        assert strip == ref_key
+        n_more += sum(t < tok.nbins for t in ids) - sum(t < tok.nbins for t, kk in zip(ids, key) if kk)
+    assert n_more > 0 if mode != "relative_disjoint" else n_more == 0  # the old id rule over-weighted these
+
+
+def test_row_tokens_mean_one_y_in_every_image():
+    """TuSimple's 0313 clips label rows 240..710, the others 160..710: the same lane must give the same
+    tokens (ROW = an index into the global grid, not into each image's h_samples), and decode back at each
+    image's own rows."""
+    rows = lane_row_grid(10)
+    assert rows == HS and lane_row_grid(20)[:3] == [160, 180, 200]
+    hs_a, hs_b = list(range(240, 720, 10)), list(range(160, 720, 10))
+    x_of = lambda y: 900.0 - 0.8 * (y - 300) if y >= 300 else -2.0  # noqa: E731 -- a lane from y=300 down
+    lane_a, lane_b = [x_of(y) for y in hs_a], [x_of(y) for y in hs_b]
+    tok = LaneTokenizer()
+    ids_a, ids_b = tok.encode(lane_to_grid(lane_a, hs_a, rows), 0), tok.encode(lane_to_grid(lane_b, hs_b, rows), 0)
+    assert ids_a == ids_b and ids_a[1] == tok.row0 + rows.index(710)
+    assert tok.encode(lane_a, 0) != tok.encode(lane_b, 0)  # indexing each image's own rows: one token, two ys
+    for lane, hs in ((lane_a, hs_a), (lane_b, hs_b)):
+        xs, ok = tok.decode(ids_a, len(rows))
+        back = lane_from_grid(xs, hs, rows)
+        assert ok and len(back) == len(hs) and max_err(back, lane) <= tok.bin_w / 2
+
+
 def test_lane_slots_are_ego_relative():
     lane = lambda x_bottom: [-2.0, x_bottom + 50, x_bottom]  # noqa: E731
     slots, dropped = lane_slots([lane(800), lane(100), lane(1200), lane(500)], 4)
@@ -178,6 +220,19 @@ def test_bench_five_gt_lanes_drop_the_worst():
     acc, fp, fn, matched = tusimple_bench(pred, gt, ys)
     # accuracies [1, 1, 1, 1, 0]: the worst is dropped, /4 -> 1.0; one FN forgiven -> 0
     assert (acc, fp, fn, matched) == (1.0, 0.0, 0.0, 4)
+
+
+def test_all_absent_gt_lane_counts_as_in_laneeval():
+    """LaneEval keeps every gt lane of the label file. An all -2 gt lane has angle 0 (threshold 20) and, with
+    absent rows at -100 on both sides, a prediction's accuracy against it = its share of absent rows:
+    here the one prediction (a full lane) scores 0 on it -> an FN. acc = (1 + 0) / 2, fn = 1/2, fp = 0."""
+    ys = list(range(10, 110, 10))
+    gt = [[100.0] * 10, [-2.0] * 10]
+    assert tusimple_bench([[100.0] * 10], gt, ys) == (pytest.approx(0.5), 0.0, 0.5, 1)
+    # a prediction absent on 9 of 10 rows matches it (0.9 >= 0.85)
+    assert tusimple_bench([[100.0] * 10, [-2.0] * 9 + [500.0]], gt, ys) == (pytest.approx(0.95), 0.0, 0.0, 2)
+    m = tusimple_metrics([[[100.0] * 10]], [gt], [ys])
+    assert (m["tusimple_acc"], m["fn"], m["f1"]) == (pytest.approx(0.5), 0.5, pytest.approx(2 / 3))
 
 
 def test_dataset_metrics_and_f1_by_hand():
@@ -273,6 +328,16 @@ def test_tusimple_reader_on_written_files(tmp_path):
         tusimple_read_labels(str(tmp_path), "bad.json")
     with pytest.raises(FileNotFoundError):
         tusimple_read_labels(str(tmp_path), "missing.json")
+    assert len(tusimple_read_labels(str(tmp_path), "label_data_0313.json", lane_row_grid(10))) == 2
+    good = dict(lanes=[[-2, 632, 625, 617]], h_samples=hs, raw_file="clips/0313-1/60/20.jpg")
+    bad_lines = {"[1, 2, 3]": "not a TuSimple label line", json.dumps({**good, "lanes": None}): "lanes must be",
+                 json.dumps({**good, "h_samples": [240, 250, 260, 265]}): "row 265 is not on the ROW grid",
+                 json.dumps({**good, "h_samples": [240, 250, 250, 270]}): "repeats a row",
+                 json.dumps({**good, "raw_file": "clips/none.jpg"}): "image clips/none.jpg not found"}
+    for line, msg in bad_lines.items():  # each stops the run at reading, naming the line, before any training
+        (tmp_path / "bad.json").write_text(line + "\n")
+        with pytest.raises((model.InputError, FileNotFoundError), match="bad.json:1: .*" + msg):
+            tusimple_read_labels(str(tmp_path), "bad.json", lane_row_grid(10))
     img = lane_draw(s["image"], hs, gt=s["lanes"], pred=s["lanes"], scale=2)
     assert img.size == (320, 192) and img.getpixel((int(632 / 4), int(250 / 3.75)))[0] == 255  # red on top
 
@@ -313,3 +378,94 @@ def test_train_eval_resume_end_to_end(tmp_path):
     assert "from checkpoint: n_layer=1" in log  # the checkpoint's model shape wins
     assert json.load(open(tmp_path / "ev" / "results.json"))["n_eval"] == 4
     assert not list((tmp_path / "ev").glob("*.png"))  # n_vis=0: no picture, no crash
+
+
+def copy_each_checkpoint(monkeypatch):
+    """Every checkpoint a run saves is also kept as ckpt_step<N>: mid-run states to resume from."""
+    save = model.save_checkpoint
+
+    def save_and_copy(ckpt_dir, m, optimizer=None, meta=None):
+        save(ckpt_dir, m, optimizer, meta)
+        shutil.copytree(ckpt_dir, f"{ckpt_dir}_step{meta['step']}")
+    monkeypatch.setattr(model, "save_checkpoint", save_and_copy)  # the script imports it from model at start
+
+
+def weights(run_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(run_dir, "ckpt", "model.safetensors"))
+
+
+def test_resume_and_eval_only_are_exact_with_batchnorm(tmp_path, monkeypatch):
+    """conv_norm='batch' (the TuSimple config's): a run stopped at step 6 and resumed equals the straight
+    12-step run, loss lines and every tensor bit for bit, BatchNorm running statistics included (start-up
+    must not run a train-mode forward on the loaded weights); eval_only scores the checkpoint unchanged, at
+    its step. The training clock (train_seconds: time budget, LR schedule) continues from the checkpoint."""
+    copy_each_checkpoint(monkeypatch)
+    args = TINY + ["--conv_norm=batch", "--max_steps=12", "--eval_interval=6", "--log_interval=3", "--n_vis=0",
+                   "--n_eval=2", "--n_eval_tf=2"]
+    straight, resumed, clock = (str(tmp_path / d) for d in ("straight", "resumed", "clock"))
+    log = run(args + ["--out_dir=" + straight])
+    shutil.copytree(straight + "/ckpt_step6", resumed + "/ckpt")
+    log_resumed = run(args + ["--init_from=resume", "--out_dir=" + resumed])
+    loss_lines = lambda text: re.findall(r"step (\d+)/12 \| loss ([\d.]+)", text)  # noqa: E731
+    assert loss_lines(log_resumed) == loss_lines(log)[2:] and len(loss_lines(log)) == 4, log_resumed
+    a, b = weights(straight), weights(resumed)
+    assert any("running_mean" in k for k in a) and a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    ev = str(tmp_path / "ev")
+    run(["--eval_only=True", "--init_from=" + straight + "/ckpt", "--out_dir=" + ev, "--n_eval=2", "--n_vis=0",
+         "--torch_threads=1"])
+    assert all(torch.equal(a[k], v) for k, v in weights(ev).items())
+    res, meta = json.load(open(ev + "/results.json")), json.load(open(straight + "/ckpt/meta.json"))
+    assert res["step"] == 12 and res["train_seconds"] == round(meta["train_seconds"], 1) > 0
+    # the clock: a checkpoint that has used 1000 s of a 1000 s budget stops after one more step
+    shutil.copytree(straight + "/ckpt_step6", clock + "/ckpt")
+    meta6 = json.load(open(clock + "/ckpt/meta.json"))
+    json.dump({**meta6, "train_seconds": 1000.0}, open(clock + "/ckpt/meta.json", "w"))
+    log = run(args + ["--init_from=resume", "--max_train_seconds=1000", "--out_dir=" + clock])
+    assert "stopping at step 7/12" in log and json.load(open(clock + "/results.json"))["train_seconds"] >= 1000
+
+
+def write_tusimple(root):
+    """A TuSimple-form dataset: clips as 1280x720 JPEGs, 0313-style labels (rows 240..710) next to 160..710
+    ones, absent points as -2 and other negatives, an all -2 lane; 3 train and 2 val images."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(5):
+        clip = "0313-1" if i % 2 == 0 else "0531"
+        path = f"clips/{clip}/{i}/20.jpg"
+        os.makedirs(root / os.path.dirname(path))
+        Image.fromarray(rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8)).save(root / path)
+        hs = list(range(240 if clip == "0313-1" else 160, 720, 10))
+        lanes = [[x - 0.6 * (y - 300) if y >= 300 else -2 for y in hs] for x in (300, 600, 900)]
+        lines.append(dict(lanes=lanes + [[-2] * len(hs), [-5.0] * len(hs)], h_samples=hs, raw_file=path))
+    (root / "train.json").write_text("".join(json.dumps(l) + "\n" for l in lines[:3]))
+    (root / "val.json").write_text("".join(json.dumps(l) + "\n" for l in lines[3:]))
+
+
+def test_tusimple_form_dataset_end_to_end(tmp_path):
+    """The TuSimple config's path on written files: trains, decodes on the row grid at each image's rows,
+    scores each val image once (n_eval clamped and recorded); --overfit=True without a 4-lane image is a
+    one-line error."""
+    write_tusimple(tmp_path)
+    args = ["config/lanelm_tusimple.py", "--data_root=" + str(tmp_path), "--train_labels=train.json",
+            "--val_labels=val.json", "--compile=False", "--img_w=160", "--img_h=96", "--max_lanes=4"] + TINY + [
+            "--h_step=10", "--max_steps=2", "--n_vis=0", "--n_eval=50", "--out_dir=" + str(tmp_path / "run")]
+    log = run(args)
+    assert "n_eval=50 > the 2 val images" in log and "2 held-out images" in log
+    res = json.load(open(tmp_path / "run" / "results.json"))
+    assert res["n_eval"] == 2 and res["config"]["n_eval"] == 2 and 0 <= res["metrics"]["fn"] <= 1
+    r = run_script("train_lanelm.py", args + ["--overfit=True"])
+    assert r.returncode == 1
+    assert r.stderr.strip() == "error: overfit=True needs a training image with 4 lanes; none in the first 3"
+
+
+@pytest.mark.parametrize("arg, msg", [("--tokenization=foo", "tokenization must be one of"),
+                                      ("--max_lanes=1", "max_lanes must be >= 2"),
+                                      ("--h_step=0", "h_step must be > 0"),
+                                      ("--h_step=5", "gives a row grid of 112 rows > max_rows=56"),
+                                      ("--n_embd=30", "n_embd (30) must be a multiple of 4")])
+def test_bad_config_is_a_one_line_error(tmp_path, arg, msg):
+    r = run_script("train_lanelm.py", ["--torch_threads=1", "--out_dir=" + str(tmp_path), arg])
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert msg in r.stderr
