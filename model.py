@@ -1066,9 +1066,26 @@ def rng_state():
     return state
 
 
+def all_rng_states():
+    """Every rank's rng_state(), a list indexed by rank ([one] on a single process), for a checkpoint that rank 0
+    writes: each rank draws its own noise (seeded seed + rank), so a resume restores each its own. Under DDP a
+    collective: every rank calls it, at the same step."""
+    state = rng_state()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [state]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
 def set_rng_state(state):
+    """state: rng_state()'s dict, or all_rng_states()'s list (this rank takes its own; a run resumed on another
+    number of ranks takes rank % saved, so it continues, though not draw for draw)."""
     import random
     import numpy as np
+    if isinstance(state, list):
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        state = state[rank % len(state)]
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))

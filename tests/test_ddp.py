@@ -1,6 +1,7 @@
 """A 2-process gloo DDP step (through model.init_distributed and torchrun's environment variables) gives the
 same gradients as one process on the same global batch, and the ranks' data shards come from
 data.batch_indices."""
+import json
 import math
 import os
 import socket
@@ -46,6 +47,13 @@ def worker(rank, port, out_dir):
     loss.backward()
     assert M.unwrap(ddp) is m
     torch.save({n: p.grad for n, p in m.named_parameters()}, os.path.join(out_dir, f"grads{rank}.pt"))
+    # each rank's RNG goes into rank 0's checkpoint and comes back to its own rank (through JSON, as meta does)
+    torch.manual_seed(100 + rank)
+    states = json.loads(json.dumps(M.all_rng_states()))
+    draws = torch.rand(4)
+    M.set_rng_state(states)
+    assert len(states) == WORLD and torch.equal(torch.rand(4), draws)
+    torch.save(draws, os.path.join(out_dir, f"draws{rank}.pt"))
     del ddp  # its reducer holds the process group; drop it before the group goes
     M.cleanup_distributed()  # what every recipe ends with: barrier, then teardown (a rank leaving early aborts the other)
 
@@ -79,6 +87,8 @@ def test_two_process_gloo_step_equals_one_process(tmp_path):
         assert g is not None and g.abs().max() > 0, name
         for r in range(WORLD):
             assert (grads[r][name] - g).abs().max() < 1e-6, (r, name)
+    draws = [torch.load(tmp_path / f"draws{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert not torch.equal(draws[0], draws[1])  # each rank got back its own stream, not rank 0's
 
 
 def test_cleanup_distributed_warns_while_a_ddp_wrapper_lives(tmp_path, capfd):
