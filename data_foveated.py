@@ -1,7 +1,7 @@
 """
 Foveated video recipe: synthetic "find the mover" videos, a real clip reader, frozen next-frame latent
 encoders (a fixed random high-pass encoder by default; a TAESD-style VAE encoder from safetensors as the
-real option), attention diagnostics and the attention-strip drawing. Merged into data.py by the lead.
+real option), attention diagnostics and the attention-strip drawing.
 
 The synthetic task (task='track'): a small textured sprite (the target) moves with momentum among sprites
 of the same family (distractors) that also move with momentum and switch colour at the same rate. It is
@@ -17,6 +17,7 @@ task='static_large' is the control: a large, still target that a static query ca
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import load_image, sample_rng
+from model import InputError
 
 # -----------------------------------------------------------------------------
 # synthetic videos
@@ -161,6 +163,13 @@ def fov_synthetic_video(rng, task="track", n_frames=8, size=32, n_distractors=3,
                 distractor_xy=torch.tensor(dxy, dtype=torch.long).view(n_frames, n_distractors, 2), target_size=s)
 
 
+def fov_synthetic_captions(task):
+    """Every caption fov_synthetic_video can write for this task (checked against caption_tokens at startup)."""
+    if task == "track":
+        return [f"{c} {p} moving {d}" for c in FOV_COLOR_NAMES for p in FOV_PATTERNS for d in FOV_DIRECTIONS]
+    return [f"large {c} {p} still" for c in FOV_COLOR_NAMES for p in FOV_PATTERNS]
+
+
 def fov_synthetic_batch(seed, split, indices, **kw):
     """Stacked videos for these global indices; each one a pure function of (seed, split, index)."""
     vids = [fov_synthetic_video(sample_rng(seed, split, i), **kw) for i in indices]
@@ -169,8 +178,8 @@ def fov_synthetic_batch(seed, split, indices, **kw):
                 target_xy=torch.stack([v["target_xy"] for v in vids]), target_size=vids[0]["target_size"])
 
 # -----------------------------------------------------------------------------
-# real clips: <dir>/captions.json {"clip": "caption", ...} and per clip <dir>/clip.npy (T, H, W, 3)
-# or a folder <dir>/clip/ of frame images (sorted by name)
+# real clips: <dir>/captions.json {"clip": "caption", ...} and per clip <dir>/clip.npy (T, H, W, 3), uint8 0-255
+# or float 0-1, or a folder <dir>/clip/ of frame images (in natural order: f2 before f10)
 
 
 def fov_list_clips(data_dir):
@@ -180,38 +189,74 @@ def fov_list_clips(data_dir):
     with open(path) as f:
         captions = json.load(f)
     if not isinstance(captions, dict) or not captions:
-        raise ValueError(f"{path} must be a non-empty JSON object {{clip_name: caption}}")
+        raise InputError(f"{path} must be a non-empty JSON object {{clip_name: caption}}")
     return sorted(captions.items())
 
 
-def fov_load_clip(data_dir, name, n_frames, size):
-    """-> (T, 3, size, size) float in [0, 1]; T frames sampled evenly over the clip."""
+def fov_natural_key(name):
+    """Sort key that orders the numbers in a name by value: f2 < f10 (plain text order puts f10 first)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def fov_clip_source(data_dir, name):
+    """-> ('npy', the array memory-mapped) or ('frames', the frame paths in natural order): nothing decoded yet."""
     npy, folder = os.path.join(data_dir, name + ".npy"), os.path.join(data_dir, name)
     if os.path.exists(npy):
-        arr = np.load(npy)
+        arr = np.load(npy, mmap_mode="r")
         if arr.ndim != 4 or arr.shape[-1] != 3:
-            raise ValueError(f"{npy}: expected (T, H, W, 3), got {arr.shape}")
-        x = torch.from_numpy(arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0)).permute(0, 3, 1, 2)
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    elif os.path.isdir(folder):
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+            raise InputError(f"{npy}: expected (T, H, W, 3), got {arr.shape}")
+        return "npy", arr
+    if os.path.isdir(folder):
+        files = sorted((f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg"))),
+                       key=fov_natural_key)
         if not files:
-            raise ValueError(f"clip folder {folder} has no .png/.jpg frames")
-        x = torch.stack([load_image(os.path.join(folder, f), size) for f in files])
-    else:
-        raise FileNotFoundError(f"clip {name!r}: neither {npy} nor the folder {folder} exists")
-    if x.shape[0] < n_frames:
-        raise ValueError(f"clip {name!r} has {x.shape[0]} frames, fewer than n_frames={n_frames}")
-    pick = np.linspace(0, x.shape[0] - 1, n_frames).round().astype(int)
-    return x[pick].clamp(0, 1)
+            raise InputError(f"clip folder {folder} has no .png/.jpg frames")
+        return "frames", [os.path.join(folder, f) for f in files]
+    raise FileNotFoundError(f"clip {name!r}: neither {npy} nor the folder {folder} exists")
+
+
+def fov_float_frames(x, where):
+    """Float frames must already be in [0, 1]: 0-255 floats would be clamped to a white clip without a word."""
+    if x.size and float(x.max()) > 1.0:
+        raise InputError(f"{where}: {x.dtype} frames must be in [0, 1] (max {float(x.max()):.4g}); save 0-255 "
+                         f"frames as uint8")
+
+
+def fov_check_clip(data_dir, name, n_frames):
+    """Startup check of one clip (so a bad clip fails before training, not when it is first drawn): enough
+    frames; for a float .npy, its first frame in [0, 1] (the cheap read; fov_load_clip checks what it loads)."""
+    kind, src = fov_clip_source(data_dir, name)
+    if len(src) < n_frames:
+        raise InputError(f"clip {name!r} has {len(src)} frames, fewer than n_frames={n_frames}")
+    if kind == "npy" and src.dtype != np.uint8:
+        fov_float_frames(np.asarray(src[:1]), os.path.join(data_dir, name + ".npy"))
+
+
+def fov_load_clip(data_dir, name, n_frames, size):
+    """-> (T, 3, size, size) float in [0, 1]; T frames sampled evenly over the clip (only those are read)."""
+    kind, src = fov_clip_source(data_dir, name)
+    if len(src) < n_frames:
+        raise InputError(f"clip {name!r} has {len(src)} frames, fewer than n_frames={n_frames}")
+    pick = np.linspace(0, len(src) - 1, n_frames).round().astype(int)
+    if kind == "frames":
+        return torch.stack([load_image(src[i], size) for i in pick]).clamp(0, 1)
+    arr = np.asarray(src[pick])
+    if arr.dtype != np.uint8:
+        fov_float_frames(arr, os.path.join(data_dir, name + ".npy"))
+    x = torch.from_numpy(arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0)).permute(0, 3, 1, 2)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
 
 
 def fov_clip_split(clips, split):
-    """Deterministic held-out split: every 10th clip (by sorted name) is 'val'."""
-    return [c for i, c in enumerate(clips) if (i % 10 == 0) == (split == "val")] or clips
+    """Deterministic held-out split: every 10th clip (by sorted name, from the first) is 'val', the rest 'train'."""
+    if len(clips) < 2:
+        raise InputError(f"task='folder' needs at least 2 clips (one held out for val, the rest to train); "
+                         f"got {len(clips)}")
+    return [c for i, c in enumerate(clips) if (i % 10 == 0) == (split == "val")]
 
 
 def fov_folder_batch(data_dir, clips, indices, n_frames, size):
+    """Clips for these indices; training indices wrap around the list (eval caps n_eval at the val clips)."""
     picked = [clips[i % len(clips)] for i in indices]
     frames = torch.stack([fov_load_clip(data_dir, name, n_frames, size) for name, _ in picked])
     return dict(frames=frames, captions=[c for _, c in picked], target_xy=None, target_size=0)
@@ -286,7 +331,7 @@ class FovTaesdEncoder(nn.Module):
             state[k] = v
         missing, unexpected = self.layers.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path} is not a TAESD encoder: missing {missing[:4]}, unexpected {unexpected[:4]}")
+            raise InputError(f"{path} is not a TAESD encoder: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
     @torch.no_grad()
     def forward(self, x):
@@ -299,7 +344,7 @@ def fov_latent_encoder(spec, channels=8, grid=2, seed=0):
         return FovFixedEncoder(channels, grid, seed)
     if spec.endswith(".safetensors"):
         return FovTaesdEncoder(spec, grid=grid)
-    raise ValueError(f"latent_encoder must be 'fixed' or a path to a .safetensors TAESD encoder, got {spec!r}")
+    raise InputError(f"latent_encoder must be 'fixed' or a path to a .safetensors TAESD encoder, got {spec!r}")
 
 # -----------------------------------------------------------------------------
 # diagnostics
@@ -312,6 +357,24 @@ def fov_attention_stats(maps):
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
     return float(entropy.mean()), float(p.max(-1).values.mean())
+
+
+def fov_hollow_warnings(m, n_patches, cos_max=0.95, mean_frac=0.9, entropy_frac=0.95):
+    """Warnings (strings) when an eval's ratio may be hollow: the coarse (static-query) path at the
+    predict-the-mean loss, reads of both paths nearly the same, or the static query's attention near uniform.
+    A ratio over a baseline that has not learned (the notes' 2.31 and 1.64) measures nothing about looking.
+    A diagnostic only: it never changes whether a target is met."""
+    out = []
+    if m["loss_coarse"] > mean_frac * m["loss_mean"]:
+        out.append(f"coarse path not clearly below the mean: loss_coarse {m['loss_coarse']:.4g} vs predict-the-mean "
+                   f"{m['loss_mean']:.4g}; the ratio compares against a baseline that has not learned")
+    if m["cos_z_fine_coarse"] > cos_max:
+        out.append(f"fine and coarse reads nearly the same (cos_z_fine_coarse {m['cos_z_fine_coarse']:.3f} > "
+                   f"{cos_max}): the predicted queries read what the static one reads")
+    if m["entropy_coarse"] > entropy_frac * math.log(n_patches):
+        out.append(f"the static query's attention is near uniform (entropy_coarse {m['entropy_coarse']:.3f}, "
+                   f"ln N = {math.log(n_patches):.3f}): a whole-frame average")
+    return out
 
 
 def fov_cosine(a, b):
@@ -387,5 +450,6 @@ def fov_pick_mode(seed, step, weights, modes=("video", "text", "caption")):
     so resume and every DDP rank agree."""
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (len(modes),) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"mode_weights must be {len(modes)} non-negative numbers for {modes}, got {weights}")
+        raise InputError(f"mode_weights must be {len(modes)} non-negative numbers with a positive sum, one per "
+                         f"mode {modes}, got {weights}")
     return modes[int(np.random.default_rng([seed, 7, step]).choice(len(modes), p=w / w.sum()))]

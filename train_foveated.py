@@ -16,10 +16,11 @@ the cache (deep: at every layer; shallow: after the last), one query feature per
 loss = fine + coarse (+ caption cross-entropy in captioning mode; + read_weight x the reads' own-frame loss;
 + look_weight x both paths' -log attention mass on the target, synthetic training only: where to look is taught,
 never given at eval, and the prediction loss alone never taught it);
-detach_coarse=True stops the fine loss at the predicted queries, so the static-query baseline trains on its own
-loss only; the mode (video-only / text-conditioned / captioning) is drawn per batch. The hypothesis is
-ratio = loss_coarse / loss_fine > 1 on held-out videos. Each path predicts frame t+1 as read_head(its read of
-frame t) + the GPT's change (read_skip), so a read that holds the target helps at once.
+detach_coarse=True stops the fine loss at the predicted queries: it never reaches the baseline's own weights
+(q_static, proj) or flows back through the coarse pass, though the weights both paths share (ViT, GPT, heads,
+frame_pos) learn from both losses; the mode (video-only / text-conditioned / captioning) is drawn per batch.
+The hypothesis is ratio = loss_coarse / loss_fine > 1 on held-out videos. Each path predicts frame t+1 as
+read_head(its read of frame t) + the GPT's change (read_skip), so a read that holds the target helps at once.
 The synthetic latent target is the next frame's target layer (the tracked sprite alone) on a spatial grid, among
 moving look-alike distractors: see data_foveated.py for why a global whole-frame target cannot show a gain.
 """
@@ -42,9 +43,10 @@ from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbL
                    measure_matmul_peak, push_run_to_hub, resolve_checkpoint, rng_state, run_dir, save_checkpoint,
                    set_lr, set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, format_metrics, normalize, save_png, write_results  # noqa: E402
-from data_foveated import (fov_attention_stats, fov_attention_strip, fov_clip_split, fov_cosine,  # noqa: E402
-                           fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_per_frame_mse,
-                           fov_look_loss, fov_pick_mode, fov_synthetic_batch, fov_target_hit, fov_target_patches)
+from data_foveated import (FOV_TASKS, fov_attention_stats, fov_attention_strip, fov_check_clip,  # noqa: E402
+                           fov_clip_split, fov_cosine, fov_folder_batch, fov_hollow_warnings, fov_latent_encoder,
+                           fov_list_clips, fov_look_loss, fov_per_frame_mse, fov_pick_mode, fov_synthetic_batch,
+                           fov_synthetic_captions, fov_target_hit, fov_target_patches)
 
 # -----------------------------------------------------------------------------
 # config (defaults = config/foveated_synthetic.py: the 2-core CPU run)
@@ -93,7 +95,7 @@ glimpse = False            # True: the last (image_size // patch_size)^2 numbers
                            # state away (needs query_dim > N). Tried as the default (query_dim 96): the fine maps did
                            # not learn to find the target in ~1400 steps (mass on its patches 0.02-0.04, uniform
                            # 0.05) and both paths stayed at the mean; off by default (notes/foveated.md)
-freeze_vit = False
+freeze_vit = False         # needs vit_init (a frozen random ViT is refused)
 vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*' weights (a pretrained ViT)
 # LLM
 n_layer = 2
@@ -116,11 +118,12 @@ oracle_look = False        # DIAGNOSTIC (synthetic only), never a result: the fi
                            # patches as a location prior (-8 on every other patch): what perfect looking buys
 recurrent = False          # True: frame t's fine query comes from the GPT state after the FINE reads of frames < t
                            # (a tracker's loop, frame by frame; equals n_passes = n_frames at ~one pass's cost)
-detach_coarse = True       # the fine loss stops at the predicted queries and never reaches the coarse pass
-                           # (q_static, its reads, the GPT on them): the baseline trains on its own loss alone, as a
-                           # static-query model would. False (the journal's joint training) learned less reliably in
-                           # 600 s default runs: coarse/fine 0.882 / 0.876 against the mean 1.146 (ratio 1.006) in
-                           # one, 0.194 / 0.190 (1.018) in another; True: 0.160 / 0.160 (0.996)
+detach_coarse = True       # the fine loss stops at the predicted queries and never flows back through the coarse
+                           # pass (its reads, the GPT on them) to the baseline's own weights (q_static, proj); the
+                           # shared ViT, GPT, heads and frame_pos still learn from both losses, so the baseline is a
+                           # static query on weights both paths shape. False (the journal's joint training) learned
+                           # less reliably in 600 s default runs: coarse/fine 0.882 / 0.876 against the mean 1.146
+                           # (ratio 1.006) in one, 0.194 / 0.190 (1.018) in another; True: 0.160 / 0.160 (0.996)
 mode_weights = (0.6, 0.2, 0.2)   # video-only, text-conditioned, captioning; drawn per batch
 caption_tokens = 40        # caption budget (longer captions are an error)
 n_caption_eval = 64        # held-out videos captioned (generated) at each eval
@@ -152,13 +155,15 @@ if push_to_hub:
 RECIPE = 'foveated'
 TARGETS = {"ratio": (">=", 1.15), "entropy_gap": (">", 0.0)}  # entropy_gap = coarse - fine attention entropy
 # the model's weights' shape: a run from a checkpoint takes these from it, and says so (the data's shape, e.g.
-# image_size or n_frames, and the read settings, query_mode / attn_temperature, stay the config's)
+# image_size or n_frames, and the read settings, query_mode / attn_temperature, stay the config's: build_model)
 MODEL_KEYS = ("vit_layers", "vit_heads", "vit_width", "coord_channels", "query_dim", "glimpse", "n_layer", "n_head",
               "n_embd", "fine_proj", "read_skip", "recurrent")
 MODES = ("video", "text", "caption")
 tok = Tokenizer()
 BOS, EOS, PAD, IMG = tok['<|bos|>'], tok['<|eos|>'], tok['<|pad|>'], tok['<|image|>']
 
+if task not in FOV_TASKS + ('folder',):
+    raise InputError(f"task must be one of {FOV_TASKS + ('folder',)}, got {task!r}")
 if query_mode not in ('deep', 'shallow'):
     raise InputError(f"query_mode must be 'deep' or 'shallow', got {query_mode!r}")
 if n_passes < 1:
@@ -181,6 +186,16 @@ if latent_target == 'target_layer' and task == 'folder':
                      "(task='folder') take 'delta' or 'frame'")
 if image_size % patch_size:
     raise InputError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+if n_frames < 2:  # position t predicts frame t+1: one frame leaves nothing to predict (the loss was NaN)
+    raise InputError(f"n_frames must be >= 2 (each frame predicts the next), got {n_frames}")
+if latent_grid < 1 or latent_channels < 1:  # 0 made an empty latent and a NaN loss
+    raise InputError(f"latent_grid and latent_channels must be >= 1, got {latent_grid} and {latent_channels}")
+if n_eval < 1 or not 0 <= n_vis <= n_eval:  # the attention strip draws held-out videos 0..n_vis-1 of the eval
+    raise InputError(f"need n_eval >= 1 and 0 <= n_vis <= n_eval, got n_eval={n_eval}, n_vis={n_vis}")
+if freeze_vit and not vit_init and init_from == 'scratch':
+    raise InputError("freeze_vit=True needs vit_init=<checkpoint dir with a pretrained ViT>: a frozen random ViT "
+                     "would never learn to see")
+fov_pick_mode(seed, 0, mode_weights, MODES)  # bad mode_weights fail here, not at the first step
 
 # -----------------------------------------------------------------------------
 # the model: shared ViT + static/predicted queries + GPT over one feature per frame
@@ -196,9 +211,13 @@ def coord_planes(size, n_freq=2):
 
 class FoveatedVLM(nn.Module):
     def __init__(self, vit_cfg, gpt_cfg, query_dim, latent_dim, coord_channels=True, max_frames=16, glimpse=False,
-                 fine_proj=False, read_skip=False, recurrent=False):
+                 fine_proj=False, read_skip=False, recurrent=False, detach_coarse=True, read_weight=0.0,
+                 look_weight=0.0, latent_target='frame'):
         super().__init__()
         self.glimpse = glimpse
+        # training settings, not the weights' shape (so never in the checkpoint's "foveated" meta): see the config
+        self.detach_coarse, self.read_weight, self.look_weight = detach_coarse, read_weight, look_weight
+        self.latent_target = latent_target
         self.n_patches = (vit_cfg.image_size // vit_cfg.patch_size) ** 2
         if glimpse and query_dim <= self.n_patches:
             raise InputError(f"glimpse=True uses the last {self.n_patches} numbers of a query as its location map "
@@ -316,7 +335,7 @@ class FoveatedVLM(nn.Module):
         latent_target='delta' subtracts the first frame's latent (row 0 is then all zeros, never a target)."""
         B, T = frames.shape[:2]
         z = encoder(frames.flatten(0, 1).float()).view(B, T, -1)
-        if latent_target == 'delta':
+        if self.latent_target == 'delta':
             z = z - z[:, :1]
         return (z - self.lat_mean) / self.lat_std
 
@@ -336,30 +355,31 @@ class FoveatedVLM(nn.Module):
         pred_c, loss_c = self.predict(h, z_c, targets)
         read_c = F.mse_loss(self.read_head(z_c).float(), targets.float())
         fine, cap_loss = [], None
-        h = h.detach() if detach_coarse else h
+        h = h.detach() if self.detach_coarse else h
         if self.recurrent:  # one fine pass whose queries come from its own state: pass 1 is the baseline only
             z_f, att_f, q = self.recurrent_reads(cache, text_mode, captions, look)
             h, cap_loss = self.sequence(z_f, mode if mode == "caption" else text_mode, captions, fine=True)
             pred_f, pass_loss = self.predict(h, z_f, targets)
             fine.append(pass_loss)
-        for p in range(0 if self.recurrent else n_passes):
-            # pass 2+ (fine): frame t is read with the query predicted after frames < t
-            q = torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1)
-            z_f, att_f = self.read(cache, q, look=look)
-            last = p == n_passes - 1
-            h, cap = self.sequence(z_f, "caption" if (last and mode == "caption") else text_mode, captions, fine=True)
-            cap_loss = cap if cap is not None else cap_loss
-            pred_f, pass_loss = self.predict(h, z_f, targets)
-            fine.append(pass_loss)
+        else:
+            for p in range(n_passes):  # pass 2+ (fine): frame t is read with the query predicted after frames < t
+                q = torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1)
+                z_f, att_f = self.read(cache, q, look=look)
+                last = p == n_passes - 1
+                h, cap = self.sequence(z_f, "caption" if (last and mode == "caption") else text_mode, captions,
+                                       fine=True)
+                cap_loss = cap if cap is not None else cap_loss
+                pred_f, pass_loss = self.predict(h, z_f, targets)
+                fine.append(pass_loss)
         read_f = F.mse_loss(self.read_head(z_f).float(), targets.float())  # the last fine pass's reads
         loss_f = torch.stack(fine).mean()
         loss = loss_f + loss_c + (cap_loss if cap_loss is not None else 0.0)
-        if read_weight > 0:
-            loss = loss + read_weight * (read_c + read_f)
+        if self.read_weight > 0:
+            loss = loss + self.read_weight * (read_c + read_f)
         look_loss = None
-        if target_patches is not None and look_weight > 0:  # both paths alike (the last fine pass's reads)
+        if target_patches is not None and self.look_weight > 0:  # both paths alike (the last fine pass's reads)
             look_loss = fov_look_loss(att_f, target_patches) + fov_look_loss(att_c, target_patches)
-            loss = loss + look_weight * look_loss
+            loss = loss + self.look_weight * look_loss
         return dict(loss=loss, loss_fine=fine[-1], loss_coarse=loss_c, loss_caption=cap_loss, loss_look=look_loss,
                     pred_fine=pred_f, loss_read_fine=read_f, loss_read_coarse=read_c, pred_coarse=pred_c,
                     z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q)
@@ -392,9 +412,9 @@ class FoveatedVLM(nn.Module):
             z = self.recurrent_reads(cache, "video")[0]
         else:
             z, _ = self.read(cache, self.q_static.expand(B, T, -1))
-        for p in range(0 if self.recurrent else n_passes):
-            h, _ = self.sequence(z, "video", fine=p > 0)
-            z, _ = self.read(cache, torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1))
+            for p in range(n_passes):
+                h, _ = self.sequence(z, "video", fine=p > 0)
+                z, _ = self.read(cache, torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1))
         idx = torch.tensor([[IMG] * T + [BOS]] * B, device=frames.device)
         out = self.gpt.generate(idx, max_new_tokens, vision_embeds=self.rows(z, fine=True), eos_id=EOS,
                                 suppress_ids=(BOS, PAD))
@@ -419,17 +439,25 @@ def encode_caption(caption):
 
 
 def build_model(meta=None):
-    """From config, or from a checkpoint's meta (init_from=<dir> / hf:)."""
-    vit_cfg = dataclass_from_dict(ViTConfig, meta["vit"]) if meta else ViTConfig(
+    """From config, or from a checkpoint's meta (init_from=<dir> / hf:): the meta gives the weights' shape, while
+    the read settings (query_mode, attn_temperature: no weights) and the training settings are the config's."""
+    reads = dict(query_mode=query_mode, attn_temperature=attn_temperature)
+    if meta and (meta["vit"]["image_size"], meta["vit"]["patch_size"]) != (image_size, patch_size):
+        raise InputError(f"the checkpoint's ViT takes {meta['vit']['image_size']} px frames in "
+                         f"{meta['vit']['patch_size']} px patches; the config says image_size={image_size}, "
+                         f"patch_size={patch_size}")
+    vit_cfg = dataclass_from_dict(ViTConfig, {**meta["vit"], **reads}) if meta else ViTConfig(
         image_size=image_size, patch_size=patch_size, in_chans=3 + (8 if coord_channels else 0), n_layer=vit_layers,
-        n_head=vit_heads, n_embd=vit_width, query_mode=query_mode, attn_temperature=attn_temperature)
+        n_head=vit_heads, n_embd=vit_width, **reads)
     gpt_cfg = dataclass_from_dict(GPTConfig, meta["gpt"]) if meta else GPTConfig(
         vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
         sequence_len=n_frames + caption_tokens + 4, image_token_id=IMG)
     fov = meta["foveated"] if meta else dict(query_dim=query_dim, latent_dim=latent_enc.dim,
                                              coord_channels=coord_channels, max_frames=n_frames, glimpse=glimpse,
                                              fine_proj=fine_proj, read_skip=read_skip, recurrent=recurrent)
-    return FoveatedVLM(vit_cfg, gpt_cfg, **fov), dict(vit=asdict(vit_cfg), gpt=asdict(gpt_cfg), foveated=fov)
+    model = FoveatedVLM(vit_cfg, gpt_cfg, **fov, detach_coarse=detach_coarse, read_weight=read_weight,
+                        look_weight=look_weight, latent_target=latent_target)
+    return model, dict(vit=asdict(vit_cfg), gpt=asdict(gpt_cfg), foveated=fov)
 
 
 def get_batch(split, indices):
@@ -449,11 +477,51 @@ def get_batch(split, indices):
     return b
 
 
+def check_captions(named):
+    """Every caption the run can draw fits caption_tokens: checked once here, where it failed when a batch first
+    drew it (mid-run). named: (where, caption) pairs."""
+    for where, caption in named:
+        if not isinstance(caption, str):
+            raise InputError(f"{where}: caption must be a string, got {caption!r}")
+        n = len(tok.encode(caption))
+        if n > caption_tokens:
+            raise InputError(f"{where}: caption of {n} tokens exceeds caption_tokens={caption_tokens}: {caption!r}")
+
+
+def load_vit_init(vit):
+    """The pretrained ViT's 'vit.*' weights from vit_init into vit, or one line naming what does not fit (a wrong
+    shape was a multi-line RuntimeError)."""
+    from safetensors.torch import load_file
+    path = os.path.join(resolve_checkpoint(vit_init), "model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"vit_init: no model.safetensors in {vit_init}")
+    state = {k[4:]: v for k, v in load_file(path).items() if k.startswith("vit.")}
+    own = vit.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs this ViT {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if wrong or missing or unexpected:
+        raise InputError(f"vit_init {path} does not fit this ViT (vit_layers/vit_heads/vit_width/image_size/"
+                         f"patch_size/coord_channels): {len(wrong)} shape mismatches {'; '.join(wrong[:2])}, "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    vit.load_state_dict(state)
+
+
 latent_enc = fov_latent_encoder(latent_encoder, latent_channels, latent_grid, seed=0)
 clips = {}
 if task == 'folder':
     all_clips = fov_list_clips(data_dir)
+    for name, _ in all_clips:  # every clip has its frames before training starts (one cheap read each)
+        fov_check_clip(data_dir, name, n_frames)
+    check_captions([(f"clip {name!r}", c) for name, c in all_clips])
     clips = dict(train=fov_clip_split(all_clips, 'train'), val=fov_clip_split(all_clips, 'val'))
+    if n_eval > len(clips['val']):  # eval indices would wrap around and count the same clips several times
+        print(f"n_eval={n_eval} capped at the {len(clips['val'])} distinct held-out clips (every 10th of "
+              f"{len(all_clips)})")
+        n_eval = config['n_eval'] = len(clips['val'])
+        n_vis = config['n_vis'] = min(n_vis, n_eval)
+else:
+    check_captions([(f"synthetic task {task!r}", c) for c in fov_synthetic_captions(task)])
 
 # == the run (tests exec this file up to this line to get the definitions above) ==
 ddp = init_distributed(device)
@@ -474,10 +542,7 @@ else:  # a checkpoint dir or hf:owner/name: the architecture comes from its meta
     load_checkpoint(src, model)
 model.to(device)
 if vit_init and init_from == 'scratch':
-    from safetensors.torch import load_file
-    vit_state = {k[4:]: v for k, v in load_file(os.path.join(resolve_checkpoint(vit_init), "model.safetensors")).items()
-                 if k.startswith("vit.")}
-    model.vit.load_state_dict(vit_state)
+    load_vit_init(model.vit)
 if freeze_vit:
     model.vit.requires_grad_(False)
 if init_from == 'scratch':  # standardise latents with statistics of 64 training videos (a function of seed)
@@ -486,11 +551,15 @@ if init_from == 'scratch':  # standardise latents with statistics of 64 training
         model.lat_mean.copy_(z.mean(0))
         model.lat_std.copy_(z.std(0).clamp_min(1e-3))
 optimizer = configure_optimizers(model, lr, weight_decay, device_type=device_type)
-start_step = 0
+start_step, train_seconds, budget_seconds = 0, 0.0, 0.0
 if resume:
     meta = load_checkpoint(os.path.join(out_dir, 'ckpt'), model, optimizer)
     set_rng_state(meta['rng'])
     start_step = meta['step']
+    # a run stopped on its time budget continues its clocks (the LR schedule, the budget, the reported seconds);
+    # they restarted at 0, so the LR jumped back up. Checkpoints from before the keys: 0
+    train_seconds = meta.get('train_seconds', 0.0)
+    budget_seconds = meta.get('budget_seconds', train_seconds)
 raw_model = model
 model = maybe_compile(model, compile, device_type)
 if ddp['ddp']:
@@ -575,14 +644,20 @@ def evaluate(step):
     return m, per_frame, png
 
 
-def save_all(step, metrics=None):
+def save_all(step, metrics, train_seconds):
+    # train_seconds: the loop's seconds without evals (reported); budget_seconds: the budget's clock, evals
+    # included (what budget_lr_step and budget_spent see); a resumed run continues both
     save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer,
-                    meta=dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), metrics=metrics, **model_meta))
+                    meta=dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), metrics=metrics,
+                              train_seconds=train_seconds, budget_seconds=time.perf_counter() - t_start, **model_meta))
 
 
 def run_eval(step, train_seconds):
     m, per_frame, png = evaluate(step)
     print(f"eval step {step}: " + format_metrics(m, TARGETS))
+    warnings = fov_hollow_warnings(m, (image_size // patch_size) ** 2)
+    for w in warnings:  # a diagnostic only: what 'met' means is unchanged
+        print(f"  warning: {w}")
     print("  per-frame loss fine   " + " ".join(f"{x:.3f}" for x in per_frame["fine"]))
     print("  per-frame loss coarse " + " ".join(f"{x:.3f}" for x in per_frame["coarse"]))
     print("  per-frame loss copy   " + " ".join(f"{x:.3f}" for x in per_frame["copy"]))
@@ -591,15 +666,16 @@ def run_eval(step, train_seconds):
             print(f"  per-frame read {path:6s} " + " ".join(f"{x:.3f}" for x in per_frame[f"read_{path}"]))
     write_results(out_dir, RECIPE, 'val', n_eval, m, TARGETS, step=step, train_seconds=train_seconds,
                   device=device, dtype=dtype_name, params=n_params, config=config, per_frame=per_frame,
-                  task=task, png=os.path.basename(png) if png else None)
+                  task=task, png=os.path.basename(png) if png else None, warnings=warnings)
     wandb.log(m, step, images={"attention": png})
-    save_all(step, m)
+    save_all(step, m, train_seconds)
     return m
 
 
+t_start = time.perf_counter() - budget_seconds  # the budget's clock (reset below, after the matmul measurement)
 if eval_only:
     if master:
-        run_eval(start_step, 0.0)
+        run_eval(start_step, train_seconds)
     wandb.finish()
     raise SystemExit(0)
 
@@ -612,9 +688,9 @@ tokens_per_step = batch_size * n_frames * n_patches * ddp['world_size']  # patch
 # ~6 * params * tokens for the ViT encode, plus the GPT over one row per frame for the coarse and each fine pass
 flops_per_step = 6 * (sum(p.numel() for p in raw_model.vit.parameters()) * tokens_per_step +
                       sum(p.numel() for p in raw_model.gpt.parameters()) * batch_size * n_frames * (1 + n_passes))
-train_seconds, t0, last_log = 0.0, time.perf_counter(), start_step
+t0, last_log = time.perf_counter(), start_step
 counts = {k: 0 for k in MODES}
-t_start = time.perf_counter()
+t_start = time.perf_counter() - budget_seconds
 for step in range(start_step, max_steps):
     lr_now = get_lr(budget_lr_step(step, max_steps, time.perf_counter() - t_start, max_train_seconds, device),
                     max_steps, lr, warmup_steps, min_lr_frac)
@@ -658,7 +734,8 @@ for step in range(start_step, max_steps):
             print(f"stopping at step {step + 1}/{max_steps}: max_train_seconds={max_train_seconds:.0f} reached")
         break
 if master:
-    print(f"done: {sum(counts.values())} steps in {train_seconds:.0f} s of training | batches per mode {counts}")
+    print(f"done: {sum(counts.values())} steps | {train_seconds:.0f} s of training in total (with a resume's earlier "
+          f"runs) | batches per mode {counts}")
 if master and push_to_hub:
     push_run_to_hub(push_to_hub, out_dir, RECIPE, config)
 wandb.finish()

@@ -48,7 +48,8 @@ look_weight = 1.0          # training only: -log(attention mass on the target's 
 oracle_look = False        # DIAGNOSTIC: the fine reads get the target's true patches as a location prior (upper bound)
 recurrent = False          # True: frame t's fine query from the GPT state after the fine reads of frames < t
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
-detach_coarse = True       # the fine loss never reaches the coarse pass (the baseline trains on its own loss)
+detach_coarse = True       # the fine loss never flows back through the coarse pass to q_static / proj (the
+                           # shared ViT, GPT and heads still learn from both losses)
 mode_weights = (0.6, 0.2, 0.2)   # video-only, text-conditioned, captioning; drawn per batch
 caption_tokens = 40        # caption budget (longer captions are an error)
 n_caption_eval = 64        # held-out videos captioned (generated) at each eval

@@ -14,9 +14,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import sample_rng  # noqa: E402
-from data_foveated import (FovFixedEncoder, FovTaesdEncoder, fov_attention_stats, fov_cosine,  # noqa: E402
-                           fov_folder_batch, fov_latent_encoder, fov_list_clips, fov_look_loss, fov_per_frame_mse,
-                           fov_pick_mode, fov_synthetic_video, fov_target_hit)
+from data_foveated import (FovFixedEncoder, FovTaesdEncoder, fov_attention_stats, fov_check_clip,  # noqa: E402
+                           fov_clip_split, fov_cosine, fov_folder_batch, fov_hollow_warnings, fov_latent_encoder,
+                           fov_list_clips, fov_load_clip, fov_look_loss, fov_per_frame_mse, fov_pick_mode,
+                           fov_synthetic_video, fov_target_hit)
 from model import InputError  # noqa: E402
 from inprocess import run_script  # noqa: E402
 
@@ -460,6 +461,132 @@ def test_folder_reader_reads_npy_clips_and_frame_folders(tmp_path):
     with pytest.raises(ValueError, match="fewer than"):
         fov_folder_batch(str(tmp_path), clips, [1], n_frames=8, size=16)
 
+
+def test_frame_folders_are_read_in_natural_order(tmp_path):
+    """f1..f12 (not zero-padded): plain text order read f1, f10, f11, f12, f2, ..."""
+    from PIL import Image
+    os.makedirs(tmp_path / "a")
+    for i in range(1, 13):  # frame i has brightness 20 i
+        Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(tmp_path / "a" / f"f{i}.png")
+    x = fov_load_clip(str(tmp_path), "a", 12, 8)
+    assert [round(float(f.mean()) * 255 / 20) for f in x] == list(range(1, 13))
+    assert [round(float(f.mean()) * 255 / 20) for f in fov_load_clip(str(tmp_path), "a", 3, 8)] == [1, 7, 12]
+
+
+def test_npy_clips_read_only_the_frames_they_use_and_refuse_0_255_floats(tmp_path):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (13, 20, 24, 3), dtype=np.uint8)
+    np.save(tmp_path / "u.npy", arr)
+    # the old reader converted and resized every frame, then picked: the same numbers, frame for frame
+    every = torch.nn.functional.interpolate(torch.from_numpy(arr.astype(np.float32) / 255).permute(0, 3, 1, 2),
+                                            size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.equal(fov_load_clip(str(tmp_path), "u", 5, 16), every[[0, 3, 6, 9, 12]].clamp(0, 1))
+    np.save(tmp_path / "f.npy", arr.astype(np.float32) / 255)  # float in [0, 1]: read as is
+    assert torch.allclose(fov_load_clip(str(tmp_path), "f", 5, 16), fov_load_clip(str(tmp_path), "u", 5, 16))
+    np.save(tmp_path / "g.npy", arr.astype(np.float32))  # float 0-255 was clamped to a white clip
+    for check in (lambda: fov_load_clip(str(tmp_path), "g", 5, 16), lambda: fov_check_clip(str(tmp_path), "g", 5)):
+        with pytest.raises(InputError, match=r"g.npy: float32 frames must be in \[0, 1\]"):
+            check()
+    fov_check_clip(str(tmp_path), "f", 5)
+    with pytest.raises(InputError, match="'u' has 13 frames, fewer than n_frames=14"):
+        fov_check_clip(str(tmp_path), "u", 14)
+
+
+def test_clip_split_holds_out_every_tenth_clip_and_never_trains_on_val():
+    clips = [(f"c{i:02d}", "x") for i in range(12)]
+    val, train = fov_clip_split(clips, "val"), fov_clip_split(clips, "train")
+    assert [c for c, _ in val] == ["c00", "c10"] and len(train) == 10 and not set(val) & set(train)
+    with pytest.raises(InputError, match="at least 2 clips"):  # one clip was both train and val
+        fov_clip_split(clips[:1], "val")
+
+
+def clip_folder(path, frames, captions):
+    """A real clip folder: one uint8 .npy per clip, frames[i] frames each, and captions.json."""
+    os.makedirs(path, exist_ok=True)
+    for i, (n, c) in enumerate(zip(frames, captions)):
+        np.save(path / f"c{i}.npy", np.random.default_rng(i).integers(0, 255, (n, 16, 16, 3), dtype=np.uint8))
+    (path / "captions.json").write_text(json.dumps({f"c{i}": c for i, c in enumerate(captions)}))
+    return ["--task=folder", f"--data_dir={path}", "--latent_target=delta", "--look_weight=0"]
+
+
+def test_a_folder_run_checks_every_clip_at_startup_and_evaluates_distinct_clips(tmp_path):
+    """A short clip or a long caption failed mid-run, when a batch first drew it; n_eval beyond the held-out
+    clips evaluated the same clips again."""
+    args = clip_folder(tmp_path / "ok", [5, 6, 7], ["a red ball", "a dog", "two cats"])
+    ns = recipe(*args, "--n_eval=8", "--n_vis=3")
+    assert ns["n_eval"] == ns["config"]["n_eval"] == 1 and ns["n_vis"] == 1  # c0 is the one held-out clip
+    b = ns["get_batch"]("val", range(ns["n_eval"]))
+    assert b["frames"].shape == (1, 4, 3, 16, 16) and b["captions"] == ["a red ball"]
+    with pytest.raises(InputError, match="'c2' has 3 frames, fewer than n_frames=4"):
+        recipe(*clip_folder(tmp_path / "short", [5, 6, 3], ["a", "b", "c"]))
+    with pytest.raises(InputError, match="clip 'c1': caption of .* exceeds caption_tokens=40"):
+        recipe(*clip_folder(tmp_path / "long", [5, 5, 5], ["a", "word " * 40, "c"]))
+    with pytest.raises(InputError, match="at least 2 clips"):
+        recipe(*clip_folder(tmp_path / "one", [5], ["a"]))
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--latent_encoder=foo"], "latent_encoder must be"),
+    (["--mode_weights=(1, 0)"], "mode_weights must be 3"),
+    (["--mode_weights=(0, 0, 0)"], "positive sum"),
+    (["--task=foo"], "task must be one of"),
+    (["--n_frames=1"], "n_frames must be >= 2"),  # was a NaN loss
+    (["--latent_grid=0"], "latent_grid"),  # was a NaN loss
+    (["--n_vis=5", "--n_eval=4"], "n_vis <= n_eval"),  # was an IndexError in the final eval, before its checkpoint
+    (["--freeze_vit=True"], "freeze_vit=True needs vit_init"),  # a frozen random ViT
+    (["--caption_tokens=3"], r"synthetic task 'track': caption of \d+ tokens exceeds caption_tokens=3"),
+])
+def test_bad_settings_are_one_clear_error_at_startup(args, match):
+    with pytest.raises(InputError, match=match):
+        recipe(*args)
+
+
+def test_bad_input_is_one_line_from_the_command_line(tmp_path):
+    p = run_script("train_foveated.py", [*TINY, "--n_frames=1", f"--out_dir={tmp_path}"])
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == ["error: n_frames must be >= 2 (each frame "
+                                                                   "predicts the next), got 1"]
+
+
+def test_vit_init_of_another_shape_is_one_error_naming_both_shapes(tmp_path):
+    from safetensors.torch import save_file
+    other = recipe("--vit_width=16", "--vit_heads=2")["build_model"]()[0]
+    save_file({"vit." + k: v.contiguous() for k, v in other.vit.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    ns = recipe(f"--vit_init={tmp_path}")
+    model, _ = ns["build_model"]()
+    with pytest.raises(InputError, match=r"vit_width.*shape mismatches .*\(16.*vs this ViT \(32"):
+        ns["load_vit_init"](model.vit)
+    same = ns["build_model"]()[0]  # a ViT of this shape loads, weights and all
+    save_file({"vit." + k: v.contiguous() for k, v in same.vit.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    ns["load_vit_init"](model.vit)
+    assert all(torch.equal(a, b) for a, b in zip(model.vit.state_dict().values(), same.vit.state_dict().values()))
+
+
+def test_a_checkpoint_dir_keeps_the_configs_read_settings():
+    """init_from=<dir> built the ViT from the checkpoint's meta, query_mode and temperature included, while the
+    banner and results.json said the config's. They hold no weights: the config's apply (as on resume)."""
+    _, meta = recipe()["build_model"]()  # deep, temperature 0.1
+    ns = recipe("--query_mode=shallow", "--attn_temperature=0.5")
+    model, meta2 = ns["build_model"](meta)
+    assert (model.vit.config.query_mode, model.vit.config.attn_temperature) == ("shallow", 0.5)
+    assert meta2["vit"]["query_mode"] == "shallow" and meta2["vit"]["n_embd"] == meta["vit"]["n_embd"]
+    frames, _ = tiny_batch(ns)
+    assert sum(kv is None for kv in model.encode(frames)["kv"]) == 1  # the shallow layout (2 layers)
+    with pytest.raises(InputError, match="checkpoint's ViT takes 16 px frames"):
+        recipe("--image_size=32")["build_model"](meta)
+
+
+def test_hollow_coarse_path_warnings_on_hand_made_metrics():
+    good = dict(loss_coarse=0.22, loss_mean=1.13, cos_z_fine_coarse=0.6, entropy_coarse=1.45)
+    assert fov_hollow_warnings(good, 64) == []
+    at_mean = fov_hollow_warnings(dict(good, loss_coarse=1.10), 64)  # the notes' hollow 1.44: coarse at the mean
+    assert len(at_mean) == 1 and "not clearly below the mean" in at_mean[0]
+    same = fov_hollow_warnings(dict(good, cos_z_fine_coarse=0.97), 64)
+    assert len(same) == 1 and "nearly the same" in same[0]
+    flat = fov_hollow_warnings(dict(good, entropy_coarse=0.99 * math.log(64)), 64)
+    assert len(flat) == 1 and "near uniform" in flat[0]
+
 # -- end to end
 
 
@@ -503,6 +630,27 @@ def test_end_to_end_writes_results_png_checkpoint_and_resumes_exactly(tmp_path):
     assert step_losses(resumed)["5/6"] == step_losses(full)["5/6"]  # exact resume
     again = run_foveated("--max_steps=6", "--eval_interval=100", "--init_from=resume", f"--out_dir={tmp_path / 'run'}")
     assert "done: 0 steps" in again  # resuming a finished run trains nothing and says so (was a NameError)
-    ev = run_foveated("--eval_only=True", f"--init_from={tmp_path / 'run' / 'ckpt'}",
-                    f"--out_dir={tmp_path / 'ev'}")
+    ev = run_foveated("--eval_only=True", f"--init_from={tmp_path / 'run' / 'ckpt'}", "--query_mode=shallow",
+                      f"--out_dir={tmp_path / 'ev'}")
     assert "ratio" in ev and os.path.exists(tmp_path / "ev" / "results.json")
+    meta = json.loads((tmp_path / "ev" / "ckpt" / "meta.json").read_text())  # the config's read mode, not the ckpt's
+    assert meta["vit"]["query_mode"] == "shallow" and "shallow queries" in ev
+
+
+def test_a_resume_continues_the_time_budget_and_its_lr_clock(tmp_path):
+    """A run stopped on max_train_seconds, resumed: the budget and the LR schedule went on from the seconds
+    already used (they restarted at 0: the LR jumped from 2.0e-4 back to 1.8e-3), and train_seconds is the total."""
+    run_foveated("--max_steps=4", "--eval_interval=100", "--n_vis=0", f"--out_dir={tmp_path}")
+    path = tmp_path / "ckpt" / "meta.json"
+    meta = json.loads(path.read_text())
+    assert meta["step"] == 4 and 0 < meta["train_seconds"] <= meta["budget_seconds"]
+    meta.update(train_seconds=2400.0, budget_seconds=2500.0)  # as if 2500 s of a 2000 s budget had been used
+    path.write_text(json.dumps(meta))
+    out = run_foveated("--max_steps=6", "--eval_interval=100", "--n_vis=0", "--init_from=resume",
+                       "--max_train_seconds=2000", "--warmup_steps=0", f"--out_dir={tmp_path}")
+    first = [line for line in out.splitlines() if line.startswith("step 4/6")]
+    assert len(first) == 1 and "| lr 2.0e-04 |" in first[0]  # the floor: the schedule is past its end
+    assert "stopping at step 5/6" in out  # the budget was already spent: one step, then the final eval
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["step"] == 5 and res["train_seconds"] >= 2400
+    assert json.loads(path.read_text())["budget_seconds"] >= 2500
