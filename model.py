@@ -1069,7 +1069,8 @@ def rng_state():
 def all_rng_states():
     """Every rank's rng_state(), a list indexed by rank ([one] on a single process), for a checkpoint that rank 0
     writes: each rank draws its own noise (seeded seed + rank), so a resume restores each its own. Under DDP a
-    collective: every rank calls it, at the same step."""
+    collective: every rank calls it, at the same step. (train_seg_gumbel.py, whose Gumbel noise and masking come
+    from the RNG, uses it; the other recipes draw nothing random while training, so rank 0's rng_state() does.)"""
     state = rng_state()
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [state]

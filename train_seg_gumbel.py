@@ -31,7 +31,7 @@ install_error_hook()
 from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, adopt_checkpoint_config,
                    autocast_ctx, check_finite, configure_optimizers, dataclass_from_dict, get_lr, gpt_flops_per_token,
                    cleanup_distributed, init_distributed, left_pad, load_checkpoint, load_meta, log_line,
-                   maybe_compile, mean_across_ranks, measure_matmul_peak, resolve_checkpoint, rng_state, run_dir,
+                   maybe_compile, mean_across_ranks, measure_matmul_peak, resolve_checkpoint, all_rng_states, run_dir,
                    save_checkpoint, check_repo_id, push_run_to_hub, set_lr, set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, epoch_order, format_metrics, normalize, save_png, write_results
 from data_seg import (SEG_SPECIALS, seg_caption_token_accuracy, seg_check_context_counts, seg_ciou, seg_collate,
@@ -498,9 +498,9 @@ def main():
     train_seconds = meta.get("train_seconds", 0.0) if (meta and init_from == "resume") else 0.0
     from dataclasses import asdict
 
-    def checkpoint():
+    def checkpoint(rngs):
         save_checkpoint(os.path.join(run, "ckpt"), bundle, optimizer, meta=dict(
-            recipe=RECIPE, step=step, config=config, rng=rng_state(), vit=asdict(student.vit.config),
+            recipe=RECIPE, step=step, config=config, rng=rngs, vit=asdict(student.vit.config),
             gpt=asdict(gpt_cfg), dec_dim=dec_dim, llm_grid=student.llm_grid, specials=list(SEG_SPECIALS),
             stage_a=stage_a, skipped=skipped, skipped_steps=skipped_steps,
             train_seconds=train_seconds + time.time() - t_start))  # a resume continues this clock
@@ -584,9 +584,13 @@ def main():
                 print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens,
                                gpt_flops_per_token(gpt_cfg, n_params) * tokens, peak, extra=extra))
                 logger.log(dict(loss=loss_avg, lr=lr_now, seg=stats["seg"]), step)
-        if master and (step % eval_interval == 0 or step == stage_a_steps or step == max_steps):
-            run_eval()
-            checkpoint()
+        if step % eval_interval == 0 or step == stage_a_steps or step == max_steps:
+            # every rank's RNG (the Gumbel noise and masking differ by rank): gathered by all, saved by rank 0, so a
+            # resume gives each rank its own stream back (evaluation draws no random numbers)
+            rngs = all_rng_states()
+            if master:
+                run_eval()
+                checkpoint(rngs)
     if master:
         print(f"done: {skipped_steps} steps skipped, {skipped} samples with an empty mask (rank 0's); "
               f"results in {os.path.join(run, 'results.json')}")
