@@ -1,6 +1,6 @@
 """
-OCR data (merged into data.py by the lead): synthetic documents rendered with Pillow's bundled font,
-readers for JSONL / Fox / OmniDocBench annotations, the OCR metrics and a drawing helper.
+OCR data (train_ocr.py's; shared helpers live in data.py): synthetic documents rendered with Pillow's bundled
+font, readers for JSONL / Fox / OmniDocBench annotations, the OCR metrics and a drawing helper.
 
 Held-out text is never seen in training: every whitespace-separated word (letters, numbers, prices)
 belongs to exactly one split by a hash of its characters (`ocr_word_split`), so a val image can only be
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from data import pil_to_tensor, sample_rng, to_pil
+from model import InputError
 
 OCR_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 OCR_DIGITS = "0123456789"
@@ -205,82 +206,131 @@ def ocr_probe_images(image_size=64, seed=0):
     return ["noise", "white", "black", "text"], torch.stack([noise, white, black, text])
 
 # -----------------------------------------------------------------------------
-# real data readers: every reader yields dict(image=<path>, text=<str>, id=<str>)
+# real data readers: every reader yields dict(image=<path>, text=<str>, id=<str>), and fails at load time, naming
+# the file and the record, on a bad record or a missing image (not in the first eval after hours of training)
 
 
-def ocr_read_jsonl(path):
-    """JSONL, one {"image": path, "text": str} per line; relative image paths are relative to the file."""
+def ocr_load_json(path, what):
+    """The parsed JSON of an annotation file; a missing file or bad JSON is a one-line error naming it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def ocr_check_images(items, path):
+    """Every item's image must exist: the first missing one is named, with how many are missing."""
+    missing = [it["image"] for it in items if not os.path.isfile(it["image"])]
+    if missing:
+        raise InputError(f"{path}: {len(missing)} of {len(items)} images not found, the first: {missing[0]} "
+                         f"(set image_root to the folder that holds them)")
+    return items
+
+
+def ocr_read_jsonl(path, image_root=None):
+    """JSONL, one {"image": path, "text": str} per line; relative image paths are relative to image_root
+    (default: the file's folder)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"OCR jsonl not found: {path}")
-    root, items = os.path.dirname(os.path.abspath(path)), []
+    root, items = image_root or os.path.dirname(os.path.abspath(path)), []
     with open(path) as f:
         for n, line in enumerate(f):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                image, text = row["image"], row["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n + 1}: expected a JSON object with 'image' and 'text' ({e})") from None
-            items.append(dict(image=os.path.join(root, image), text=text, id=row.get("id", str(n))))
-    return items
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n + 1}: not valid JSON ({e})") from None
+            if not (isinstance(row, dict) and isinstance(row.get("image"), str) and isinstance(row.get("text"), str)):
+                raise InputError(f"{path}:{n + 1}: expected a JSON object with 'image' and 'text' strings")
+            items.append(dict(image=os.path.join(root, row["image"]), text=row["text"], id=str(row.get("id", n))))
+    return ocr_check_images(items, path)
 
 
 def ocr_read_fox(path, image_root=None):
     """Fox benchmark annotations (LLaVA-style JSON list): [{"image": "x.png", "conversations":
-    [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": <page text>}]}, ...]."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Fox annotation file not found: {path}")
-    root = image_root or os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
-        rows = json.load(f)
-    items = []
+    [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": <page text>}]}, ...].
+    Images resolve against image_root (default: the JSON's folder; the official release keeps them in
+    en_pdf_png/ beside en_page_ocr.json)."""
+    rows = ocr_load_json(path, "Fox annotation file")
+    if not isinstance(rows, list):
+        raise InputError(f"{path}: expected a JSON list of Fox entries, got {type(rows).__name__}")
+    root, items = image_root or os.path.dirname(os.path.abspath(path)), []
     for n, row in enumerate(rows):
-        answers = [c["value"] for c in row.get("conversations", []) if c.get("from") == "gpt"]
-        if "image" not in row or not answers:
-            raise ValueError(f"{path}: entry {n} has no image or no gpt answer")
-        items.append(dict(image=os.path.join(root, row["image"]), text=answers[0], id=row.get("id", row["image"])))
-    return items
+        convs = row.get("conversations") if isinstance(row, dict) else None
+        answers = [c.get("value") for c in convs if isinstance(c, dict) and c.get("from") == "gpt"] \
+            if isinstance(convs, list) else []
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not answers \
+                or not isinstance(answers[0], str):
+            raise InputError(f"{path}: entry {n} needs an 'image' string and a gpt answer string in 'conversations'")
+        items.append(dict(image=os.path.join(root, row["image"]), text=answers[0], id=str(row.get("id", row["image"]))))
+    return ocr_check_images(items, path)
 
 
-OMNIDOC_TEXT_CATEGORIES = ("text_block", "title", "text_caption", "table_caption", "figure_caption",
-                           "table_footnote", "figure_footnote", "code_txt", "reference", "header", "footer",
-                           "page_number", "page_footnote", "list")
+# OmniDocBench's text categories: the ground-truth list its end-to-end text evaluation reads (GT_CATEGORY_LIST in
+# its end2end dataset code); tables, formulas (equation_isolated) and figures are scored separately there
+OMNIDOC_TEXT_CATEGORIES = ("text_block", "title", "code_txt", "code_txt_caption", "reference", "equation_caption",
+                           "figure_caption", "figure_footnote", "table_caption", "table_footnote", "code_algorithm",
+                           "code_algorithm_caption", "header", "footer", "page_footnote", "page_number")
 
 
 def ocr_read_omnidocbench(path, image_root=None, categories=OMNIDOC_TEXT_CATEGORIES):
     """OmniDocBench.json: a list of pages {"layout_dets": [{"category_type", "order", "text", "ignore"}, ...],
     "page_info": {"image_path": ...}}. Page text = the text blocks of `categories` in reading order
-    (ignored blocks and blocks without text skipped), joined by blank lines."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"OmniDocBench annotation file not found: {path}")
-    root = image_root or os.path.join(os.path.dirname(os.path.abspath(path)), "images")
-    with open(path) as f:
-        pages = json.load(f)
-    items = []
-    for page in pages:
-        dets = [d for d in page.get("layout_dets", []) if d.get("category_type") in categories
-                and not d.get("ignore", False) and d.get("text")]
-        dets.sort(key=lambda d: d.get("order") if d.get("order") is not None else 1e9)
-        image = page["page_info"]["image_path"]
+    (ignored blocks and blocks without text skipped), joined by blank lines. Images resolve against image_root
+    (default: images/ beside the JSON)."""
+    pages = ocr_load_json(path, "OmniDocBench annotation file")
+    if not isinstance(pages, list):
+        raise InputError(f"{path}: expected a JSON list of OmniDocBench pages, got {type(pages).__name__}")
+    root, items = image_root or os.path.join(os.path.dirname(os.path.abspath(path)), "images"), []
+    for n, page in enumerate(pages):
+        info = page.get("page_info") if isinstance(page, dict) else None
+        dets = page.get("layout_dets", []) if isinstance(page, dict) else None
+        if not isinstance(info, dict) or not isinstance(info.get("image_path"), str) or not isinstance(dets, list) \
+                or not all(isinstance(d, dict) for d in dets):
+            raise InputError(f"{path}: page {n} needs page_info.image_path (a string) and a list of layout_dets")
+        dets = [d for d in dets if d.get("category_type") in categories and not d.get("ignore") and d.get("text")]
+        if any(not isinstance(d["text"], str) for d in dets):
+            raise InputError(f"{path}: page {n} has a layout_dets text that is not a string")
+        dets.sort(key=lambda d: d.get("order") if isinstance(d.get("order"), (int, float)) else 1e9)
+        image = info["image_path"]
         items.append(dict(image=os.path.join(root, image), text="\n\n".join(d["text"] for d in dets), id=image))
-    return items
+    return ocr_check_images(items, path)
 
 # -----------------------------------------------------------------------------
 # metrics
 
 
 def ocr_edit_distance(a, b):
-    """Levenshtein distance (insert/delete/substitute cost 1)."""
+    """Levenshtein distance (insert/delete/substitute cost 1). Bit-parallel (Myers 1999, Hyyro's global form):
+    a whole DP column of the shorter string is one Python int, bit i the vertical delta D[i+1][j] - D[i][j]
+    (pv: +1, mv: -1), so a full page costs len(longer) big-int steps instead of len(a) * len(b) Python ops
+    (a 1,500-char pair: ms, not ~1 s). Exactly the textbook DP (tests/test_ocr.py checks it on random strings)."""
     if len(a) < len(b):
         a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
+    m = len(b)
+    if m == 0:
+        return len(a)
+    peq = {}  # per character of b: the bit mask of the rows it occupies
+    for i, ch in enumerate(b):
+        peq[ch] = peq.get(ch, 0) | (1 << i)
+    mask, top = (1 << m) - 1, 1 << (m - 1)
+    pv, mv, dist = mask, 0, m  # column 0: D[i][0] = i, all deltas +1; dist tracks D[m][j]
+    for ch in a:
+        eq = peq.get(ch, 0)
+        xv = eq | mv
+        xh = (((eq & pv) + pv) ^ pv) | eq
+        ph = mv | ~(xh | pv)  # horizontal deltas D[i][j] - D[i][j-1]: +1 ...
+        mh = pv & xh          # ... and -1
+        dist += bool(ph & top) - bool(mh & top)
+        ph = (ph << 1) | 1    # row 0 is D[0][j] = j: its horizontal delta is always +1 (global, not substring, match)
+        mh <<= 1
+        pv = (mh | ~(xv | ph)) & mask
+        mv = ph & xv & mask
+    return dist
 
 
 def ocr_omnidoc_normalize(s):

@@ -49,6 +49,8 @@ compile = False
 dataset = 'synthetic'      # 'synthetic' | 'jsonl' (train_data/val_data) | 'fox' | 'omnidocbench' (val_data)
 train_data = ''
 val_data = ''
+image_root = ''            # folder of val_data's images ('' = the reader's default: fox and jsonl the file's folder,
+                           #   omnidocbench images/ beside it)
 image_size = 64
 font_sizes = (10, 11)
 max_lines = 3
@@ -125,17 +127,17 @@ PROMPT = "\nFree OCR."
 
 @dataclass
 class EncoderConfig:
-    image_size: int = 64
+    image_size: int = 64     # defaults: the script's (the CPU run's) shapes
     sam_patch: int = 4
-    sam_dim: int = 96
-    sam_layers: int = 4
+    sam_dim: int = 64
+    sam_layers: int = 2
     sam_heads: int = 4
     sam_window: int = 8
-    sam_global: tuple = (3,)
-    neck_dim: int = 64
-    clip_layers: int = 2
+    sam_global: tuple = (1,)
+    neck_dim: int = 32
+    clip_layers: int = 1
     clip_heads: int = 4
-    out_dim: int = 192       # the GPT width
+    out_dim: int = 128       # the GPT width
     center: bool = True      # BatchCenter on the projected tokens (False: DeepSeek-OCR's plain path)
     glyph_classes: int = 0   # > 0: a per-patch character classifier on SAM's last block (the glyph loss)
     token_slots: int = 0     # > 0 (with glyph_classes): each projected token classifies the characters it covers
@@ -251,7 +253,8 @@ class BatchCenter(nn.Module):
     and channel (a running mean at eval). Without it the small models here reproduced the journal's collapse
     within a few hundred steps: the features grew a large component shared by all images (std 16 vs 0.04
     across images) that the GPT used as constant tokens, and every page got the same answer. Centred, the
-    GPT only ever sees what differs between images."""
+    GPT only ever sees what differs between images. Centring needs a global batch of >= 2 images (one image
+    minus its own mean is zero): under DDP one image per rank is enough, and a 1-image run is refused at setup."""
 
     def __init__(self, n_tokens, dim, momentum=0.1):
         super().__init__()
@@ -259,10 +262,12 @@ class BatchCenter(nn.Module):
         self.register_buffer("running_mean", torch.zeros(n_tokens, dim))
 
     def forward(self, x):
-        if self.training and x.shape[0] > 1:
-            total, n = x.sum(0), x.shape[0]
-            if torch.distributed.is_initialized():  # the global batch's mean (with gradient), like SyncBatchNorm
-                total, n = AllReduceSum.apply(total), n * torch.distributed.get_world_size()
+        ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+        n = x.shape[0] * (torch.distributed.get_world_size() if ddp else 1)
+        if self.training and n > 1:
+            total = x.sum(0)
+            if ddp:  # the global batch's mean (with gradient), like SyncBatchNorm
+                total = AllReduceSum.apply(total)
             mean = total / n
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
@@ -360,6 +365,36 @@ def mean_pairwise_cosine(x):
     n = x.shape[0]
     return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
 
+
+def encoder_flops(enc, glyphs=False):
+    """Training FLOPs per image, each module counted at the positions it runs at: SAM's patch embedding, blocks
+    and neck on its g x g grid, net_2 on (g/2)^2, net_3, CLIP, the projector and the slot head on q x q. 6 per
+    weight entry (conv kernels included) and position, plus attention's 12 x keys x width per position and layer
+    (PaLM's accounting, as gpt_flops_per_token); a frozen module (stage 2's SAM) runs forward only: a third of
+    that. Biases, norms and position embeddings are adds, not matmuls: left out."""
+    c, sam = enc.config, enc.sam
+    g, q = c.image_size // c.sam_patch, c.q
+
+    def cost(module, positions, keys=0, width=0):
+        weights = [p for n, p in module.named_parameters() if p.dim() >= 2 and n != 'pos']
+        per = 6 if any(p.requires_grad for p in module.parameters()) else 2
+        return per * positions * (sum(p.numel() for p in weights) + 2 * keys * width)
+
+    total = cost(sam.patch, g * g) + cost(sam.neck, g * g) + cost(sam.net_2, (2 * q) ** 2) + cost(sam.net_3, q * q)
+    total += sum(cost(b, g * g, (b.window or g) ** 2, c.sam_dim) for b in sam.blocks)
+    total += cost(enc.clip, q * q, q * q * len(enc.clip.blocks), 4 * c.neck_dim) + cost(enc.projector, q * q)
+    if glyphs:
+        total += cost(sam.glyph, g * g) + (cost(enc.slot_head, q * q) if enc.slot_head is not None else 0)
+    return total
+
+
+def shared_spread(x):
+    """x (N images, tokens, C) -> (RMS of the image-independent part, the mean over the images; RMS of the
+    rest, what differs between images). The journal's collapse: the first grows while the second shrinks."""
+    x = x.float()
+    mean = x.mean(0)
+    return float(mean.pow(2).mean().sqrt()), float((x - mean).pow(2).mean().sqrt())
+
 # -----------------------------------------------------------------------------
 # setup (everything above is definitions; tests/test_ocr.py executes the file up to this line)
 
@@ -372,6 +407,11 @@ if overfit:
     max_steps, n_eval, max_train_seconds = overfit_steps, 10, 0.0
 if stage not in (1, 2):
     raise InputError(f"stage must be 1 or 2, got {stage}")
+DATASETS = ('synthetic', 'jsonl', 'fox', 'omnidocbench')
+if dataset not in DATASETS:
+    raise InputError(f"unknown dataset {dataset!r}: one of {', '.join(DATASETS)}")
+if dataset != 'synthetic' and not val_data and not overfit:  # (overfit evaluates on its 10 training pages)
+    raise InputError(f"dataset={dataset!r} evaluates on val_data= (its {dataset} annotation file), which is not set")
 if stage == 2 and not init_encoder and init_from in ('scratch', ''):
     raise InputError("stage=2 trains on a stage-1 encoder: pass --init_encoder=<out_dir>/encoder")
 out_dir = run_dir(out_dir, RECIPE, init_from)
@@ -379,8 +419,19 @@ tok = Tokenizer(base=tokenizer)
 IMAGE, BOS, EOS, PAD = tok['<|image|>'], tok['<|bos|>'], tok['<|eos|>'], tok['<|pad|>']
 
 
-# the glyph loss needs character positions: synthetic typewriter pages only, and a trainable SAM (stage 1)
-use_glyphs = glyph_weight > 0 and dataset == 'synthetic' and pitch > 0 and stage == 1
+def load_items(kind, path, root=None):
+    return dict(jsonl=ocr_read_jsonl, fox=ocr_read_fox, omnidocbench=ocr_read_omnidocbench)[kind](path, root)
+
+
+# real sets are lists of {image, text}, read (and every image checked) before the model is built
+real = {}
+if dataset != 'synthetic':
+    if train_data:
+        real['train'] = ocr_read_jsonl(train_data)
+    if val_data:
+        real['val'] = load_items(dataset, val_data, image_root or None)
+    if 'train' not in real and (overfit or not eval_only):  # (overfit trains and evaluates on train_data)
+        raise InputError(f"dataset={dataset!r} needs train_data= (a JSONL of {{image, text}}) to train")
 
 
 def build_model(meta=None):
@@ -403,12 +454,18 @@ resume = init_from == 'resume'
 meta = None
 if init_from != 'scratch':  # resume (weights and optimizer loaded below), a checkpoint dir or hf:owner/name
     meta = load_meta(os.path.join(out_dir, 'ckpt') if resume else init_from)
-    globals().update(adopt_checkpoint_config(meta, config, MODEL_KEYS, verbose=master))
-    model = build_model(meta)
-    if not resume:
-        load_checkpoint(init_from, model)
-else:
-    model = build_model()
+    if meta.get('recipe') != RECIPE:
+        raise InputError(f"init_from={init_from!r} is not an OCR checkpoint (recipe {meta.get('recipe')!r})")
+    # a resume or an eval also takes the checkpoint's stage: a stage-2 run resumed as stage 1 would unfreeze SAM
+    # (and no longer match its optimizer state), and an eval would record the wrong stage
+    keys = MODEL_KEYS + (('stage',) if resume or eval_only else ())
+    globals().update(adopt_checkpoint_config(meta, config, keys, verbose=master,
+                                             absent=dict(stage=meta.get('stage', 1))))
+# the glyph loss needs character positions: synthetic typewriter pages only, and a trainable SAM (stage 1)
+use_glyphs = glyph_weight > 0 and dataset == 'synthetic' and pitch > 0 and stage == 1
+model = build_model(meta)
+if meta is not None and not resume:
+    load_checkpoint(init_from, model)
 if init_encoder and not resume:
     enc_meta = load_meta(init_encoder)
     if enc_meta.get('kind') != 'deepencoder':
@@ -422,6 +479,9 @@ if init_encoder and not resume:
 if init_gpt and not resume:
     model.gpt = load_gpt_into(init_gpt, tok.vocab_size, IMAGE, model.encoder.config.out_dim)
 enc, gpt = model.encoder, model.gpt
+if isinstance(enc.center, BatchCenter) and not eval_only and not overfit and batch_size * ddp_info['world_size'] < 2:
+    raise InputError("center_vision subtracts the batch's mean from every image: it needs a global batch of >= 2 "
+                     "images (one image would be centred to zero); raise batch_size or pass --center_vision=False")
 if stage == 2:  # SAM (with neck, net_2, net_3) frozen, as DeepSeek-OCR stage 2
     enc.sam.requires_grad_(False)
     if enc.slot_head is not None:  # a stage-1 training aid, like SAM's glyph head
@@ -438,27 +498,9 @@ if master:
           f" | trainable {n_train / 1e6:.2f}M | stage {stage} | {N_VISION} vision tokens ({q}x{q} + {q} newlines + 1)")
 
 # -----------------------------------------------------------------------------
-# data: synthetic pages are a pure function of (seed, split, index); real sets are lists of {image, text}
+# data: synthetic pages are a pure function of (seed, split, index); real sets were read at setup
 
 
-def load_items(kind, path):
-    if kind == 'jsonl':
-        return ocr_read_jsonl(path)
-    if kind == 'fox':
-        return ocr_read_fox(path)
-    if kind == 'omnidocbench':
-        return ocr_read_omnidocbench(path)
-    raise InputError(f"unknown dataset {kind!r}: 'synthetic', 'jsonl', 'fox' or 'omnidocbench'")
-
-
-real = {}
-if dataset != 'synthetic':
-    if train_data:
-        real['train'] = ocr_read_jsonl(train_data)
-    if val_data:
-        real['val'] = load_items(dataset, val_data)
-    if not eval_only and not overfit and 'train' not in real:
-        raise InputError(f"dataset={dataset!r} needs train_data= (a JSONL of {{image, text}}) to train")
 n_truncated = 0
 
 
@@ -537,11 +579,14 @@ def generate_text(images, max_new=None, use_cache=True, stop=True):
 
 @torch.no_grad()
 def collapse_monitor():
-    """Mean pairwise cosine of mean-pooled features at each stage over the probe set."""
+    """Over the probe set: the mean pairwise cosine of mean-pooled features at each stage, and shared_spread of
+    the projected tokens (what the GPT reads)."""
     names, probe = ocr_probe_images(enc.config.image_size)
     with ctx:
         feats = enc.features(normalize(probe.to(device)))
-    return {f"cos_{k}": mean_pairwise_cosine(v.mean(1)) for k, v in feats.items()}
+    shared, spread = shared_spread(feats["proj"])
+    return {f"cos_{k}": mean_pairwise_cosine(v.mean(1)) for k, v in feats.items()}, \
+        dict(proj_shared_rms=shared, proj_spread_rms=spread)
 
 
 @torch.no_grad()
@@ -569,9 +614,10 @@ def evaluate(step):
     metrics = ocr_metrics(preds, gts)
     # the origin's collapsed checkpoints answered every page alike: count distinct answers
     metrics['distinct_outputs'] = len(set(preds)) / len(preds)
-    cos = collapse_monitor()
+    cos, spread = collapse_monitor()
     metrics.update(cos)
     metrics['collapse_cos'] = max(cos.values())
+    metrics.update(spread)
     if metrics['collapse_cos'] > collapse_warn:
         print(f"WARNING: vision features collapsing: pooled cosine over the probe set {cos} > {collapse_warn}")
     if overfit:
@@ -627,14 +673,14 @@ if ddp_info['ddp']:
                     h is not None and h.weight.requires_grad for h in (enc.sam.glyph, enc.slot_head))))
 logger = WandbLogger(wandb_log and master, wandb_project, wandb_run_name, config, out_dir)
 peak = measure_matmul_peak(device, torch.bfloat16 if dtype_name == 'bfloat16' else torch.float32) if master else None
-enc_flops = 6 * sum(p.numel() for p in enc.sam.parameters()) * (enc.config.image_size // enc.config.sam_patch) ** 2 \
-    + 6 * sum(p.numel() for p in enc.clip.parameters()) * q * q
-gpt_flops_tok = gpt_flops_per_token(gpt.config, gpt.num_params())
+enc_flops = encoder_flops(enc, glyph_on)
+gpt_flops_tok = gpt_flops_per_token(gpt.config, gpt.num_params(exclude_embedding=True))
 
 
-def save_all(step, metrics=None):
-    ck_meta = dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), stage=stage,
-                   encoder=asdict(enc.config), gpt=asdict(gpt.config), metrics=metrics or {})
+def save_all(step, train_seconds):
+    """train_seconds: the training loop's time so far, which a resume continues (its budget and LR clock)."""
+    ck_meta = dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), stage=stage, train_seconds=train_seconds,
+                   encoder=asdict(enc.config), gpt=asdict(gpt.config))
     save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer, meta=ck_meta)
     if stage == 1:  # encoder-only checkpoint (no gpt.* keys) for stage 2 with a fresh or pretrained GPT
         save_checkpoint(os.path.join(out_dir, 'encoder'), enc,
@@ -642,6 +688,10 @@ def save_all(step, metrics=None):
 
 
 def run_eval(step, train_seconds, final=False):
+    """Saves the checkpoint first (a failing eval must not lose the training), then evaluates; the metrics go to
+    results.json."""
+    if not eval_only:
+        save_all(step, train_seconds)
     metrics, png, rows = evaluate(step)
     if final and bench_tokens:
         metrics.update(bench_generation())
@@ -652,23 +702,24 @@ def run_eval(step, train_seconds, final=False):
                   device=device, dtype=dtype_name, params=n_params, config=config, stage=stage,
                   samples=[dict(id=i, pred=p, gt=g) for i, p, g in rows[:20]])
     logger.log(metrics, step, images={"predictions": png})
-    if not eval_only:
-        save_all(step, metrics)
     return metrics
 
 
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"out_dir {out_dir} | device {device} | dtype {dtype_name}")
+# a resumed run continues the training clock it was stopped on (max_train_seconds, the LR's time axis and
+# results.json's train_seconds all count the total); checkpoints from before the key resume at 0
+prior_seconds = float(meta.get('train_seconds', 0.0)) if resume else 0.0
 if eval_only:
     if master:
-        run_eval(start_step, 0.0, final=True)
+        run_eval(start_step, prior_seconds, final=True)
     raise SystemExit(0)
 
-train_seconds, t_last = 0.0, time.perf_counter()
-loss_acc, aux_acc, n_acc = 0.0, {}, 0
+train_seconds, t_last = prior_seconds, time.perf_counter()
+loss_acc, aux_acc, n_acc, n_aux = 0.0, {}, 0, 0
 model.train()
-t_start = time.perf_counter()
+t_start = time.perf_counter() - prior_seconds
 for step in range(start_step, max_steps):
     lr_now = get_lr(budget_lr_step(step, max_steps, time.perf_counter() - t_start, max_train_seconds, device),
                     max_steps, lr, warmup_steps, min_lr_frac)
@@ -688,7 +739,7 @@ for step in range(start_step, max_steps):
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss_acc, n_acc = loss_acc + loss.item(), n_acc + 1
+    loss_acc, n_acc, n_aux = loss_acc + loss.item(), n_acc + 1, n_aux + bool(aux_sums)  # (text-only batches: no aux)
     if (step + 1) % log_interval == 0:
         loss_avg = mean_across_ranks(loss_acc / n_acc, device)  # the global batch's loss (every rank joins)
     if (step + 1) % log_interval == 0 and master:
@@ -697,13 +748,13 @@ for step in range(start_step, max_steps):
         train_seconds += time.perf_counter() - t_last
         tokens = idx.numel() * ddp_info['world_size']
         flops = gpt_flops_tok * tokens + enc_flops * idx.shape[0] * ddp_info['world_size'] * (images is not None)
-        aux_avg = {f"{k}_loss": v / n_acc for k, v in aux_acc.items()}  # rank 0's (diagnostics; loss is global)
+        aux_avg = {f"{k}_loss": v / n_aux for k, v in aux_acc.items()}  # rank 0's (diagnostics; loss is global)
         print(log_line(step + 1, max_steps, loss_avg, lr_now, dt, tokens, flops, peak,
                        extra=" | ".join(f"{k} {v:.4f}" for k, v in aux_avg.items())))
         logger.log(dict(loss=loss_avg, lr=lr_now, **aux_avg), step + 1)
         t_last = time.perf_counter()
     if (step + 1) % log_interval == 0:
-        loss_acc, aux_acc, n_acc = 0.0, {}, 0
+        loss_acc, aux_acc, n_acc, n_aux = 0.0, {}, 0, 0
     out_of_time = budget_spent(time.perf_counter() - t_start, max_train_seconds, device)
     last = step + 1 == max_steps or out_of_time
     if ((step + 1) % eval_interval == 0 or last) and master:

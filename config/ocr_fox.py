@@ -2,10 +2,12 @@
 # -> neck 256 -> net_2 512 -> net_3 1024 (16x16 tokens at 1024 px) -> CLIP ViT-L (1024 wide, 24 layers)
 # -> concat 2048 -> projector -> nanochat-d20-shaped GPT (20 layers, 1280 wide, 16 heads, no GQA).
 # 273 vision tokens: (16+1)*16+1. Train on a JSONL of {image, text}; evaluate on Fox's English pages.
-#   torchrun --nproc_per_node=8 train_ocr.py config/ocr_fox.py --train_data=ocr_train.jsonl \
-#       --val_data=fox/en_page_ocr.json
+#   torchrun --nproc_per_node=8 train_ocr.py config/ocr_fox.py --train_data=ocr_train.jsonl
+#   (Fox elsewhere: --val_data=<dir>/en_page_ocr.json --image_root=<dir>/en_pdf_png)
 #   then stage 2:  ... --stage=2 --init_encoder=out/ocr-<stage 1>/encoder [--init_gpt=<a GPT ckpt>]
 dataset = 'fox'
+val_data = 'fox/en_page_ocr.json'
+image_root = 'fox/en_pdf_png'  # the official release keeps the pages here, beside the JSON (every one checked at setup)
 image_size = 1024
 sam_patch = 16
 sam_dim = 768

@@ -9,6 +9,8 @@ compile = False
 dataset = 'synthetic'      # 'synthetic' | 'jsonl' (train_data/val_data) | 'fox' | 'omnidocbench' (val_data)
 train_data = ''
 val_data = ''
+image_root = ''            # folder of val_data's images ('' = the reader's default: fox and jsonl the file's folder,
+                           #   omnidocbench images/ beside it)
 image_size = 64
 font_sizes = (10, 11)
 max_lines = 3

@@ -13,7 +13,8 @@ from data import Tokenizer  # noqa: E402
 from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, fox_word_metrics, ocr_glyph_labels, ocr_slot_labels, ocr_edit_distance, ocr_metrics, ocr_ned, ocr_omnidoc_normalize,  # noqa: E402
                       ocr_probe_images, ocr_read_fox, ocr_read_jsonl, ocr_read_omnidocbench, ocr_synthetic_sample,
                       ocr_word_split)
-from model import GPT, GPTConfig, save_checkpoint  # noqa: E402
+from data import save_png  # noqa: E402
+from model import GPT, GPTConfig, InputError, save_checkpoint  # noqa: E402
 from inprocess import run_script  # noqa: E402
 
 
@@ -81,6 +82,34 @@ def test_batch_center_removes_the_image_independent_part(ocr):
     assert torch.allclose(bc.running_mean, 0.5 * x.mean(0))  # lerp from zeros with momentum 0.5
     bc.eval()
     assert torch.allclose(bc(x), x - bc.running_mean)  # eval: the running mean, batch-size independent
+    bc.train()  # one image (no DDP): nothing to centre against, the running mean is used (setup refuses batch_size=1)
+    assert torch.allclose(bc(x[:1]), x[:1] - bc.running_mean)
+
+
+def test_batch_size_one_with_centring_is_a_clear_error(tmp_path):
+    r = run_script("train_ocr.py", TINY + ["--batch_size=1", "--max_steps=1", "--out_dir=" + str(tmp_path)])
+    assert r.returncode != 0 and "global batch of >= 2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_encoder_flops_count_each_module_at_its_positions(ocr):
+    enc = tiny_encoder(ocr)  # 32 px, patch 4: g = 8 (SAM, neck), net_2 at 4x4, net_3 / CLIP / projector at q x q = 2x2
+    s = enc.sam
+    w = lambda m: sum(p.numel() for n, p in m.named_parameters() if p.dim() >= 2 and n != "pos")
+    attn = 2 * 16 * 16 * 64 + 2 * 64 * 16 * 64  # block 0 windows of 4x4 keys, block 1 global (8x8), width 16, 64 queries
+    clip_attn = 2 * 4 * 32 * 4  # 2x2 keys, width 32, 2x2 queries, one layer
+    want = 6 * (64 * (w(s.patch) + w(s.neck) + sum(w(b) for b in s.blocks)) + 16 * w(s.net_2)
+                + 4 * (w(s.net_3) + w(enc.clip) + w(enc.projector)) + attn + clip_attn)
+    assert ocr.encoder_flops(enc) == want
+    assert w(enc.clip) < sum(p.numel() for p in enc.clip.parameters())  # the position embedding is left out
+    s.requires_grad_(False)  # stage 2: SAM runs forward only, a third of the cost
+    assert ocr.encoder_flops(enc) == want - 4 * (64 * (w(s.patch) + w(s.neck) + sum(w(b) for b in s.blocks))
+                                                 + 16 * w(s.net_2) + 4 * w(s.net_3) + attn)
+
+
+def test_shared_spread_separates_the_common_part(ocr):
+    x = torch.tensor([[[1.0, 3.0]], [[3.0, 5.0]]])  # mean over images [2, 4] (RMS sqrt(10)); deviations +-1
+    shared, spread = ocr.shared_spread(x)
+    assert shared == pytest.approx(10 ** 0.5) and spread == pytest.approx(1.0)
 
 
 def test_window_partition_round_trip_with_padding(ocr):
@@ -210,6 +239,31 @@ def test_mean_pairwise_cosine(ocr):
 # metrics: worked examples
 
 
+def reference_edit_distance(a, b):
+    """The textbook O(len(a) * len(b)) DP the bit-parallel ocr_edit_distance must equal."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def test_edit_distance_equals_the_dp_on_random_strings():
+    import random
+    rng = random.Random(0)
+    for _ in range(3000):  # small alphabets force repeats; unicode and newlines are characters like any other
+        alphabet = rng.choice(["ab", "abc", "abcdefgh", "a\u00e9\u6f22 \n"])
+        a = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 16)))
+        b = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 16)))
+        assert ocr_edit_distance(a, b) == ocr_edit_distance(b, a) == reference_edit_distance(a, b), (a, b)
+    for n in (63, 64, 65, 200):  # around machine-word sizes, and longer
+        a = "".join(rng.choice("abcd ") for _ in range(n))
+        b = "".join(rng.choice("abcd ") for _ in range(n + rng.randint(-20, 20)))
+        assert ocr_edit_distance(a, b) == reference_edit_distance(a, b)
+
+
 def test_edit_distance_and_ned():
     assert ocr_edit_distance("kitten", "sitting") == 3
     assert ocr_edit_distance("", "abc") == 3 and ocr_edit_distance("abc", "abc") == 0
@@ -311,16 +365,22 @@ def test_probe_set():
     assert x[1].min() == 1 and x[2].max() == 0
 
 
+def blank_png(path, size=32):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_png(torch.ones(3, size, size), str(path))
+
+
+def fox_entry(image, text):
+    return {"image": image, "conversations": [{"from": "human", "value": "<image>\nOCR"}, {"from": "gpt", "value": text}]}
+
+
 def test_readers(tmp_path):
+    for name in ("p.png", "q.png", "images/p1.jpg"):
+        blank_png(tmp_path / name)
     (tmp_path / "a.jsonl").write_text('{"image": "p.png", "text": "hi there"}\n\n{"image": "q.png", "text": "x"}\n')
     items = ocr_read_jsonl(str(tmp_path / "a.jsonl"))
     assert [i["text"] for i in items] == ["hi there", "x"] and items[0]["image"] == str(tmp_path / "p.png")
-    (tmp_path / "bad.jsonl").write_text('{"text": "no image"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
-        ocr_read_jsonl(str(tmp_path / "bad.jsonl"))
-    fox = [{"image": "en_1.png", "conversations": [{"from": "human", "value": "<image>\nOCR"},
-                                                   {"from": "gpt", "value": "page text"}]}]
-    (tmp_path / "fox.json").write_text(json.dumps(fox))
+    (tmp_path / "fox.json").write_text(json.dumps([fox_entry("p.png", "page text")]))
     assert ocr_read_fox(str(tmp_path / "fox.json"))[0]["text"] == "page text"
     omni = [{"page_info": {"image_path": "p1.jpg"}, "layout_dets": [
         {"category_type": "text_block", "order": 2, "text": "second"},
@@ -330,6 +390,59 @@ def test_readers(tmp_path):
     (tmp_path / "omni.json").write_text(json.dumps(omni))
     page = ocr_read_omnidocbench(str(tmp_path / "omni.json"))[0]
     assert page["text"] == "first\n\nsecond" and page["image"].endswith(os.path.join("images", "p1.jpg"))
+
+
+def test_omnidocbench_reads_the_benchmarks_text_categories(tmp_path):
+    # the category names of OmniDocBench's end-to-end text evaluation, caption and algorithm kinds included
+    cats = ["text_block", "title", "code_txt", "code_txt_caption", "reference", "equation_caption", "figure_caption",
+            "figure_footnote", "table_caption", "table_footnote", "code_algorithm", "code_algorithm_caption", "header",
+            "footer", "page_footnote", "page_number"]
+    dets = [{"category_type": c, "order": i, "text": c} for i, c in enumerate(cats)]
+    dets += [{"category_type": c, "order": 99, "text": "not text"} for c in ("equation_isolated", "table", "figure")]
+    blank_png(tmp_path / "images" / "p.jpg")
+    (tmp_path / "omni.json").write_text(json.dumps([{"page_info": {"image_path": "p.jpg"}, "layout_dets": dets}]))
+    assert ocr_read_omnidocbench(str(tmp_path / "omni.json"))[0]["text"] == "\n\n".join(cats)
+
+
+def test_fox_layout_needs_image_root_and_missing_images_fail_at_load(tmp_path):
+    # the official layout: en_page_ocr.json beside en_pdf_png/ holding the pages
+    fox = tmp_path / "fox"
+    for i in range(3):
+        blank_png(fox / "en_pdf_png" / f"en_{i}.png")
+    (fox / "en_page_ocr.json").write_text(json.dumps([fox_entry(f"en_{i}.png", f"page {i}") for i in range(3)]))
+    items = ocr_read_fox(str(fox / "en_page_ocr.json"), str(fox / "en_pdf_png"))
+    assert [it["image"] for it in items] == [str(fox / "en_pdf_png" / f"en_{i}.png") for i in range(3)]
+    with pytest.raises(InputError, match=r"3 of 3 images not found, the first: .*en_0\.png.*image_root"):
+        ocr_read_fox(str(fox / "en_page_ocr.json"))  # default root: the JSON's folder
+    os.remove(fox / "en_pdf_png" / "en_1.png")
+    with pytest.raises(InputError, match=r"1 of 3 images not found, the first: .*en_1\.png"):
+        ocr_read_fox(str(fox / "en_page_ocr.json"), str(fox / "en_pdf_png"))
+
+
+@pytest.mark.parametrize("reader,name,content,match", [
+    ("jsonl", "a.jsonl", '{"text": "no image"}\n', r"a\.jsonl:1: expected a JSON object"),
+    ("jsonl", "a.jsonl", '{"image": "p.png", "text": "ok"}\n{"image": "p.png", "text": 3}\n', r"a\.jsonl:2: expected"),
+    ("jsonl", "a.jsonl", '{"image": "p.png", "text": "ok"}\n{oops\n', r"a\.jsonl:2: not valid JSON"),
+    ("jsonl", "a.jsonl", '["p.png", "text"]\n', r"a\.jsonl:1: expected a JSON object"),
+    ("fox", "fox.json", '{"image": "p.png"}', r"fox\.json: expected a JSON list of Fox entries, got dict"),
+    ("fox", "fox.json", '[{"image": "p.png", "conversations": [{"from": "human", "value": "x"}]}]',
+     r"fox\.json: entry 0 needs"),
+    ("fox", "fox.json", '[{"image": "p.png", "conversations": "text"}]', r"fox\.json: entry 0 needs"),
+    ("fox", "fox.json", '[1, 2]', r"fox\.json: entry 0 needs"),
+    ("fox", "fox.json", '[{"image": "p.png",', r"fox\.json: not valid JSON"),
+    ("omnidocbench", "omni.json", '[{"layout_dets": []}]', r"omni\.json: page 0 needs page_info\.image_path"),
+    ("omnidocbench", "omni.json", '[{"page_info": {"image_path": "p.png"}, "layout_dets": {}}]',
+     r"omni\.json: page 0 needs"),
+    ("omnidocbench", "omni.json", '[{"page_info": {"image_path": "p.png"}, "layout_dets": '
+     '[{"category_type": "title", "text": ["a"]}]}]', r"omni\.json: page 0 has a layout_dets text that is not a string"),
+    ("omnidocbench", "omni.json", '{"pages": []}', r"omni\.json: expected a JSON list"),
+])
+def test_bad_annotation_files_are_one_line_errors_naming_the_record(tmp_path, reader, name, content, match):
+    blank_png(tmp_path / "p.png")
+    (tmp_path / name).write_text(content)
+    read = dict(jsonl=ocr_read_jsonl, fox=ocr_read_fox, omnidocbench=ocr_read_omnidocbench)[reader]
+    with pytest.raises(InputError, match=match):
+        read(str(tmp_path / name), str(tmp_path))
 
 # -----------------------------------------------------------------------------
 # end to end: stage 1 (results, PNG, checkpoints), resume, stage 2 from the stage-1 encoder
@@ -352,6 +465,8 @@ def test_end_to_end_stage1_resume_stage2(tmp_path):
     log = run(["--max_steps=2", "--eval_interval=2", "--out_dir=" + out1])
     res = json.load(open(os.path.join(out1, "results.json")))
     assert res["recipe"] == "ocr" and res["step"] == 2 and res["n_eval"] == 4
+    meta = json.load(open(os.path.join(out1, "ckpt", "meta.json")))
+    assert meta["train_seconds"] == res["train_seconds"] > 0  # the clock a resume continues
     for k in ("ned", "fox_precision", "word_precision", "exact_match", "cos_sam", "cos_clip", "cos_proj",
               "distinct_outputs", "gen_tok_s", "kv_speedup"):
         assert k in res["metrics"], k
@@ -374,6 +489,47 @@ def test_end_to_end_stage1_resume_stage2(tmp_path):
     sam = [k for k in enc if k.startswith("sam.")]
     assert sam and all(torch.equal(enc[k], full["encoder." + k]) for k in sam)  # SAM frozen in stage 2
     assert not torch.equal(enc["projector.0.weight"], full["encoder.projector.0.weight"])  # the rest trains
+    # resuming stage 2 without --stage=2: the checkpoint's stage (SAM stays frozen, the optimizer state fits), and
+    # the time budget continues from the checkpoint's clock: 1000 s used of 500 -> one more step, then stop
+    meta_path = os.path.join(out2, "ckpt", "meta.json")
+    meta = json.load(open(meta_path))
+    json.dump(dict(meta, train_seconds=1000.0), open(meta_path, "w"))
+    log = run(["--max_steps=50", "--eval_interval=50", "--init_from=resume", "--max_train_seconds=500",
+               "--out_dir=" + out2])
+    res = json.load(open(os.path.join(out2, "results.json")))
+    assert "from checkpoint: stage=2 (config said 1)" in log and res["stage"] == 2 and res["config"]["stage"] == 2
+    assert "stopping at step 3/50" in log and res["step"] == 3 and res["train_seconds"] > 1000
+    full3 = load_file(os.path.join(out2, "ckpt", "model.safetensors"))
+    assert all(torch.equal(full[k], full3[k]) for k in full if k.startswith("encoder.sam."))
+
+
+def test_unknown_dataset_and_missing_val_data_are_clear_errors(tmp_path):
+    r = run_script("train_ocr.py", ["--dataset=foxx", "--out_dir=" + str(tmp_path)])
+    assert r.returncode != 0 and "unknown dataset 'foxx'" in r.stderr and "omnidocbench" in r.stderr
+    assert "Traceback" not in r.stderr
+    blank_png(tmp_path / "p.png")
+    (tmp_path / "train.jsonl").write_text('{"image": "p.png", "text": "ab"}\n')
+    r = run_script("train_ocr.py", ["--dataset=jsonl", "--train_data=" + str(tmp_path / "train.jsonl"),
+                                    "--out_dir=" + str(tmp_path)])
+    assert r.returncode != 0 and "val_data" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fox_end_to_end_with_image_root(tmp_path):
+    # a JSONL training set and Fox's official layout (pages in en_pdf_png/ beside the JSON) through the script
+    for i in range(4):
+        blank_png(tmp_path / "train" / f"t{i}.png")
+        blank_png(tmp_path / "fox" / "en_pdf_png" / f"en_{i}.png")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"image": f"train/t{i}.png", "text": f"w{i}"}) + "\n"
+                                                  for i in range(4)))
+    (tmp_path / "fox" / "en_page_ocr.json").write_text(json.dumps([fox_entry(f"en_{i}.png", f"p{i}") for i in range(4)]))
+    args = ["--dataset=fox", "--train_data=" + str(tmp_path / "train.jsonl"), "--max_steps=1", "--eval_interval=1",
+            "--val_data=" + str(tmp_path / "fox" / "en_page_ocr.json"), "--out_dir=" + str(tmp_path / "run")]
+    r = run_script("train_ocr.py", TINY + args)  # the JSON's folder: every page missing, said before training
+    assert r.returncode != 0 and "4 of 4 images not found" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "run")
+    run(args + ["--image_root=" + str(tmp_path / "fox" / "en_pdf_png")])
+    res = json.load(open(tmp_path / "run" / "results.json"))
+    assert res["n_eval"] == 4 and [s["gt"] for s in res["samples"]] == ["p0", "p1", "p2", "p3"]
 
 
 def test_stage2_without_encoder_is_a_clear_error(tmp_path):
