@@ -7,7 +7,8 @@ variables, then calls
 which applies, in order, every positional config file (`config/x.py`, plain Python assignments) and
 every `--key=value`, and returns the final {key: value} dict. Rules:
   - an unknown key (on the command line *or* inside a config file) is an error naming the closest key;
-  - a value must have its default's type (an int is accepted for a float; None defaults take anything);
+  - a value must have its default's type (an int is accepted for a float; a tuple's elements are checked
+    too; None is a value only where the default is None, and a None default takes anything);
   - values are Python literals (`--flag=False` is False, `--betas=(0.9,0.95)`); a bare word is a string;
   - the counts every script shares (POSITIVE_KEYS: steps, batch size, log/eval intervals, eval sizes) must be >= 1
     where their default is (bench.py's batch_size=0 means "the preset's");
@@ -17,6 +18,7 @@ import ast
 import difflib
 import os
 import sys
+import traceback
 
 CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
 # the same meaning in every train script; 0 would divide by zero (step % log_interval) or evaluate nothing
@@ -41,7 +43,7 @@ def check_key(key, defaults, where):
 
 
 def check_type(key, value, default, where):
-    if default is None or value is None:
+    if default is None:  # a None default takes anything (e.g. an optional path or count)
         return value
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)
@@ -49,9 +51,11 @@ def check_type(key, value, default, where):
         return float(value)
     elif isinstance(default, (tuple, list)):
         ok = isinstance(value, (tuple, list))
+        if ok and default and len({type(d) for d in default}) == 1:  # (0.9, 0.95): every element a float
+            value = [check_type(f"{key}[{i}]", v, default[0], where) for i, v in enumerate(value)]
         value = type(default)(value) if ok else value
     else:
-        ok = isinstance(value, type(default))
+        ok = isinstance(value, type(default))  # None too: --max_steps=None is an error, not a crash later
     if not ok:
         raise ConfigError(f"config key '{key}' in {where} expects {type(default).__name__} "
                           f"(default {default!r}) but got {type(value).__name__} {value!r}")
@@ -70,7 +74,13 @@ def apply_config_file(path, defaults, values):
         raise ConfigError(f"config file not found: {path}")
     namespace = {}
     with open(path) as f:
-        exec(compile(f.read(), path, "exec"), namespace)
+        source = f.read()
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:  # a typo in the file itself: one line naming it, as for a bad key
+        in_file = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+        line = e.lineno if isinstance(e, SyntaxError) else (in_file[-1] if in_file else "?")
+        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
     for key, value in namespace.items():
         if key.startswith("_") or type(value).__name__ == "module":
             continue

@@ -46,6 +46,9 @@ def test_int_accepted_for_float():
     ("--compile=yes", "compile.*bool.*str"),
     ("--learning_rate=fast", "learning_rate.*float.*str"),
     ("--betas=0.9", "betas.*tuple"),
+    ("--betas=('a','b')", r"betas\[0\].*float.*str"),  # a tuple's elements have the default's element type
+    ("--max_steps=None", "max_steps.*int.*NoneType"),  # None only where the default is None (it crashed later)
+    ("--compile=None", "compile.*bool.*NoneType"),      # (and turned compile off silently)
 ])
 def test_wrong_type_rejected(arg, expect):
     with pytest.raises(ConfigError, match=expect):
@@ -85,6 +88,15 @@ def test_config_file_applied_and_checked(tmp_path):
     wrong.write_text("batch_size = '8'\n")
     with pytest.raises(ConfigError, match="batch_size.*int.*str"):
         parse_args(DEFAULTS, [str(wrong)])
+
+
+@pytest.mark.parametrize("text, expect", [("max_steps = fifty\n", r"line 1: NameError: name 'fifty'"),
+                                         ("compile = False\nmax_steps = (5\n", "line 2: SyntaxError")])
+def test_config_file_with_a_python_error_is_one_config_error(tmp_path, text, expect):
+    bad = tmp_path / "bad.py"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=f"config file {bad}, {expect}"):
+        parse_args(DEFAULTS, [str(bad)])
 
 
 def test_missing_config_file_clear_error(tmp_path):
