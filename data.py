@@ -2,6 +2,7 @@
 Everything about data in and answers out: tokenizer, image I/O, seeded batching with DDP sharding,
 results.json, and (below the foundations) one synthetic generator, real readers and metrics per recipe.
 """
+import functools
 import json
 import os
 import subprocess
@@ -169,14 +170,11 @@ def step_batches(make_batch, start, stop, num_workers=0, pin_memory=False):
                                             multiprocessing_context="fork"))
 
 
-def shard(items, rank=0, world_size=1):
-    """A real dataset's share for this rank (DistributedSampler without padding)."""
-    return items[rank::world_size]
-
-
+@functools.lru_cache(maxsize=4)
 def epoch_order(n, seed, epoch):
-    """Shuffled order of a finite dataset for one epoch, the same on every rank."""
-    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+    """Shuffled order of a finite dataset for one epoch, the same on every rank (a tuple: cached, because the
+    scripts ask for it once per sample, and a 1M-record permutation takes ~50 ms)."""
+    return tuple(np.random.default_rng([seed, epoch]).permutation(n).tolist())
 
 # -----------------------------------------------------------------------------
 # results.json: one shape for every recipe
