@@ -3,7 +3,7 @@ The shared core: every module and training mechanism used by two or more recipes
 
   GPT        decoder-only LM (RMSNorm, rotary, SDPA attention, explicit GQA, relu^2 MLP,
              untied head), vision-token scatter, KV-cache generation. Parameter names follow
-             nanochat's GPT so its checkpoints load without renaming.
+             nanochat's GPT (so a loader for its checkpoints would need no renaming; none is written yet).
   ViT        patch encoder with per-layer patch K/V that can be cached, and query tokens that
              read the patches at every layer (deep) or only at the last one (shallow).
   Projector  vision width -> LM width.
@@ -124,7 +124,8 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 
 # logits per chunk of the fused head: on CPU 8 MB of fp32 (measured, below); on CUDA 1 GB, where each chunk costs
-# ~15 kernel launches and memory is plentiful (not yet measured: no GPU was lent to this project)
+# ~15 kernel launches and memory is plentiful (3-4 buffers of that size are live at once: z, sig, g and a
+# temporary; not yet measured: no GPU was lent to this project)
 HEAD_CHUNK_LOGITS = dict(cpu=2 ** 21, cuda=2 ** 28)
 
 
@@ -957,11 +958,24 @@ def save_checkpoint(ckpt_dir, model, optimizer=None, meta=None):
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optim.pt"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta or {}, f, indent=1, default=str)
+    for name in os.listdir(tmp):  # on disk before the old one goes: a power cut must not leave two half checkpoints
+        fsync_path(os.path.join(tmp, name))
     if os.path.exists(ckpt_dir):
         shutil.rmtree(prev, ignore_errors=True)
         os.replace(ckpt_dir, prev)
     os.replace(tmp, ckpt_dir)
+    fsync_path(os.path.dirname(ckpt_dir) or ".")  # the renames themselves
     shutil.rmtree(prev, ignore_errors=True)
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the files themselves were synced
+        pass
+    finally:
+        os.close(fd)
 
 
 def resolve_checkpoint(src):
@@ -1105,7 +1119,12 @@ def from_pretrained(src, build_model):
 
 def gpt_from_pretrained(src):
     """A bare GPT checkpoint (meta['gpt'] holds its GPTConfig)."""
-    return from_pretrained(src, lambda meta: GPT(dataclass_from_dict(GPTConfig, meta["gpt"])))[0]
+    def build(meta):
+        if "gpt" not in meta:
+            raise InputError(f"{src} is not a GPT checkpoint: its meta.json has no 'gpt' config "
+                             f"(recipe {meta.get('recipe', '?')!r})")
+        return GPT(dataclass_from_dict(GPTConfig, meta["gpt"]))
+    return from_pretrained(src, build)[0]
 
 
 def dataclass_from_dict(cls, d):
@@ -1116,16 +1135,32 @@ def dataclass_from_dict(cls, d):
 
 def run_dir(out_dir, recipe, init_from="scratch"):
     """Where a run writes. out_dir='' gives a fresh unique out/<recipe>-<timestamp> (runs never overwrite
-    each other's checkpoints); init_from='resume' with out_dir='' picks the newest run of this recipe."""
+    each other's checkpoints); init_from='resume' with out_dir='' picks the newest run of this recipe. Under DDP
+    rank 0 decides and every rank gets its answer (a clock read on each rank could straddle a second)."""
     if out_dir:
         return out_dir
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return pick_run_dir(recipe, init_from)
+    holder = [pick_run_dir(recipe, init_from) if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def pick_run_dir(recipe, init_from):
     if init_from == "resume":
         runs = sorted(d for d in os.listdir("out") if d.startswith(recipe + "-")) if os.path.isdir("out") else []
         runs = [d for d in runs if any(os.path.exists(os.path.join("out", d, c, "meta.json")) for c in ("ckpt", "ckpt.prev"))]
         if not runs:
             raise FileNotFoundError(f"init_from='resume' but no out/{recipe}-*/ckpt to resume; pass --out_dir=")
         return os.path.join("out", runs[-1])
-    return os.path.join("out", f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp, n = time.strftime('%Y%m%d-%H%M%S'), 0
+    while True:  # makedirs claims the name: two runs started in the same second get -1, -2, ...
+        path = os.path.join("out", f"{recipe}-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            n += 1
 
 
 class WandbLogger:

@@ -330,12 +330,7 @@ np.random.seed(seed + ddp["rank"])
 ctx, dtype_name = autocast_ctx(device_type, dtype)
 tok = Tokenizer(specials=["<|point|>"] + (pointer_word_specials() if word_tokens else []))
 BOS, IMAGE, POINT = tok["<|bos|>"], tok["<|image|>"], tok["<|point|>"]
-if master or init_from == "resume":  # resume names its dir on every rank; a new run's name is rank 0's
-    out_dir = run_dir(out_dir, RECIPE, init_from)
-if ddp["ddp"]:  # every rank must write to rank 0's out_dir
-    holder = [out_dir]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    out_dir = holder[0]
+out_dir = run_dir(out_dir, RECIPE, init_from)  # (under DDP, rank 0's choice on every rank)
 
 if init_from == "scratch":
     if stem not in ("conv", "patch"):
@@ -635,7 +630,7 @@ if eval_only:
 
 
 peak = measure_matmul_peak(dev) if master else None
-gpt_flops = gpt_flops_per_token(raw_model.gpt.config, sum(p.numel() for p in raw_model.gpt.parameters()))
+gpt_flops = gpt_flops_per_token(raw_model.gpt.config, raw_model.gpt.num_params(exclude_embedding=True))
 vit_flops = 6 * sum(p.numel() for p in raw_model.vit.parameters()) * n_vision
 head_norms, train_seconds, stop_reason = {}, seconds_before["train"], "max_steps"
 t_start = time.time() - seconds_before["budget"]

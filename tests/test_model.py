@@ -1083,3 +1083,22 @@ def test_fused_head_loss_under_bf16_autocast_matches_the_plain_path():
     assert fused.dtype == torch.float32 and w.grad.dtype == torch.float32
     assert abs(fused.item() - plain.item()) < 1e-2 * plain.item()
     assert (gh - h.grad).abs().max() < 2e-2 * h.grad.abs().max() and (gw - w.grad).abs().max() < 2e-2 * w.grad.abs().max()
+
+
+def test_run_dir_is_unique_and_resume_finds_the_newest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no out/x-\\*/ckpt to resume"):
+        M.run_dir("", "x", "resume")
+    a, b = M.run_dir("", "x"), M.run_dir("", "x")  # the same second, most likely: two dirs, never one
+    assert a != b and os.path.isdir(a) and os.path.isdir(b)
+    assert M.run_dir("given", "x") == "given"
+    M.save_checkpoint(os.path.join(a, "ckpt"), tiny_gpt(), meta=dict(step=1))
+    assert M.run_dir("", "x", "resume") == a  # b has no checkpoint
+    M.save_checkpoint(os.path.join(b, "ckpt"), tiny_gpt(), meta=dict(step=1))
+    assert M.run_dir("", "x", "resume") == max(a, b)
+
+
+def test_gpt_from_pretrained_names_a_checkpoint_without_a_gpt(tmp_path):
+    M.save_checkpoint(str(tmp_path / "ckpt"), tiny_gpt(), meta=dict(recipe="pointer"))
+    with pytest.raises(M.InputError, match="is not a GPT checkpoint.*'pointer'"):
+        M.gpt_from_pretrained(str(tmp_path / "ckpt"))
