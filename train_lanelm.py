@@ -391,7 +391,7 @@ if ckpt_src is not None:
         set_rng_state(meta['rng'])
 n_params = sum(p.numel() for p in model.parameters())
 flops_per_image = 3 * conv_flops(model, img_h, img_w)
-flops_per_token = gpt_flops_per_token(model.gpt.config, model.gpt.num_params())
+flops_per_token = gpt_flops_per_token(model.gpt.config, model.gpt.num_params(exclude_embedding=True))
 if master:
     print(f"LaneLM: {n_params / 1e6:.2f}M params, {N_VIS} vision tokens ({vis_levels}), device {ddp['device']}, "
           f"{dtype_name}, {torch.get_num_threads()} threads, out_dir {out_dir}")

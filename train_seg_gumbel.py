@@ -489,6 +489,8 @@ def main():
     model = maybe_compile(model, compile, ddp["device_type"])
     n_params = sum(p.numel() for p in student.parameters())
     gpt_cfg = student.gpt.config
+    # the MFU counts the GPT's FLOPs on its positions (the ViT and mask decoder are left out: a lower bound)
+    gpt_flops = gpt_flops_per_token(gpt_cfg, student.gpt.num_params(exclude_embedding=True))
     if master:
         os.makedirs(run, exist_ok=True)
         print(f"run dir {run} | {n_params / 1e6:.2f}M params | device {dev} {dtype_name} | "
@@ -582,7 +584,7 @@ def main():
                     extra += (f" | text-emb grad {grads[1]:.3g} @ step {grads[0]} "
                               f"(decoder {grads[2]:.3g}, proj {grads[3]:.3g})")
                 print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens,
-                               gpt_flops_per_token(gpt_cfg, n_params) * tokens, peak, extra=extra))
+                               gpt_flops * tokens, peak, extra=extra))
                 logger.log(dict(loss=loss_avg, lr=lr_now, seg=stats["seg"]), step)
         if step % eval_interval == 0 or step == stage_a_steps or step == max_steps:
             # every rank's RNG (the Gumbel noise and masking differ by rank): gathered by all, saved by rank 0, so a
