@@ -712,8 +712,8 @@ if master:
 # results.json's train_seconds all count the total); checkpoints from before the key resume at 0
 prior_seconds = float(meta.get('train_seconds', 0.0)) if resume else 0.0
 if eval_only:
-    if master:
-        run_eval(start_step, prior_seconds, final=True)
+    if master:  # reported at the evaluated checkpoint's step and seconds (a checkpoint dir's too, not 0)
+        run_eval(meta.get('step', 0) if meta else 0, float(meta.get('train_seconds', 0.0)) if meta else 0.0, final=True)
     raise SystemExit(0)
 
 train_seconds, t_last = prior_seconds, time.perf_counter()

@@ -482,6 +482,10 @@ def test_end_to_end_stage1_resume_stage2(tmp_path):
     # as a list and still equals the config's tuple (no false "from checkpoint" line)
     assert "from checkpoint: n_layer=1 (config said 2)" in log and res["config"]["n_layer"] == 1
     assert "sam_global" not in log
+    # eval_only from a checkpoint dir reports that checkpoint's step and seconds (it said step 0)
+    run(["--eval_only=True", "--init_from=" + os.path.join(out1, "ckpt"), "--out_dir=" + str(tmp_path / "ev")])
+    ev = json.load(open(tmp_path / "ev" / "results.json"))
+    assert ev["step"] == 4 and ev["train_seconds"] == res["train_seconds"]
     run(["--max_steps=2", "--eval_interval=2", "--stage=2", "--init_encoder=" + os.path.join(out1, "encoder"),
          "--out_dir=" + out2])
     enc = load_file(os.path.join(out1, "encoder", "model.safetensors"))
@@ -501,6 +505,24 @@ def test_end_to_end_stage1_resume_stage2(tmp_path):
     assert "stopping at step 3/50" in log and res["step"] == 3 and res["train_seconds"] > 1000
     full3 = load_file(os.path.join(out2, "ckpt", "model.safetensors"))
     assert all(torch.equal(full[k], full3[k]) for k in full if k.startswith("encoder.sam."))
+
+
+def test_stopped_run_resumes_exactly(tmp_path, monkeypatch):
+    # stopped half-way on its time budget and resumed (same max_steps): the uninterrupted run's losses and LRs
+    import model
+    args = ["--max_steps=8", "--eval_interval=4", "--log_interval=1", "--bench_tokens=0"]
+    steps = lambda log: [" | ".join(l.split(" | ")[:3]) for l in log.splitlines() if l.startswith("step ")]
+    whole = steps(run([*args, "--out_dir=" + str(tmp_path / "whole")]))
+    calls = [0]
+
+    def spent_after_4_steps(seconds, budget_s, device="cpu"):
+        calls[0] += 1
+        return calls[0] >= 4
+    monkeypatch.setattr(model, "budget_spent", spent_after_4_steps)
+    first = run([*args, "--out_dir=" + str(tmp_path / "cut")])
+    monkeypatch.undo()
+    second = run([*args, "--init_from=resume", "--out_dir=" + str(tmp_path / "cut")])
+    assert len(whole) == 8 and steps(first) + steps(second) == whole
 
 
 def test_unknown_dataset_and_missing_val_data_are_clear_errors(tmp_path):
