@@ -400,3 +400,22 @@ def ocr_draw_predictions(images, preds, gts, scale=2, cols=4):
     for i, t in enumerate(tiles):
         grid.paste(t, ((i % cols) * w, (i // cols) * h))
     return grid
+
+# -----------------------------------------------------------------------------
+# collapse monitor (the journal's features of every page became one)
+
+
+def ocr_pairwise_cosine(x):
+    """x (N, C) -> mean cosine similarity over the N*(N-1)/2 distinct pairs."""
+    x = torch.nn.functional.normalize(x.float(), dim=-1)
+    sim = x @ x.T
+    n = x.shape[0]
+    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+def ocr_shared_spread(x):
+    """x (N images, tokens, C) -> (RMS of the image-independent part, the mean over the images; RMS of the
+    rest, what differs between images). The journal's collapse: the first grows while the second shrinks."""
+    x = x.float()
+    mean = x.mean(0)
+    return float(mean.pow(2).mean().sqrt()), float((x - mean).pow(2).mean().sqrt())

@@ -34,7 +34,8 @@ from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbL
 from data import (Tokenizer, batch_indices, format_metrics, load_image, normalize, save_png,  # noqa: E402
                   write_results)
 from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, fox_word_metrics, ocr_draw_predictions, ocr_metrics, ocr_probe_images,  # noqa: E402
-                      ocr_read_fox, ocr_read_jsonl, ocr_read_omnidocbench, ocr_synthetic_sample)
+                      ocr_pairwise_cosine, ocr_read_fox, ocr_read_jsonl, ocr_read_omnidocbench, ocr_shared_spread,
+                      ocr_synthetic_sample)
 
 # -----------------------------------------------------------------------------
 # config (defaults = config/ocr_synthetic.py: the 2-core CPU run)
@@ -358,14 +359,6 @@ def load_gpt_into(src, vocab_size, image_token_id, n_embd):
     return gpt
 
 
-def mean_pairwise_cosine(x):
-    """x (N, C) -> mean cosine similarity over the N*(N-1)/2 distinct pairs."""
-    x = F.normalize(x.float(), dim=-1)
-    sim = x @ x.T
-    n = x.shape[0]
-    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
-
-
 def encoder_flops(enc, glyphs=False):
     """Training FLOPs per image, each module counted at the positions it runs at: SAM's patch embedding, blocks
     and neck on its g x g grid, net_2 on (g/2)^2, net_3, CLIP, the projector and the slot head on q x q. 6 per
@@ -387,13 +380,6 @@ def encoder_flops(enc, glyphs=False):
         total += cost(sam.glyph, g * g) + (cost(enc.slot_head, q * q) if enc.slot_head is not None else 0)
     return total
 
-
-def shared_spread(x):
-    """x (N images, tokens, C) -> (RMS of the image-independent part, the mean over the images; RMS of the
-    rest, what differs between images). The journal's collapse: the first grows while the second shrinks."""
-    x = x.float()
-    mean = x.mean(0)
-    return float(mean.pow(2).mean().sqrt()), float((x - mean).pow(2).mean().sqrt())
 
 # -----------------------------------------------------------------------------
 # setup (everything above is definitions; tests/test_ocr.py executes the file up to this line)
@@ -584,8 +570,8 @@ def collapse_monitor():
     names, probe = ocr_probe_images(enc.config.image_size)
     with ctx:
         feats = enc.features(normalize(probe.to(device)))
-    shared, spread = shared_spread(feats["proj"])
-    return {f"cos_{k}": mean_pairwise_cosine(v.mean(1)) for k, v in feats.items()}, \
+    shared, spread = ocr_shared_spread(feats["proj"])
+    return {f"cos_{k}": ocr_pairwise_cosine(v.mean(1)) for k, v in feats.items()}, \
         dict(proj_shared_rms=shared, proj_spread_rms=spread)
 
 

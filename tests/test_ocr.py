@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import Tokenizer  # noqa: E402
-from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, fox_word_metrics, ocr_glyph_labels, ocr_slot_labels, ocr_edit_distance, ocr_metrics, ocr_ned, ocr_omnidoc_normalize,  # noqa: E402
+from data_ocr import (ocr_pairwise_cosine, ocr_shared_spread, OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, fox_word_metrics, ocr_glyph_labels, ocr_slot_labels, ocr_edit_distance, ocr_metrics, ocr_ned, ocr_omnidoc_normalize,  # noqa: E402
                       ocr_probe_images, ocr_read_fox, ocr_read_jsonl, ocr_read_omnidocbench, ocr_synthetic_sample,
                       ocr_word_split)
 from data import save_png  # noqa: E402
@@ -106,9 +106,9 @@ def test_encoder_flops_count_each_module_at_its_positions(ocr):
                                                  + 16 * w(s.net_2) + 4 * w(s.net_3) + attn)
 
 
-def test_shared_spread_separates_the_common_part(ocr):
+def test_shared_spread_separates_the_common_part():
     x = torch.tensor([[[1.0, 3.0]], [[3.0, 5.0]]])  # mean over images [2, 4] (RMS sqrt(10)); deviations +-1
-    shared, spread = ocr.shared_spread(x)
+    shared, spread = ocr_shared_spread(x)
     assert shared == pytest.approx(10 ** 0.5) and spread == pytest.approx(1.0)
 
 
@@ -228,12 +228,12 @@ def test_generation_cache_equals_recompute_and_never_emits_image_token(ocr):
     assert not (a == tok["<|image|>"]).any()
 
 
-def test_mean_pairwise_cosine(ocr):
-    assert ocr.mean_pairwise_cosine(torch.ones(4, 8)) == pytest.approx(1.0)
-    assert ocr.mean_pairwise_cosine(torch.eye(3)) == pytest.approx(0.0)
+def test_mean_pairwise_cosine():
+    assert ocr_pairwise_cosine(torch.ones(4, 8)) == pytest.approx(1.0)
+    assert ocr_pairwise_cosine(torch.eye(3)) == pytest.approx(0.0)
     # pairs: (a,b)=0, (a,c)=1/sqrt2, (b,c)=1/sqrt2 -> mean sqrt2/3
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    assert ocr.mean_pairwise_cosine(x) == pytest.approx(2 ** 0.5 / 3, abs=1e-6)
+    assert ocr_pairwise_cosine(x) == pytest.approx(2 ** 0.5 / 3, abs=1e-6)
 
 # -----------------------------------------------------------------------------
 # metrics: worked examples
