@@ -666,7 +666,7 @@ while step < max_steps:
         px = eval_and_report(train_seconds, head_norms)
         if px < best_px:
             best_px, bad_evals = px, 0
-            save("best")
+            save("best", dict(head_norms=head_norms))  # the gradient norms as they were at this step
         else:
             bad_evals += 1
         save("ckpt")
@@ -683,8 +683,8 @@ while step < max_steps:
 if master:
     print(f"done: {stop_reason} at step {step}, {train_seconds:.0f}s of training, best val mean {best_px:.2f}px")
     if stop_reason.startswith("early stop"):  # report the best checkpoint, not the last, and the step it is from
-        best_step = load_checkpoint(os.path.join(out_dir, "best"), raw_model)["step"]
-        eval_and_report(train_seconds, head_norms, at_step=best_step, stopped_at_step=step)
+        best = load_checkpoint(os.path.join(out_dir, "best"), raw_model)
+        eval_and_report(train_seconds, best.get("head_norms", head_norms), at_step=best["step"], stopped_at_step=step)
 if master and push_to_hub:  # the checkpoint the final report came from
     push_run_to_hub(push_to_hub, out_dir, RECIPE, config, 'best' if stop_reason.startswith('early stop') else 'ckpt')
 logger.finish()

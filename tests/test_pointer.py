@@ -570,4 +570,6 @@ def test_early_stop_reports_the_best_checkpoints_step(tmp_path):
     best = json.load(open(os.path.join(out, "best", "meta.json")))["step"]
     last = json.load(open(os.path.join(out, "ckpt", "meta.json")))["step"]
     assert res["step"] == best < last == res["stopped_at_step"]
-    assert res["metrics"]["mean_px"] == pytest.approx(json.load(open(os.path.join(out, "best", "meta.json")))["best_px"])
+    best_meta = json.load(open(os.path.join(out, "best", "meta.json")))
+    assert res["metrics"]["mean_px"] == pytest.approx(best_meta["best_px"])
+    assert best_meta["head_norms"] and all(res["metrics"][k] == v for k, v in best_meta["head_norms"].items())
