@@ -81,11 +81,23 @@ def apply_config_file(path, defaults, values):
         in_file = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
         line = e.lineno if isinstance(e, SyntaxError) else (in_file[-1] if in_file else "?")
         raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
-    for key, value in namespace.items():
-        if key.startswith("_") or type(value).__name__ == "module":
-            continue
-        check_key(key, defaults, path)
-        values[key] = check_type(key, value, defaults[key], path)
+    for key in assigned_names(source):  # `x = ...` lines only: an import (`from math import pi`) is not a key
+        if not key.startswith("_"):
+            check_key(key, defaults, path)
+            values[key] = check_type(key, namespace[key], defaults[key], path)
+
+
+def assigned_names(source):
+    """Module-level names a config file assigns (x = ..., x: T = ..., x += ..., a = b = ...), in order."""
+    names = []
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+        for t in targets:
+            for n in ast.walk(t):  # a, b = 1, 2 assigns both
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and n.id not in names:
+                    names.append(n.id)
+    return names
 
 
 def parse_args(defaults, argv):

@@ -73,9 +73,11 @@ def test_unknown_key_on_command_line_names_closest():
 
 def test_config_file_applied_and_checked(tmp_path):
     good = tmp_path / "good.py"
-    good.write_text("import math\nmax_steps = 50\nlearning_rate = 2 * 1e-4\ncompile = False\n_private = 3\n")
+    good.write_text("import math\nfrom math import pi\nmax_steps = 50\nlearning_rate = 2 * 1e-4\ncompile = False\n"
+                    "_private = 3\nbatch_size: int = 4\nbatch_size *= 2\n")
     v = parse_args(DEFAULTS, [str(good)])
-    assert v["max_steps"] == 50 and v["learning_rate"] == 2e-4 and v["compile"] is False
+    assert v["max_steps"] == 50 and v["learning_rate"] == 2e-4 and v["compile"] is False and v["batch_size"] == 8
+    # an imported name (pi) is not a config key; the file's assignments are
     # the command line comes after the file and wins
     assert parse_args(DEFAULTS, [str(good), "--max_steps=3"])["max_steps"] == 3
 
