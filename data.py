@@ -54,6 +54,17 @@ class Tokenizer:
         ids = [int(i) for i in ids if not (skip_special and int(i) >= self.n_base)]
         return self.enc.decode(ids, errors="replace")
 
+def read_json(path, what):
+    """The parsed JSON of an annotation file; a missing file or bad JSON is a one-line error naming it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            from model import InputError
+            raise InputError(f"{path}: not valid JSON ({e})") from None
+
 # -----------------------------------------------------------------------------
 # image I/O (Pillow)
 

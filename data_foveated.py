@@ -14,7 +14,6 @@ frame 0) and static distractors, a diffuse static read was (near) optimal: only 
 differencing global reads recovered it without ever locating it, and no foveation gain was possible.
 task='static_large' is the control: a large, still target that a static query can always see.
 """
-import json
 import math
 import os
 import re
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import load_image, sample_rng
+from data import load_image, read_json, sample_rng
 from model import InputError
 
 # -----------------------------------------------------------------------------
@@ -184,10 +183,7 @@ def fov_synthetic_batch(seed, split, indices, **kw):
 
 def fov_list_clips(data_dir):
     path = os.path.join(data_dir, "captions.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no captions.json in {data_dir} (expected {{clip_name: caption}})")
-    with open(path) as f:
-        captions = json.load(f)
+    captions = read_json(path, "captions.json ({clip_name: caption})")
     if not isinstance(captions, dict) or not captions:
         raise InputError(f"{path} must be a non-empty JSON object {{clip_name: caption}}")
     return sorted(captions.items())

@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import torch
 
-from data import pil_to_tensor, sample_rng, to_pil
+from data import pil_to_tensor, read_json, sample_rng, to_pil
 from model import InputError
 
 OCR_LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -210,17 +210,6 @@ def ocr_probe_images(image_size=64, seed=0):
 # the file and the record, on a bad record or a missing image (not in the first eval after hours of training)
 
 
-def ocr_load_json(path, what):
-    """The parsed JSON of an annotation file; a missing file or bad JSON is a one-line error naming it."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not valid JSON ({e})") from None
-
-
 def ocr_check_images(items, path):
     """Every item's image must exist: the first missing one is named, with how many are missing."""
     missing = [it["image"] for it in items if not os.path.isfile(it["image"])]
@@ -255,7 +244,7 @@ def ocr_read_fox(path, image_root=None):
     [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": <page text>}]}, ...].
     Images resolve against image_root (default: the JSON's folder; the official release keeps them in
     en_pdf_png/ beside en_page_ocr.json)."""
-    rows = ocr_load_json(path, "Fox annotation file")
+    rows = read_json(path, "Fox annotation file")
     if not isinstance(rows, list):
         raise InputError(f"{path}: expected a JSON list of Fox entries, got {type(rows).__name__}")
     root, items = image_root or os.path.dirname(os.path.abspath(path)), []
@@ -282,7 +271,7 @@ def ocr_read_omnidocbench(path, image_root=None, categories=OMNIDOC_TEXT_CATEGOR
     "page_info": {"image_path": ...}}. Page text = the text blocks of `categories` in reading order
     (ignored blocks and blocks without text skipped), joined by blank lines. Images resolve against image_root
     (default: images/ beside the JSON)."""
-    pages = ocr_load_json(path, "OmniDocBench annotation file")
+    pages = read_json(path, "OmniDocBench annotation file")
     if not isinstance(pages, list):
         raise InputError(f"{path}: expected a JSON list of OmniDocBench pages, got {type(pages).__name__}")
     root, items = image_root or os.path.join(os.path.dirname(os.path.abspath(path)), "images"), []

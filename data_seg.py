@@ -3,14 +3,13 @@ Seg-Gumbel data: synthetic referring-segmentation scenes, the prompt layouts ([S
 visual prompt (region mask pooled to a g x g grid), a RefCOCO-style JSON reader, mask/caption metrics and
 the visualisation panel. Merged into data.py by the lead; every public name starts with `seg_`.
 """
-import json
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import load_image, sample_rng, to_pil
+from data import load_image, read_json, sample_rng, to_pil
 from model import InputError
 
 # -----------------------------------------------------------------------------
@@ -126,13 +125,7 @@ def seg_read_refcoco(json_path, image_root=None):
     "segmentation" (COCO polygons) or "mask" (a PNG path), and "sentences" (a list of strings or {"sent": str},
     as the refer API writes them). Relative paths resolve against image_root (default: the JSON's folder).
     Anything else is an InputError naming the file and the annotation."""
-    if not os.path.exists(json_path):
-        raise FileNotFoundError(f"RefCOCO JSON not found: {json_path}")
-    with open(json_path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{json_path} is not valid JSON: {e}") from None
+    data = read_json(json_path, "RefCOCO JSON")
     if isinstance(data, dict):
         if "annotations" not in data:
             raise InputError(f"{json_path}: a JSON object needs an 'annotations' list (it has keys "

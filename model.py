@@ -925,6 +925,12 @@ def budget_spent(seconds, budget_s, device="cpu"):
     return bool(flag)
 
 
+def grad_norm(module):
+    """L2 norm of a module's gradients, before clipping (0.0 when none reached it): a diagnostic to log."""
+    norms = [p.grad.norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
 def check_finite(loss, step):
     """A NaN/inf loss stops the run (the last checkpoint on disk is kept)."""
     if not torch.isfinite(loss).all():

@@ -120,7 +120,7 @@ config = configure(globals())
 
 from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
                    adopt_checkpoint_config, autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id,
-                   cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr, global_mean,
+                   cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr, global_mean, grad_norm,
                    gpt_flops_per_token, init_distributed, install_error_hook, left_pad, load_checkpoint, load_meta,
                    log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state,
                    run_dir, save_checkpoint, set_lr, set_rng_state, unwrap)
@@ -645,8 +645,7 @@ while step < max_steps:
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     if (step + 1) % log_interval == 0 or step == 0:  # head gradient norms (the journal watched these for explosions)
-        head_norms = {f"grad_{n}": float(torch.norm(torch.stack([p.grad.norm() for p in getattr(raw_model, n).parameters()])))
-                      for n in ("x_head", "y_head", "done_head")}
+        head_norms = {f"grad_{n}": grad_norm(getattr(raw_model, n)) for n in ("x_head", "y_head", "done_head")}
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()

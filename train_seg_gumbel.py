@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from model import install_error_hook
 install_error_hook()
 from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, adopt_checkpoint_config,
-                   autocast_ctx, check_finite, configure_optimizers, dataclass_from_dict, get_lr, gpt_flops_per_token,
+                   autocast_ctx, check_finite, configure_optimizers, grad_norm, dataclass_from_dict, get_lr, gpt_flops_per_token,
                    cleanup_distributed, init_distributed, left_pad, load_checkpoint, load_meta, log_line,
                    maybe_compile, mean_across_ranks, measure_matmul_peak, resolve_checkpoint, all_rng_states, run_dir,
                    save_checkpoint, check_repo_id, push_run_to_hub, set_lr, set_rng_state, unwrap)
@@ -441,12 +441,6 @@ def check_config():
         raise InputError(f"gumbel_tau (the Gumbel-softmax temperature) must be > 0, got {gumbel_tau}")
     if not 0 <= mask_ratio <= 1 or not 0 <= ema_decay <= 1:
         raise InputError(f"mask_ratio ({mask_ratio}) and ema_decay ({ema_decay}) must lie in [0, 1]")
-
-
-def grad_norm(module):
-    """L2 norm of a module's gradients, before clipping (0.0 when none reached it)."""
-    norms = [p.grad.norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
 
 
 def main():
