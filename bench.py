@@ -26,8 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, InputError, autocast_ctx, configure_optimizers, gpt_flops_per_token,
-                   install_error_hook, maybe_compile, measure_matmul_peak, resolve_device, sync)
+from model import GPT, GPTConfig, InputError, gpt_flops_per_token
+from runtime import (autocast_ctx, configure_optimizers, install_error_hook, maybe_compile, measure_matmul_peak,
+                     resolve_device, sync)
 
 # -----------------------------------------------------------------------------
 # config (python bench.py --help lists these)

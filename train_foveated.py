@@ -34,14 +34,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import install_error_hook
+from runtime import install_error_hook
 install_error_hook()
-from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
-                   adopt_checkpoint_config, autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id,
-                   cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr, global_mean,
-                   init_distributed, left_pad, load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks,
-                   measure_matmul_peak, push_run_to_hub, resolve_checkpoint, rng_state, run_dir, save_checkpoint,
-                   set_lr, set_rng_state, unwrap)
+from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, left_pad  # noqa: E402
+from runtime import (WandbLogger, autocast_ctx, budget_lr_step, budget_spent, check_finite, cleanup_distributed,  # noqa: E402
+                     configure_optimizers, get_lr, global_mean, init_distributed, log_line, maybe_compile,
+                     mean_across_ranks, measure_matmul_peak, set_lr)
+from checkpoint import (adopt_checkpoint_config, check_repo_id, dataclass_from_dict, load_checkpoint, load_meta,  # noqa: E402
+                        push_run_to_hub, resolve_checkpoint, rng_state, run_dir, save_checkpoint, set_rng_state,
+                        unwrap)
 from data import Tokenizer, batch_indices, format_metrics, normalize, save_png, write_results  # noqa: E402
 from data_foveated import (FOV_TASKS, fov_attention_stats, fov_attention_strip, fov_check_clip,  # noqa: E402
                            fov_clip_split, fov_cosine, fov_folder_batch, fov_hollow_warnings, fov_latent_encoder,

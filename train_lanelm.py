@@ -25,12 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, InputError, Projector, WandbLogger, adopt_checkpoint_config, autocast_ctx,
-                   budget_lr_step, budget_spent, check_finite, check_repo_id, cleanup_distributed,
-                   configure_optimizers, get_lr, global_mean, gpt_flops_per_token, idle_cores, init_distributed,
-                   install_error_hook, load_checkpoint, load_meta, log_line, maybe_compile, mean_across_ranks,
-                   measure_matmul_peak, norm, push_run_to_hub, rng_state, run_dir, save_checkpoint, set_lr,
-                   set_rng_state, unwrap)
+from model import GPT, GPTConfig, InputError, Projector, gpt_flops_per_token, norm
+from runtime import (WandbLogger, autocast_ctx, budget_lr_step, budget_spent, check_finite, cleanup_distributed,
+                     configure_optimizers, get_lr, global_mean, idle_cores, init_distributed, install_error_hook,
+                     log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, set_lr)
+from checkpoint import (adopt_checkpoint_config, check_repo_id, load_checkpoint, load_meta, push_run_to_hub,
+                        rng_state, run_dir, save_checkpoint, set_rng_state, unwrap)
 from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
 from configurator import configure
 from data_lanelm import (LaneTokenizer, lane_draw, lane_from_grid, lane_row_grid, lane_seg_target, lane_slots,

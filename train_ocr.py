@@ -23,14 +23,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import install_error_hook
+from runtime import install_error_hook
 install_error_hook()
-from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
-                   adopt_checkpoint_config, autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id,
-                   cleanup_distributed, configure_optimizers, dataclass_from_dict, embed_patches, get_lr, global_mean,
-                   gpt_flops_per_token, init_distributed, load_checkpoint, load_meta, log_line, maybe_compile,
-                   mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state, run_dir, save_checkpoint,
-                   set_lr, set_rng_state, sync, unwrap)
+from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, embed_patches, gpt_flops_per_token)
+from runtime import (WandbLogger, autocast_ctx, budget_lr_step, budget_spent, check_finite, cleanup_distributed,  # noqa: E402
+                     configure_optimizers, get_lr, global_mean, init_distributed, log_line, maybe_compile,
+                     mean_across_ranks, measure_matmul_peak, set_lr, sync)
+from checkpoint import (adopt_checkpoint_config, check_repo_id, dataclass_from_dict, load_checkpoint, load_meta,  # noqa: E402
+                        push_run_to_hub, rng_state, run_dir, save_checkpoint, set_rng_state, unwrap)
 from data import (Tokenizer, batch_indices, format_metrics, load_image, normalize, save_png,  # noqa: E402
                   write_results)
 from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, fox_word_metrics, ocr_draw_predictions, ocr_metrics, ocr_probe_images,  # noqa: E402

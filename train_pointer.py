@@ -118,12 +118,12 @@ push_to_hub = ''            # 'owner/name': upload the final checkpoint + a mode
 from configurator import configure  # noqa: E402
 config = configure(globals())
 
-from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, WandbLogger,  # noqa: E402
-                   adopt_checkpoint_config, autocast_ctx, budget_lr_step, budget_spent, check_finite, check_repo_id,
-                   cleanup_distributed, configure_optimizers, dataclass_from_dict, get_lr, global_mean, grad_norm,
-                   gpt_flops_per_token, init_distributed, install_error_hook, left_pad, load_checkpoint, load_meta,
-                   log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, push_run_to_hub, rng_state,
-                   run_dir, save_checkpoint, set_lr, set_rng_state, unwrap)
+from model import (GPT, GPTConfig, InputError, KVCache, Projector, ViT, ViTConfig, gpt_flops_per_token, left_pad)
+from runtime import (WandbLogger, autocast_ctx, budget_lr_step, budget_spent, check_finite, cleanup_distributed,  # noqa: E402
+                     configure_optimizers, get_lr, global_mean, grad_norm, init_distributed, install_error_hook,
+                     log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, set_lr)
+from checkpoint import (adopt_checkpoint_config, check_repo_id, dataclass_from_dict, load_checkpoint, load_meta,  # noqa: E402
+                        push_run_to_hub, rng_state, run_dir, save_checkpoint, set_rng_state, unwrap)
 from data import (Tokenizer, batch_indices, epoch_order, format_metrics, image_grid, normalize,  # noqa: E402
                   oriented_edges, save_png, step_batches, write_results)
 from data_pointer import (POINTER_FRAME, POINTER_KIND_WEIGHTS, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402

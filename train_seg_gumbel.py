@@ -26,13 +26,15 @@ import torch  # noqa: E402
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import install_error_hook
+from runtime import install_error_hook
 install_error_hook()
-from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, WandbLogger, adopt_checkpoint_config,
-                   autocast_ctx, check_finite, configure_optimizers, grad_norm, dataclass_from_dict, get_lr, gpt_flops_per_token,
-                   cleanup_distributed, init_distributed, left_pad, load_checkpoint, load_meta, log_line,
-                   maybe_compile, mean_across_ranks, measure_matmul_peak, resolve_checkpoint, all_rng_states, run_dir,
-                   save_checkpoint, check_repo_id, push_run_to_hub, set_lr, set_rng_state, unwrap)
+from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, gpt_flops_per_token, left_pad
+from runtime import (WandbLogger, autocast_ctx, check_finite, configure_optimizers, grad_norm, get_lr,
+                     cleanup_distributed, init_distributed, log_line, maybe_compile, mean_across_ranks,
+                     measure_matmul_peak, set_lr)
+from checkpoint import (adopt_checkpoint_config, dataclass_from_dict, load_checkpoint, load_meta,
+                        resolve_checkpoint, all_rng_states, run_dir, save_checkpoint, check_repo_id,
+                        push_run_to_hub, set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, epoch_order, format_metrics, normalize, save_png, write_results
 from data_seg import (SEG_SPECIALS, seg_caption_token_accuracy, seg_check_context_counts, seg_ciou, seg_collate,
                       seg_giou, seg_iou_stats, seg_load_record, seg_panel, seg_panels, seg_prompt_ids,

@@ -17,6 +17,8 @@ WORLD, B, T = 2, 3, 10
 
 def build_model():
     import model as M
+    import runtime as R
+    import checkpoint as C
     torch.manual_seed(0)
     m = M.GPT(M.GPTConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, sequence_len=32))
     for mod in m.modules():  # random residual projections, so every parameter gets a gradient
@@ -36,8 +38,10 @@ def worker(rank, port, out_dir):
     torch.set_num_threads(1)
     import data
     import model as M
+    import runtime as R
+    import checkpoint as C
     from torch.nn.parallel import DistributedDataParallel as DDP
-    info = M.init_distributed("cpu")
+    info = R.init_distributed("cpu")
     assert info["ddp"] and info["rank"] == rank and info["world_size"] == WORLD and info["device"] == "cpu"
     assert torch.distributed.get_backend() == "gloo"
     m = build_model()
@@ -45,17 +49,17 @@ def worker(rank, port, out_dir):
     idx = rows(data.batch_indices(0, B, rank, WORLD))
     _, loss = ddp(idx[:, :-1], idx[:, 1:])
     loss.backward()
-    assert M.unwrap(ddp) is m
+    assert C.unwrap(ddp) is m
     torch.save({n: p.grad for n, p in m.named_parameters()}, os.path.join(out_dir, f"grads{rank}.pt"))
     # each rank's RNG goes into rank 0's checkpoint and comes back to its own rank (through JSON, as meta does)
     torch.manual_seed(100 + rank)
-    states = json.loads(json.dumps(M.all_rng_states()))
+    states = json.loads(json.dumps(C.all_rng_states()))
     draws = torch.rand(4)
-    M.set_rng_state(states)
+    C.set_rng_state(states)
     assert len(states) == WORLD and torch.equal(torch.rand(4), draws)
     torch.save(draws, os.path.join(out_dir, f"draws{rank}.pt"))
     del ddp  # its reducer holds the process group; drop it before the group goes
-    M.cleanup_distributed()  # what every recipe ends with: barrier, then teardown (a rank leaving early aborts the other)
+    R.cleanup_distributed()  # what every recipe ends with: barrier, then teardown (a rank leaving early aborts the other)
 
 
 def free_port():
@@ -95,6 +99,8 @@ def test_cleanup_distributed_warns_while_a_ddp_wrapper_lives(tmp_path, capfd):
     """A DDP wrapper alive at teardown keeps the gloo group alive past destroy_process_group (see
     model.cleanup_distributed): the cleanup names it; once the wrapper is dropped it is quiet."""
     import model as M
+    import runtime as R
+    import checkpoint as C
     from torch.nn.parallel import DistributedDataParallel as DDP
     for keep_wrapper in (True, False):
         torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{keep_wrapper}'}",
@@ -102,7 +108,7 @@ def test_cleanup_distributed_warns_while_a_ddp_wrapper_lives(tmp_path, capfd):
         layer = nn.Linear(2, 2)
         wrapped = DDP(layer)
         if not keep_wrapper:
-            wrapped = M.unwrap(wrapped)
-        M.cleanup_distributed()
-        assert (M.TEARDOWN_WARNING in capfd.readouterr().err) == keep_wrapper
+            wrapped = C.unwrap(wrapped)
+        R.cleanup_distributed()
+        assert (R.TEARDOWN_WARNING in capfd.readouterr().err) == keep_wrapper
         del wrapped

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import model as M
+import runtime as R
+import checkpoint as C
 from inprocess import run_script  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,9 +46,9 @@ def test_push_then_load_from_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     gpt = tiny_gpt()
     ckpt = str(tmp_path / "ckpt")
-    opt = M.configure_optimizers(gpt, 1e-3)
-    M.save_checkpoint(ckpt, gpt, opt, meta=dict(gpt=gpt.config.__dict__, step=7))
-    M.push_to_hub(ckpt, "me/tiny-gpt", "lanelm", metrics={"tusimple_acc": 0.9}, config={"lr": 1e-3})
+    opt = R.configure_optimizers(gpt, 1e-3)
+    C.save_checkpoint(ckpt, gpt, opt, meta=dict(gpt=gpt.config.__dict__, step=7))
+    C.push_to_hub(ckpt, "me/tiny-gpt", "lanelm", metrics={"tusimple_acc": 0.9}, config={"lr": 1e-3})
 
     snap = os.path.join(FakeHfApi.cache, "models--me--tiny-gpt", "snapshots", "0" * 40)
     assert FakeHfApi.created == ["me/tiny-gpt"]
@@ -55,7 +57,7 @@ def test_push_then_load_from_hf_cache(tmp_path, monkeypatch):
     assert "tusimple_acc: 0.9" in card and '"lr": 0.001' in card
 
     # a fresh process resolves hf:me/tiny-gpt through the real snapshot_download, offline
-    code = ("import model as M, torch; g = M.gpt_from_pretrained('hf:me/tiny-gpt'); "
+    code = ("import checkpoint as C, torch; g = C.gpt_from_pretrained('hf:me/tiny-gpt'); "
             "print(sum(float(p.double().sum()) for p in g.parameters()))")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=FakeHfApi.cache, PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
@@ -65,7 +67,7 @@ def test_push_then_load_from_hf_cache(tmp_path, monkeypatch):
 
 
 def test_missing_hf_repo_offline_is_a_clear_error(tmp_path):
-    code = "import model as M; M.gpt_from_pretrained('hf:nobody/nothing')"
+    code = "import checkpoint as C; C.gpt_from_pretrained('hf:nobody/nothing')"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path), PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     assert out.returncode != 0
@@ -73,7 +75,7 @@ def test_missing_hf_repo_offline_is_a_clear_error(tmp_path):
 
 
 def test_model_card_without_metrics(tmp_path):
-    M.write_model_card(str(tmp_path), "ocr")
+    C.write_model_card(str(tmp_path), "ocr")
     text = open(tmp_path / "README.md").read()
     assert "# ocr" in text and "(none recorded)" in text
     assert json.loads(text.split("```json")[1].split("```")[0]) == {}
@@ -85,9 +87,9 @@ def test_push_run_to_hub_card_carries_the_run_metrics(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     gpt = tiny_gpt()
     run = tmp_path / "run"
-    M.save_checkpoint(str(run / "best"), gpt, M.configure_optimizers(gpt, 1e-3), meta=dict(gpt=gpt.config.__dict__))
+    C.save_checkpoint(str(run / "best"), gpt, R.configure_optimizers(gpt, 1e-3), meta=dict(gpt=gpt.config.__dict__))
     (run / "results.json").write_text(json.dumps({"metrics": {"px_mean": 2.5}}))
-    M.push_run_to_hub("me/run", str(run), "pointer", {"seed": 1}, ckpt_name="best")
+    C.push_run_to_hub("me/run", str(run), "pointer", {"seed": 1}, ckpt_name="best")
     card = open(os.path.join(FakeHfApi.cache, "models--me--run", "snapshots", "0" * 40, "README.md")).read()
     assert "px_mean: 2.5" in card and "train_pointer.py" in card
 

@@ -15,6 +15,7 @@ from PIL import Image
 from data import sample_rng
 import numpy as np
 
+import checkpoint
 import model
 from data_lanelm import (TUSIMPLE_H_SAMPLES, LaneTokenizer, lane_draw, lane_from_grid, lane_row_grid, lane_seg_target,
                          lane_slots, lane_sort, lane_synthetic_sample, lane_to_grid,
@@ -382,12 +383,12 @@ def test_train_eval_resume_end_to_end(tmp_path):
 
 def copy_each_checkpoint(monkeypatch):
     """Every checkpoint a run saves is also kept as ckpt_step<N>: mid-run states to resume from."""
-    save = model.save_checkpoint
+    save = checkpoint.save_checkpoint
 
     def save_and_copy(ckpt_dir, m, optimizer=None, meta=None):
         save(ckpt_dir, m, optimizer, meta)
         shutil.copytree(ckpt_dir, f"{ckpt_dir}_step{meta['step']}")
-    monkeypatch.setattr(model, "save_checkpoint", save_and_copy)  # the script imports it from model at start
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_and_copy)  # the script imports it at start
 
 
 def weights(run_dir):

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 import data
 import model as M
+import runtime as R
+import checkpoint as C
 from model import GPT, GPTConfig, InputError, KVCache, ViT, ViTConfig
 
 F32_EPS = torch.finfo(torch.float32).eps
@@ -654,25 +656,25 @@ def test_vit_token_input_mode_and_count_check():
 
 def test_get_lr_warmup_and_cosine():
     lr = 1.0
-    assert M.get_lr(0, 100, lr, warmup_steps=10) == pytest.approx(0.1)
-    assert M.get_lr(4, 100, lr, warmup_steps=10) == pytest.approx(0.5)
-    assert M.get_lr(9, 100, lr, warmup_steps=10) == pytest.approx(1.0)
-    assert M.get_lr(10, 100, lr, warmup_steps=10) == pytest.approx(1.0)
-    assert M.get_lr(55, 100, lr, warmup_steps=10, min_lr_frac=0.1) == pytest.approx(0.55)  # half way
-    assert M.get_lr(100, 100, lr, warmup_steps=10, min_lr_frac=0.1) == pytest.approx(0.1)
-    assert M.get_lr(1000, 100, lr, warmup_steps=10, min_lr_frac=0.1) == pytest.approx(0.1)
-    assert M.get_lr(0, 100, 3e-4) == pytest.approx(3e-4)  # no warmup
-    lrs = [M.get_lr(s, 100, lr, warmup_steps=10) for s in range(10, 101)]
+    assert R.get_lr(0, 100, lr, warmup_steps=10) == pytest.approx(0.1)
+    assert R.get_lr(4, 100, lr, warmup_steps=10) == pytest.approx(0.5)
+    assert R.get_lr(9, 100, lr, warmup_steps=10) == pytest.approx(1.0)
+    assert R.get_lr(10, 100, lr, warmup_steps=10) == pytest.approx(1.0)
+    assert R.get_lr(55, 100, lr, warmup_steps=10, min_lr_frac=0.1) == pytest.approx(0.55)  # half way
+    assert R.get_lr(100, 100, lr, warmup_steps=10, min_lr_frac=0.1) == pytest.approx(0.1)
+    assert R.get_lr(1000, 100, lr, warmup_steps=10, min_lr_frac=0.1) == pytest.approx(0.1)
+    assert R.get_lr(0, 100, 3e-4) == pytest.approx(3e-4)  # no warmup
+    lrs = [R.get_lr(s, 100, lr, warmup_steps=10) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    M.set_lr(opt, 0.25)
+    R.set_lr(opt, 0.25)
     assert opt.param_groups[0]["lr"] == 0.25
 
 
 def test_configure_optimizers_groups():
     m = nn.Sequential(tiny_gpt(), nn.LayerNorm(8), nn.Linear(8, 8))
     m[2].weight.requires_grad_(False)
-    opt = M.configure_optimizers(m, 1e-3, weight_decay=0.1, betas=[0.9, 0.95])
+    opt = R.configure_optimizers(m, 1e-3, weight_decay=0.1, betas=[0.9, 0.95])
     assert isinstance(opt, torch.optim.AdamW)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -686,7 +688,7 @@ def test_configure_optimizers_groups():
 
 def test_orthogonalize_pushes_singular_values_to_one():
     g = torch.randn(3, 48, 16, dtype=torch.float64) * torch.logspace(-1, 1, 16, dtype=torch.float64)  # condition number 100
-    u = M.orthogonalize(g)
+    u = R.orthogonalize(g)
     assert u.shape == g.shape
     sv = torch.linalg.svdvals(u)
     assert sv.min() > 0.5 and sv.max() < 1.3, sv  # the quintic lands in ~[0.7, 1.2], not exactly 1
@@ -694,27 +696,27 @@ def test_orthogonalize_pushes_singular_values_to_one():
     U, _, Vh = torch.linalg.svd(g, full_matrices=False)
     cos = (u * (U @ Vh)).sum((-2, -1)) / (u.norm(dim=(-2, -1)) * (U @ Vh).norm(dim=(-2, -1)))
     assert (cos > 0.97).all(), cos
-    assert torch.allclose(M.orthogonalize(g[1:2]), u[1:2], atol=1e-6)  # batched = one by one
+    assert torch.allclose(R.orthogonalize(g[1:2]), u[1:2], atol=1e-6)  # batched = one by one
 
 
 def test_configure_optimizers_muon_splits_hidden_matrices():
     m = nn.Sequential(tiny_gpt(), nn.Linear(32, 1))  # the 1-unit head is not a hidden matrix
-    opt = M.configure_optimizers(m, 1e-3, weight_decay=0.1, optimizer="muon")
+    opt = R.configure_optimizers(m, 1e-3, weight_decay=0.1, optimizer="muon")
     adamw, muon = opt.optimizers
     hidden = {id(p) for g in muon.param_groups for p in g["params"]}
     blocks = {id(p) for n, p in m.named_parameters() if ".h." in n and p.dim() == 2}
     assert hidden == blocks  # every attention / MLP matrix; not wte, lm_head or the head
     rest = [id(p) for g in adamw.param_groups for p in g["params"]]
     assert sorted(rest + list(hidden)) == sorted(id(p) for p in m.parameters()) and len(set(rest)) == len(rest)
-    M.set_lr(opt, 0.5)
+    R.set_lr(opt, 0.5)
     assert all(g["lr"] == 0.5 for o in opt.optimizers for g in o.param_groups)
     with pytest.raises(M.InputError, match="adamw' or 'muon"):
-        M.configure_optimizers(m, 1e-3, optimizer="sgd")
+        R.configure_optimizers(m, 1e-3, optimizer="sgd")
 
 
 def test_muon_trains_and_resumes_exactly(tmp_path):
     m = tiny_gpt(0).train()
-    opt = M.configure_optimizers(m, 3e-3, optimizer="muon")
+    opt = R.configure_optimizers(m, 3e-3, optimizer="muon")
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 64, (4, 9), generator=g)
     first = m(idx[:, :-1], idx[:, 1:])[1].item()
@@ -723,24 +725,24 @@ def test_muon_trains_and_resumes_exactly(tmp_path):
         m(idx[:, :-1], idx[:, 1:])[1].backward()
         opt.step()
     assert m(idx[:, :-1], idx[:, 1:])[1].item() < first - 0.5  # it learns (a fixed batch)
-    M.save_checkpoint(str(tmp_path / "ckpt"), m, opt, meta=dict(step=20))
+    C.save_checkpoint(str(tmp_path / "ckpt"), m, opt, meta=dict(step=20))
     m2 = tiny_gpt(1).train()
-    opt2 = M.configure_optimizers(m2, 3e-3, optimizer="muon")
-    M.load_checkpoint(str(tmp_path / "ckpt"), m2, opt2)
+    opt2 = R.configure_optimizers(m2, 3e-3, optimizer="muon")
+    C.load_checkpoint(str(tmp_path / "ckpt"), m2, opt2)
     for a, b in zip(opt.optimizers, opt2.optimizers):
         assert_same_optim(a, b)
     for o in (opt, opt2):  # the LR schedule must still reach both inner optimizers after load_state_dict
-        M.set_lr(o, 1e-4)
+        R.set_lr(o, 1e-4)
         assert [g["lr"] for inner in o.optimizers for g in inner.param_groups] == [1e-4] * len(o.param_groups)
     train_steps(m, opt, 2, seed=9)
     train_steps(m2, opt2, 2, seed=9)
     assert_same_state(m, m2)
     # an AdamW run's checkpoint cannot resume a Muon run (and the other way): one clear error
-    M.save_checkpoint(str(tmp_path / "adamw"), *trained(), meta=dict(step=2))
+    C.save_checkpoint(str(tmp_path / "adamw"), *trained(), meta=dict(step=2))
     with pytest.raises(M.InputError, match="is AdamW's, this run uses AdamW \\+ Muon"):
-        M.load_checkpoint(str(tmp_path / "adamw"), m2, opt2)
+        C.load_checkpoint(str(tmp_path / "adamw"), m2, opt2)
     with pytest.raises(M.InputError, match="is AdamW \\+ Muon's, this run uses AdamW "):
-        M.load_checkpoint(str(tmp_path / "ckpt"), m2, M.configure_optimizers(m2, 1e-3))
+        C.load_checkpoint(str(tmp_path / "ckpt"), m2, R.configure_optimizers(m2, 1e-3))
 
 
 def test_resize_token_embeddings_keeps_old_rows():
@@ -763,38 +765,38 @@ def test_resize_token_embeddings_keeps_old_rows():
 
 
 def test_autocast_compile_unwrap_and_finite_check():
-    ctx, name = M.autocast_ctx("cpu")
+    ctx, name = R.autocast_ctx("cpu")
     assert name == "float32"
     with ctx:
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
-    ctx, name = M.autocast_ctx("cpu", "bfloat16")
+    ctx, name = R.autocast_ctx("cpu", "bfloat16")
     with ctx:
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
     with pytest.raises(InputError):
-        M.autocast_ctx("cpu", "float16")
+        R.autocast_ctx("cpu", "float16")
     m = tiny_gpt()
-    assert M.maybe_compile(m, True, "cpu") is m
-    assert M.unwrap(m) is m
+    assert R.maybe_compile(m, True, "cpu") is m
+    assert C.unwrap(m) is m
     with pytest.raises(FloatingPointError, match="step 7"):
-        M.check_finite(torch.tensor(float("nan")), 7)
+        R.check_finite(torch.tensor(float("nan")), 7)
     cfg = m.config
     n = m.num_params()
     assert M.gpt_flops_per_token(cfg, n) == 6 * n + 12 * 2 * 4 * 8 * 64
     assert m.num_params(exclude_embedding=True) == n - 64 * 32
-    line = M.log_line(100, 2000, 0.512, 3e-4, 0.041, tokens=410, flops_per_step=1e9, peak=1e11)
+    line = R.log_line(100, 2000, 0.512, 3e-4, 0.041, tokens=410, flops_per_step=1e9, peak=1e11)
     assert line.startswith("step 100/2000 | loss 0.5120 | lr 3.0e-04 | 41 ms | 10.0k tok/s | mfu ")
 
 
 def test_init_distributed_without_torchrun(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
-    d = M.init_distributed("cpu")
+    d = R.init_distributed("cpu")
     assert d == dict(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", device_type="cpu", master=True)
     # --device=cuda on a machine without a GPU: one clear line, not an assertion deep inside torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for ask in (M.init_distributed, M.resolve_device):  # the scripts and bench.py
+    for ask in (R.init_distributed, R.resolve_device):  # the scripts and bench.py
         with pytest.raises(M.InputError, match="device='cuda:1' but torch sees no CUDA GPU"):
             ask("cuda:1")
-    assert M.init_distributed("auto")["device"] == "cpu"
+    assert R.init_distributed("auto")["device"] == "cpu"
 
 
 # -----------------------------------------------------------------------------
@@ -813,7 +815,7 @@ def train_steps(m, opt, n, seed=0):
 
 def trained(seed=0):
     m = tiny_gpt(seed).train()
-    opt = M.configure_optimizers(m, 1e-3)
+    opt = R.configure_optimizers(m, 1e-3)
     train_steps(m, opt, 2, seed)
     return m, opt
 
@@ -840,7 +842,7 @@ def test_checkpoint_round_trip_is_bit_exact_without_compile_prefixes(tmp_path):
     ckpt = tmp_path / "ckpt"
     compiled = torch.compile(m)  # only wrapped (never run): its state_dict has '_orig_mod.' prefixes
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    M.save_checkpoint(str(ckpt), compiled, opt, meta=dict(step=2, gpt=asdict(m.config)))
+    C.save_checkpoint(str(ckpt), compiled, opt, meta=dict(step=2, gpt=asdict(m.config)))
     assert sorted(os.listdir(ckpt)) == ["meta.json", "model.safetensors", "optim.pt"]
     assert not os.path.exists(str(ckpt) + ".tmp") and not os.path.exists(str(ckpt) + ".prev")
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
@@ -848,8 +850,8 @@ def test_checkpoint_round_trip_is_bit_exact_without_compile_prefixes(tmp_path):
     assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
 
     m2 = tiny_gpt(seed=1).train()
-    opt2 = M.configure_optimizers(m2, 1e-3)
-    meta = M.load_checkpoint(str(ckpt), m2, opt2)
+    opt2 = R.configure_optimizers(m2, 1e-3)
+    meta = C.load_checkpoint(str(ckpt), m2, opt2)
     assert meta["step"] == 2 and meta["gpt"]["n_kv_head"] == 2
     assert_same_state(m, m2)
     assert_same_optim(opt, opt2)
@@ -862,7 +864,7 @@ def test_checkpoint_round_trip_is_bit_exact_without_compile_prefixes(tmp_path):
 def test_checkpoint_interrupted_write_keeps_previous_readable(tmp_path, monkeypatch):
     ckpt = str(tmp_path / "ckpt")
     m1, opt1 = trained(0)
-    M.save_checkpoint(ckpt, m1, opt1, meta=dict(step=1))
+    C.save_checkpoint(ckpt, m1, opt1, meta=dict(step=1))
     m2, opt2 = trained(1)
 
     # 1) the process dies while writing the new checkpoint's files (here: the optimizer state)
@@ -871,10 +873,10 @@ def test_checkpoint_interrupted_write_keeps_previous_readable(tmp_path, monkeypa
     with monkeypatch.context() as mp:
         mp.setattr(M.torch, "save", die)
         with pytest.raises(KeyboardInterrupt):
-            M.save_checkpoint(ckpt, m2, opt2, meta=dict(step=2))
+            C.save_checkpoint(ckpt, m2, opt2, meta=dict(step=2))
     assert os.path.isdir(ckpt + ".tmp")  # the half-written one is left aside
     probe = tiny_gpt(5)
-    assert M.load_checkpoint(ckpt, probe)["step"] == 1
+    assert C.load_checkpoint(ckpt, probe)["step"] == 1
     assert_same_state(probe, m1)
 
     # 2) the process dies between the two renames (old moved to .prev, new not yet in place)
@@ -886,21 +888,21 @@ def test_checkpoint_interrupted_write_keeps_previous_readable(tmp_path, monkeypa
             raise KeyboardInterrupt("killed")
         real_replace(src, dst)
     with monkeypatch.context() as mp:
-        mp.setattr(M.os, "replace", replace_then_die)
+        mp.setattr(C.os, "replace", replace_then_die)
         with pytest.raises(KeyboardInterrupt):
-            M.save_checkpoint(ckpt, m2, opt2, meta=dict(step=2))
+            C.save_checkpoint(ckpt, m2, opt2, meta=dict(step=2))
     assert not os.path.exists(ckpt) and os.path.isdir(ckpt + ".prev")
     probe, probe_opt = tiny_gpt(5).train(), None
-    probe_opt = M.configure_optimizers(probe, 1e-3)
-    assert M.load_checkpoint(ckpt, probe, probe_opt)["step"] == 1
+    probe_opt = R.configure_optimizers(probe, 1e-3)
+    assert C.load_checkpoint(ckpt, probe, probe_opt)["step"] == 1
     assert_same_state(probe, m1)
     assert_same_optim(probe_opt, opt1)
 
     # 3) the next save recovers: the new checkpoint is in place and the leftovers are gone
-    M.save_checkpoint(ckpt, m2, opt2, meta=dict(step=2))
+    C.save_checkpoint(ckpt, m2, opt2, meta=dict(step=2))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     probe = tiny_gpt(5)
-    assert M.load_checkpoint(ckpt, probe)["step"] == 2
+    assert C.load_checkpoint(ckpt, probe)["step"] == 2
     assert_same_state(probe, m2)
 
 
@@ -908,7 +910,7 @@ def test_checkpoint_interrupted_write_keeps_previous_readable(tmp_path, monkeypa
 def test_corrupted_weights_give_input_error(tmp_path, damage):
     ckpt = tmp_path / "ckpt"
     m, opt = trained()
-    M.save_checkpoint(str(ckpt), m, opt, meta=dict(step=2))
+    C.save_checkpoint(str(ckpt), m, opt, meta=dict(step=2))
     path = ckpt / "model.safetensors"
     raw = path.read_bytes()
     if damage == "garbage":
@@ -919,7 +921,7 @@ def test_corrupted_weights_give_input_error(tmp_path, damage):
         path.write_bytes(b"")
     damaged = path.read_bytes()
     with pytest.raises(InputError) as e:
-        M.load_checkpoint(str(ckpt), tiny_gpt())
+        C.load_checkpoint(str(ckpt), tiny_gpt())
     msg = str(e.value)
     assert "model.safetensors" in msg and "corrupt" in msg and "\n" not in msg
     assert path.read_bytes() == damaged  # nothing overwritten
@@ -928,31 +930,31 @@ def test_corrupted_weights_give_input_error(tmp_path, damage):
 def test_corrupted_optimizer_state_gives_input_error(tmp_path):
     ckpt = tmp_path / "ckpt"
     m, opt = trained()
-    M.save_checkpoint(str(ckpt), m, opt, meta=dict(step=2))
+    C.save_checkpoint(str(ckpt), m, opt, meta=dict(step=2))
     raw = (ckpt / "optim.pt").read_bytes()
     (ckpt / "optim.pt").write_bytes(raw[:len(raw) // 3])
     m2 = tiny_gpt()
     with pytest.raises(InputError, match="optim.pt.*corrupt"):
-        M.load_checkpoint(str(ckpt), m2, M.configure_optimizers(m2, 1e-3))
+        C.load_checkpoint(str(ckpt), m2, R.configure_optimizers(m2, 1e-3))
 
 
 def test_checkpoint_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        M.load_checkpoint(str(tmp_path / "nope"), tiny_gpt())
+        C.load_checkpoint(str(tmp_path / "nope"), tiny_gpt())
     ckpt = str(tmp_path / "ckpt")
     m, opt = trained()
-    M.save_checkpoint(ckpt, m, None, meta=dict(gpt=asdict(m.config)))
+    C.save_checkpoint(ckpt, m, None, meta=dict(gpt=asdict(m.config)))
     with pytest.raises(FileNotFoundError, match="optim.pt"):
-        M.load_checkpoint(ckpt, tiny_gpt(), M.configure_optimizers(tiny_gpt(), 1e-3))
+        C.load_checkpoint(ckpt, tiny_gpt(), R.configure_optimizers(tiny_gpt(), 1e-3))
     # a checkpoint of another shape: one clear InputError, not a state_dict traceback
     with pytest.raises(InputError, match="does not match"):
-        M.load_checkpoint(ckpt, tiny_gpt(n_embd=64))
+        C.load_checkpoint(ckpt, tiny_gpt(n_embd=64))
     with pytest.raises(InputError, match="does not match"):
-        M.load_checkpoint(ckpt, tiny_gpt(n_layer=3))
+        C.load_checkpoint(ckpt, tiny_gpt(n_layer=3))
     with open(os.path.join(ckpt, "meta.json"), "w") as f:
         f.write("{not json")
     with pytest.raises(InputError, match="meta"):
-        M.load_checkpoint(ckpt, tiny_gpt())
+        C.load_checkpoint(ckpt, tiny_gpt())
 
 
 def test_resume_continues_with_identical_losses(tmp_path):
@@ -969,7 +971,7 @@ def test_resume_continues_with_identical_losses(tmp_path):
         idx = batch(step)
         tgt = idx[:, 1:].clone()
         tgt[torch.rand(tgt.shape) < 0.2] = -1  # global-RNG randomness inside the step
-        M.set_lr(opt, M.get_lr(step, 6, 1e-2, warmup_steps=2))
+        R.set_lr(opt, R.get_lr(step, 6, 1e-2, warmup_steps=2))
         _, loss = m(idx[:, :-1], tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -978,7 +980,7 @@ def test_resume_continues_with_identical_losses(tmp_path):
 
     def fresh(init_seed):
         m = tiny_gpt(init_seed).train()
-        return m, M.configure_optimizers(m, 1e-2)
+        return m, R.configure_optimizers(m, 1e-2)
 
     torch.manual_seed(0)
     m, opt = fresh(0)
@@ -987,14 +989,14 @@ def test_resume_continues_with_identical_losses(tmp_path):
     torch.manual_seed(0)
     m, opt = fresh(0)
     first = [step_fn(m, opt, s) for s in range(3)]
-    M.save_checkpoint(str(tmp_path / "ckpt"), m, opt, meta=dict(step=3, rng=M.rng_state(), gpt=asdict(m.config)))
+    C.save_checkpoint(str(tmp_path / "ckpt"), m, opt, meta=dict(step=3, rng=C.rng_state(), gpt=asdict(m.config)))
     del m, opt
     torch.manual_seed(999)  # a "fresh process": different RNG, different init, until restored
     np.random.seed(999)
     m2, opt2 = fresh(7)
-    meta = M.load_checkpoint(str(tmp_path / "ckpt"), m2, opt2)
+    meta = C.load_checkpoint(str(tmp_path / "ckpt"), m2, opt2)
     meta = json.loads(json.dumps(meta))
-    M.set_rng_state(meta["rng"])
+    C.set_rng_state(meta["rng"])
     rest = [step_fn(m2, opt2, s) for s in range(meta["step"], 6)]
     assert first + rest == straight
     assert len(set(straight)) == 6
@@ -1002,9 +1004,9 @@ def test_resume_continues_with_identical_losses(tmp_path):
 
 def test_rng_state_round_trip_through_json():
     import random
-    state = json.loads(json.dumps(M.rng_state()))
+    state = json.loads(json.dumps(C.rng_state()))
     a = (torch.rand(3), random.random(), np.random.rand())
-    M.set_rng_state(state)
+    C.set_rng_state(state)
     b = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
@@ -1016,16 +1018,16 @@ def test_rng_state_round_trip_through_json():
 def test_from_pretrained_local_dir_and_hf(tmp_path, monkeypatch):
     m = tiny_gpt(3, n_kv_head=1)
     ckpt = str(tmp_path / "pretrained")
-    M.save_checkpoint(ckpt, m, meta=dict(gpt=asdict(m.config), note="x"))
+    C.save_checkpoint(ckpt, m, meta=dict(gpt=asdict(m.config), note="x"))
     idx = torch.tensor([[5, 6, 7]])
     ref, _ = m(idx)
 
-    loaded = M.gpt_from_pretrained(ckpt)
+    loaded = C.gpt_from_pretrained(ckpt)
     assert loaded.config == m.config
     assert_same_state(loaded, m)
     assert torch.equal(loaded.eval()(idx)[0], ref)
 
-    built, meta = M.from_pretrained(ckpt, lambda meta: GPT(M.dataclass_from_dict(GPTConfig, meta["gpt"])))
+    built, meta = C.from_pretrained(ckpt, lambda meta: GPT(C.dataclass_from_dict(GPTConfig, meta["gpt"])))
     assert meta["note"] == "x"
     assert_same_state(built, m)
 
@@ -1036,22 +1038,22 @@ def test_from_pretrained_local_dir_and_hf(tmp_path, monkeypatch):
         asked.append(repo_id)
         return ckpt
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    hub = M.gpt_from_pretrained("hf:owner/name")
+    hub = C.gpt_from_pretrained("hf:owner/name")
     assert asked and set(asked) == {"owner/name"}
     assert_same_state(hub, m)
-    assert M.resolve_checkpoint("hf:owner/name") == ckpt
+    assert C.resolve_checkpoint("hf:owner/name") == ckpt
 
     with pytest.raises(FileNotFoundError):
-        M.gpt_from_pretrained(str(tmp_path / "missing"))
+        C.gpt_from_pretrained(str(tmp_path / "missing"))
 
 
 def test_dataclass_from_dict_ignores_unknown_keys():
-    cfg = M.dataclass_from_dict(GPTConfig, dict(n_layer=3, extra="x"))
+    cfg = C.dataclass_from_dict(GPTConfig, dict(n_layer=3, extra="x"))
     assert cfg.n_layer == 3 and cfg == GPTConfig(n_layer=3)
 
 
 def test_budget_lr_step_follows_whichever_is_further_along():
-    from model import budget_lr_step, budget_spent
+    from runtime import budget_lr_step, budget_spent
     assert budget_lr_step(10, 100, 999.0, 0.0) == 10            # no budget: the step, exactly reproducible
     assert budget_lr_step(10, 100, 5.0, 100.0) == 10            # steps ahead of time
     assert budget_lr_step(10, 100, 50.0, 100.0) == 50           # time ahead: the LR decays on time
@@ -1060,7 +1062,7 @@ def test_budget_lr_step_follows_whichever_is_further_along():
 
 
 def test_idle_cores_is_between_zero_and_the_core_count():
-    from model import idle_cores
+    from runtime import idle_cores
     n = idle_cores(0.05)
     assert 0.0 <= n <= (os.cpu_count() or 1) + 1e-9
 
@@ -1088,17 +1090,17 @@ def test_fused_head_loss_under_bf16_autocast_matches_the_plain_path():
 def test_run_dir_is_unique_and_resume_finds_the_newest(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no out/x-\\*/ckpt to resume"):
-        M.run_dir("", "x", "resume")
-    a, b = M.run_dir("", "x"), M.run_dir("", "x")  # the same second, most likely: two dirs, never one
+        C.run_dir("", "x", "resume")
+    a, b = C.run_dir("", "x"), C.run_dir("", "x")  # the same second, most likely: two dirs, never one
     assert a != b and os.path.isdir(a) and os.path.isdir(b)
-    assert M.run_dir("given", "x") == "given"
-    M.save_checkpoint(os.path.join(a, "ckpt"), tiny_gpt(), meta=dict(step=1))
-    assert M.run_dir("", "x", "resume") == a  # b has no checkpoint
-    M.save_checkpoint(os.path.join(b, "ckpt"), tiny_gpt(), meta=dict(step=1))
-    assert M.run_dir("", "x", "resume") == max(a, b)
+    assert C.run_dir("given", "x") == "given"
+    C.save_checkpoint(os.path.join(a, "ckpt"), tiny_gpt(), meta=dict(step=1))
+    assert C.run_dir("", "x", "resume") == a  # b has no checkpoint
+    C.save_checkpoint(os.path.join(b, "ckpt"), tiny_gpt(), meta=dict(step=1))
+    assert C.run_dir("", "x", "resume") == max(a, b)
 
 
 def test_gpt_from_pretrained_names_a_checkpoint_without_a_gpt(tmp_path):
-    M.save_checkpoint(str(tmp_path / "ckpt"), tiny_gpt(), meta=dict(recipe="pointer"))
+    C.save_checkpoint(str(tmp_path / "ckpt"), tiny_gpt(), meta=dict(recipe="pointer"))
     with pytest.raises(M.InputError, match="is not a GPT checkpoint.*'pointer'"):
-        M.gpt_from_pretrained(str(tmp_path / "ckpt"))
+        C.gpt_from_pretrained(str(tmp_path / "ckpt"))

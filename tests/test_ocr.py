@@ -14,7 +14,8 @@ from data_ocr import (ocr_pairwise_cosine, ocr_shared_spread, OCR_GLYPH_CLASSES,
                       ocr_probe_images, ocr_read_fox, ocr_read_jsonl, ocr_read_omnidocbench, ocr_synthetic_sample,
                       ocr_word_split)
 from data import save_png  # noqa: E402
-from model import GPT, GPTConfig, InputError, save_checkpoint  # noqa: E402
+from model import GPT, GPTConfig, InputError  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
 from inprocess import run_script  # noqa: E402
 
 
@@ -509,7 +510,7 @@ def test_end_to_end_stage1_resume_stage2(tmp_path):
 
 def test_stopped_run_resumes_exactly(tmp_path, monkeypatch):
     # stopped half-way on its time budget and resumed (same max_steps): the uninterrupted run's losses and LRs
-    import model
+    import runtime
     args = ["--max_steps=8", "--eval_interval=4", "--log_interval=1", "--bench_tokens=0"]
     steps = lambda log: [" | ".join(l.split(" | ")[:3]) for l in log.splitlines() if l.startswith("step ")]
     whole = steps(run([*args, "--out_dir=" + str(tmp_path / "whole")]))
@@ -518,7 +519,7 @@ def test_stopped_run_resumes_exactly(tmp_path, monkeypatch):
     def spent_after_4_steps(seconds, budget_s, device="cpu"):
         calls[0] += 1
         return calls[0] >= 4
-    monkeypatch.setattr(model, "budget_spent", spent_after_4_steps)
+    monkeypatch.setattr(runtime, "budget_spent", spent_after_4_steps)
     first = run([*args, "--out_dir=" + str(tmp_path / "cut")])
     monkeypatch.undo()
     second = run([*args, "--init_from=resume", "--out_dir=" + str(tmp_path / "cut")])

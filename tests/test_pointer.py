@@ -540,22 +540,22 @@ def loss_lines(stdout):
 def test_stopped_run_resumes_exactly_and_keeps_its_clock(tmp_path, monkeypatch):
     # a run stopped half-way on its time budget and resumed (same max_steps, Muon, the default) must print the
     # uninterrupted run's losses and LRs, and carry on the time it had used (budget, LR clock, results.json)
-    import model
+    import runtime
     args = ["--max_steps=16", "--eval_interval=8", "--log_interval=2", "--n_vis=0", "--curriculum_steps=4"]
     whole = loss_lines(run([*args, "--out_dir=" + str(tmp_path / "whole")]))
     out = str(tmp_path / "cut")
-    real_spent, real_lr_step, calls, seen = model.budget_spent, model.budget_lr_step, [0], []
+    real_spent, real_lr_step, calls, seen = runtime.budget_spent, runtime.budget_lr_step, [0], []
 
     def spent_after_8_steps(seconds, budget_s, device="cpu"):
         calls[0] += 1
         return calls[0] >= 8
-    monkeypatch.setattr(model, "budget_spent", spent_after_8_steps)
+    monkeypatch.setattr(runtime, "budget_spent", spent_after_8_steps)
     first = run([*args, "--out_dir=" + out])
     assert "time budget" in first and "at step 8" in first
     used = json.load(open(os.path.join(out, "ckpt", "meta.json")))["train_seconds"]
     assert used > 0
-    monkeypatch.setattr(model, "budget_spent", real_spent)
-    monkeypatch.setattr(model, "budget_lr_step", lambda step, m, seconds, *a: seen.append(seconds) or real_lr_step(step, m, seconds, *a))
+    monkeypatch.setattr(runtime, "budget_spent", real_spent)
+    monkeypatch.setattr(runtime, "budget_lr_step", lambda step, m, seconds, *a: seen.append(seconds) or real_lr_step(step, m, seconds, *a))
     second = run([*args, "--init_from=resume", "--out_dir=" + out])
     assert loss_lines(first) + loss_lines(second) == whole
     assert seen[0] >= used  # the budget clock went on from the first segment's time, not from 0

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from inprocess import run_script
-from model import TEARDOWN_WARNING
+from runtime import TEARDOWN_WARNING
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
