@@ -1,4 +1,4 @@
-"""A 2-process gloo DDP step (through model.init_distributed and torchrun's environment variables) gives the
+"""A 2-process gloo DDP step (through runtime.setup and runtime.wrap, and torchrun's environment variables) gives the
 same gradients as one process on the same global batch, and the ranks' data shards come from
 data.batch_indices."""
 import json
@@ -41,11 +41,12 @@ def worker(rank, port, out_dir):
     import runtime as R
     import checkpoint as C
     from torch.nn.parallel import DistributedDataParallel as DDP
-    info = R.init_distributed("cpu")
-    assert info["ddp"] and info["rank"] == rank and info["world_size"] == WORLD and info["device"] == "cpu"
-    assert torch.distributed.get_backend() == "gloo"
+    run = R.setup(dict(device="cpu", torch_threads=1, seed=0, out_dir=str(out_dir)), "ddp-test")
+    assert run.ddp and run.rank == rank and run.world_size == WORLD and run.device == "cpu"
+    assert run.master == (rank == 0) and torch.distributed.get_backend() == "gloo"
     m = build_model()
-    ddp = DDP(m)
+    ddp = R.wrap(m, False, run)
+    assert isinstance(ddp, DDP)
     idx = rows(data.batch_indices(0, B, rank, WORLD))
     _, loss = ddp(idx[:, :-1], idx[:, 1:])
     loss.backward()
