@@ -1,7 +1,8 @@
 """
 Foveated video recipe: synthetic "find the mover" videos, a real clip reader, frozen next-frame latent
 encoders (a fixed random high-pass encoder by default; a TAESD-style VAE encoder from safetensors as the
-real option), attention diagnostics and the attention-strip drawing.
+real option), the config and input checks, the ViT's input planes, eval metrics, attention diagnostics and the
+attention-strip drawing.
 
 The synthetic task (task='track'): a small textured sprite (the target) moves with momentum among sprites
 of the same family (distractors) that also move with momentum and switch colour at the same rate. It is
@@ -23,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import load_image, read_json, sample_rng
+from checkpoint import check_repo_id, resolve_checkpoint
+from data import load_image, normalize, read_json, sample_rng, save_png
 from model import InputError
 
 # -----------------------------------------------------------------------------
@@ -358,7 +360,7 @@ def fov_attention_stats(maps):
 def fov_hollow_warnings(m, n_patches, cos_max=0.95, mean_frac=0.9, entropy_frac=0.95):
     """Warnings (strings) when an eval's ratio may be hollow: the coarse (static-query) path at the
     predict-the-mean loss, reads of both paths nearly the same, or the static query's attention near uniform.
-    A ratio over a baseline that has not learned (the notes' 2.31 and 1.64) measures nothing about looking.
+    A ratio over a baseline that has not learned measures nothing about looking (notes/foveated.md has two).
     A diagnostic only: it never changes whether a target is met."""
     out = []
     if m["loss_coarse"] > mean_frac * m["loss_mean"]:
@@ -442,10 +444,159 @@ def fov_attention_strip(frames, coarse, fine, scale=4, pad=2):
 
 
 def fov_pick_mode(seed, step, weights, modes=("video", "text", "caption")):
-    """The training mode of a whole batch (never per sample: BUG-003), a pure function of (seed, step),
-    so resume and every DDP rank agree."""
+    """The training mode of a whole batch (never per sample: a mixed batch broke training), a pure function of
+    (seed, step), so resume and every DDP rank agree."""
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (len(modes),) or (w < 0).any() or w.sum() <= 0:
         raise InputError(f"mode_weights must be {len(modes)} non-negative numbers with a positive sum, one per "
                          f"mode {modes}, got {weights}")
     return modes[int(np.random.default_rng([seed, 7, step]).choice(len(modes), p=w / w.sum()))]
+
+# -----------------------------------------------------------------------------
+# config and input checks (at startup, before a run dir exists)
+
+
+def fov_check_config(c, tasks=FOV_TASKS + ("folder",)):
+    """Every bad setting of train_foveated.py's config c as one InputError, before anything runs."""
+    folder = c["task"] == "folder"
+    checks = [(c["task"] not in tasks, f"task must be one of {tasks}, got {c['task']!r}"),
+              (c["query_mode"] not in ("deep", "shallow"),
+               f"query_mode must be 'deep' or 'shallow', got {c['query_mode']!r}"),
+              (c["n_passes"] < 1, f"n_passes must be >= 1, got {c['n_passes']}"),
+              (folder and c["oracle_look"], "oracle_look=True needs the synthetic generator's target positions "
+               "(task='track' or 'static_large')"),
+              (folder and c["look_weight"] > 0, "look_weight > 0 needs the synthetic generator's target positions; "
+               "set look_weight=0 for task='folder'"),
+              (folder and c["latent_target"] == "target_layer", "latent_target='target_layer' needs the synthetic "
+               "generator's target layer; real clips (task='folder') take 'delta' or 'frame'"),
+              (c["recurrent"] and c["n_passes"] > 1, "recurrent=True is one fine pass whose queries come from its "
+               f"own state (the fixed point of n_passes); set n_passes=1, got {c['n_passes']}"),
+              (folder and not c["data_dir"],
+               "task='folder' needs data_dir=<folder with captions.json and clips>"),
+              (c["latent_target"] not in ("target_layer", "delta", "frame"),
+               f"latent_target must be 'target_layer', 'delta' or 'frame', got {c['latent_target']!r}"),
+              (c["image_size"] % c["patch_size"] != 0,
+               f"image_size {c['image_size']} is not a multiple of patch_size {c['patch_size']}"),
+              # position t predicts frame t+1: one frame leaves nothing to predict
+              (c["n_frames"] < 2, f"n_frames must be >= 2 (each frame predicts the next), got {c['n_frames']}"),
+              (c["latent_grid"] < 1 or c["latent_channels"] < 1,  # an empty latent: a NaN loss
+               f"latent_grid and latent_channels must be >= 1, got {c['latent_grid']} and {c['latent_channels']}"),
+              # the attention strip draws held-out videos 0..n_vis-1 of the eval
+              (c["n_eval"] < 1 or not 0 <= c["n_vis"] <= c["n_eval"],
+               f"need n_eval >= 1 and 0 <= n_vis <= n_eval, got n_eval={c['n_eval']}, n_vis={c['n_vis']}"),
+              (c["freeze_vit"] and not c["vit_init"] and c["init_from"] == "scratch", "freeze_vit=True needs "
+               "vit_init=<checkpoint dir with a pretrained ViT>: a frozen random ViT would never learn to see")]
+    for bad, msg in checks:
+        if bad:
+            raise InputError(msg)
+    fov_pick_mode(c["seed"], 0, c["mode_weights"])  # bad mode_weights fail here, not at the first step
+    if c["push_to_hub"]:
+        check_repo_id(c["push_to_hub"])
+
+
+def fov_check_captions(named, tok, caption_tokens):
+    """Every caption the run can draw fits caption_tokens: checked once at startup, not when a batch first draws
+    it (mid-run). named: (where, caption) pairs."""
+    for where, caption in named:
+        if not isinstance(caption, str):
+            raise InputError(f"{where}: caption must be a string, got {caption!r}")
+        n = len(tok.encode(caption))
+        if n > caption_tokens:
+            raise InputError(f"{where}: caption of {n} tokens exceeds caption_tokens={caption_tokens}: {caption!r}")
+
+
+def fov_load_vit_init(vit, vit_init):
+    """A pretrained ViT's 'vit.*' weights from the checkpoint vit_init into vit, or one line naming what does not
+    fit (load_state_dict's error lists every tensor)."""
+    from safetensors.torch import load_file
+    path = os.path.join(resolve_checkpoint(vit_init), "model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"vit_init: no model.safetensors in {vit_init}")
+    state = {k[4:]: v for k, v in load_file(path).items() if k.startswith("vit.")}
+    own = vit.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs this ViT {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if wrong or missing or unexpected:
+        raise InputError(f"vit_init {path} does not fit this ViT (vit_layers/vit_heads/vit_width/image_size/"
+                         f"patch_size/coord_channels): {len(wrong)} shape mismatches {'; '.join(wrong[:2])}, "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    vit.load_state_dict(state)
+
+# -----------------------------------------------------------------------------
+# the ViT's input and its K/V cache
+
+
+def fov_coord_planes(size, n_freq=2):
+    """Fixed (4 * n_freq, size, size) sin/cos planes of x and y: patch keys carry their position."""
+    r = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    planes = [f(math.pi * (2 ** k) * c) for c in (xx, yy) for k in range(n_freq) for f in (torch.sin, torch.cos)]
+    return torch.stack(planes)
+
+
+def fov_vit_input(frames, coords=None):
+    """frames (B, T, 3, H, W) in [0, 1] -> (B*T, C, H, W): normalised RGB, then the coordinate planes if given."""
+    x = normalize(frames.flatten(0, 1))
+    if coords is not None:
+        x = torch.cat([x, coords.expand(x.shape[0], -1, -1, -1).to(x.dtype)], 1)
+    return x
+
+
+def fov_check_cache(cache, query_mode):
+    """A cache built for one layout and read in the other is one clear error (not a KeyError deep in a loop);
+    every path (training, captioning, generation) reads through FoveatedVLM.read()."""
+    kv = cache.get("kv") if isinstance(cache, dict) else None
+    if not kv or kv[-1] is None:
+        raise InputError("frame cache has no last-layer K/V: build it with FoveatedVLM.encode()")
+    if query_mode == "deep" and any(layer is None for layer in kv):
+        raise InputError("deep query mode needs the K/V of every layer but this cache is the shallow layout")
+
+# -----------------------------------------------------------------------------
+# eval metrics
+
+
+def fov_metrics(a, image_size, patch_size, target_size=0, read_head=None, glimpse_maps=None):
+    """The eval's metrics from the held-out outputs a (concatenated over batches: pf/pc the fine/coarse
+    predictions, tg their targets, all every frame's latent, zf/zc the reads, af/ac the attention maps, xy the
+    target's positions when known). read_head: (weight, bias) of the read head (read_weight > 0);
+    glimpse_maps: {path: location maps} (glimpse=True). -> (metrics, per-frame losses)."""
+    lf, lc = F.mse_loss(a["pf"], a["tg"]).item(), F.mse_loss(a["pc"], a["tg"]).item()
+    ent_f, max_f = fov_attention_stats(a["af"])
+    ent_c, max_c = fov_attention_stats(a["ac"])
+    # loss_mean: predicting the training mean (0 after standardisation); a path above it has not learned at all
+    # loss_copy: predicting frame t+1 as frame t's true latent ("as it looks now", known exactly): a reference
+    m = dict(ratio=lc / max(lf, 1e-12), loss_fine=lf, loss_coarse=lc, loss_mean=(a["tg"] ** 2).mean().item(),
+             loss_copy=F.mse_loss(a["all"][:, :-1], a["tg"]).item(), entropy_fine=ent_f, entropy_coarse=ent_c,
+             entropy_gap=ent_c - ent_f, max_att_fine=max_f, max_att_coarse=max_c,
+             cos_z_fine_coarse=fov_cosine(a["zf"], a["zc"]))
+    per_frame = dict(fine=fov_per_frame_mse(a["pf"], a["tg"]), coarse=fov_per_frame_mse(a["pc"], a["tg"]),
+                     copy=fov_per_frame_mse(a["all"][:, :-1], a["tg"]))
+    if read_head is not None:  # how much of its own frame's latent each path's reads hold, per frame too: where
+        # the track is lost (frames 0..T-1, where the losses above are the predictions of 1..T-1)
+        for path, z in (("fine", a["zf"]), ("coarse", a["zc"])):
+            read = F.linear(z, *read_head)
+            m[f"loss_read_{path}"] = F.mse_loss(read, a["all"]).item()
+            per_frame[f"read_{path}"] = fov_per_frame_mse(read, a["all"])
+    if "xy" in a:  # attention mass on the target's patches (frames 1.. : frame 0 has no history)
+        for path, maps in (("fine", a["af"]), ("coarse", a["ac"])):
+            m[f"target_att_{path}"] = fov_target_hit(maps[:, 1:], a["xy"][:, 1:], target_size, image_size, patch_size)
+        for path, g in (glimpse_maps or {}).items():  # the location maps' mass on the target (uniform: ~1/N)
+            m[f"glimpse_target_{path}"] = fov_target_hit(g, a["xy"][:, 1:], target_size, image_size, patch_size)
+    return m, per_frame
+
+
+def fov_caption_scores(generated, truth):
+    """Exact-match rate and word accuracy (position by position; a missing or extra word counts wrong)."""
+    exact = float(np.mean([g == c for g, c in zip(generated, truth)]))
+    words = float(np.mean([np.mean([x == y for x, y in zip(g.split(), c.split())] +
+                                   [False] * abs(len(g.split()) - len(c.split())))
+                           for g, c in zip(generated, truth)]))
+    return dict(caption_exact=exact, caption_word_acc=words)
+
+
+def fov_save_attention(frames, coarse, fine, path):
+    """The attention PNG: per video (frames (V, T, 3, H, W), maps (V, T, N)) a strip of the frames, the coarse and
+    the fine attention; the videos side by side. -> path."""
+    strips = [fov_attention_strip(frames[i].cpu(), coarse[i], fine[i]) for i in range(len(frames))]
+    return save_png(torch.cat(strips, 1), path)

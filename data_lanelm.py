@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from data import load_image, to_pil
+from data import epoch_order, image_grid, load_image, sample_rng, save_png, to_pil
 from model import InputError
 
 TUSIMPLE_W, TUSIMPLE_H = 1280, 720
@@ -36,10 +36,11 @@ LANE_TOKENIZATIONS = ("relative_disjoint", "absolute", "relative")
 class LaneTokenizer:
     """Lane <-> tokens. One sequence per lane:  BOS_k ROW_r p_r p_r-1 ... EOS   (empty lane: BOS_k EOS).
 
-    BOS_k is the lane-id prompt (one BOS per lane index: the one-to-many fix), ROW_r says at which row of
-    the global row grid (lane_row_grid: one y in every image) the lane starts, then one point token per row
-    until EOS. Lanes are written bottom-up (bottom_up=True): the first, absolute point is the nearest one,
-    where lanes are wide apart and easy to tell apart, and the relative steps walk towards the vanishing point.
+    BOS_k is the lane-id prompt (one BOS per lane index, so each prompt asks for one lane, not for all of them),
+    ROW_r says at which row of the global row grid (lane_row_grid: one y in every image) the lane starts, then
+    one point token per row until EOS. Lanes are written bottom-up (bottom_up=True): the first, absolute point
+    is the nearest one, where lanes are wide apart and easy to tell apart, and the relative steps walk towards
+    the vanishing point.
     A point is an x bin (bin = floor(x / (label_w / nbins_x)), decoded at the bin centre, so a round trip is
     within half a bin).
 
@@ -56,7 +57,7 @@ class LaneTokenizer:
 
     Modes: relative_disjoint (default): first point ABS, then DX in its own id range; a step larger than
     max_abs_dx is written as an ABS token (re-anchor), never clamped. absolute: every point ABS.
-    relative (kept for the ablation; the origin's overlapping layout): DX codes reuse the ABS id range
+    relative (kept for ablation; the overlapping layout of the original LaneLM code): DX codes reuse the ABS id range
     (code = nbins_x//2 + dx), their meaning set by position; a large step is REANCHOR + ABS."""
 
     def __init__(self, mode="relative_disjoint", nbins_x=200, max_abs_dx=32, max_rows=56, max_lanes=4,
@@ -250,7 +251,7 @@ def lane_synthetic_sample(rng, img_w=160, img_h=96, h_samples=None, max_lanes=4,
     (camera tilt moves the horizon), solid or dashed, white or yellow, occluded by vehicles, with shadows,
     lighting and texture noise. Returns dict(image (3, img_h, img_w) float [0,1], lanes (left to right,
     TuSimple form in the 1280x720 label frame), h_samples).
-    Difficulty knobs (defaults = the 10-minute CPU default; the first version's harder scene in brackets):
+    Difficulty knobs (defaults = the 10-minute CPU default; a harder scene in brackets):
     max_cars vehicles (occlusion) [3], max_shadows shadow bands [2], noise = max sensor noise std [0.04],
     lighting = scale of the brightness/contrast/colour/gamma jitter [1.0], dash_freq = dash cycles per unit
     of ground depth 1/t (t = 1 at the bottom row) [0.15-0.25: a dashed lane then often showed a single dash,
@@ -503,3 +504,64 @@ def lane_draw(image, h_samples, gt=(), pred=(), scale=3, label_w=TUSIMPLE_W, lab
                 if p is not None:
                     draw.ellipse([p[0] - w, p[1] - w, p[0] + w, p[1] + w], fill=colour)
     return im
+
+
+def lane_draw_grid(panels, path, cols=4):
+    """lane_draw panels -> one PNG at path (None when there is nothing to draw)."""
+    return save_png(image_grid(panels, cols), path) if panels else None
+
+# -----------------------------------------------------------------------------
+# the recipe's samples
+
+
+class LaneData:
+    """The samples a run reads: each a pure function of (seed, split, index), so a resume is exact and DDP's
+    ranks together draw one process's batch. dataset='synthetic': generated roads, labelled at the row grid's
+    rows; 'tusimple': the label files read and checked once (bad data stops the run before training), each
+    image decoded when asked for. overfit=True: every sample is the first training image with
+    min(max_lanes, 4) lanes, the image the overfit target must decode 4 lanes of."""
+
+    def __init__(self, dataset, seed, img_w, img_h, rows, max_lanes, data_root="", train_labels="", val_labels="",
+                 overfit=False, **synthetic):
+        self.dataset, self.seed, self.img_w, self.img_h = dataset, seed, img_w, img_h
+        self.rows, self.max_lanes, self.root, self.synthetic = rows, max_lanes, data_root, synthetic
+        self.entries, self.overfit_index = None, None
+        if dataset == "tusimple":
+            if not data_root:
+                raise InputError("dataset='tusimple' needs --data_root=<dir with clips/ and label_data_*.json>")
+            self.entries = dict(train=tusimple_read_labels(data_root, train_labels, rows),
+                                val=tusimple_read_labels(data_root, val_labels, rows))
+            for split, files in (("train", train_labels), ("val", val_labels)):
+                if not self.entries[split]:
+                    raise InputError(f"no {split} labels in {files!r} under {data_root}")
+        elif dataset != "synthetic":
+            raise InputError(f"dataset must be 'synthetic' or 'tusimple', got {dataset!r}")
+        if overfit:
+            n_want = min(max_lanes, 4)
+            n_try = 1000 if self.entries is None else min(1000, len(self.entries["train"]))
+            # TuSimple: the labels alone, no image decoding
+            labels = (lambda i: self.get("train", i)["lanes"]) if self.entries is None else (
+                lambda i: self.entry("train", i)["lanes"])
+            index = next((i for i in range(n_try) if len(lane_sort(labels(i))) >= n_want), None)
+            if index is None:
+                raise InputError(f"overfit=True needs a training image with {n_want} lanes; none in the first {n_try}")
+            self.overfit_index = index
+
+    def n_val(self):
+        """The number of held-out images (None: synthetic, as many as asked for)."""
+        return None if self.entries is None else len(self.entries["val"])
+
+    def entry(self, split, index):
+        entries = self.entries[split]
+        if split == "train":  # a fresh shuffle per epoch, the same on every rank
+            index = epoch_order(len(entries), self.seed, index // len(entries))[index % len(entries)]
+        return entries[index]
+
+    def get(self, split, index):
+        """-> dict(image (3, img_h, img_w) in [0, 1], lanes (label frame), h_samples)."""
+        if self.overfit_index is not None:
+            split, index = "train", self.overfit_index
+        if self.entries is None:
+            return lane_synthetic_sample(sample_rng(self.seed, split, index), self.img_w, self.img_h, self.rows,
+                                         self.max_lanes, **self.synthetic)
+        return tusimple_sample(self.entry(split, index), self.root, self.img_w, self.img_h)

@@ -1,6 +1,7 @@
 """
-OCR data (train_ocr.py's; shared helpers live in data.py): synthetic documents rendered with Pillow's bundled
-font, readers for JSONL / Fox / OmniDocBench annotations, the OCR metrics and a drawing helper.
+train_ocr.py's own code (shared helpers live in data.py and model.py): synthetic documents rendered with Pillow's
+bundled font, readers for JSONL / Fox / OmniDocBench annotations, the OCR metrics, drawing, the collapse monitor,
+and the model: DeepEncoder + GPT, its builders from checkpoints and its FLOP count.
 
 Held-out text is never seen in training: every whitespace-separated word (letters, numbers, prices)
 belongs to exactly one split by a hash of its characters (`ocr_word_split`), so a val image can only be
@@ -10,12 +11,16 @@ import json
 import os
 import re
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from data import pil_to_tensor, read_json, sample_rng, to_pil
-from model import InputError
+from checkpoint import dataclass_from_dict, load_checkpoint, load_meta
+from data import pil_to_tensor, read_json, sample_rng, save_png, to_pil
+from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, embed_patches, gpt_flops_per_token
 
 OCR_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 OCR_DIGITS = "0123456789"
@@ -368,8 +373,9 @@ def ocr_metrics(preds, gts):
 # drawing
 
 
-def ocr_draw_predictions(images, preds, gts, scale=2, cols=4):
-    """Each tile: the image (upscaled) above the prediction (green = exact, red = not) and the truth."""
+def ocr_draw_predictions(path, images, preds, gts, scale=2, cols=4):
+    """A PNG at path (returned) of tiles: the image (upscaled) above the prediction (green = exact, red = not) and
+    the truth."""
     from PIL import Image, ImageDraw
     tiles = []
     font = ocr_font(10)
@@ -388,10 +394,10 @@ def ocr_draw_predictions(images, preds, gts, scale=2, cols=4):
     grid = Image.new("RGB", (cols * w, rows * h), "white")
     for i, t in enumerate(tiles):
         grid.paste(t, ((i % cols) * w, (i // cols) * h))
-    return grid
+    return save_png(grid, path)
 
 # -----------------------------------------------------------------------------
-# collapse monitor (the journal's features of every page became one)
+# collapse monitor: a collapsed encoder gives every page the same features (and the GPT one stock answer)
 
 
 def ocr_pairwise_cosine(x):
@@ -404,7 +410,296 @@ def ocr_pairwise_cosine(x):
 
 def ocr_shared_spread(x):
     """x (N images, tokens, C) -> (RMS of the image-independent part, the mean over the images; RMS of the
-    rest, what differs between images). The journal's collapse: the first grows while the second shrinks."""
+    rest, what differs between images). In a collapse the first grows while the second shrinks."""
     x = x.float()
     mean = x.mean(0)
     return float(mean.pow(2).mean().sqrt()), float((x - mean).pow(2).mean().sqrt())
+
+# -----------------------------------------------------------------------------
+# the model: DeepEncoder (SAM-like windowed ViT -> neck -> two stride-2 convs -> CLIP-like ViT fed those features
+# -> concat -> projector) + the shared GPT
+
+
+@dataclass
+class EncoderConfig:
+    image_size: int = 64     # defaults: the script's (the CPU run's) shapes
+    sam_patch: int = 4
+    sam_dim: int = 64
+    sam_layers: int = 2
+    sam_heads: int = 4
+    sam_window: int = 8
+    sam_global: tuple = (1,)
+    neck_dim: int = 32
+    clip_layers: int = 1
+    clip_heads: int = 4
+    out_dim: int = 128       # the GPT width
+    center: bool = True      # BatchCenter on the projected tokens (False: DeepSeek-OCR's plain path)
+    glyph_classes: int = 0   # > 0: a per-patch character classifier on SAM's last block (the glyph loss)
+    token_slots: int = 0     # > 0 (with glyph_classes): each projected token classifies the characters it covers
+
+    @property
+    def q(self):
+        """Vision tokens per side: image / patch / 4 (the two stride-2 convs)."""
+        return self.image_size // self.sam_patch // 4
+
+
+def vision_token_count(image_size, patch_size, downsample=4):
+    """(q+1)*q+1: q rows of q tokens, a newline token after each row, one view separator at the end.
+    273 for DeepSeek-OCR's base mode (1024 px, patch 16, downsample 4)."""
+    q = image_size // patch_size // downsample
+    return (q + 1) * q + 1
+
+
+class LayerNorm2d(nn.LayerNorm):
+    def forward(self, x):  # (B, C, H, W), normalised over C
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def window_partition(x, w):
+    """(B, H, W, C) -> (B * windows, w, w, C), zero-padding H, W up to multiples of w (as SAM does)."""
+    B, H, W, C = x.shape
+    ph, pw = (w - H % w) % w, (w - W % w) % w
+    x = F.pad(x, (0, 0, 0, pw, 0, ph))
+    Hp, Wp = H + ph, W + pw
+    x = x.view(B, Hp // w, w, Wp // w, w, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, w, w, C), (Hp, Wp)
+
+
+def window_unpartition(x, w, padded, hw):
+    """window_partition's inverse, the padding cut off."""
+    (Hp, Wp), (H, W) = padded, hw
+    B = x.shape[0] // (Hp // w * Wp // w)
+    x = x.view(B, Hp // w, Wp // w, w, w, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    return x[:, :H, :W].contiguous()
+
+
+class SAMBlock(nn.Module):
+    """Pre-norm ViT block on a (B, H, W, C) grid; attention inside w x w windows, or global (w = 0)."""
+
+    def __init__(self, dim, n_head, window):
+        super().__init__()
+        self.n_head, self.window = n_head, window
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        h = self.ln_1(x)
+        if self.window:
+            h, padded = window_partition(h, self.window)
+        b, hh, ww, _ = h.shape
+        q, k, v = self.qkv(h).view(b, hh * ww, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        y = self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, hh, ww, C))
+        if self.window:
+            y = window_unpartition(y, self.window, padded, (H, W))
+        x = x + y
+        return x + self.mlp(self.ln_2(x))
+
+
+class SAMEncoder(nn.Module):
+    """Patch embed -> windowed/global blocks -> neck (1x1, 3x3 convs + LayerNorm2d) -> net_2, net_3
+    (3x3 stride-2 convs): 16x fewer tokens, 4x the neck width. DeepSeek-OCR counts net_2/net_3 as SAM."""
+
+    def __init__(self, c):
+        super().__init__()
+        g = c.image_size // c.sam_patch
+        self.patch = nn.Conv2d(3, c.sam_dim, c.sam_patch, stride=c.sam_patch)
+        self.pos = nn.Parameter(torch.zeros(1, g, g, c.sam_dim))
+        self.blocks = nn.ModuleList([SAMBlock(c.sam_dim, c.sam_heads, 0 if i in c.sam_global else c.sam_window)
+                                     for i in range(c.sam_layers)])
+        n = c.neck_dim
+        self.neck = nn.Sequential(nn.Conv2d(c.sam_dim, n, 1, bias=False), LayerNorm2d(n),
+                                  nn.Conv2d(n, n, 3, padding=1, bias=False), LayerNorm2d(n))
+        self.net_2 = nn.Conv2d(n, 2 * n, 3, stride=2, padding=1, bias=False)
+        self.net_3 = nn.Conv2d(2 * n, 4 * n, 3, stride=2, padding=1, bias=False)
+        # training aid, not part of DeepSeek-OCR: "which character is under this patch?" read off SAM's last
+        # block. Inside SAM, so stage 2 freezes it with the rest.
+        self.glyph = nn.Linear(c.sam_dim, c.glyph_classes) if c.glyph_classes else None
+
+    def forward(self, images, glyphs=False):
+        """-> (B, q*q, 4*neck) tokens, and with glyphs=True also (B, g, g, glyph_classes) glyph logits."""
+        x = embed_patches(images, self.patch) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        glyph_logits = self.glyph(x) if glyphs else None
+        x = self.net_3(self.net_2(self.neck(x.permute(0, 3, 1, 2))))
+        x = x.flatten(2).transpose(1, 2)
+        return (x, glyph_logits) if glyphs else x
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over DDP ranks whose gradient is the sum of every rank's gradient (so centring stays DDP-exact)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+class BatchCenter(nn.Module):
+    """Subtracts the image-independent part of every vision token: the mean over the batch per position and
+    channel (a running mean at eval), so the GPT only sees what differs between images. Without it the small
+    models here collapsed: a large component shared by all images, used as constant tokens, one answer for every
+    page (notes/ocr.md). Needs a global batch of >= 2 images (one image minus its own mean is zero): under DDP one
+    image per rank is enough; the script refuses a 1-image run."""
+
+    def __init__(self, n_tokens, dim, momentum=0.1):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(n_tokens, dim))
+
+    def forward(self, x):
+        ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+        n = x.shape[0] * (torch.distributed.get_world_size() if ddp else 1)
+        if self.training and n > 1:
+            total = x.sum(0)
+            if ddp:  # the global batch's mean (with gradient), like SyncBatchNorm
+                total = AllReduceSum.apply(total)
+            mean = total / n
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+            return x - mean
+        return x - self.running_mean.to(x.dtype)
+
+
+class DeepEncoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        if c.image_size % (c.sam_patch * 4):
+            raise InputError(f"image_size {c.image_size} must be a multiple of 4 * sam_patch ({4 * c.sam_patch})")
+        self.config = c
+        self.sam = SAMEncoder(c)
+        # CLIP-like ViT fed the SAM features: patch_embed=False, so no patch embedding that would never receive a
+        # gradient (DDP refuses parameters without one)
+        self.clip = ViT(ViTConfig(patch_embed=False, num_tokens=c.q * c.q, n_embd=4 * c.neck_dim,
+                                  n_layer=c.clip_layers, n_head=c.clip_heads))
+        self.projector = Projector(8 * c.neck_dim, c.out_dim)
+        self.center = BatchCenter(c.q * c.q, c.out_dim) if c.center else nn.Identity()
+        self.image_newline = nn.Parameter(torch.randn(c.out_dim) * c.out_dim ** -0.5)
+        self.view_separator = nn.Parameter(torch.randn(c.out_dim) * c.out_dim ** -0.5)
+        # training aid like SAM's glyph head: the characters of each token's area, slot by slot, read linearly
+        # off what the GPT will see (so the compressor must keep them apart)
+        self.slot_head = nn.Linear(c.out_dim, c.token_slots * c.glyph_classes) if c.glyph_classes and c.token_slots else None
+
+    def features(self, images, glyphs=False):
+        """images (B, 3, S, S) normalised -> dict of (B, q*q, C) at the sam, clip and projected stages
+        (+ 'glyphs', SAM's per-patch character logits, and 'slots', with glyphs=True)."""
+        sam, glyph_logits = self.sam(images, glyphs=True) if glyphs else (self.sam(images), None)
+        clip = self.clip(sam)
+        out = dict(sam=sam, clip=clip, proj=self.center(self.projector(torch.cat([clip, sam], -1))))
+        if not glyphs:
+            return out
+        c = self.config
+        slots = None if self.slot_head is None else self.slot_head(out["proj"]).view(-1, c.q, c.q, c.token_slots, c.glyph_classes)
+        return dict(out, glyphs=glyph_logits, slots=slots)
+
+    def layout(self, proj):
+        """(B, q*q, D) -> (B, (q+1)*q+1, D): a newline token after each row, one view separator."""
+        B, _, D = proj.shape
+        q = self.config.q
+        rows = torch.cat([proj.view(B, q, q, D), self.image_newline.expand(B, q, 1, D)], 2).reshape(B, -1, D)
+        return torch.cat([rows, self.view_separator.expand(B, 1, D)], 1)
+
+    def forward(self, images, glyphs=False):
+        """-> (B, (q+1)*q+1, D) vision embeddings, and with glyphs=True also dict(glyphs=SAM's per-patch
+        logits, slots=the projected tokens' per-slot logits or None)."""
+        f = self.features(images, glyphs)
+        return (self.layout(f["proj"]), dict(glyphs=f["glyphs"], slots=f["slots"])) if glyphs else self.layout(f["proj"])
+
+
+class OCRModel(nn.Module):
+    """DeepEncoder + GPT. images=None is a text-only batch (the encoder is then unused)."""
+
+    def __init__(self, encoder, gpt):
+        super().__init__()
+        self.encoder, self.gpt = encoder, gpt
+
+    def forward(self, idx, targets, images=None, loss_reduction="mean", aux=None):
+        """-> (logits, loss); with aux labels dict(glyphs=(B, g, g), slots=(B, q, q, slots)) also a dict of the
+        auxiliary cross-entropies summed over labelled cells (the caller normalises, like the summed text loss)."""
+        if aux is None:
+            vision = None if images is None else self.encoder(images)
+            return self.gpt(idx, targets, vision_embeds=vision, loss_reduction=loss_reduction)
+        vision, aux_logits = self.encoder(images, glyphs=True)
+        logits, loss = self.gpt(idx, targets, vision_embeds=vision, loss_reduction=loss_reduction)
+        sums = {k: F.cross_entropy(aux_logits[k].reshape(-1, aux_logits[k].shape[-1]).float(), aux[k].flatten(),
+                                   ignore_index=-1, reduction="sum") for k in aux if aux_logits.get(k) is not None}
+        return logits, loss, sums
+
+
+def encoder_config(d):
+    """A checkpoint meta's encoder dict -> EncoderConfig (JSON gives sam_global back as a list)."""
+    c = dataclass_from_dict(EncoderConfig, d)
+    c.sam_global = tuple(c.sam_global)
+    return c
+
+
+def model_from_meta(meta):
+    """The OCR model a checkpoint's meta describes (its glyph heads, vocab and sequence length included)."""
+    return OCRModel(DeepEncoder(encoder_config(meta["encoder"])), GPT(dataclass_from_dict(GPTConfig, meta["gpt"])))
+
+
+def load_encoder(src, out_dim):
+    """A stage-1 encoder-only checkpoint (<out_dir>/encoder) -> DeepEncoder with its weights."""
+    meta = load_meta(src)
+    if meta.get("kind") != "deepencoder":
+        raise InputError(f"init_encoder {src} is not an encoder-only checkpoint (meta kind {meta.get('kind')!r})")
+    enc = DeepEncoder(encoder_config(meta["encoder"]))
+    load_checkpoint(src, enc)
+    if enc.config.out_dim != out_dim:
+        raise InputError(f"encoder projects to {enc.config.out_dim} but the GPT has n_embd {out_dim}")
+    return enc
+
+
+def load_gpt_into(src, vocab_size, image_token_id, n_embd):
+    """A GPT checkpoint (meta['gpt']) for the OCR model. A vocab without <|image|> (a text LM) grows the
+    embedding and head to vocab_size, old rows kept; image_token_id is then set."""
+    src_cfg = dataclass_from_dict(GPTConfig, load_meta(src)["gpt"])
+    if src_cfg.n_embd != n_embd:
+        raise InputError(f"init_gpt {src} has n_embd {src_cfg.n_embd} but the encoder projects to {n_embd}")
+    gpt = GPT(src_cfg)
+    load_checkpoint(src, gpt)
+    if src_cfg.vocab_size < vocab_size:
+        print(f"init_gpt: vocab {src_cfg.vocab_size} lacks <|image|> (id {image_token_id}): growing the "
+              f"embedding and head to {vocab_size}")
+        gpt.resize_token_embeddings(vocab_size)
+    if image_token_id >= gpt.config.vocab_size:
+        raise InputError(f"image token id {image_token_id} is outside the GPT vocab {gpt.config.vocab_size}")
+    gpt.config.image_token_id = image_token_id
+    return gpt
+
+
+def encoder_flops(enc, glyphs=False):
+    """Training FLOPs per image, each module counted at the positions it runs at: SAM's patch embedding, blocks
+    and neck on its g x g grid, net_2 on (g/2)^2, net_3, CLIP, the projector and the slot head on q x q. 6 per
+    weight entry (conv kernels included) and position, plus attention's 12 x keys x width per position and layer
+    (PaLM's accounting, as gpt_flops_per_token); a frozen module (stage 2's SAM) runs forward only: a third of
+    that. Biases, norms and position embeddings are adds, not matmuls: left out."""
+    c, sam = enc.config, enc.sam
+    g, q = c.image_size // c.sam_patch, c.q
+
+    def cost(module, positions, keys=0, width=0):
+        weights = [p for n, p in module.named_parameters() if p.dim() >= 2 and n != "pos"]
+        per = 6 if any(p.requires_grad for p in module.parameters()) else 2
+        return per * positions * (sum(p.numel() for p in weights) + 2 * keys * width)
+
+    total = cost(sam.patch, g * g) + cost(sam.neck, g * g) + cost(sam.net_2, (2 * q) ** 2) + cost(sam.net_3, q * q)
+    total += sum(cost(b, g * g, (b.window or g) ** 2, c.sam_dim) for b in sam.blocks)
+    total += cost(enc.clip, q * q, q * q * len(enc.clip.blocks), 4 * c.neck_dim) + cost(enc.projector, q * q)
+    if glyphs:
+        total += cost(sam.glyph, g * g) + (cost(enc.slot_head, q * q) if enc.slot_head is not None else 0)
+    return total
+
+
+def train_flops(model, images, tokens, glyphs=False):
+    """One training step's FLOPs (the MFU numerator): the encoder per image plus the GPT per token."""
+    gpt_per_token = gpt_flops_per_token(model.gpt.config, model.gpt.num_params(exclude_embedding=True))
+    return encoder_flops(model.encoder, glyphs) * images + gpt_per_token * tokens

@@ -1,7 +1,8 @@
 """
 Pointer recipe data: synthetic referring scenes, a PixMo-Points-like JSONL reader, coordinate-correct
-augmentation, pixel-error / sequential metrics and the red-green-yellow drawing (the shared data code is in
-data.py; what only this recipe uses lives here).
+augmentation, pixel-error / sequential metrics, the red-green-yellow drawing, and what train_pointer.py builds on
+them: the config checks, the model's input channels, samples -> batches (PointerData) and the rolled-out
+answers of an eval (the shared data code is in data.py; what only this recipe uses lives here).
 
 Coordinates everywhere are normalised to [-1, 1] with -1 the left/top image EDGE and +1 the right/bottom
 edge (pixel i covers [i, i+1), so its centre is (i + 0.5) / W * 2 - 1; torch's align_corners=False).
@@ -20,8 +21,10 @@ import torch.nn.functional as F
 
 from PIL import Image, ImageDraw
 
-from data import load_image, sample_rng, to_pil
-from model import InputError
+from checkpoint import check_repo_id
+from data import (Tokenizer, batch_indices, epoch_order, image_grid, load_image, normalize, oriented_edges, sample_rng,
+                  save_png, step_batches, to_pil)
+from model import InputError, KVCache, left_pad
 
 POINTER_FRAME = 384
 POINTER_COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
@@ -380,7 +383,7 @@ def pointer_curriculum_kinds(step, curriculum_steps):
 
 
 def pointer_loss_three_stage(pred, gt):
-    """The journal's loss, exactly: 10 d^2 (d < 0.05), d^2 (0.05 <= d < 0.1), 0.2 d + 0.01 (d >= 0.1).
+    """The three-stage loss: 10 d^2 (d < 0.05), d^2 (0.05 <= d < 0.1), 0.2 d + 0.01 (d >= 0.1).
     Discontinuous (0.025 just below 0.05 vs 0.0025 just above; 0.01 vs 0.03 at 0.1), so NOT monotonic
     in the error: never early-stop or select on it; pixel errors are the measure."""
     d = (pred - gt).abs().sum(-1)
@@ -419,7 +422,7 @@ def pointer_pixel_errors(pred, gt, frame_wh):
 
 def pointer_pixel_metrics(pred, gt, frame_wh, thresholds=(2, 5, 10, 15)):
     """mean/median/p95 pixel error and % within each threshold, plus per-axis MSE in normalised units
-    (the journal's val_loss_x / val_loss_y) and per-axis mean absolute error in px."""
+    (loss_x / loss_y) and per-axis mean absolute error in px."""
     pred, gt = np.asarray(pred, dtype=np.float64).reshape(-1, 2), np.asarray(gt, dtype=np.float64).reshape(-1, 2)
     err = pointer_pixel_errors(pred, gt, frame_wh)
     wh = np.broadcast_to(np.asarray(frame_wh, dtype=np.float64), gt.shape)
@@ -545,3 +548,224 @@ def pointer_draw(image, pred, gt, text="", size=256, frame=None):
     d.text((2, h - 12), "err=" + ",".join(labels) + "px" + (f" n={len(pred)}/{len(gt)}" if len(gt) != 1 else ""),
            fill=(255, 255, 0))
     return im
+
+# -----------------------------------------------------------------------------
+# train_pointer.py's pieces: config checks, model input, samples -> batches, rolled-out answers
+
+
+def pointer_check_config(c):
+    """The settings a run cannot start with, as one-line errors before anything is built."""
+    if c["loss"] not in POINTER_LOSSES:
+        raise InputError(f"loss must be one of {' | '.join(POINTER_LOSSES)}, got {c['loss']!r}")
+    if c["image_attention"] not in ("bidirectional", "causal"):
+        raise InputError(f"image_attention must be 'bidirectional' or 'causal', got {c['image_attention']!r}")
+    if c["dataset"] not in ("synthetic", "jsonl"):
+        raise InputError(f"dataset must be 'synthetic' or 'jsonl', got {c['dataset']!r}")
+    if c["stem"] not in ("conv", "patch"):
+        raise InputError(f"stem must be 'conv' or 'patch', got {c['stem']!r}")
+    if not 0 <= c["multi_weight"] < 1:
+        raise InputError(f"multi_weight is a share of the training queries, in [0, 1): got {c['multi_weight']}")
+    if c["push_to_hub"]:
+        check_repo_id(c["push_to_hub"])
+
+
+def pointer_input_channels(edges):
+    return 3 + 4 * edges + 2  # RGB (+ 4 oriented edges) + 2 coordinates
+
+
+def pointer_model_input(images, edges):
+    """(B, 3, H, W) in [0, 1] -> the ViT's input: normalised RGB, |Sobel| in 4 orientations (edges: summed over a
+    patch they are an orientation histogram, so a linear patch embedding sees shape) and two channels holding
+    each pixel's own (x, y) in [-1, 1] (CoordConv: every patch embedding knows exactly where it is)."""
+    x = normalize(images)
+    x = torch.cat([x, oriented_edges(x)], 1) if edges else x
+    B, _, H, W = x.shape
+    ys = (torch.arange(H, device=x.device, dtype=x.dtype) + 0.5) / H * 2 - 1
+    xs = (torch.arange(W, device=x.device, dtype=x.dtype) + 0.5) / W * 2 - 1
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1])
+    return torch.cat([x, grid[None].expand(B, 2, H, W)], 1)
+
+
+def pointer_fourier(xy, n_freq=8):
+    """(..., 2) in [-1, 1] -> (..., 4 n_freq) sin/cos features: how a point is fed back into the sequence."""
+    freqs = (2.0 ** torch.arange(n_freq, device=xy.device, dtype=xy.dtype)) * math.pi / 2
+    ang = xy[..., None] * freqs
+    return torch.cat([ang.sin(), ang.cos()], -1).flatten(-2)
+
+
+class PointerData:
+    """train_pointer.py's data. A sample is a pure function of (seed, split, index) (synthetic scenes, or JSONL
+    records in a seeded per-epoch order), a training batch a pure function of the step and rank, so a resumed run
+    sees the same batches. Sequences: [bos, query, image x N, <|point|> x (K + 1)] (the last point token says done).
+    c: the script's config (after setup); grid: image tokens per side."""
+
+    def __init__(self, c, grid):
+        self.c, self.grid, self.n_vision = c, grid, grid * grid
+        self.tok = Tokenizer(specials=["<|point|>"] + (pointer_word_specials() if c["word_tokens"] else []))
+        self.bos, self.image, self.point, self.pad = (self.tok[t] for t in ("<|bos|>", "<|image|>", "<|point|>", "<|pad|>"))
+        # training queries: "every ..." at multi_weight, the other kinds keep their ratios; held-out ones as drawn
+        mw = c["multi_weight"]
+        self.train_weights = {k: w * (1 - mw) / (1 - POINTER_KIND_WEIGHTS["multi"]) for k, w in POINTER_KIND_WEIGHTS.items()}
+        self.train_weights["multi"] = mw
+        self.train_records = self.val_records = None
+        if c["dataset"] == "jsonl":
+            self.read_jsonl()
+
+    def read_jsonl(self):
+        c = self.c
+        if not c["train_jsonl"] or not c["val_jsonl"]:
+            raise InputError("dataset='jsonl' needs --train_jsonl=... and --val_jsonl=...")
+        self.train_records, self.val_records = pointer_read_jsonl(c["train_jsonl"]), pointer_read_jsonl(c["val_jsonl"])
+        print(f"jsonl: {len(self.train_records)} train / {len(self.val_records)} val records")
+        for name, recs in (("train", self.train_records), ("val", self.val_records)):
+            if n_long := sum(len(r["points_px"]) > c["max_points"] for r in recs):
+                print(f"jsonl: {n_long} {name} records have more than max_points={c['max_points']} points: the model "
+                      f"is taught their first {c['max_points']} (reading order); the val metrics count every point")
+        if c["n_eval"] > len(self.val_records):
+            print(f"n_eval={c['n_eval']} but {c['val_jsonl']} holds {len(self.val_records)} records: each is evaluated once")
+        if not any(r["points_px"] for r in self.val_records[:c["n_eval"]]):
+            raise InputError(f"{c['val_jsonl']}: no record among the first {min(c['n_eval'], len(self.val_records))} "
+                             "has a point: there is no pixel error to measure")
+
+    def check_checkpoint(self, meta):
+        """A checkpoint's image size and vocabulary must be this data's."""
+        c = self.c
+        if meta["vit"]["image_size"] != c["img_size"]:
+            raise InputError(f"checkpoint was trained at img_size={meta['vit']['image_size']}, config says {c['img_size']}")
+        if meta.get("word_tokens", c["word_tokens"]) != c["word_tokens"] or meta["gpt"]["vocab_size"] != self.tok.vocab_size:
+            raise InputError(f"checkpoint was trained with word_tokens={meta.get('word_tokens')} (vocab "
+                             f"{meta['gpt']['vocab_size']}), config says word_tokens={c['word_tokens']} (vocab "
+                             f"{self.tok.vocab_size})")
+
+    def sample(self, split, index, kinds=POINTER_KINDS):
+        c, train = self.c, split == "train"
+        if c["dataset"] == "jsonl" and not train:
+            return pointer_load_record(self.val_records[index % len(self.val_records)], c["img_size"])
+        if c["dataset"] == "jsonl":
+            epoch, i = divmod(index, len(self.train_records))
+            s = pointer_load_record(self.train_records[epoch_order(len(self.train_records), c["seed"], epoch)[i]], c["img_size"])
+        else:  # training scenes are crowded (train_cluster), held-out ones never
+            s = pointer_synthetic_sample(c["seed"], split, index, c["img_size"], max_points=c["max_points"], kinds=kinds,
+                                         cluster=c["train_cluster"] if train else 0.0,
+                                         weights=self.train_weights if train else POINTER_KIND_WEIGHTS)
+        if c["augment"] and train:
+            rng = np.random.default_rng([c["seed"], 99, index])
+            s["image"], s["points"], s["text"], scale = pointer_augment(s["image"], s["points"], s["text"], rng)
+            s["halves"], s["objects"] = s["halves"] * scale, None  # dense labels are not transformed: ignored
+            s["cand_points"] = None  # nor are the candidates: the grounding label falls back to the targets
+        return s
+
+    def eval_sets(self):
+        """-> (single-point val queries, multi-point val queries, training queries for the train/val gap)."""
+        c, single_kinds = self.c, tuple(k for k in POINTER_KINDS if k != "multi")
+        if c["dataset"] == "jsonl":  # real data: single- and multi-point records come from one file, each once
+            val = [self.sample("val", i) for i in range(min(c["n_eval"], len(self.val_records)))]
+            single, multi = [s for s in val if len(s["points"]) == 1], [s for s in val if len(s["points"]) > 1]
+        else:
+            single = [self.sample("val", i, single_kinds) for i in range(c["n_eval"])]
+            multi = [self.sample("val", 10**6 + i, ("multi",)) for i in range(c["n_eval_multi"])]
+        # the pixel metrics are on single-point queries; a val file with none: on the first point (reading order)
+        # of the multi-point ones. Records without points (nothing to point at) only train the done head.
+        measured = (lambda s: len(s["points"]) == 1) if single else (lambda s: len(s["points"]) > 0)
+        train = [s for s in (self.sample("train", i, single_kinds) for i in range(c["n_train_eval"])) if measured(s)]
+        return single, multi, train
+
+    def prompt(self, text):
+        """[bos, query, image x N, point]: the query comes first so that (causal) image tokens can read it and
+        each patch can decide locally whether it belongs to the referred object."""
+        q = pointer_encode(self.tok, text, self.c["word_tokens"])[:self.c["max_query_len"]]
+        return [self.bos] + q + [self.image] * self.n_vision + [self.point]
+
+    def grounding_label(self, s):
+        """The per-patch target of the grounding logit: the referred objects' patches or, for relation queries
+        with ground_candidates, every candidate's (the words select them; the relation then picks one)."""
+        mp = self.c["max_points"]
+        if self.c["ground_candidates"] and s.get("kind") == "relation" and s.get("cand_points") is not None:
+            return pointer_patch_mask(s["cand_points"], s["cand_halves"], self.grid)
+        return pointer_patch_mask(s["points"][:mp], s["halves"][:mp], self.grid)
+
+    def collate(self, samples):
+        """Teacher-forced sequences: K target points -> K + 1 <|point|> tokens (the last says done); token j > 0
+        carries point j - 1. Left padding keeps every sequence's point tokens at the end."""
+        seqs, feeds, done = [], [], []
+        for s in samples:
+            pts = np.asarray(s["points"], dtype=np.float32).reshape(-1, 2)[:self.c["max_points"]]
+            seqs.append(self.prompt(s["text"]) + [self.point] * len(pts))
+            feeds.append(pts)
+            done.append([0.0] * len(pts) + [1.0])
+        ids, pad_mask = left_pad(seqs, pad_id=self.pad)
+        B, T = ids.shape
+        feed, feed_mask = torch.zeros(B, T, 2), torch.zeros(B, T, dtype=torch.bool)
+        for b, pts in enumerate(feeds):  # point j feeds the (j+1)-th <|point|> token, len(pts) - j from the end
+            for j, p in enumerate(pts):
+                feed[b, T - len(pts) + j] = torch.from_numpy(p)
+                feed_mask[b, T - len(pts) + j] = True
+        xy = np.concatenate([np.concatenate([p, np.zeros((1, 2), np.float32)]) for p in feeds])
+        return dict(ids=ids, pad_mask=pad_mask, images=torch.stack([s["image"] for s in samples]), feed=feed,
+                    feed_mask=feed_mask, xy=torch.from_numpy(xy), done=torch.tensor([d for ds in done for d in ds]),
+                    mask=torch.from_numpy(np.stack([self.grounding_label(s) for s in samples])),
+                    dense=torch.from_numpy(np.stack([pointer_dense_labels(s.get("objects"), self.grid) for s in samples])))
+
+    def train_batch(self, step, rank=0, world_size=1):
+        """Step -> this rank's training batch (CPU tensors)."""
+        idx = batch_indices(step, self.c["batch_size"], rank, world_size)
+        kinds = pointer_curriculum_kinds(step, self.c["curriculum_steps"])
+        return self.collate([self.sample("train", i, kinds) for i in idx])
+
+    def batches(self, start, stop, rank=0, world_size=1, pin_memory=False):
+        """The training batches of steps start..stop-1, built ahead in num_workers processes when asked."""
+        return step_batches(lambda s: self.train_batch(s, rank, world_size), start, stop, self.c["num_workers"],
+                            pin_memory=pin_memory)
+
+
+@torch.no_grad()
+def pointer_rollout(m, data, samples, max_len, ctx, dtype, device):
+    """Rolled-out answers (never teacher-forced): the point tokens one by one, each fed the previous point, with a
+    KV cache, until done > 0.5 (at least one point). m: the train script's Pointer. -> list of (K_i, 2) arrays."""
+    ids, pad_mask = left_pad([data.prompt(s["text"]) for s in samples], pad_id=data.pad)
+    ids, pad_mask = ids.to(device), pad_mask.to(device)
+    images = torch.stack([s["image"] for s in samples]).to(device)
+    B, T = ids.shape
+    cfg = m.gpt.config
+    cache = KVCache(batch_size=B, num_heads=cfg.n_kv_head, seq_len=T + max_len, head_dim=cfg.n_embd // cfg.n_head,
+                    num_layers=cfg.n_layer, device=device, dtype=getattr(torch, dtype))  # autocast's: no per-step cast
+    with ctx:
+        x = m.gpt.embed(ids, m.vision(images)[0])
+        h_all = m.gpt.forward_embeds(x, pad_mask, cache, block=m.image_block(ids))
+    h, img_h, rows = h_all[:, -1], m.image_states(ids, h_all), torch.arange(B, device=device)
+    match = m.grounding(ids, pad_mask, h_all, img_h) if m.head_mode == "attend" else None
+    out, stopped = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=device)
+    for j in range(max_len):
+        xy, done_logit, _ = m.heads(h, img_h, rows, match)
+        xy = xy.float().clamp(-1, 1)
+        stopped |= (done_logit.float() > 0) & (j > 0)
+        for b in range(B):
+            if not stopped[b]:
+                out[b].append(xy[b].cpu().numpy())
+        if bool(stopped.all()) or j == max_len - 1:
+            break
+        with ctx:
+            x = m.gpt.transformer.wte(torch.full((B, 1), data.point, device=device)) + m.point_in(pointer_fourier(xy))[:, None]
+            h = m.gpt.forward_embeds(x, kv_cache=cache)[:, -1]
+    return [np.stack(o) for o in out]
+
+
+def pointer_first_point_metrics(preds, samples, kinds=()):
+    """Pixel metrics of the first rolled-out point against each sample's first point, within_5px per query kind
+    (kinds: which kinds fail, grounding vs precision) and the error breakdown (pointer_error_breakdown)."""
+    first, truth = np.stack([p[0] for p in preds]), np.stack([s["points"][0] for s in samples])
+    frames = np.array([s["frame"] for s in samples])
+    metrics = pointer_pixel_metrics(first, truth, frames)
+    ok, sample_kinds = pointer_pixel_errors(first, truth, frames) <= 5, np.array([s["kind"] for s in samples])
+    for k in kinds:
+        if (sample_kinds == k).any():
+            metrics[f"within_5px_{k}"] = float(ok[sample_kinds == k].mean())
+    metrics.update(pointer_error_breakdown(first, samples))
+    return metrics
+
+
+def pointer_eval_picture(path, single, pred1, multi, pred_multi, n_vis=8):
+    """The eval PNG: n_vis single-point and n_vis multi-point queries, 4 a row. -> path, or None (nothing drawn)."""
+    vis = [pointer_draw(s["image"], p[:1], s["points"][:1], s["text"], frame=s["frame"]) for s, p in zip(single[:n_vis], pred1)]
+    vis += [pointer_draw(s["image"], p, s["points"], s["text"], frame=s["frame"]) for s, p in zip(multi[:n_vis], pred_multi)]
+    return save_png(image_grid(vis, 4), path) if vis else None

@@ -1,21 +1,31 @@
 """
-Seg-Gumbel data: synthetic referring-segmentation scenes, the prompt layouts ([SEG], <vp> ... </vp>), the
-visual prompt (region mask pooled to a g x g grid), a RefCOCO-style JSON reader, mask/caption metrics and
-the visualisation panel. Merged into data.py by the lead; every public name starts with `seg_`.
+Seg-Gumbel's own pieces, used by train_seg_gumbel.py and its tests: synthetic referring-segmentation scenes, the
+prompt layouts ([SEG], <vp> ... </vp>), the visual prompt (region mask pooled to a g x g grid), a RefCOCO-style
+JSON reader, batches, the model (ViT -> projector -> GPT + a SAM-style mask decoder), the stage A and stage B
+(pseudo-Gumbel) losses, the rollout eval, mask/caption metrics and the visualisation panel.
+Every public name starts with `seg_` (or `Seg`).
 """
+import copy
+import math
 import os
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from data import load_image, read_json, sample_rng, to_pil
-from model import InputError
+from checkpoint import dataclass_from_dict
+from data import Tokenizer, epoch_order, load_image, normalize, read_json, sample_rng, save_png, to_pil
+from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, left_pad
 
 # -----------------------------------------------------------------------------
 # special tokens and prompt layouts (every special is inserted by id, never by string search)
 
 SEG_SPECIALS = ("[SEG]", "<vp>", "</vp>", "<mask>")  # + data.Tokenizer's <|bos|> <|eos|> <|pad|> <|image|>
+SEG_TOK = Tokenizer(specials=SEG_SPECIALS)
+BOS, EOS, PAD, IMG = SEG_TOK["<|bos|>"], SEG_TOK["<|eos|>"], SEG_TOK["<|pad|>"], SEG_TOK["<|image|>"]
+SEG, VP, VP_END, MASK = SEG_TOK["[SEG]"], SEG_TOK["<vp>"], SEG_TOK["</vp>"], SEG_TOK["<mask>"]
+INPUT_ONLY = [BOS, PAD, SEG, VP, VP_END, MASK]  # never generated (the image token is banned by GPT.generate)
 
 
 def seg_prompt_ids(tok, n_img, caption_ids):
@@ -25,8 +35,8 @@ def seg_prompt_ids(tok, n_img, caption_ids):
 
 def seg_vp_prompt_ids(tok, n_img, k):
     """Region captioning prompt: <|bos|> <|image|>*n_img <vp> <|image|>*k </vp>. k = 0 is legal (an empty
-    region prompt); the prompt then carries exactly n_img image-context tokens (the journal's 257-vs-256 bug
-    came from forcing k >= 1 in the prompt while the model built k = 0 embeddings)."""
+    region prompt); the prompt then carries exactly n_img image-context tokens (forcing k >= 1 here while the
+    model builds k = 0 embeddings would leave one context token without an embedding)."""
     if k < 0:
         raise ValueError(f"visual prompt token count must be >= 0, got {k}")
     return [tok["<|bos|>"]] + [tok["<|image|>"]] * n_img + [tok["<vp>"]] + [tok["<|image|>"]] * k + [tok["</vp>"]]
@@ -200,6 +210,45 @@ def seg_load_record(rec, image_size):
     mask = torch.from_numpy((np.asarray(canvas, dtype=np.float32) >= 128).astype(np.float32))
     return dict(image=load_image(rec["image"], image_size), mask=mask, caption=rec["caption"])
 
+class SegData:
+    """A run's batches: synthetic scenes (a pure function of seed, split and index) or RefCOCO-style records
+    (read once, on first use). captioned_pool > 0 (synthetic): stage A draws from only that many captioned
+    training scenes, again and again, while stage B draws fresh scenes past them and uses their masks only."""
+
+    def __init__(self, dataset="synthetic", seed=1337, image_size=32, max_caption_len=16, vp_grid=16,
+                 captioned_pool=3000, train_json="", val_json="", image_root=""):
+        if dataset not in ("synthetic", "refcoco"):
+            raise InputError(f"dataset must be 'synthetic' or 'refcoco', got {dataset!r}")
+        self.dataset, self.seed, self.image_size, self.max_caption_len = dataset, seed, image_size, max_caption_len
+        self.vp_grid, self.captioned_pool, self.image_root = vp_grid, captioned_pool, image_root
+        self.paths, self._records = dict(train=train_json, val=val_json), {}
+
+    def records(self, split):
+        if split not in self._records:
+            if not self.paths[split]:
+                raise InputError(f"dataset='refcoco' needs --{split}_json=")
+            self._records[split] = seg_read_refcoco(self.paths[split], self.image_root or None)
+        return self._records[split]
+
+    def batch(self, split, indices, device, stage="A"):
+        """-> dict(images, masks, captions [str], caption_ids [token lists, cut to max_caption_len], cells)."""
+        if self.dataset == "synthetic":
+            pool = self.captioned_pool
+            if split == "train" and pool > 0:  # A: the captioned pool, again and again; B: scenes past it
+                indices = [i % pool if stage == "A" else pool + i for i in indices]
+            samples = [seg_synthetic_sample(self.seed, split, i, self.image_size) for i in indices]
+        else:
+            recs = self.records(split)
+            if split == "train":  # a fresh permutation per epoch, the same on every rank
+                picks = [epoch_order(len(recs), self.seed, i // len(recs))[i % len(recs)] for i in indices]
+            else:
+                picks = [i % len(recs) for i in indices]
+            samples = [seg_load_record(recs[j], self.image_size) for j in picks]
+        b = seg_collate(samples)
+        return dict(images=b["images"].to(device), masks=b["masks"].to(device), captions=b["captions"],
+                    caption_ids=[SEG_TOK.encode(c)[:self.max_caption_len] for c in b["captions"]],
+                    cells=seg_region_cells(b["masks"], self.vp_grid).to(device))
+
 # -----------------------------------------------------------------------------
 # metrics (on rolled-out outputs: thresholded masks, generated captions)
 
@@ -271,3 +320,289 @@ def seg_panels(rows):
     for i, r in enumerate(rows):
         out.paste(r, (0, i * h))
     return out
+
+# -----------------------------------------------------------------------------
+# the model: ViT -> projector -> GPT, visual-prompt rows, SAM-style mask decoder
+
+
+class SegMaskDecoder(nn.Module):
+    """Light SAM-style decoder: the [SEG] state becomes one output token; a two-way attention layer lets it
+    read the image features (and writes it back into them); the features are upsampled to the input
+    resolution, summed with a small full-resolution conv of the pixels (for crisp edges), and the mask is the
+    dot product of a hypernetwork MLP of the token with every pixel's features (SAM's mask head)."""
+
+    def __init__(self, d_text, d_img, d=64, heads=4):
+        super().__init__()
+        self.token_in, self.img_in = nn.Linear(d_text, d), nn.Linear(d_img, d)
+        self.t2i = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.i2t = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.norm_t, self.norm_f = nn.LayerNorm(d), nn.LayerNorm(d)
+        c = d // 4
+        self.coarse = nn.Conv2d(d, c, 1)
+        self.pixels = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1))
+        self.fuse = nn.Sequential(nn.GELU(), nn.Conv2d(c, c, 3, padding=1))
+        self.hyper = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, c))
+
+    def forward(self, seg_h, feats, images):
+        B, N, _ = feats.shape
+        s = int(math.isqrt(N))
+        t, f = self.token_in(seg_h)[:, None], self.img_in(feats)
+        t = self.norm_t(t + self.t2i(t, f, f, need_weights=False)[0])
+        t = t + self.mlp(t)
+        f = self.norm_f(f + self.i2t(f, t, t, need_weights=False)[0])
+        f = f.transpose(1, 2).reshape(B, -1, s, s)
+        up = F.interpolate(self.coarse(f), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        up = self.fuse(up + self.pixels(images))
+        return torch.einsum("bc,bchw->bhw", self.hyper(t[:, 0]), up)
+
+
+class SegVLM(nn.Module):
+    def __init__(self, vit_cfg, gpt_cfg, dec_dim, llm_grid):
+        super().__init__()
+        self.llm_grid = llm_grid
+        self.vit, self.gpt = ViT(vit_cfg), GPT(gpt_cfg)
+        self.proj = Projector(vit_cfg.n_embd, gpt_cfg.n_embd)
+        self.vp_type = nn.Parameter(torch.zeros(gpt_cfg.n_embd))  # marks a row as a region cell, not the image
+        self.decoder = SegMaskDecoder(gpt_cfg.n_embd, vit_cfg.n_embd, dec_dim)
+
+    def encode(self, images):
+        """-> (ViT features (B, N, Cv) for the decoder and the visual prompt, image rows for the GPT
+        (B, llm_grid**2, D)). The GPT gets a pooled view: the decoder localises from the full-resolution
+        features, so the language model only needs to know what is in the picture (4x fewer tokens)."""
+        feats = self.vit.encode(normalize(images))["features"]
+        B, N, C = feats.shape
+        s = int(math.isqrt(N))
+        pooled = F.adaptive_avg_pool2d(feats.transpose(1, 2).reshape(B, C, s, s), self.llm_grid)
+        return feats, self.proj(pooled.flatten(2).transpose(1, 2))
+
+    def vp_rows(self, feats, cells):
+        """The visual prompt's embeddings: features resampled to the g x g grid, one row per selected cell.
+        Returns a list of (K_b, D); K_b = cells[b].sum() exactly, 0 included."""
+        B, N, C = feats.shape
+        s, g = int(math.isqrt(N)), int(math.isqrt(cells.shape[1]))
+        grid = F.interpolate(feats.transpose(1, 2).reshape(B, C, s, s), size=(g, g), mode="bilinear",
+                             align_corners=False).flatten(2).transpose(1, 2)
+        rows = self.proj(grid) + self.vp_type
+        return [rows[b][cells[b]] for b in range(B)]
+
+    def forward(self, kind, **kw):  # one entry point, so DDP sees every trainable forward
+        return {"stage_a": seg_stage_a_loss, "stage_b": seg_stage_b_loss}[kind](self, **kw)
+
+
+def seg_configs(image_size=32, patch_size=4, llm_grid=4, vp_grid=16, max_caption_len=16, vit_layers=2, vit_embd=128,
+                vit_heads=4, n_layer=3, n_embd=128, n_head=4, n_kv_head=4):
+    """-> (ViTConfig, GPTConfig) of a run; the GPT's sequence holds the longest prompt plus its caption."""
+    if image_size % patch_size or (image_size // patch_size) % llm_grid:
+        raise InputError(f"image_size {image_size} / patch_size {patch_size} must be a multiple of llm_grid {llm_grid}")
+    vit_cfg = ViTConfig(image_size=image_size, patch_size=patch_size, n_layer=vit_layers, n_head=vit_heads,
+                        n_embd=vit_embd)
+    seq = 2 + llm_grid ** 2 + vp_grid ** 2 + max_caption_len + 4
+    gpt_cfg = GPTConfig(vocab_size=SEG_TOK.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                        n_embd=n_embd, sequence_len=seq, image_token_id=IMG)
+    return vit_cfg, gpt_cfg
+
+
+def seg_configs_from_meta(meta):
+    """-> (ViTConfig, GPTConfig) a checkpoint was built with (its meta.json)."""
+    return dataclass_from_dict(ViTConfig, meta["vit"]), dataclass_from_dict(GPTConfig, meta["gpt"])
+
+
+def seg_build_model(vit_cfg, gpt_cfg, dec_dim, llm_grid, fresh=True):
+    """{student, teacher}: the teacher starts as a copy of the student (fresh=True) or is built on its own
+    (fresh=False: a checkpoint's weights replace both)."""
+    student = SegVLM(vit_cfg, gpt_cfg, dec_dim, llm_grid)
+    teacher = copy.deepcopy(student) if fresh else SegVLM(vit_cfg, gpt_cfg, dec_dim, llm_grid)
+    return nn.ModuleDict(dict(student=student, teacher=teacher))
+
+# -----------------------------------------------------------------------------
+# prompts, the two forward paths, losses
+
+
+def seg_context_rows(img, vp):
+    """Rows for GPT.embed's scatter, in prompt order per sample: N image rows, then that sample's K rows."""
+    return torch.cat([torch.cat([img[b], vp[b]]) for b in range(img.shape[0])])
+
+
+def seg_vp_batch(model, feats, img, cells):
+    """Left-padded region-captioning prompts + their context rows, with the per-row count check."""
+    vp = model.vp_rows(feats, cells)
+    ks = [v.shape[0] for v in vp]
+    ids, pad_mask = left_pad([seg_vp_prompt_ids(SEG_TOK, img.shape[1], k) for k in ks], pad_id=PAD, device=img.device)
+    seg_check_context_counts(ids, IMG, img.shape[1], ks)
+    return ids, pad_mask, seg_context_rows(img, vp)
+
+
+def seg_segment(model, feats, img, images, caption_ids):
+    """Referring segmentation from token captions: [SEG] is the last column of every (left-padded) row."""
+    ids, pad_mask = left_pad([seg_prompt_ids(SEG_TOK, img.shape[1], c) for c in caption_ids], pad_id=PAD,
+                             device=img.device)
+    x = model.gpt.embed(ids, img.reshape(-1, img.shape[-1]))
+    return seg_segment_embeds(model, x, pad_mask, ids, feats, images)
+
+
+def seg_segment_embeds(model, x, pad_mask, ids, feats, images):
+    """Mask logits from input embeddings whose last column is [SEG] in every row. A row without it is an
+    error, never a zero loss (a [SEG] lost in encoding would otherwise train on nothing, silently)."""
+    n_seg = (ids == SEG).sum(1)
+    if not bool((ids[:, -1] == SEG).all()) or not bool((n_seg == 1).all()):
+        raise InputError(f"every segmentation row needs exactly one [SEG] (id {SEG}) at its end; "
+                         f"counts {n_seg.tolist()}")
+    h = model.gpt.forward_embeds(x, pad_mask)
+    return model.decoder(h[:, -1], feats, images)
+
+
+def seg_mask_loss(logits, target):
+    """Per-sample BCE + Dice over the samples that have a target; samples with an empty target are skipped
+    (and counted by the caller). Returns (loss or None, n_skipped)."""
+    keep = target.flatten(1).sum(1) > 0
+    n_skip = int((~keep).sum())
+    if not bool(keep.any()):
+        return None, n_skip
+    logits, target = logits[keep], target[keep]
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+    p, t = logits.sigmoid().flatten(1), target.flatten(1)
+    dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+    return (bce + dice).mean(), n_skip
+
+
+def seg_right_pad(seqs, device):
+    """Token lists -> (ids (B, L) padded with <|pad|>, valid (B, L)); L >= 1."""
+    L = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), L), PAD, dtype=torch.long)
+    valid = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        valid[i, :len(s)] = True
+    return ids.to(device), valid.to(device)
+
+
+def seg_st_topk_gumbel(logits, tau=0.7, top_k=0, noise=None):
+    """Straight-through top-k Gumbel-softmax. Logits outside the top k are dropped, Gumbel noise added, and
+    y_soft = softmax((logits + g) / tau). Returns y_hard - y_soft.detach() + y_soft: its value is the one-hot
+    of the sample, its gradient is y_soft's (tests check both)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if noise is None:
+        u = torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)
+        noise = -torch.log(-torch.log(u))
+    y_soft = F.softmax((logits + noise) / tau, dim=-1)
+    y_hard = F.one_hot(y_soft.argmax(-1), logits.shape[-1]).to(y_soft.dtype)
+    return y_hard - y_soft.detach() + y_soft
+
+
+def seg_stage_a_loss(model, images, masks, caption_ids, cells, caption_weight=1.0):
+    """Referring segmentation (BCE + Dice) + region captioning (teacher-forced cross-entropy). A batch with no
+    non-empty mask gives loss None, a skipped step as in stage B: a caption-only step would leave the decoder
+    without a gradient, which under DDP stalls the ranks that have one."""
+    feats, img = model.encode(images)
+    seg_loss, n_skip = seg_mask_loss(seg_segment(model, feats, img, images, caption_ids), masks)
+    seg_tokens = len(caption_ids) * (img.shape[1] + 2 + max(len(c) for c in caption_ids))  # seg_segment's prompt
+    ids, pad_mask, rows = seg_vp_batch(model, feats, img, cells)
+    P = ids.shape[1]
+    caps, cap_mask = seg_right_pad([c + [EOS] for c in caption_ids], img.device)
+    inputs = torch.cat([ids, caps[:, :-1]], 1)
+    logits, _ = model.gpt(inputs, vision_embeds=rows, pad_mask=torch.cat([pad_mask, cap_mask[:, :-1]], 1))
+    targets = caps.masked_fill(~cap_mask, -1)
+    ce = F.cross_entropy(logits[:, P - 1:].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+    loss = None if seg_loss is None else seg_loss + caption_weight * ce
+    return loss, dict(seg=float(seg_loss.detach()) if seg_loss is not None else float("nan"), ce=float(ce.detach()),
+                      skipped=n_skip, tokens=seg_tokens + inputs.numel())
+
+
+@torch.no_grad()
+def seg_caption_regions(model, feats, img, cells, max_len):
+    """Greedy region captions (KV cache) -> list of token lists (EOS and after removed)."""
+    ids, pad_mask, rows = seg_vp_batch(model, feats, img, cells)
+    out = model.gpt.generate(ids, max_len + 1, vision_embeds=rows, pad_mask=pad_mask, eos_id=EOS,
+                             suppress_ids=INPUT_ONLY)
+    caps = []
+    for row in out.tolist():
+        caps.append(row[:row.index(EOS)] if EOS in row else row[:max_len])
+    return caps
+
+
+def seg_stage_b_loss(model, teacher, images, masks, cells, max_len=16, mask_ratio=0.25, tau=0.7, top_k=16,
+                     distill_weight=1.0):
+    """The six-step pseudo-Gumbel loop (notes/seg_gumbel.md). Returns (loss or None, stats, text_embeds)."""
+    # (1) the EMA teacher captions each region greedily, without gradient
+    with torch.no_grad():
+        t_feats, t_img = teacher.encode(images)
+        pseudo = seg_caption_regions(teacher, t_feats, t_img, cells, max_len)
+    caps, valid = seg_right_pad([p + [EOS] for p in pseudo], images.device)
+    text_valid = valid & (caps != EOS)  # the caption's own tokens; EOS ends it
+    # (2) random masking (mask_ratio) of the pseudo tokens (the trainable model's input only)
+    hide = (torch.rand(caps.shape, device=caps.device) < mask_ratio) & text_valid
+    masked = caps.masked_fill(hide, MASK)
+    # (3) the trainable model's logits for every caption position, from the region prompt
+    feats, img = model.encode(images)
+    ids, pad_mask, rows = seg_vp_batch(model, feats, img, cells)
+    P, L = ids.shape[1], caps.shape[1]
+    x = model.gpt.embed(torch.cat([ids, masked[:, :-1]], 1), rows)
+    h = model.gpt.forward_embeds(x, torch.cat([pad_mask, valid[:, :-1]], 1))
+    logits = model.gpt.logits(h[:, P - 1:P - 1 + L])
+    n_tokens = x.shape[0] * x.shape[1]  # the trainable GPT's positions (padding included: it is computed)
+    # self-distillation anchor: without it the byte-level captions lose their spelling within ~100 steps;
+    # it uses no ground-truth caption
+    distill = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), caps.masked_fill(~valid, -1).reshape(-1),
+                              ignore_index=-1)
+    special = torch.arange(logits.shape[-1], device=logits.device) >= SEG_TOK.n_base
+    logits = logits.masked_fill(special, float("-inf"))  # text positions carry text: no special is sampled
+    # (4) straight-through top-k Gumbel-softmax -> one-hots whose backward is soft -> text embeddings
+    y = seg_st_topk_gumbel(logits, tau, top_k)
+    text = y @ model.gpt.transformer.wte.weight
+    text.retain_grad()
+    # (5) [SEG] appended by id; the mask is predicted from these embeddings (padding columns are masked out)
+    seg_ids = torch.tensor([BOS] + [IMG] * img.shape[1] + [PAD] * L + [SEG], device=images.device)
+    seg_ids = seg_ids.expand(images.shape[0], -1)
+    base = model.gpt.embed(seg_ids, img.reshape(-1, img.shape[-1]))
+    n = 1 + img.shape[1]
+    x = torch.cat([base[:, :n], text.to(base.dtype), base[:, n + L:]], 1)
+    ones = torch.ones(images.shape[0], n, dtype=torch.bool, device=images.device)
+    seg_mask = torch.cat([ones, text_valid, ones[:, :1]], 1)
+    # (6) BCE + Dice against the region's mask
+    seg, n_skip = seg_mask_loss(seg_segment_embeds(model, x, seg_mask, seg_ids, feats, images), masks)
+    loss = seg + distill_weight * distill if seg is not None and distill_weight > 0 else seg
+    # seg reported on its own: the mask loss is what stage B trains, and must be seen to move
+    return loss, dict(skipped=n_skip, pseudo_len=float(text_valid.sum(1).float().mean()),
+                      distill=float(distill.detach()), seg=float(seg.detach()) if seg is not None else float("nan"),
+                      tokens=n_tokens + x.shape[0] * x.shape[1]), text
+
+
+@torch.no_grad()
+def seg_ema_update(teacher, student, decay):
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.lerp_(s.detach(), 1 - decay)
+
+# -----------------------------------------------------------------------------
+# eval: rollout metrics (thresholded masks, generated captions, and the cycle mask -> caption -> mask)
+
+
+@torch.no_grad()
+def seg_evaluate(model, data, n_eval, batch_size, device, ctx, n_vis=0, vis_path=None):
+    """-> dict(giou, ciou, caption_acc, caption_exact, cycle_iou) on the first n_eval val samples; draws nothing
+    random. vis_path: a PNG of the first n_vis samples (image | GT | mask from the caption | cycle mask)."""
+    model.eval()
+    I, U, cI, cU, gens, gts, vis = [], [], [], [], [], [], []
+    for start in range(0, n_eval, batch_size):
+        b = data.batch("val", range(start, min(n_eval, start + batch_size)), device)
+        with ctx:
+            feats, img = model.encode(b["images"])
+            pred = seg_segment(model, feats, img, b["images"], b["caption_ids"]) > 0
+            gen = seg_caption_regions(model, feats, img, b["cells"], data.max_caption_len)
+            cyc = seg_segment(model, feats, img, b["images"], gen) > 0
+        i, u = seg_iou_stats(pred.cpu(), b["masks"].cpu())
+        ci, cu = seg_iou_stats(cyc.cpu(), b["masks"].cpu())
+        I.append(i), U.append(u), cI.append(ci), cU.append(cu)
+        gens += gen
+        gts += b["caption_ids"]
+        for j in range(min(n_vis - len(vis), len(gen))):
+            vis.append(seg_panel(b["images"][j], b["masks"][j], pred[j], cyc[j], b["captions"][j],
+                                 SEG_TOK.decode(gen[j])))
+    I, U, cI, cU = torch.cat(I), torch.cat(U), torch.cat(cI), torch.cat(cU)
+    if vis_path and vis:
+        save_png(seg_panels(vis), vis_path)
+    model.train()
+    return dict(giou=seg_giou(I, U), ciou=seg_ciou(I, U), caption_acc=seg_caption_token_accuracy(gens, gts),
+                caption_exact=sum(g == t for g, t in zip(gens, gts)) / len(gts), cycle_iou=seg_giou(cI, cU))

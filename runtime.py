@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from checkpoint import adopt_checkpoint_config, load_meta, push_run_to_hub, run_dir, unwrap
+from checkpoint import adopt_checkpoint_config, check_repo_id, load_meta, push_run_to_hub, run_dir, unwrap
 from data import format_metrics, target_met, write_results
 from model import InputError
 
@@ -66,6 +66,8 @@ def setup(config, recipe, model_keys=(), absent=None):
     to start from. A checkpoint's model_keys override config (each change printed) and out_dir is filled in,
     in config itself: the script then takes them with globals().update(config).
     absent: {key: value} (or meta -> dict) an older checkpoint whose config lacks the key was built with."""
+    if config.get("push_to_hub"):
+        check_repo_id(config["push_to_hub"])  # a malformed repo name fails now, not after the training
     threads = pick_threads(config.get("torch_threads", 0))
     torch.set_num_threads(threads)
     device = resolve_device(config.get("device", "auto"))
@@ -467,62 +469,3 @@ def teardown(logger, push_to_hub=""):
         push_run_to_hub(push_to_hub, logger.run.out_dir, logger.recipe, logger.config)
     logger.finish()
     cleanup_distributed()
-
-
-# -----------------------------------------------------------------------------
-# TEMPORARY (removed when every script calls setup()): the old entry points
-
-
-def init_distributed(device="auto"):
-    device = resolve_device(device)
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = 0, 0, 1
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dict(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world, device=device,
-                device_type="cuda" if device.startswith("cuda") else "cpu", master=rank == 0)
-
-
-def idle_cores(seconds=0.5):
-    def snapshot():
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        return ticks[3] + ticks[4], sum(ticks)
-    try:
-        idle0, all0 = snapshot()
-        time.sleep(seconds)
-        idle1, all1 = snapshot()
-    except OSError:
-        return (os.cpu_count() or 1) - os.getloadavg()[0]
-    return (os.cpu_count() or 1) * (idle1 - idle0) / max(1, all1 - all0)
-
-
-class WandbLogger:
-    """wandb when asked (wandb_log=True, master rank only), otherwise a no-op. Works with WANDB_MODE=offline."""
-
-    def __init__(self, enabled, project, run_name, config, out_dir):
-        self.run = None
-        if enabled:
-            import wandb
-            self.wandb = wandb
-            self.run = wandb.init(project=project, name=run_name, config=config, dir=out_dir)
-
-    def log(self, scalars, step, images=None):
-        if self.run is None:
-            return
-        data = dict(scalars)
-        for name, path in (images or {}).items():
-            if path:  # None: that picture was not drawn (n_vis=0)
-                data[name] = self.wandb.Image(path)
-        self.run.log(data, step=step)
-
-    def finish(self):
-        if self.run is not None:
-            self.run.finish()
-
-

@@ -57,8 +57,8 @@ import json, os, platform, re, statistics, sys, time
 root, report, recipes = sys.argv[1], sys.argv[2], sys.argv[3:]
 lines = [f"# Speedrun report", "", f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} "
          f"({os.cpu_count()} CPUs); outputs in `{root}`", "",
-         "| recipe | metrics (measured vs target) | met | wall | device | dtype | params | train tok/s |",
-         "|---|---|---|---|---|---|---|---|"]
+         "| recipe | metrics (measured vs target) | met | steps | wall | device | dtype | params | train tok/s |",
+         "|---|---|---|---|---|---|---|---|---|"]
 for r in recipes:
     res = json.load(open(os.path.join(root, r, "results.json")))
     wall = open(os.path.join(root, f"{r}.wall_seconds")).read().strip()
@@ -71,7 +71,7 @@ for r in recipes:
     # training throughput: the median of the "N.Nk tok/s" fields of model.log_line in the recipe's log
     rates = [float(x) for x in re.findall(r"\| ([\d.]+)k tok/s", open(os.path.join(root, f"{r}.log")).read())]
     tok_s = f"{1000 * statistics.median(rates):,.0f}" if rates else "-"
-    lines.append(f"| {r} | {metrics} | {'yes' if res['met'] else '**no**'} | {int(wall) / 60:.1f} min "
+    lines.append(f"| {r} | {metrics} | {'yes' if res['met'] else '**no**'} | {res.get('step', '-')} | {int(wall) / 60:.1f} min "
                  f"| {res.get('device')} | {res.get('dtype')} | {res.get('params', 0) / 1e6:.2f}M | {tok_s} |")
 lines += ["", "## bench.py", "", "```", open(os.path.join(root, "bench.log")).read().strip(), "```", ""]
 open(report, "w").write("\n".join(lines))

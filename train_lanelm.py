@@ -7,18 +7,18 @@ coordinate tokens after a lane-id prompt:
 
 Inference prompts every lane id of an image in one batch and decodes greedily with the KV cache; decoded
 lanes are scored with the official TuSimple metric (accuracy / FP / FN) on held-out images, next to the
-teacher-forced token accuracy (a large gap between the two is this approach's known failure).
-Training adds an auxiliary per-lane-slot segmentation loss on P5 (aux_seg_weight; as CLRNet/UFLD train their
-backbones): a dense signal telling the from-scratch encoder where each lane slot runs (README ablation).
+teacher-forced token accuracy (a large gap between the two means the model copies the prefix rather than
+reading the image). Training adds an auxiliary per-lane-slot segmentation loss on P5 (aux_seg_weight; as
+CLRNet/UFLD train their backbones): a dense signal telling the from-scratch encoder where each lane slot runs.
+Experiment record and ablations: notes/lanelm.md.
 
     python train_lanelm.py                              # synthetic roads, 2-core CPU, <= 10 min
     python train_lanelm.py --overfit=True               # one image, 4 lanes: loss < 0.26, 4/4 decoded
-    python train_lanelm.py config/lanelm_tusimple.py    # real TuSimple (GPU)
-    torchrun --nproc_per_node=8 train_lanelm.py config/lanelm_tusimple.py
+    python train_lanelm.py config/lanelm_tusimple.py --data_root=/data/tusimple    # real TuSimple (GPU)
+    torchrun --standalone --nproc_per_node=8 train_lanelm.py config/lanelm_tusimple.py --data_root=/data/tusimple
 """
 import math
 import os
-import time
 
 import numpy as np
 import torch
@@ -26,21 +26,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig, InputError, Projector, gpt_flops_per_token, norm
-from runtime import (WandbLogger, autocast_ctx, budget_lr_step, budget_spent, check_finite, cleanup_distributed,
-                     configure_optimizers, get_lr, global_mean, idle_cores, init_distributed, install_error_hook,
-                     log_line, maybe_compile, mean_across_ranks, measure_matmul_peak, set_lr)
-from checkpoint import (adopt_checkpoint_config, check_repo_id, load_checkpoint, load_meta, push_run_to_hub,
-                        rng_state, run_dir, save_checkpoint, set_rng_state, unwrap)
-from data import batch_indices, epoch_order, format_metrics, image_grid, sample_rng, save_png, write_results
+from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, install_error_hook,
+                     log_line, mean_across_ranks, measure_matmul_peak, set_lr, setup, teardown, wrap)
+from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from data import batch_indices
 from configurator import configure
-from data_lanelm import (LaneTokenizer, lane_draw, lane_from_grid, lane_row_grid, lane_seg_target, lane_slots,
-                         lane_sort, lane_synthetic_sample, lane_to_grid, tusimple_metrics, tusimple_read_labels,
-                         tusimple_sample)
+from data_lanelm import (LaneData, LaneTokenizer, lane_draw, lane_draw_grid, lane_from_grid, lane_row_grid,
+                         lane_seg_target, lane_slots, lane_to_grid, tusimple_metrics)
 
-install_error_hook()
+install_error_hook()  # before configure: bad input is one line on stderr, not a traceback
 
 # -----------------------------------------------------------------------------
-# config (defaults = config/lanelm_synthetic.py)
+# config
 out_dir = ''                 # '' -> out/lanelm-<timestamp>
 init_from = 'scratch'        # 'scratch' | 'resume' | checkpoint dir | 'hf:owner/name'
 eval_only = False
@@ -50,7 +47,7 @@ seed = 1337
 device = 'auto'
 dtype = 'auto'
 compile = False
-torch_threads = 0            # 0 = auto: the cores idle at start (a loaded CPU runs 1 thread ~4x faster than 2)
+torch_threads = 0            # 0 = auto (runtime.pick_threads: OMP_NUM_THREADS, else the cores per process)
 # data: labels stay in the 1280x720 TuSimple frame; images are resized to img_w x img_h for the model
 dataset = 'synthetic'        # 'synthetic' | 'tusimple'
 data_root = ''               # TuSimple root holding clips/ and the label files
@@ -62,7 +59,7 @@ max_lanes = 4                # lane ids (BOS tokens); TuSimple has up to 5 lanes
 max_rows = 56                # ROW tokens: at least the row grid's length (TuSimple: 56)
 h_step = 20                  # the row grid ROW tokens index, y = 160, 160 + h_step, ... < 720, the same in every
                              # image; the synthetic labels' rows (TuSimple's rows need 10)
-# synthetic difficulty knobs (data_lanelm.lane_synthetic_sample; the first version's harder scene in brackets)
+# synthetic difficulty knobs (data_lanelm.lane_synthetic_sample; a harder scene in brackets)
 syn_max_cars = 2             # vehicles occluding lane marks [3]
 syn_max_shadows = 1          # shadow bands across the road [2]
 syn_noise = 0.02             # max sensor noise std [0.04]
@@ -76,18 +73,16 @@ max_abs_dx = 32
 # model
 vis_levels = 'p5'            # 'p5' | 'p3p4p5'
 conv_width = 16              # channels of the stem (P3 = 2x, P4 = 4x, P5 = 8x)
-conv_norm = 'group'          # 'group' | 'batch' (measured equal at 300 steps; group has no train/eval or DDP-rank gap)
+conv_norm = 'group'          # 'group' | 'batch' (group: no train/eval or DDP-rank gap)
 aux_seg_weight = 1.0         # auxiliary per-slot lane segmentation loss on P5 (0 = off): the dense backbone
-                             # supervision lane detectors train with (CLRNet, UFLD); LaneLM's origin read a
-                             # lane-trained backbone, which a from-scratch encoder does not have
+                             # supervision lane detectors train with (CLRNet, UFLD)
 n_layer = 4
 n_head = 4
 n_embd = 128
 # training
-max_steps = 5200             # the time budget decides: ~3300 steps at 1 thread (~160 ms/step), ~5000 at 2 (~105 ms)
-max_train_seconds = 540.0    # wall-clock training budget (0 = off): on a loaded CPU training stops early, the
-                             # LR schedule follows whichever of steps / seconds is further along, then eval runs
-                             # (500 images: ~12 s quiet, ~70 s at load 11 -> use ~460 s on a shared machine)
+max_steps = 4300             # step-exact: about what 540 s of training reach on 2 CPU cores (notes/lanelm.md)
+max_train_seconds = 0.0      # opt-in wall-clock training cap (0 = off): stops early, the LR follows whichever
+                             # of steps / seconds is further along
 batch_size = 8               # images per step and rank (x max_lanes sequences)
 lr = 2e-3
 min_lr_frac = 0.02
@@ -96,7 +91,7 @@ weight_decay = 0.05
 grad_clip = 0.5
 key_token_weight = 3.0       # loss weight of the first x, start-row and EOS tokens (1.0 = plain token mean)
 log_interval = 50
-eval_interval = 5200         # eval + checkpoint every N steps and at the end (default run: at the end only)
+eval_interval = 4300         # eval + checkpoint every N steps and at the end (default run: at the end only)
 n_eval = 500                 # held-out images scored with the TuSimple metric
 n_eval_tf = 128              # held-out images for the teacher-forced token accuracy
 eval_batch = 50              # images per decoding batch (x max_lanes prompts)
@@ -106,8 +101,6 @@ wandb_project = 'lanelm'
 wandb_run_name = 'lanelm'
 push_to_hub = ''            # 'owner/name': upload the final checkpoint + a model card (needs a Hub login)
 config = configure(globals())
-if push_to_hub:
-    check_repo_id(push_to_hub)
 # -----------------------------------------------------------------------------
 
 RECIPE = 'lanelm'
@@ -118,18 +111,9 @@ OVERFIT_TARGETS = {"train_loss": ("<", 0.26), "lanes_decoded": (">=", 4)}
 MODEL_KEYS = ('img_w', 'img_h', 'max_lanes', 'max_rows', 'h_step', 'tokenization', 'nbins_x', 'max_abs_dx',
               'vis_levels', 'conv_width', 'conv_norm', 'n_layer', 'n_head', 'n_embd')
 
-if torch_threads == 0 and device in ('auto', 'cpu') and not torch.cuda.is_available():
-    torch_threads = max(1, min(os.cpu_count() or 1, round(idle_cores())))
-if torch_threads > 0:
-    torch.set_num_threads(torch_threads)
-ddp = init_distributed(device)
-master, device_type = ddp['master'], ddp['device_type']
-ctx, dtype_name = autocast_ctx(device_type, dtype)
-resume = init_from == 'resume'
-out_dir = run_dir(out_dir, RECIPE, init_from)
-ckpt_src = os.path.join(out_dir, 'ckpt') if resume else (None if init_from == 'scratch' else init_from)
-if ckpt_src is not None:
-    globals().update(adopt_checkpoint_config(load_meta(ckpt_src), config, MODEL_KEYS, verbose=master))
+run = setup(config, RECIPE, MODEL_KEYS)  # threads, DDP, autocast, seed + rank, run dir, the checkpoint's model keys
+globals().update(config)                 # out_dir and the adopted model keys
+device, master, ctx = run.device, run.master, run.ctx
 if vis_levels not in ('p5', 'p3p4p5'):
     raise InputError(f"vis_levels must be 'p5' or 'p3p4p5', got {vis_levels!r}")
 MIN_LANES = 2 if dataset == 'synthetic' else 1  # a synthetic scene has a lane on each side of the camera
@@ -146,55 +130,20 @@ if overfit:  # one image, every step; eval = decode that image
     max_train_seconds = 0.0
     config.update(max_steps=max_steps, batch_size=batch_size, n_eval=n_eval, n_eval_tf=n_eval_tf,
                   warmup_steps=warmup_steps, eval_interval=eval_interval, max_train_seconds=max_train_seconds)
-torch.manual_seed(seed + ddp['rank'])
 tok = LaneTokenizer(tokenization, nbins_x, max_abs_dx, max_rows=max_rows, max_lanes=max_lanes)
+logger = Logger(run, RECIPE, config, wandb_log, wandb_project, wandb_run_name)
 
 # -----------------------------------------------------------------------------
 # data: every sample is a pure function of (seed, split, index) -> exact resume, DDP = one big batch
 
-if dataset == 'synthetic':
-    split_entries = None  # synthetic labels are drawn at the grid's rows
-elif dataset == 'tusimple':
-    if not data_root:
-        raise InputError("dataset='tusimple' needs --data_root=<dir with clips/ and label_data_*.json>")
-    split_entries = dict(train=tusimple_read_labels(data_root, train_labels, ROWS),
-                         val=tusimple_read_labels(data_root, val_labels, ROWS))
-    for split, files in (('train', train_labels), ('val', val_labels)):
-        if not split_entries[split]:
-            raise InputError(f"no {split} labels in {files!r} under {data_root}")
-    if n_eval > len(split_entries['val']):  # score each val image once, and say how many
-        if master:
-            print(f"note: n_eval={n_eval} > the {len(split_entries['val'])} val images: scoring all of them")
-        n_eval = len(split_entries['val'])
-        config.update(n_eval=n_eval)
-else:
-    raise InputError(f"dataset must be 'synthetic' or 'tusimple', got {dataset!r}")
-
-
-def tusimple_entry(split, index):
-    entries = split_entries[split]
-    if split == 'train':  # a fresh shuffle per epoch, the same on every rank
-        index = epoch_order(len(entries), seed, index // len(entries))[index % len(entries)]
-    return entries[index]
-
-
-def get_sample(split, index):
-    if dataset == 'synthetic':
-        return lane_synthetic_sample(sample_rng(seed, split, index), img_w, img_h, ROWS, max_lanes,
-                                     max_cars=syn_max_cars, max_shadows=syn_max_shadows, noise=syn_noise,
-                                     lighting=syn_lighting, dash_freq=syn_dash_freq, tilt=syn_tilt)
-    return tusimple_sample(tusimple_entry(split, index), data_root, img_w, img_h)
-
-
-if overfit:  # the first training image with 4 lanes (max_lanes if fewer): the overfit target decodes 4
-    n_want, n_try = min(max_lanes, 4), 1000 if dataset == 'synthetic' else min(1000, len(split_entries['train']))
-    labels = (lambda i: get_sample('train', i)['lanes']) if dataset == 'synthetic' else (
-        lambda i: tusimple_entry('train', i)['lanes'])  # TuSimple: labels only, no image decoding
-    OVERFIT_INDEX = next((i for i in range(n_try) if len(lane_sort(labels(i))) >= n_want), None)
-    if OVERFIT_INDEX is None:
-        raise InputError(f"overfit=True needs a training image with {n_want} lanes; none in the first {n_try}")
-    get_sample_any = get_sample
-    get_sample = lambda split, index: get_sample_any('train', OVERFIT_INDEX)  # noqa: E731
+data = LaneData(dataset, seed, img_w, img_h, ROWS, max_lanes, data_root, train_labels, val_labels, overfit,
+                max_cars=syn_max_cars, max_shadows=syn_max_shadows, noise=syn_noise, lighting=syn_lighting,
+                dash_freq=syn_dash_freq, tilt=syn_tilt)
+if data.n_val() is not None and n_eval > data.n_val():  # score each val image once, and say how many
+    if master:
+        print(f"note: n_eval={n_eval} > the {data.n_val()} val images: scoring all of them")
+    n_eval = data.n_val()
+    config.update(n_eval=n_eval)
 
 # -----------------------------------------------------------------------------
 # model: conv pyramid -> projector -> prefix vision tokens of a GPT
@@ -362,9 +311,9 @@ def check_packing(model):
     """Packed training rows must give the logits of separate [IMAGE]*n_vis + [BOS_k ...] sequences (the
     inference layout); a mismatch here would mean training and decoding see different models."""
     model.eval()
-    n = 2 if dataset == 'synthetic' else min(2, len(split_entries['val']))
-    batch = build_batch([get_sample('val', i) for i in range(n)], model.n_vis)
-    images, idx, seg, pos = [t.to(ddp['device']) for t in batch[:4]]
+    n = min(2, data.n_val() or 2)
+    batch = build_batch([data.get('val', i) for i in range(n)], model.n_vis)
+    images, idx, seg, pos = [t.to(device) for t in batch[:4]]
     vis = model.vision(images)
     packed = model.gpt.logits(packed_hidden(model.gpt, idx, seg, pos, vis))
     for b in range(n):
@@ -378,28 +327,25 @@ def check_packing(model):
     model.train()
 
 
-model = LaneLM().to(ddp['device'])
-check_packing(model)
-N_VIS = model.n_vis
-optimizer = configure_optimizers(model, lr, weight_decay, device_type=device_type)
-step, train_seconds = 0, 0.0  # train_seconds: training time so far, the budget's and LR schedule's clock
-if ckpt_src is not None:
-    meta = load_checkpoint(ckpt_src, model, optimizer if resume else None)
-    if resume or eval_only:  # eval_only reports the step (and training time) the checkpoint is at
-        step, train_seconds = meta['step'], meta.get('train_seconds', 0.0)  # older checkpoints: no clock
-    if resume:
+raw_model = LaneLM().to(device)
+check_packing(raw_model)
+N_VIS = raw_model.n_vis
+optimizer = configure_optimizers(raw_model, lr, weight_decay, device_type=run.device_type)
+step, clock = 0, Clock(max_train_seconds, device=device)
+if run.ckpt_src:
+    meta = load_checkpoint(run.ckpt_src, raw_model, optimizer if run.resume else None)
+    if run.resume or eval_only:  # eval_only reports the step (and training time) the checkpoint is at
+        step, clock.seconds = meta['step'], meta.get('train_seconds', 0.0)
+    if run.resume:
         set_rng_state(meta['rng'])
-n_params = sum(p.numel() for p in model.parameters())
-flops_per_image = 3 * conv_flops(model, img_h, img_w)
-flops_per_token = gpt_flops_per_token(model.gpt.config, model.gpt.num_params(exclude_embedding=True))
+n_params = sum(p.numel() for p in raw_model.parameters())
+flops_per_image = 3 * conv_flops(raw_model, img_h, img_w)  # forward + backward
+flops_per_token = gpt_flops_per_token(raw_model.gpt.config, raw_model.gpt.num_params(exclude_embedding=True))
 if master:
-    print(f"LaneLM: {n_params / 1e6:.2f}M params, {N_VIS} vision tokens ({vis_levels}), device {ddp['device']}, "
-          f"{dtype_name}, {torch.get_num_threads()} threads, out_dir {out_dir}")
+    print(f"LaneLM: {n_params / 1e6:.2f}M params, {N_VIS} vision tokens ({vis_levels}), device {device}, "
+          f"{run.dtype}, {run.threads} threads, out_dir {out_dir}")
     print(f"tokenizer {tok.describe()}")
-raw_model = model
-model = maybe_compile(model, compile, device_type)
-if ddp['ddp']:
-    model = nn.parallel.DistributedDataParallel(model, device_ids=[ddp['local_rank']] if device_type == 'cuda' else None)
+model = wrap(raw_model, compile, run)  # compile, then DDP; raw_model decodes, evaluates and is saved
 
 # -----------------------------------------------------------------------------
 # eval: rollout (KV-cache greedy decoding per lane-id prompt) + teacher-forced token accuracy
@@ -412,9 +358,9 @@ def decode_lanes(images, h_samples):
     lanes are decoded on the row grid, then read at each image's rows."""
     B = images.shape[0]
     with ctx:
-        vis = raw_model.vision(images.to(ddp['device'])).repeat_interleave(max_lanes, 0)
+        vis = raw_model.vision(images.to(device)).repeat_interleave(max_lanes, 0)
         prompts = torch.tensor([[tok.image] * N_VIS + [tok.bos(k)] for _ in range(B) for k in range(max_lanes)],
-                               device=ddp['device'])
+                               device=device)
         max_new = len(ROWS) + 2 + (len(ROWS) if tokenization == 'relative' else 0)
         out = raw_model.gpt.generate(prompts, max_new, vision_embeds=vis, temperature=0.0, eos_id=tok.eos,
                                      suppress_ids=[tok.pad] + [tok.bos(k) for k in range(max_lanes)])
@@ -430,12 +376,13 @@ def decode_lanes(images, h_samples):
 
 @torch.no_grad()
 def teacher_forced(samples):
-    """Token accuracy and loss with the ground-truth prefix (the number that hid the origin's failure)."""
+    """Token accuracy and loss with the ground-truth prefix: how well the model predicts the next token when
+    it never has to recover from its own mistakes (an upper bound for the rollout)."""
     correct = total = 0
     loss_sum = 0.0
     for i in range(0, len(samples), eval_batch):
         batch = build_batch(samples[i:i + eval_batch], N_VIS)[:5]
-        images, idx, seg, pos, y = [t.to(ddp['device']) for t in batch]
+        images, idx, seg, pos, y = [t.to(device) for t in batch]
         with ctx:
             logits = raw_model.gpt.logits(packed_hidden(raw_model.gpt, idx, seg, pos, raw_model.vision(images)))
         m = y >= 0
@@ -445,115 +392,103 @@ def teacher_forced(samples):
     return correct / max(total, 1), loss_sum / max(total, 1)
 
 
+def save(step):
+    save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer,
+                    meta=dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), train_seconds=clock.seconds,
+                              gpt=vars(raw_model.gpt.config), tokenizer=tok.describe(), n_vis=N_VIS))
+
+
 def evaluate(step):
+    """Decode n_eval held-out images (the overfit image in overfit mode) and score them; the teacher-forced
+    accuracy on n_eval_tf of them; a PNG of the first n_vis; then the eval line, results.json, evals.jsonl."""
     raw_model.eval()
-    t0 = time.time()
-    preds, gts, ys, invalid, vis_panels = [], [], [], 0, []
+    preds, gts, ys, invalid, panels = [], [], [], 0, []
     for i in range(0, n_eval, eval_batch):
-        samples = [get_sample('val', j) for j in range(i, min(n_eval, i + eval_batch))]
+        samples = [data.get('val', j) for j in range(i, min(n_eval, i + eval_batch))]
         lanes, bad = decode_lanes(torch.stack([s['image'] for s in samples]), [s['h_samples'] for s in samples])
         invalid += bad
         for s, pred in zip(samples, lanes):
             preds.append(pred)
             gts.append(s['lanes'])  # every gt lane, all-absent ones too: LaneEval scores the label file as is
             ys.append(s['h_samples'])
-            if len(vis_panels) < n_vis:
-                vis_panels.append(lane_draw(s['image'], s['h_samples'], gt=gts[-1], pred=preds[-1]))
+            if len(panels) < n_vis:
+                panels.append(lane_draw(s['image'], s['h_samples'], gt=gts[-1], pred=preds[-1]))
     metrics = tusimple_metrics(preds, gts, ys)
     metrics['invalid_seq'] = invalid / (len(preds) * max_lanes)
-    tf_acc, tf_loss = teacher_forced([get_sample('val', j) for j in range(min(n_eval_tf, n_eval))])
-    metrics['tf_token_acc'], metrics['val_loss_tf'] = tf_acc, tf_loss
-    png = save_png(image_grid(vis_panels, 4), os.path.join(out_dir, f'val_{step:05d}.png')) if vis_panels else None
+    metrics['tf_token_acc'], metrics['val_loss_tf'] = teacher_forced([data.get('val', j)
+                                                                      for j in range(min(n_eval_tf, n_eval))])
+    if losses:  # the plain token loss of the last 10 training steps (this rank's)
+        metrics['train_loss'] = float(np.mean(losses[-10:]))
+    png = lane_draw_grid(panels, os.path.join(out_dir, f'val_{step:05d}.png'))
     raw_model.train()
-    return metrics, png, gts, time.time() - t0
-
-
-def checkpoint(step, train_seconds):
-    save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer,
-                    meta=dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), train_seconds=train_seconds,
-                              gpt=vars(raw_model.gpt.config), tokenizer=tok.describe(), n_vis=N_VIS))
-
-
-def report(step, train_seconds, extra_metrics=None):
-    """Eval, print, PNG, results.json, checkpoint (master only)."""
-    metrics, png, gts, eval_s = evaluate(step)
-    metrics.update(extra_metrics or {})
-    targets = TARGETS
+    targets, diagnostics = TARGETS, ('f1', 'tf_token_acc', 'invalid_seq', 'train_loss')
     if overfit:
         metrics['lanes_decoded'] = sum(round(len(g) * (1 - metrics['fn'])) for g in gts[:1])
-        targets = OVERFIT_TARGETS
-    print(f"eval step {step} ({eval_s:.0f}s, {'the overfit training image' if overfit else f'{n_eval} held-out images'}): "
-          + format_metrics(metrics, targets))
-    print(f"  rollout vs teacher-forced: tusimple_acc {metrics['tusimple_acc']:.4f} vs tf_token_acc "
-          f"{metrics['tf_token_acc']:.4f}; wrote {png}")
-    write_results(out_dir, RECIPE, 'train[overfit]' if overfit else 'val', n_eval, metrics, targets, step=step,
-                  train_seconds=round(train_seconds, 1), device=ddp['device'], dtype=dtype_name, params=n_params,
-                  config=config)
-    wandb.log(metrics, step, images={'val': png})
-    checkpoint(step, train_seconds)
-    return metrics
+        targets, diagnostics = OVERFIT_TARGETS, ('tusimple_acc', 'fp', 'fn', 'tf_token_acc')
+    logger.eval(step, metrics, targets, diagnostics=diagnostics, images={'val': png},
+                note='the overfit training image' if overfit else f'{n_eval} held-out images',
+                split='train[overfit]' if overfit else 'val', n_eval=n_eval, train_seconds=round(clock.seconds, 1),
+                params=n_params)
 
 
-wandb = WandbLogger(wandb_log and master, wandb_project, wandb_run_name, config, out_dir)
+losses, dropped = [], 0  # plain training losses (this rank's), lanes left without a lane-id slot
 if eval_only:
     if master:
-        report(step, train_seconds)
+        evaluate(step)
+    model = unwrap(model)
+    teardown(logger)  # nothing trained: nothing to push
     raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
 # training loop
 
-peak = measure_matmul_peak(ddp['device'], torch.bfloat16 if dtype_name == 'bfloat16' else torch.float32,
+peak = measure_matmul_peak(device, torch.bfloat16 if run.dtype == 'bfloat16' else torch.float32,
                            seconds=0.3) if master else None
 model.train()
-t_log, losses, dropped = time.time(), [], 0
+log_step, log_seconds = step, clock.seconds  # the ms/step printed: training seconds since the last log line
 while step < max_steps:
-    t0 = time.time()
-    lr_step = budget_lr_step(step, max_steps, train_seconds, max_train_seconds, ddp['device'])
-    lr_now = get_lr(lr_step, max_steps, lr, warmup_steps, min_lr_frac)
+    clock.start()
+    lr_now = get_lr(clock.lr_step(step, max_steps), max_steps, lr, warmup_steps, min_lr_frac)
     set_lr(optimizer, lr_now)
-    idxs = batch_indices(step, batch_size, ddp['rank'], ddp['world_size'])
-    *batch, n_drop = build_batch([get_sample('train', i) for i in idxs], N_VIS)
+    *batch, n_drop = build_batch([data.get('train', i) for i in batch_indices(step, batch_size, run.rank,
+                                                                              run.world_size)], N_VIS)
     dropped += n_drop
-    images, idx, seg, pos, y, key, seg_y = [t.to(ddp['device']) for t in batch]
+    images, idx, seg, pos, y, key, seg_y = [t.to(device) for t in batch]
     with ctx:
         loss, plain_loss, aux_loss = model(images, idx, seg, pos, y, key, seg_y)
     check_finite(loss, step)
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     losses.append(plain_loss.item())
     step += 1
-    dt = time.time() - t0
-    train_seconds += dt
-    out_of_time = budget_spent(train_seconds, max_train_seconds, ddp['device'])  # every rank stops at one step
+    dt = clock.stop()
+    out_of_time = clock.spent()  # every rank stops at the same step
     last = step == max_steps or out_of_time
     if step % log_interval == 0 or last:
-        loss_avg = mean_across_ranks(plain_loss.item(), ddp['device'])  # the global batch's loss (every rank joins)
-        aux_avg = mean_across_ranks(aux_loss.item(), ddp['device'])
-    if master and (step % log_interval == 0 or last):
-        tokens = idx.numel() * ddp['world_size']
-        flops = flops_per_token * tokens + flops_per_image * images.shape[0] * ddp['world_size']
-        avg = (time.time() - t_log) / min(log_interval, step) if step % log_interval == 0 else dt
-        print(log_line(step, max_steps, loss_avg, lr_now, avg, tokens, flops, peak)
-              + (f" | aux seg {aux_avg:.3f}" if aux_seg_weight > 0 else ""))
-        t_log = time.time()
-        wandb.log(dict(loss=loss_avg, loss_weighted=loss.item(), aux_seg=aux_avg, lr=lr_now), step)
+        loss_avg = mean_across_ranks(plain_loss.item(), device)  # the global batch's loss (every rank joins)
+        aux_avg = mean_across_ranks(aux_loss.item(), device)
+        if master:
+            tokens = idx.numel() * run.world_size
+            flops = flops_per_token * tokens + flops_per_image * images.shape[0] * run.world_size
+            avg = (clock.seconds - log_seconds) / max(1, step - log_step)
+            print(log_line(step, max_steps, loss_avg, lr_now, avg, tokens, flops, peak,
+                           extra=f"aux seg {aux_avg:.3f}" if aux_seg_weight > 0 else ""))
+        log_step, log_seconds = step, clock.seconds
+        logger.log(dict(loss=loss_avg, loss_weighted=loss.item(), aux_seg=aux_avg, lr=lr_now), step)
     if master and (step % eval_interval == 0 or last):
-        extra = dict(train_loss=float(np.mean(losses[-10:])))
-        report(step, train_seconds, extra)
+        save(step)  # checkpoint first: a failing eval never loses training
+        evaluate(step)
     if out_of_time:
         if master:
             print(f"stopping at step {step}/{max_steps}: max_train_seconds={max_train_seconds:.0f} reached")
         break
 if master:
     if dropped:
-        print(f"note: {dropped} lanes had no lane-id slot (max_lanes={max_lanes}) and were left out of training targets")
-    print(f"done: {step} steps, {train_seconds:.0f}s training, results in {out_dir}/results.json")
-if master and push_to_hub:
-    push_run_to_hub(push_to_hub, out_dir, RECIPE, config)
-wandb.finish()
-model = unwrap(model)  # drop the DDP wrapper first: it holds the process group, which must not outlive teardown
-cleanup_distributed()
+        print(f"note: {dropped} lanes had no lane-id slot (max_lanes={max_lanes}) and were left out of training "
+              "targets")
+    print(f"done: {step} steps, {clock.seconds:.0f}s training, results in {out_dir}/results.json")
+model = unwrap(model)  # drop the DDP wrapper before teardown: it holds the process group
+teardown(logger, push_to_hub)

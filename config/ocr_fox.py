@@ -1,4 +1,4 @@
-# GPU scale, the journal's shapes: SAM ViT-B (768 wide, 12 layers, window 14, global at 2/5/8/11, patch 16)
+# GPU scale, DeepSeek-OCR's shapes: SAM ViT-B (768 wide, 12 layers, window 14, global at 2/5/8/11, patch 16)
 # -> neck 256 -> net_2 512 -> net_3 1024 (16x16 tokens at 1024 px) -> CLIP ViT-L (1024 wide, 24 layers)
 # -> concat 2048 -> projector -> nanochat-d20-shaped GPT (20 layers, 1280 wide, 16 heads, no GQA).
 # 273 vision tokens: (16+1)*16+1. Train on a JSONL of {image, text}; evaluate on Fox's English pages.
@@ -24,12 +24,11 @@ n_kv_head = 16
 n_embd = 1280
 max_text_tokens = 3800     # byte-level targets of full pages; seq = 1 + 273 + 10 + 3800 + 1
 batch_size = 4             # per GPU
-lr = 5e-5                  # the journal's stage-1 rate (stage 2 used 3e-5)
+lr = 5e-5                  # stage 1 (stage 2: --lr=3e-5)
 min_lr_frac = 0.1
 warmup_steps = 200
 weight_decay = 0.0
 max_steps = 5000
-max_train_seconds = 0.0   # > 0: wall-clock budget of the training loop (0 = steps only)
 log_interval = 10
 eval_interval = 500
 n_eval = 112               # Fox English page-OCR set

@@ -2,11 +2,10 @@
 #   {"image": "relative/or/absolute.jpg", "query": "the red mug", "points": [[x, y], ...]}   (pixels)
 # Points are normalised with each image's own size; errors are reported in a 384-px-tall frame
 # (width by the image's aspect ratio). GPU scale: python train_pointer.py config/pointer_jsonl.py
+# (add --wandb_log=True to log to wandb; without a login it logs offline)
 dataset = "jsonl"
 train_jsonl = "data/pointing/train.jsonl"
 val_jsonl = "data/pointing/val.jsonl"
-device = "auto"
-dtype = "auto"                # bf16 autocast on CUDA
 compile = True
 img_size = 384
 patch_size = 16               # 576 image tokens
@@ -16,23 +15,18 @@ vit_heads = 6
 n_layer = 12
 n_embd = 768
 n_head = 12
-n_kv_head = 4
 max_points = 10
 max_query_len = 96
 loss = "three_stage_cont"
 window = 1                    # answer = soft-argmax over the 3x3 patches around the best one (dense_weight: no
                               #   labels in JSONL, so only the grounding / patch / coordinate losses train)
 augment = True                # translate/scale/flip with the points moved along (a flip swaps left/right)
-batch_size = 32
 num_workers = 4               # image decoding + resizing in 4 worker processes while the GPU trains
 lr = 3e-4
 warmup_steps = 1000
 max_steps = 50000
-max_train_seconds = 0.0
 eval_interval = 2000
 n_eval = 2000
 n_train_eval = 500
-patience = 5
 log_interval = 50
-wandb_log = True
 wandb_run_name = "pointer-jsonl"

@@ -21,17 +21,9 @@ from inprocess import run_script  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ocr():
-    """The definitions of train_ocr.py (everything above its '# setup' line), without running it."""
-    src = open(os.path.join(ROOT, "train_ocr.py")).read()
-    head = src.split("\n# setup")[0]
-    ns = {"__file__": os.path.join(ROOT, "train_ocr.py"), "__name__": "train_ocr_defs"}
-    argv, hook = sys.argv, sys.excepthook
-    sys.argv = ["train_ocr.py"]
-    try:
-        exec(compile(head, "train_ocr.py", "exec"), ns)
-    finally:
-        sys.argv, sys.excepthook = argv, hook
-    return type("Defs", (), ns)
+    """data_ocr.py, which holds the OCR model (DeepEncoder, OCRModel) and its builders."""
+    import data_ocr
+    return data_ocr
 
 
 def tiny_encoder(ocr, out_dim=32, glyph_classes=0, token_slots=0):
@@ -133,7 +125,7 @@ def batch(tok, ocr, texts, n_vision):
 
 
 def test_every_trainable_param_gets_a_gradient_on_a_vision_batch(ocr):
-    # the origin's DDP crash: CLIP's patch embedding never received a gradient
+    # DDP refuses a parameter without a gradient (CLIP's patch embedding once was one)
     torch.manual_seed(0)
     tok = Tokenizer()
     model = tiny_model(ocr, tok)
@@ -472,6 +464,13 @@ def test_end_to_end_stage1_resume_stage2(tmp_path):
               "distinct_outputs", "gen_tok_s", "kv_speedup"):
         assert k in res["metrics"], k
     assert res["metrics"]["kv_match"] == 1.0
+    # the eval prints the targets on one line and a few diagnostics on the next; every metric is in evals.jsonl
+    lines = log.splitlines()
+    at = next(i for i, l in enumerate(lines) if l.startswith("eval step 2 | ned "))
+    assert "fox_precision" in lines[at] and "collapse_cos" in lines[at] and "kv_speedup" not in lines[at]
+    assert lines[at + 1].startswith("  exact_match ") and "cos_proj" in lines[at + 1]
+    evals = [json.loads(l) for l in open(os.path.join(out1, "evals.jsonl"))]
+    assert [e["step"] for e in evals] == [2] and evals[0]["metrics"] == res["metrics"]
     assert os.path.exists(os.path.join(out1, "ocr_step000002.png"))
     assert os.path.exists(os.path.join(out1, "ckpt", "model.safetensors"))
     enc_keys = load_file(os.path.join(out1, "encoder", "model.safetensors")).keys()

@@ -45,11 +45,11 @@ def test_three_stage_uses_l1_distance_and_is_not_monotonic():
     assert pointer_loss_three_stage(pred, gt).item() == pytest.approx(0.06 ** 2)
     inside, outside = pointer_loss_three_stage(*at(0.0499)).item(), pointer_loss_three_stage(*at(0.0501)).item()
     assert inside == pytest.approx(0.024900, abs=1e-6) and outside == pytest.approx(0.00251, abs=1e-5)
-    assert inside > 9 * outside  # a larger error gets a 10x smaller loss: the journal's jump
+    assert inside > 9 * outside  # a larger error gets a 10x smaller loss: the jump at 0.05
     assert pointer_loss_three_stage(*at(0.0999)).item() < pointer_loss_three_stage(*at(0.1)).item() - 0.019
 
 
-def test_three_stage_gradients_match_the_journal_table():
+def test_three_stage_gradients_are_20d_2d_and_0_2():
     for d, grad in [(0.026, 20 * 0.026), (0.07, 2 * 0.07), (0.3, 0.2)]:
         pred, gt = at(d)
         pred.requires_grad_(True)
@@ -431,7 +431,17 @@ def test_train_eval_resume(tmp_path):
     out = str(tmp_path / "run")
     run(["--eval_only=True", "--out_dir=" + out])
     untrained = json.load(open(os.path.join(out, "results.json")))["metrics"]["mean_px"]
-    run(["--max_steps=60", "--eval_interval=30", "--out_dir=" + out])
+    stdout = run(["--max_steps=60", "--eval_interval=30", "--out_dir=" + out])
+    # each eval prints two short lines: the targets, then the diagnostics; the rest goes to the files
+    lines = stdout.splitlines()
+    evals = [i for i, ln in enumerate(lines) if ln.startswith("eval step ")]
+    assert [lines[i].split(" |")[0] for i in evals] == ["eval step 30", "eval step 60"]
+    for i in evals:
+        assert re.fullmatch(r"eval step \d+ \| within_5px \S+ \(>= 0.95\) \| mean_px \S+ \(< 3.0\) \| (NOT )?met", lines[i])
+        assert lines[i + 1].startswith("  median_px ") and "wrong_object" in lines[i + 1] and "seq_recall_5px" in lines[i + 1]
+        assert not lines[i + 2].startswith("  ")
+    records = [json.loads(ln) for ln in open(os.path.join(out, "evals.jsonl"))]
+    assert [r["step"] for r in records] == [0, 30, 60] and "parse_acc_shape" in records[-1]["metrics"]
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["step"] == 60 and res["recipe"] == "pointer" and res["n_eval"] == 40
     for k in ("mean_px", "median_px", "p95_px", "within_5px", "loss_x", "seq_recall_5px", "count_mae",
@@ -487,7 +497,8 @@ def test_conv_stem_and_global_window_variants_run(tmp_path):
     # the checkpoint rebuilds the model it was trained as (it once forgot image_attention and came back causal)
     again = str(tmp_path / "again")
     run(["--eval_only=True", "--n_vis=0", "--window=-1", "--init_from=" + os.path.join(out, "ckpt"), "--out_dir=" + again])
-    assert json.load(open(os.path.join(again, "results.json")))["metrics"]["mean_px"] == res["metrics"]["mean_px"]
+    again_res = json.load(open(os.path.join(again, "results.json")))
+    assert again_res["metrics"]["mean_px"] == res["metrics"]["mean_px"] and again_res["step"] == 6  # the weights' step
     r = run_script("train_pointer.py", ["--stem=vgg"])
     assert r.returncode != 0 and "stem must be" in r.stderr and "Traceback" not in r.stderr
 
@@ -573,3 +584,27 @@ def test_early_stop_reports_the_best_checkpoints_step(tmp_path):
     best_meta = json.load(open(os.path.join(out, "best", "meta.json")))
     assert res["metrics"]["mean_px"] == pytest.approx(best_meta["best_px"])
     assert best_meta["head_norms"] and all(res["metrics"][k] == v for k, v in best_meta["head_norms"].items())
+
+
+def test_resumed_run_early_stops_where_the_whole_run_does(tmp_path, monkeypatch):
+    # the checkpoint is written before its eval: a run cut there must still count that eval (improved or not)
+    import runtime
+    args = ["--max_steps=60", "--eval_interval=2", "--patience=2", "--n_vis=0", "--n_eval=16", "--n_eval_multi=0",
+            "--n_train_eval=0"]
+    run([*args, "--out_dir=" + str(tmp_path / "whole")])
+    whole = json.load(open(os.path.join(tmp_path, "whole", "results.json")))
+    assert whole["stopped_at_step"] > whole["step"]
+    real_spent = runtime.budget_spent
+    for cut in sorted({whole["step"], whole["stopped_at_step"] - 2}):  # an improving eval, then a worse one
+        out, calls = str(tmp_path / f"cut{cut}"), [0]
+
+        def spent_at_cut(seconds, budget_s, device="cpu"):
+            calls[0] += 1
+            return calls[0] >= cut
+        monkeypatch.setattr(runtime, "budget_spent", spent_at_cut)
+        assert f"at step {cut}," in run([*args, "--out_dir=" + out])
+        monkeypatch.setattr(runtime, "budget_spent", real_spent)
+        assert "early stop" in run([*args, "--init_from=resume", "--out_dir=" + out])
+        res = json.load(open(os.path.join(out, "results.json")))
+        assert (res["step"], res["stopped_at_step"], res["metrics"]["mean_px"]) == \
+            (whole["step"], whole["stopped_at_step"], whole["metrics"]["mean_px"]), cut

@@ -134,3 +134,9 @@ def test_wrap_compiles_then_wraps_and_unwrap_returns_the_module(tmp_path):
     layer = nn.Linear(2, 2)
     assert R.wrap(layer, False, run) is layer  # one process, no compile: the module itself
     assert C.unwrap(R.wrap(layer, True, run)) is layer  # compile is CUDA-only today: still the module
+
+
+def test_setup_checks_the_hub_repo_name_before_any_work(tmp_path):
+    with pytest.raises(M.InputError, match="push_to_hub must look like 'owner/name'"):
+        R.setup(config(tmp_path, push_to_hub="no-slash"), "toy")
+    assert not os.path.exists(tmp_path / "run")

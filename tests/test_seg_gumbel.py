@@ -1,6 +1,7 @@
 """Seg-Gumbel: prompt layout and vp counting, the ST Gumbel estimator, stage-B gradient flow, metrics,
 the RefCOCO-style reader and its errors, a short end-to-end run with resume (equal to the uninterrupted run),
-skipped steps, and config errors."""
+eval_only, skipped steps, the opt-in time cap, and config errors."""
+import ast
 import json
 import os
 import re
@@ -15,43 +16,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import Tokenizer  # noqa: E402
-from data_seg import (SEG_SPECIALS, seg_caption_token_accuracy, seg_check_context_counts, seg_ciou,  # noqa: E402
-                      seg_giou, seg_iou_stats, seg_load_record, seg_prompt_ids, seg_read_refcoco,
-                      seg_region_cells, seg_synthetic_sample, seg_vp_prompt_ids)
+from data_seg import (BOS, IMG, SEG_SPECIALS, SegData, seg_build_model, seg_caption_token_accuracy,  # noqa: E402
+                      seg_check_context_counts, seg_ciou, seg_configs, seg_ema_update, seg_giou, seg_iou_stats,
+                      seg_load_record, seg_mask_loss, seg_prompt_ids, seg_read_refcoco, seg_region_cells,
+                      seg_segment_embeds, seg_st_topk_gumbel, seg_synthetic_sample, seg_vp_batch, seg_vp_prompt_ids)
 from inprocess import run_script  # noqa: E402
 from model import InputError  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def T():
-    """The train script as a module (its config block runs with no arguments; main() does not)."""
-    argv = sys.argv
-    sys.argv = ["train_seg_gumbel.py"]
-    try:
-        import train_seg_gumbel
-    finally:
-        sys.argv = argv
-    return train_seg_gumbel
+DATA = SegData()  # the script's default data (synthetic, seed 1337, 32 px, captioned_pool 3000)
 
 
-def tiny_bundle(T):
-    tiny = dict(vit_layers=1, vit_embd=32, vit_heads=2, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, dec_dim=16)
-    saved = {k: getattr(T, k) for k in tiny}
-    for k, v in tiny.items():
-        setattr(T, k, v)
-    try:
-        torch.manual_seed(0)
-        return T.build_model()
-    finally:  # the script's defaults stay as written (test_configs_match_script_defaults reads them)
-        for k, v in saved.items():
-            setattr(T, k, v)
+def tiny_bundle():
+    torch.manual_seed(0)
+    vit_cfg, gpt_cfg = seg_configs(vit_layers=1, vit_embd=32, vit_heads=2, n_layer=1, n_embd=32, n_head=2, n_kv_head=2)
+    return seg_build_model(vit_cfg, gpt_cfg, dec_dim=16, llm_grid=4)
+
+
+def script_defaults():
+    """The script's config keys and defaults, as `--help` lists them (the script itself is a flat run)."""
+    r = run_script("train_seg_gumbel.py", ["--help"])
+    assert r.returncode == 0, r.stderr
+    return {m[1]: ast.literal_eval(m[2]) for m in re.finditer(r"^  --(\w+)\s*= (.*)$", r.stdout, re.M)}
 
 
 def test_special_tokens_by_id():
     tok = Tokenizer(specials=SEG_SPECIALS)
     ids = [tok[s] for s in SEG_SPECIALS + ("<|image|>",)]
     assert len(set(ids)) == len(ids) and min(ids) >= 256
-    # text that spells a special token stays text: the journal's " [SEG]" encoding bug
+    # text that spells a special token stays text (a string-encoded " [SEG]" would not be the token)
     assert not set(tok.encode("red [SEG] <vp></vp> <|image|>")) & set(ids)
     p = seg_prompt_ids(tok, 4, tok.encode("red circle"))
     assert p[-1] == tok["[SEG]"] and p.count(tok["[SEG]"]) == 1 and p.count(tok["<|image|>"]) == 4
@@ -76,31 +68,31 @@ def test_vp_token_count_k0_and_k_positive():
         ids[i, ids.shape[1] - len(p):] = torch.tensor(p)
     assert seg_check_context_counts(ids, img, 16, ks) == [16, 80]
     with pytest.raises(ValueError, match="row 0: the prompt has 16 image-context tokens but 16 image \\+ 1"):
-        seg_check_context_counts(ids, img, 16, [1, 64])  # the journal's forced K = max(K, 1)
+        seg_check_context_counts(ids, img, 16, [1, 64])  # a prompt forced to K >= 1 for an empty region
 
 
-def test_model_context_tokens_match_embeddings(T):
+def test_model_context_tokens_match_embeddings():
     """The real model path: prompt tokens == image rows + visual-prompt rows, for K = 0 and K > 0, and a
     mismatch raises in GPT.embed's scatter."""
-    s = tiny_bundle(T)["student"]
-    b = T.get_batch("val", range(2), "cpu")
+    s = tiny_bundle()["student"]
+    b = DATA.batch("val", range(2), "cpu")
     b["cells"][0] = False  # K = 0 for the first sample
     feats, img = s.encode(b["images"])
-    ids, pad_mask, rows = T.vp_batch(s, feats, img, b["cells"])
+    ids, pad_mask, rows = seg_vp_batch(s, feats, img, b["cells"])
     ks = b["cells"].sum(1).tolist()
     assert ks[0] == 0 and ks[1] > 0
-    assert int((ids == T.IMG).sum()) == rows.shape[0] == 2 * img.shape[1] + sum(ks)
+    assert int((ids == IMG).sum()) == rows.shape[0] == 2 * img.shape[1] + sum(ks)
     assert s.gpt.embed(ids, rows).shape == (*ids.shape, img.shape[-1])
     with pytest.raises(ValueError, match="vision token count mismatch"):
         s.gpt.embed(ids, rows[:-1])
 
 
-def test_st_gumbel_forward_one_hot_backward_soft(T):
+def test_st_gumbel_forward_one_hot_backward_soft():
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 40, requires_grad=True)
     noise = -torch.log(-torch.log(torch.rand(3, 5, 40).clamp(1e-9, 1 - 1e-9)))
     w = torch.randn(3, 5, 40)
-    y = T.st_topk_gumbel(logits, 0.7, top_k=8, noise=noise)
+    y = seg_st_topk_gumbel(logits, 0.7, top_k=8, noise=noise)
     assert torch.allclose(y.detach().sum(-1), torch.ones(3, 5))
     assert torch.allclose(y.detach(), torch.nn.functional.one_hot(y.detach().argmax(-1), 40).float(), atol=1e-6)
     top8 = torch.topk(logits.detach(), 8, -1).indices
@@ -113,15 +105,15 @@ def test_st_gumbel_forward_one_hot_backward_soft(T):
     assert (g_st[logits.detach() < kth.detach()] == 0).all()  # nothing flows to logits outside the top k
 
 
-def test_stage_b_gradient_reaches_text_embeddings_not_teacher(T):
-    bundle = tiny_bundle(T)
+def test_stage_b_gradient_reaches_text_embeddings_not_teacher():
+    bundle = tiny_bundle()
     s, t = bundle["student"], bundle["teacher"]
     with torch.no_grad():  # GPT blocks start as identity (zero c_proj): no token could see another yet
         for block in list(s.gpt.transformer.h) + list(t.gpt.transformer.h):
             block.attn.c_proj.weight.normal_(0, 0.05)
             block.mlp.c_proj.weight.normal_(0, 0.05)
     t.requires_grad_(False)
-    b = T.get_batch("train", range(4), "cpu")
+    b = DATA.batch("train", range(4), "cpu")
     torch.manual_seed(1)
     loss, stats, text = s("stage_b", teacher=t, images=b["images"], masks=b["masks"], cells=b["cells"])
     assert loss is not None and float(loss.detach()) > 0 and stats["skipped"] == 0
@@ -134,25 +126,25 @@ def test_stage_b_gradient_reaches_text_embeddings_not_teacher(T):
     with torch.no_grad():
         for p in s.parameters():
             p.add_(1.0)
-    T.ema_update(t, s, 0.9)
+    seg_ema_update(t, s, 0.9)
     moved = [torch.allclose(p, q + 0.1 * (r - q)) for p, q, r in zip(t.parameters(), before, s.parameters())]
     assert all(moved)
 
 
-def test_failed_batch_is_counted_skip_never_zero_loss(T):
+def test_failed_batch_is_counted_skip_never_zero_loss():
     logits = torch.randn(3, 8, 8)
     empty = torch.zeros(3, 8, 8)
-    loss, n_skip = T.mask_loss(logits, empty)
+    loss, n_skip = seg_mask_loss(logits, empty)
     assert loss is None and n_skip == 3
     target = empty.clone()
     target[1, 2:5, 2:5] = 1
-    loss, n_skip = T.mask_loss(logits, target)
-    ref, _ = T.mask_loss(logits[1:2], target[1:2])
+    loss, n_skip = seg_mask_loss(logits, target)
+    ref, _ = seg_mask_loss(logits[1:2], target[1:2])
     assert n_skip == 2 and torch.allclose(loss, ref)  # only the valid sample counts
-    s = tiny_bundle(T)["student"]
-    ids = torch.tensor([[T.BOS, T.IMG, 65]])  # no [SEG]: an error, not a silent zero loss
+    s = tiny_bundle()["student"]
+    ids = torch.tensor([[BOS, IMG, 65]])  # no [SEG]: an error, not a silent zero loss
     with pytest.raises(ValueError, match="exactly one \\[SEG\\]"):
-        T.segment_embeds(s, s.gpt.transformer.wte(ids), None, ids, torch.zeros(1, 64, 32), torch.zeros(1, 3, 32, 32))
+        seg_segment_embeds(s, s.gpt.transformer.wte(ids), None, ids, torch.zeros(1, 64, 32), torch.zeros(1, 3, 32, 32))
 
 
 def test_mask_metrics_worked_example():
@@ -222,9 +214,9 @@ def test_refcoco_reader_polygon_and_mask_png(tmp_path):
 
 
 @pytest.mark.parametrize("data, error", [
-    ([], "non-empty list of annotations, got an empty list"),             # was a ZeroDivisionError in training
-    ({"images": [], "refs": []}, "needs an 'annotations' list"),           # was a KeyError
-    ([{"image": "a.png", "mask": "a_mask.png", "sentences": "the box"}],   # was 7 one-character captions
+    ([], "non-empty list of annotations, got an empty list"),             # not a ZeroDivisionError in training
+    ({"images": [], "refs": []}, "needs an 'annotations' list"),           # not a KeyError
+    ([{"image": "a.png", "mask": "a_mask.png", "sentences": "the box"}],   # not 7 one-character captions
      "'sentences' must be a list"),
     ([{"image": "a.png", "mask": "a_mask.png", "sentences": [{"raw": "x"}]}], "non-empty string"),
     ([{"mask": "a_mask.png", "sentences": ["s"]}], "no 'image'"),
@@ -253,10 +245,10 @@ def test_refcoco_mask_png_0_1_valued_and_empty(tmp_path):
         seg_load_record(recs[1], 20)
 
 
-def test_short_stage_a_loss_falls(T):
-    s = tiny_bundle(T)["student"]
+def test_short_stage_a_loss_falls():
+    s = tiny_bundle()["student"]
     opt = torch.optim.AdamW(s.parameters(), lr=3e-3)
-    b = T.get_batch("train", range(8), "cpu")
+    b = DATA.batch("train", range(8), "cpu")
     losses = []
     for _ in range(25):
         loss, _ = s("stage_a", images=b["images"], masks=b["masks"], caption_ids=b["caption_ids"], cells=b["cells"])
@@ -308,7 +300,7 @@ def test_end_to_end_run_and_resume(tmp_path):
     res2 = json.load(open(os.path.join(part, "results.json")))
     assert res2["step"] == 8 and res2["stage_a"] == res["stage_a"] and res2["metrics"] == res["metrics"]
     assert res2["train_seconds"] >= 1000.0
-    # the checkpoint's shape wins, is printed, and is what results.json records (it was silently ignored)
+    # the checkpoint's shape wins, is printed, and is what results.json records
     assert "from checkpoint: n_layer=1 (config said 2)" in r2.stdout and res2["config"]["n_layer"] == 1
     # image_size is part of the shape (the ViT's position table): an eval at another size takes the checkpoint's
     r3 = run_script("train_seg_gumbel.py", [f"--out_dir={tmp_path / 'ev'}", f"--init_from={part}/ckpt",
@@ -320,7 +312,7 @@ def test_end_to_end_run_and_resume(tmp_path):
 
 def test_skipped_steps_still_eval_checkpoint_and_count(tmp_path):
     """RefCOCO-style data where a mask vanishes at image_size: those steps are counted skips, and the stage-A
-    eval and the final eval + checkpoint still happen when they fall on a skipped step (they were lost)."""
+    eval and the final eval + checkpoint still happen when they fall on a skipped step."""
     from PIL import Image
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "im.png")
@@ -351,6 +343,20 @@ def test_skipped_steps_still_eval_checkpoint_and_count(tmp_path):
     assert os.path.exists(out / "samples_step00004.png")
 
 
+def test_time_cap_stops_saves_and_evaluates(tmp_path):
+    """max_train_seconds > 0 (opt-in): the run stops at the first step past the cap, with a checkpoint whose
+    train_seconds is the training time, and an eval; the stage boundary stays where the steps put it."""
+    out = tmp_path / "cap"
+    r = run_script("train_seg_gumbel.py", [f"--out_dir={out}", "--stage_a_steps=4", "--max_steps=8",
+                                           "--max_train_seconds=1e-6"] + TINY, env=dict(OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "stopped at step 1: max_train_seconds=1e-06" in r.stdout and "step 2/8" not in r.stdout
+    meta = json.load(open(out / "ckpt" / "meta.json"))
+    res = json.load(open(out / "results.json"))
+    assert meta["step"] == 1 and meta["train_seconds"] > 0 and res["step"] == 1 and res["stage"] == "A"
+    assert "giou" in res["metrics"] and res["train_seconds"] == round(meta["train_seconds"], 1)
+
+
 @pytest.mark.parametrize("arg, error", [("--gumbel_tau=0", "gumbel_tau"), ("--max_caption_len=0", "max_caption_len"),
                                         ("--vp_grid=0", "vp_grid"), ("--grad_norm_interval=0", "grad_norm_interval"),
                                         ("--stage_a_steps=9", "stage_a_steps")])
@@ -360,26 +366,26 @@ def test_bad_config_is_one_line_error(tmp_path, arg, error):
     assert len(r.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)
 
 
-def test_configs_match_script_defaults(T):
-    from configurator import config_keys, parse_args
-    defaults = config_keys(vars(T))
-    synthetic = parse_args(defaults, [os.path.join(ROOT, "config/seg_synthetic.py")])
-    assert synthetic == defaults  # the default config file is the script's defaults, written out
+def test_configs_match_script_defaults():
+    from configurator import parse_args
+    defaults = script_defaults()
+    assert defaults["max_steps"] == 1200 and defaults["stage_a_steps"] == 700  # the step-exact default run
+    assert defaults["max_train_seconds"] == 0.0 and defaults["torch_threads"] == 0
     refcoco = parse_args(defaults, [os.path.join(ROOT, "config/seg_refcoco.py")])
     assert refcoco["dataset"] == "refcoco"
     assert (refcoco["image_size"] // refcoco["patch_size"]) % refcoco["llm_grid"] == 0
+    with open(os.path.join(ROOT, "config/seg_refcoco.py")) as f:  # a config file holds only what differs
+        source = f.read()
+    from configurator import assigned_names
+    assert not [k for k in assigned_names(source) if refcoco[k] == defaults[k]]
 
 
-def test_captioned_pool_stage_a_repeats_stage_b_is_fresh(T):
+def test_captioned_pool_stage_a_repeats_stage_b_is_fresh():
     """captioned_pool=N: stage A only ever sees the first N captioned scenes; stage B never sees them."""
-    saved = T.captioned_pool
-    T.captioned_pool = 3
-    try:
-        a = T.get_batch("train", range(6), "cpu", "A")
-        b = T.get_batch("train", range(3), "cpu", "B")
-    finally:
-        T.captioned_pool = saved
-    first = T.get_batch("train", range(3), "cpu")
+    data = SegData(captioned_pool=3)
+    a = data.batch("train", range(6), "cpu", "A")
+    b = data.batch("train", range(3), "cpu", "B")
+    first = DATA.batch("train", range(3), "cpu")
     assert torch.equal(a["images"][:3], a["images"][3:]) and torch.equal(a["images"][:3], first["images"])
     assert not any(torch.equal(x, y) for x in b["images"] for y in first["images"])
-    assert torch.equal(b["images"], T.get_batch("train", range(3, 6), "cpu")["images"])
+    assert torch.equal(b["images"], DATA.batch("train", range(3, 6), "cpu")["images"])

@@ -26,6 +26,7 @@ def test_speedrun_writes_a_report_row_per_recipe(tmp_path):
     row = next(line for line in report.splitlines() if line.startswith("| seg_gumbel |"))
     assert "giou **" in row and "(>= 0.85)" in row and "k tok/s" not in row
     assert row.split("|")[-2].strip() != "-"  # a measured training tok/s
+    assert row.split("|")[4].strip() == "4"    # the step the results are at
     assert "## bench.py" in report and "train tok/s" in report
 
 
