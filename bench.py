@@ -1,5 +1,5 @@
 """
-Speed on the current device, in one run (DESIGN.md section 6):
+Speed on the current device, in one run:
 
   - measured matmul peak (fp32, and bf16 where the device supports it): the MFU denominator
   - GPT training tokens/s (forward + backward + AdamW step) and MFU against the measured peak of the same dtype

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from checkpoint import adopt_checkpoint_config, check_repo_id, load_meta, push_run_to_hub, run_dir, unwrap
-from data import format_metrics, target_met, write_results
+from checkpoint import adopt_checkpoint_config, check_repo_id, load_meta, push_run_to_hub, run_dir
+from data import format_metrics, write_results
 from model import InputError
 
 
@@ -59,6 +59,10 @@ class Run:
     @property
     def master(self):
         return self.rank == 0
+
+    def matmul_peak(self):
+        """The measured matmul FLOP/s at this run's dtype: what every MFU is printed against."""
+        return measure_matmul_peak(self.device, getattr(torch, self.dtype))
 
 
 def setup(config, recipe, model_keys=(), absent=None):

@@ -40,7 +40,7 @@ install_error_hook()
 from configurator import configure  # noqa: E402
 from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, left_pad  # noqa: E402
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, log_line,  # noqa: E402
-                     mean_across_ranks, measure_matmul_peak, set_lr, setup, teardown, wrap)
+                     mean_across_ranks, set_lr, setup, teardown, wrap)
 from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap  # noqa: E402
 from data import Tokenizer, batch_indices  # noqa: E402
 from data_foveated import (fov_caption_scores, fov_check_cache, fov_check_captions, fov_check_clip,  # noqa: E402
@@ -531,7 +531,7 @@ if eval_only:
 # -----------------------------------------------------------------------------
 # training
 
-peak = measure_matmul_peak(device) if master else None
+peak = run.matmul_peak() if master else None
 n_patches = (image_size // patch_size) ** 2
 tokens_per_step = batch_size * n_frames * n_patches * run.world_size  # patch tokens encoded per step
 # ~6 * params * tokens for the ViT encode, plus the GPT over one row per frame for the coarse and each fine pass

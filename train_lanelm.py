@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig, InputError, Projector, gpt_flops_per_token, norm
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, install_error_hook,
-                     log_line, mean_across_ranks, measure_matmul_peak, set_lr, setup, teardown, wrap)
+                     log_line, mean_across_ranks, set_lr, setup, teardown, wrap)
 from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from data import batch_indices
 from configurator import configure
@@ -442,8 +442,7 @@ if eval_only:
 # -----------------------------------------------------------------------------
 # training loop
 
-peak = measure_matmul_peak(device, torch.bfloat16 if run.dtype == 'bfloat16' else torch.float32,
-                           seconds=0.3) if master else None
+peak = run.matmul_peak() if master else None
 model.train()
 log_step, log_seconds = step, clock.seconds  # the ms/step printed: training seconds since the last log line
 while step < max_steps:

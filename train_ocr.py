@@ -25,7 +25,7 @@ install_error_hook()
 from configurator import configure  # noqa: E402
 from model import GPT, GPTConfig, InputError  # noqa: E402
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, log_line,  # noqa: E402
-                     mean_across_ranks, measure_matmul_peak, set_lr, setup, teardown, wrap)
+                     mean_across_ranks, set_lr, setup, teardown, wrap)
 from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap  # noqa: E402
 from data import Tokenizer, batch_indices, load_image, normalize  # noqa: E402
 from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, BatchCenter, DeepEncoder, EncoderConfig, OCRModel,  # noqa: E402
@@ -374,7 +374,7 @@ if eval_only:
 # -----------------------------------------------------------------------------
 # training
 
-peak = measure_matmul_peak(device, torch.bfloat16 if run.dtype == 'bfloat16' else torch.float32) if master else None
+peak = run.matmul_peak() if master else None
 loss_acc, aux_acc, n_acc, n_aux, logged_seconds = 0.0, {}, 0, 0, clock.seconds
 raw_model.train()
 while step < max_steps:

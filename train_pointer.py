@@ -113,7 +113,7 @@ config = configure(globals())
 
 from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, gpt_flops_per_token  # noqa: E402
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, grad_norm,  # noqa: E402
-                     log_line, mean_across_ranks, measure_matmul_peak, set_lr, setup, teardown, wrap)
+                     log_line, mean_across_ranks, set_lr, setup, teardown, wrap)
 from checkpoint import (dataclass_from_dict, load_checkpoint, push_run_to_hub, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
 from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
@@ -414,7 +414,7 @@ if eval_only:
 # -----------------------------------------------------------------------------
 # training loop
 
-peak = measure_matmul_peak(device) if master else None
+peak = run.matmul_peak() if master else None
 gpt_flops = gpt_flops_per_token(raw_model.gpt.config, raw_model.gpt.num_params(exclude_embedding=True))
 vit_flops = 6 * sum(p.numel() for p in raw_model.vit.parameters()) * n_vision
 stop_reason = ""

@@ -26,7 +26,7 @@ from runtime import install_error_hook  # noqa: E402
 install_error_hook()
 from configurator import configure  # noqa: E402
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, grad_norm, log_line,  # noqa: E402
-                     mean_across_ranks, measure_matmul_peak, set_lr, setup, teardown, wrap)
+                     mean_across_ranks, set_lr, setup, teardown, wrap)
 from checkpoint import (all_rng_states, check_repo_id, load_checkpoint, save_checkpoint, set_rng_state,  # noqa: E402
                         unwrap)
 from data import batch_indices  # noqa: E402
@@ -201,7 +201,7 @@ if eval_only:
 
 # -----------------------------------------------------------------------------
 # training: stage A (segmentation + captioning) until stage_a_steps, then stage B (pseudo-Gumbel)
-peak = measure_matmul_peak(device) if master else None
+peak = run.matmul_peak() if master else None
 sec0, step0, n_tokens = clock.seconds, step, 0  # the log interval's start: seconds, step, GPT positions
 grads = None  # (step, text-emb, decoder, projector) gradient norms at their last measurement
 while step < max_steps:

@@ -30,6 +30,7 @@ def test_setup_single_process(tmp_path):
     assert (run.ddp, run.rank, run.world_size, run.master, run.device, run.dtype) == (False, 0, 1, True, "cpu", "float32")
     assert run.threads == torch.get_num_threads() == 1
     assert run.out_dir == cfg["out_dir"] and not run.resume and run.ckpt_src is None and run.meta == {}
+    assert run.matmul_peak() > 0  # what the log line's MFU is against
     a = torch.rand(3)
     R.setup(cfg, "toy")
     assert torch.equal(torch.rand(3), a)  # seeded with seed + rank
@@ -121,7 +122,7 @@ def test_wandb_without_a_login_goes_offline_and_says_so(tmp_path, monkeypatch, c
     run = R.setup(cfg, "toy")
     logger = R.Logger(run, "toy", cfg, wandb_log=True, project="p", run_name="r")
     assert os.environ["WANDB_MODE"] == "offline"
-    assert f"wandb: no login found" in capsys.readouterr().out
+    assert "wandb: no login found" in capsys.readouterr().out
     logger.log(dict(loss=1.0), 1)
     logger.finish()
     assert os.path.isdir(os.path.join(run.out_dir, "wandb"))
