@@ -115,7 +115,7 @@ from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, gpt_flo
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, grad_norm,  # noqa: E402
                      log_line, mean_across_ranks, set_lr, setup, teardown, wrap)
 from checkpoint import (dataclass_from_dict, load_checkpoint, push_run_to_hub, rng_state, save_checkpoint,  # noqa: E402
-                        set_rng_state)
+                        set_rng_state, unwrap)
 from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
                           POINTER_N_SIZE, PointerData, pointer_check_config, pointer_eval_picture, pointer_first_point_metrics,
                           pointer_fourier, pointer_input_channels, pointer_model_input, pointer_parse_accuracy,
@@ -476,5 +476,5 @@ if master:
         if push_to_hub:  # the checkpoint the report came from (teardown would push the last one, ckpt)
             push_run_to_hub(push_to_hub, out_dir, RECIPE, config, "best")
             push_to_hub = ""
-model = raw_model  # drop the DDP wrapper before teardown
+model = unwrap(model)  # drop the DDP wrapper before teardown: it holds the process group
 teardown(logger, push_to_hub)

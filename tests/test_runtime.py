@@ -97,12 +97,14 @@ def test_logger_eval_prints_targets_then_diagnostics_and_writes_every_metric(tmp
     logger = R.Logger(run, "toy", cfg)
     metrics = dict(acc=0.97, err=3.5, entropy=1.25, other=7.0)
     targets = {"acc": (">=", 0.95), "err": ("<", 3)}
-    res = logger.eval(40, metrics, targets, diagnostics=("entropy",), note="wrote x.png", n_eval=9, params=11)
+    res = logger.eval(40, metrics, targets, diagnostics=("entropy",), note="wrote x.png", n_eval=9, params=11,
+                      train_seconds=12.3456)
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["eval step 40 | acc 0.97 (>= 0.95) | err 3.5 (< 3) | NOT met", "  entropy 1.25 | wrote x.png"]
     saved = json.load(open(os.path.join(run.out_dir, "results.json")))
     assert saved == res and saved["metrics"] == metrics and saved["met"] is False and saved["step"] == 40
     assert saved["n_eval"] == 9 and saved["params"] == 11 and saved["device"] == "cpu"
+    assert saved["train_seconds"] == 12.3
     logger.eval(80, dict(metrics, err=2.0), targets)
     records = [json.loads(l) for l in open(os.path.join(run.out_dir, "evals.jsonl"))]
     assert [(r["step"], r["met"], r["metrics"]["other"]) for r in records] == [(40, False, 7.0), (80, True, 7.0)]
