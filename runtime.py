@@ -439,8 +439,6 @@ class Logger:
     def eval(self, step, metrics, targets, diagnostics=(), note="", images=None, split="val", n_eval=0, **fields):
         """Prints, writes results.json and evals.jsonl, logs to wandb. Returns results.json's dict."""
         head = [f"{k} {metrics[k]:.4g} ({op} {thr})" for k, (op, thr) in targets.items() if k in metrics]
-        if isinstance(fields.get("train_seconds"), float):
-            fields["train_seconds"] = round(fields["train_seconds"], 1)
         res = write_results(self.run.out_dir, self.recipe, split, n_eval, metrics, targets, step=step,
                             device=self.run.device, dtype=self.run.dtype, config=self.config, **fields)
         print(f"eval step {step} | " + " | ".join(head) + f" | {'met' if res['met'] else 'NOT met'}")

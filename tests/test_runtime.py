@@ -104,7 +104,7 @@ def test_logger_eval_prints_targets_then_diagnostics_and_writes_every_metric(tmp
     saved = json.load(open(os.path.join(run.out_dir, "results.json")))
     assert saved == res and saved["metrics"] == metrics and saved["met"] is False and saved["step"] == 40
     assert saved["n_eval"] == 9 and saved["params"] == 11 and saved["device"] == "cpu"
-    assert saved["train_seconds"] == 12.3
+    assert saved["train_seconds"] == 12.3456
     logger.eval(80, dict(metrics, err=2.0), targets)
     records = [json.loads(l) for l in open(os.path.join(run.out_dir, "evals.jsonl"))]
     assert [(r["step"], r["met"], r["metrics"]["other"]) for r in records] == [(40, False, 7.0), (80, True, 7.0)]
