@@ -10,6 +10,8 @@ import torch.nn as nn
 import checkpoint as C
 import model as M
 import runtime as R
+from model import InputError
+from test_model import tiny_gpt
 
 
 def config(tmp_path, **kw):
@@ -143,3 +145,103 @@ def test_setup_checks_the_hub_repo_name_before_any_work(tmp_path):
     with pytest.raises(M.InputError, match="push_to_hub must look like 'owner/name'"):
         R.setup(config(tmp_path, push_to_hub="no-slash"), "toy")
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_get_lr_warmup_and_cosine():
+    lr = 1.0
+    assert R.get_lr(0, 100, lr, warmup_steps=10) == pytest.approx(0.1)
+    assert R.get_lr(4, 100, lr, warmup_steps=10) == pytest.approx(0.5)
+    assert R.get_lr(9, 100, lr, warmup_steps=10) == pytest.approx(1.0)
+    assert R.get_lr(10, 100, lr, warmup_steps=10) == pytest.approx(1.0)
+    assert R.get_lr(55, 100, lr, warmup_steps=10, min_lr_frac=0.1) == pytest.approx(0.55)  # half way
+    assert R.get_lr(100, 100, lr, warmup_steps=10, min_lr_frac=0.1) == pytest.approx(0.1)
+    assert R.get_lr(1000, 100, lr, warmup_steps=10, min_lr_frac=0.1) == pytest.approx(0.1)
+    assert R.get_lr(0, 100, 3e-4) == pytest.approx(3e-4)  # no warmup
+    lrs = [R.get_lr(s, 100, lr, warmup_steps=10) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    R.set_lr(opt, 0.25)
+    assert opt.param_groups[0]["lr"] == 0.25
+
+
+def test_configure_optimizers_groups():
+    m = nn.Sequential(tiny_gpt(), nn.LayerNorm(8), nn.Linear(8, 8))
+    m[2].weight.requires_grad_(False)
+    opt = R.configure_optimizers(m, 1e-3, weight_decay=0.1, betas=[0.9, 0.95])
+    assert isinstance(opt, torch.optim.AdamW)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    trainable = [id(p) for p in m.parameters() if p.requires_grad]
+    assert sorted(ids) == sorted(trainable) and len(set(ids)) == len(ids)
+    assert len(no_decay["params"]) == 3  # LayerNorm weight + bias, Linear bias
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["lr"] == 1e-3
+
+
+def test_orthogonalize_pushes_singular_values_to_one():
+    g = torch.randn(3, 48, 16, dtype=torch.float64) * torch.logspace(-1, 1, 16, dtype=torch.float64)  # condition number 100
+    u = R.orthogonalize(g)
+    assert u.shape == g.shape
+    sv = torch.linalg.svdvals(u)
+    assert sv.min() > 0.5 and sv.max() < 1.3, sv  # the quintic lands in ~[0.7, 1.2], not exactly 1
+    # the same directions: u ~ U V^T of g's SVD
+    U, _, Vh = torch.linalg.svd(g, full_matrices=False)
+    cos = (u * (U @ Vh)).sum((-2, -1)) / (u.norm(dim=(-2, -1)) * (U @ Vh).norm(dim=(-2, -1)))
+    assert (cos > 0.97).all(), cos
+    assert torch.allclose(R.orthogonalize(g[1:2]), u[1:2], atol=1e-6)  # batched = one by one
+
+
+def test_configure_optimizers_muon_splits_hidden_matrices():
+    m = nn.Sequential(tiny_gpt(), nn.Linear(32, 1))  # the 1-unit head is not a hidden matrix
+    opt = R.configure_optimizers(m, 1e-3, weight_decay=0.1, optimizer="muon")
+    adamw, muon = opt.optimizers
+    hidden = {id(p) for g in muon.param_groups for p in g["params"]}
+    blocks = {id(p) for n, p in m.named_parameters() if ".h." in n and p.dim() == 2}
+    assert hidden == blocks  # every attention / MLP matrix; not wte, lm_head or the head
+    rest = [id(p) for g in adamw.param_groups for p in g["params"]]
+    assert sorted(rest + list(hidden)) == sorted(id(p) for p in m.parameters()) and len(set(rest)) == len(rest)
+    R.set_lr(opt, 0.5)
+    assert all(g["lr"] == 0.5 for o in opt.optimizers for g in o.param_groups)
+    with pytest.raises(M.InputError, match="adamw' or 'muon"):
+        R.configure_optimizers(m, 1e-3, optimizer="sgd")
+
+
+def test_autocast_compile_unwrap_and_finite_check():
+    ctx, name = R.autocast_ctx("cpu")
+    assert name == "float32"
+    with ctx:
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    ctx, name = R.autocast_ctx("cpu", "bfloat16")
+    with ctx:
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(InputError):
+        R.autocast_ctx("cpu", "float16")
+    m = tiny_gpt()
+    assert R.maybe_compile(m, True, "cpu") is m
+    assert C.unwrap(m) is m
+    with pytest.raises(FloatingPointError, match="step 7"):
+        R.check_finite(torch.tensor(float("nan")), 7)
+    cfg = m.config
+    n = m.num_params()
+    assert M.gpt_flops_per_token(cfg, n) == 6 * n + 12 * 2 * 4 * 8 * 64
+    assert m.num_params(exclude_embedding=True) == n - 64 * 32
+    line = R.log_line(100, 2000, 0.512, 3e-4, 0.041, tokens=410, flops_per_step=1e9, peak=1e11)
+    assert line.startswith("step 100/2000 | loss 0.5120 | lr 3.0e-04 | 41 ms | 10.0k tok/s | mfu ")
+
+
+def test_resolve_device_without_a_gpu_is_one_clear_line(monkeypatch):
+    # --device=cuda on a machine without a GPU: one clear line, not an assertion deep inside torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(M.InputError, match="device='cuda:1' but torch sees no CUDA GPU"):
+        R.resolve_device("cuda:1")
+    assert R.resolve_device("auto") == "cpu"
+
+
+def test_budget_lr_step_follows_whichever_is_further_along():
+    from runtime import budget_lr_step, budget_spent
+    assert budget_lr_step(10, 100, 999.0, 0.0) == 10            # no budget: the step, exactly reproducible
+    assert budget_lr_step(10, 100, 5.0, 100.0) == 10            # steps ahead of time
+    assert budget_lr_step(10, 100, 50.0, 100.0) == 50           # time ahead: the LR decays on time
+    assert budget_lr_step(10, 100, 500.0, 100.0) == 100         # never past the end of the schedule
+    assert not budget_spent(99.0, 100.0) and budget_spent(100.0, 100.0) and not budget_spent(1e9, 0.0)
