@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import check_repo_id, resolve_checkpoint
+from checkpoint import resolve_checkpoint
 from data import load_image, normalize, read_json, sample_rng, save_png
 from model import InputError
 
@@ -490,8 +490,6 @@ def fov_check_config(c, tasks=FOV_TASKS + ("folder",)):
         if bad:
             raise InputError(msg)
     fov_pick_mode(c["seed"], 0, c["mode_weights"])  # bad mode_weights fail here, not at the first step
-    if c["push_to_hub"]:
-        check_repo_id(c["push_to_hub"])
 
 
 def fov_check_captions(named, tok, caption_tokens):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import dataclass_from_dict, load_checkpoint, load_meta
+from checkpoint import dataclass_from_dict, gpt_from_pretrained, load_checkpoint, load_meta
 from data import pil_to_tensor, read_json, sample_rng, save_png, to_pil
 from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, embed_patches, gpt_flops_per_token
 
@@ -662,13 +662,11 @@ def load_encoder(src, out_dim):
 def load_gpt_into(src, vocab_size, image_token_id, n_embd):
     """A GPT checkpoint (meta['gpt']) for the OCR model. A vocab without <|image|> (a text LM) grows the
     embedding and head to vocab_size, old rows kept; image_token_id is then set."""
-    src_cfg = dataclass_from_dict(GPTConfig, load_meta(src)["gpt"])
-    if src_cfg.n_embd != n_embd:
-        raise InputError(f"init_gpt {src} has n_embd {src_cfg.n_embd} but the encoder projects to {n_embd}")
-    gpt = GPT(src_cfg)
-    load_checkpoint(src, gpt)
-    if src_cfg.vocab_size < vocab_size:
-        print(f"init_gpt: vocab {src_cfg.vocab_size} lacks <|image|> (id {image_token_id}): growing the "
+    gpt = gpt_from_pretrained(src)
+    if gpt.config.n_embd != n_embd:
+        raise InputError(f"init_gpt {src} has n_embd {gpt.config.n_embd} but the encoder projects to {n_embd}")
+    if gpt.config.vocab_size < vocab_size:
+        print(f"init_gpt: vocab {gpt.config.vocab_size} lacks <|image|> (id {image_token_id}): growing the "
               f"embedding and head to {vocab_size}")
         gpt.resize_token_embeddings(vocab_size)
     if image_token_id >= gpt.config.vocab_size:

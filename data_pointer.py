@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from PIL import Image, ImageDraw
 
-from checkpoint import check_repo_id
 from data import (Tokenizer, batch_indices, epoch_order, image_grid, load_image, normalize, oriented_edges, sample_rng,
                   save_png, step_batches, to_pil)
 from model import InputError, KVCache, left_pad
@@ -565,8 +564,6 @@ def pointer_check_config(c):
         raise InputError(f"stem must be 'conv' or 'patch', got {c['stem']!r}")
     if not 0 <= c["multi_weight"] < 1:
         raise InputError(f"multi_weight is a share of the training queries, in [0, 1): got {c['multi_weight']}")
-    if c["push_to_hub"]:
-        check_repo_id(c["push_to_hub"])
 
 
 def pointer_input_channels(edges):

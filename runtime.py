@@ -447,7 +447,7 @@ class Logger:
             print("  " + " | ".join(filter(None, [format_metrics(shown), note])))
         with open(os.path.join(self.run.out_dir, "evals.jsonl"), "a") as f:
             f.write(json.dumps(dict(step=step, split=split, n_eval=n_eval, met=res["met"], metrics=res["metrics"],
-                                    **{k: v for k, v in fields.items()}), default=str) + "\n")
+                                    **fields), default=str) + "\n")
         self.log(metrics, step, images)
         return res
 

@@ -27,7 +27,7 @@ install_error_hook()
 from configurator import configure  # noqa: E402
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, grad_norm, log_line,  # noqa: E402
                      mean_across_ranks, set_lr, setup, teardown, wrap)
-from checkpoint import (all_rng_states, check_repo_id, load_checkpoint, save_checkpoint, set_rng_state,  # noqa: E402
+from checkpoint import (all_rng_states, load_checkpoint, save_checkpoint, set_rng_state,  # noqa: E402
                         unwrap)
 from data import batch_indices  # noqa: E402
 from model import InputError, gpt_flops_per_token  # noqa: E402
@@ -107,10 +107,6 @@ MODEL_KEYS = ("image_size", "patch_size", "llm_grid", "vit_layers", "vit_embd", 
               "n_head", "n_kv_head", "dec_dim")
 
 # settings that would fail deep inside training (or train on nothing) fail here, in one line, before any file
-if push_to_hub:
-    check_repo_id(push_to_hub)
-if dataset not in ("synthetic", "refcoco"):
-    raise InputError(f"dataset must be 'synthetic' or 'refcoco', got {dataset!r}")
 if not 0 < stage_a_steps <= max_steps:
     raise InputError(f"need 0 < stage_a_steps ({stage_a_steps}) <= max_steps ({max_steps})")
 for _k in ("max_caption_len", "vp_grid", "grad_norm_interval"):  # (the shared counts: configurator.POSITIVE_KEYS)
