@@ -20,7 +20,7 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ "${NO_VENV:-0}" != "1" ]; then
   # shellcheck disable=SC1091
   source .venv/bin/activate
 fi
-[ "${SKIP_INSTALL:-0}" = "1" ] || python -m pip install -q -r requirements.txt
+[ "${SKIP_INSTALL:-0}" = "1" ] || python -m pip install -q -r requirements-test.txt
 
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(( NGPU > 0 ? NGPU : 1 ))}

@@ -71,7 +71,6 @@ def test_bench_breakdown_splits_the_step(capsys):
 
 
 def test_bench_compare_hf(capsys):
-    pytest.importorskip("transformers")
     res = run_in_process("--compare_hf=True", "--breakdown=True")
     check_ours(res)
     hf = res["hf"]
