@@ -192,7 +192,8 @@ def muon_matrices(model, min_dim=16):
     """The weights Muon is for: matrices of nn.Linear layers, both sides >= min_dim (not the output heads of one
     or two units), and not the vocabulary head (embeddings are nn.Embedding / nn.Parameter: never listed)."""
     found = {id(m.weight): m.weight for name, m in model.named_modules()  # by id: a shared weight counts once
-             if isinstance(m, nn.Linear) and m.weight.requires_grad and min(m.weight.shape) >= min_dim
+             if isinstance(m, nn.Linear) and isinstance(m.weight, nn.Parameter)  # not a LoRA-computed weight
+             and m.weight.requires_grad and min(m.weight.shape) >= min_dim
              and not name.endswith("lm_head")}
     return list(found.values())
 
