@@ -37,12 +37,34 @@ class Tokenizer:
                 from model import InputError
                 raise InputError(f"tiktoken encoding '{base}' is not available offline ({e}); use base='bytes'") from None
             ranks, pat = named._mergeable_ranks, named._pat_str
-        first = len(ranks)
-        self.special = {name: first + i for i, name in enumerate(names)}
-        self.enc = tiktoken.Encoding(name=f"{base}+{len(names)}specials", pat_str=pat,
-                                     mergeable_ranks=ranks, special_tokens=self.special)
-        self.n_base = first
-        self.vocab_size = first + len(names)
+        self.build(base, pat, ranks, {name: len(ranks) + i for i, name in enumerate(names)})
+
+    @classmethod
+    def from_ranks(cls, name, pat_str, mergeable_ranks, special_tokens):
+        """A tokenizer from a tiktoken Encoding's parts (e.g. nanochat's tokenizer.pkl, unpickled by pretrained.py)."""
+        tok = cls.__new__(cls)
+        tok.build(name, pat_str, mergeable_ranks, dict(special_tokens))
+        return tok
+
+    def build(self, name, pat_str, ranks, special):
+        import tiktoken
+        self.base, self.pat_str, self.ranks, self.special = name, pat_str, ranks, special
+        self.enc = tiktoken.Encoding(name=f"{name}+{len(special)}specials", pat_str=pat_str,
+                                     mergeable_ranks=ranks, special_tokens=special)
+        self.n_base = len(ranks)
+        self.vocab_size = max([self.n_base - 1, *special.values()]) + 1
+
+    @property
+    def bos(self):
+        """The id that starts a document (None if this vocabulary has none)."""
+        return self.special.get("<|bos|>")
+
+    def add_specials(self, names):
+        """Appends the special tokens of `names` not already here, with the next free ids. -> every name's id."""
+        new = [n for n in dict.fromkeys(names) if n not in self.special]
+        special = dict(self.special, **{n: self.vocab_size + i for i, n in enumerate(new)})
+        self.build(self.base, self.pat_str, self.ranks, special)
+        return [self.special[n] for n in names]
 
     def __getitem__(self, name):
         return self.special[name]

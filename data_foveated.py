@@ -485,7 +485,7 @@ def fov_check_config(c, tasks=FOV_TASKS + ("folder",)):
               (c["n_eval"] < 1 or not 0 <= c["n_vis"] <= c["n_eval"],
                f"need n_eval >= 1 and 0 <= n_vis <= n_eval, got n_eval={c['n_eval']}, n_vis={c['n_vis']}"),
               (c["freeze_vit"] and not c["vit_init"] and c["init_from"] == "scratch", "freeze_vit=True needs "
-               "vit_init=<checkpoint dir with a pretrained ViT>: a frozen random ViT would never learn to see")]
+               "vit_init=<a pretrained ViT: checkpoint dir, or a transformers encoder>: a frozen random ViT would never learn to see")]
     for bad, msg in checks:
         if bad:
             raise InputError(msg)
@@ -533,9 +533,10 @@ def fov_coord_planes(size, n_freq=2):
     return torch.stack(planes)
 
 
-def fov_vit_input(frames, coords=None):
-    """frames (B, T, 3, H, W) in [0, 1] -> (B*T, C, H, W): normalised RGB, then the coordinate planes if given."""
-    x = normalize(frames.flatten(0, 1))
+def fov_vit_input(frames, coords=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """frames (B, T, 3, H, W) in [0, 1] -> (B*T, C, H, W): RGB normalised as the ViT expects (its config's
+    mean/std), then the coordinate planes if given."""
+    x = normalize(frames.flatten(0, 1), mean, std)
     if coords is not None:
         x = torch.cat([x, coords.expand(x.shape[0], -1, -1, -1).to(x.dtype)], 1)
     return x

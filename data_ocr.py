@@ -327,30 +327,64 @@ def ocr_edit_distance(a, b):
     return dist
 
 
+# OmniDocBench's clean_string deletes these (backslash-t, backslash-n, tab, newline, "/t", "/n") one after the
+# other in this order, before its character filter: a later deletion can join a pair an earlier one had passed
+OMNIDOC_DROPPED = ("\\t", "\\n", "\t", "\n", "/t", "/n")
+
+
 def ocr_omnidoc_normalize(s):
-    """OmniDocBench's text normalisation before NED: whitespace and every non-word character removed
-    (only \\w characters kept: letters, digits, underscore, CJK)."""
-    return re.sub(r"[^\w]", "", s)
+    """OmniDocBench's text normalisation (opendatalab/OmniDocBench, utils/data_preprocess.py, clean_string): the
+    OMNIDOC_DROPPED sequences deleted in order, then only [\\w\\u4e00-\\u9fff] kept ("and/not" -> "andot").
+    Deliberate difference: its textblock2unicode step before it (inline LaTeX to unicode) is not applied."""
+    for seq in OMNIDOC_DROPPED:
+        s = s.replace(seq, "")
+    return re.sub(r"[^\w\u4e00-\u9fff]", "", s)
 
 
 def ocr_ned(pred, gt, normalize="none"):
-    """Character NED = edit_distance / max(len(pred), len(gt)) (as DeepSeek-OCR reports OmniDocBench);
-    0 for two empty strings. normalize='omnidocbench' applies OmniDocBench's normalisation first."""
+    """Character NED = edit_distance / max(len(pred), len(gt)) (as DeepSeek-OCR reports OmniDocBench; Fox's
+    edit_dist, ucaslcl/Fox eval_tools/eval_ocr_test.py); 0 for two empty strings.
+    normalize='omnidocbench': OmniDocBench's per-sample Edit_dist (metrics/cal_metric.py, call_Edit_dist): each
+    side cleaned by ocr_omnidoc_normalize, a side that cleans to empty scored raw, NaN (left out of the mean
+    there) when both raw sides are empty. Deliberate difference: a page is one sample (no block matching)."""
     if normalize == "omnidocbench":
-        pred, gt = ocr_omnidoc_normalize(pred), ocr_omnidoc_normalize(gt)
+        pred, gt = ocr_omnidoc_normalize(pred) or pred, ocr_omnidoc_normalize(gt) or gt
+        if not pred and not gt:
+            return float("nan")
     elif normalize != "none":
         raise ValueError(f"normalize must be 'none' or 'omnidocbench', got {normalize!r}")
     n = max(len(pred), len(gt))
     return ocr_edit_distance(pred, gt) / n if n else 0.0
 
 
+def fox_has_cjk(text):
+    """The official Fox scorer's test for Chinese text (contain_chinese_string): a character in [\\u4e00-\\u9fa5]."""
+    return re.search(r"[\u4e00-\u9fa5]", text) is not None
+
+
+def fox_words(text, cjk):
+    """Fox's word split: jieba.lcut when either side holds CJK (its space and punctuation tokens count as words,
+    as there), else str.split(). jieba is imported only for CJK pages."""
+    if not cjk:
+        return text.split()
+    import importlib.util
+    if importlib.util.find_spec("jieba") is None:
+        raise InputError("Fox scoring of CJK text needs the jieba package (pip install jieba)")
+    import jieba
+    return jieba.lcut(text)
+
+
 def fox_word_metrics(pred, gt):
-    """Fox word-level set metrics (words = str.split()).
+    """Fox word-level set metrics (ucaslcl/Fox, eval_tools/eval_ocr_test.py, cal_per_metrics: nltk's precision,
+    recall and f_measure on the word sets; words by fox_words).
     fox_precision: what the official Fox scorer publishes as "precision". It calls its precision function
     with (ground truth, prediction) swapped, so the number is |set(gt) & set(pred)| / |set(gt)|, the share
     of unique ground-truth words found in the output (textbook recall). Reported under that meaning so
-    it is comparable with published Fox numbers; textbook precision/recall/F1 are reported beside it."""
-    g, p = set(gt.split()), set(pred.split())
+    it is comparable with published Fox numbers; textbook precision/recall/F1 are reported beside it.
+    Deliberate difference: an empty word set (nltk's None, on which the official mean fails) scores 1 when the
+    other side is empty too, else 0."""
+    cjk = fox_has_cjk(gt) or fox_has_cjk(pred)
+    g, p = set(fox_words(gt, cjk)), set(fox_words(pred, cjk))
     hit = len(g & p)
     precision = hit / len(p) if p else float(not g)
     recall = hit / len(g) if g else float(not p)
@@ -359,7 +393,8 @@ def fox_word_metrics(pred, gt):
 
 
 def ocr_metrics(preds, gts):
-    """Per-page metrics averaged over pages (OmniDocBench averages per page too)."""
+    """Per-page metrics averaged over pages (OmniDocBench averages per page too). ned_omnidoc leaves out the pages
+    empty on both sides, as OmniDocBench does (NaN if every page is)."""
     if len(preds) != len(gts) or not gts:
         raise ValueError(f"ocr_metrics needs equal, non-empty lists (got {len(preds)} preds, {len(gts)} gts)")
     rows = []
@@ -367,7 +402,8 @@ def ocr_metrics(preds, gts):
         row = dict(ned=ocr_ned(p, g), ned_omnidoc=ocr_ned(p, g, "omnidocbench"), exact_match=float(p == g))
         row.update(fox_word_metrics(p, g))
         rows.append(row)
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    scored = lambda k: [r[k] for r in rows if not np.isnan(r[k])]
+    return {k: float(np.mean(scored(k))) if scored(k) else float("nan") for k in rows[0]}
 
 # -----------------------------------------------------------------------------
 # drawing
@@ -436,6 +472,13 @@ class EncoderConfig:
     center: bool = True      # BatchCenter on the projected tokens (False: DeepSeek-OCR's plain path)
     glyph_classes: int = 0   # > 0: a per-patch character classifier on SAM's last block (the glyph loss)
     token_slots: int = 0     # > 0 (with glyph_classes): each projected token classifies the characters it covers
+    # what pretrained weights need (pretrained_vision.py); the defaults are this repo's own encoder
+    sam_eps: float = 1e-5    # LayerNorm epsilon of SAM's blocks and neck (SAM's own: 1e-6)
+    sam_rel_pos: bool = False  # SAM's decomposed relative-position bias in every block
+    clip_vit: dict = None    # ViTConfig fields of a pretrained CLIP tower (class token, pre-norm, quick_gelu, ...)
+    projector: str = "mlp"   # mlp: Linear, GELU, Linear | linear: DeepSeek-OCR's one Linear
+    image_mean: tuple = (0.5, 0.5, 0.5)  # the input normalisation the weights expect
+    image_std: tuple = (0.5, 0.5, 0.5)
 
     @property
     def q(self):
@@ -473,15 +516,37 @@ def window_unpartition(x, w, padded, hw):
     return x[:, :H, :W].contiguous()
 
 
-class SAMBlock(nn.Module):
-    """Pre-norm ViT block on a (B, H, W, C) grid; attention inside w x w windows, or global (w = 0)."""
+def rel_pos_rows(table, size):
+    """SAM's relative-position table (L, d) -> (size, size, d), row (i, j) for offset i - j; a table trained for
+    another size is linearly resized to 2 * size - 1 first, as SAM does."""
+    n = 2 * size - 1
+    if table.shape[0] != n:
+        table = F.interpolate(table.float().T[None], size=n, mode="linear")[0].T.to(table.dtype)
+    i = torch.arange(size, device=table.device)
+    return table[i[:, None] - i[None, :] + size - 1]
 
-    def __init__(self, dim, n_head, window):
+
+def rel_pos_bias(q, table_h, table_w, h, w):
+    """SAM's decomposed relative-position bias (B, heads, h*w, h*w): the unscaled queries (B, heads, h*w, d)
+    dotted with the row-offset and column-offset embeddings, summed."""
+    r = q.unflatten(2, (h, w))
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r, rel_pos_rows(table_h, h).to(q.dtype))
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r, rel_pos_rows(table_w, w).to(q.dtype))
+    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(q.shape[0], q.shape[1], h * w, h * w)
+
+
+class SAMBlock(nn.Module):
+    """Pre-norm ViT block on a (B, H, W, C) grid; attention inside w x w windows, or global (w = 0).
+    rel_pos > 0: SAM's relative-position tables for a rel_pos x rel_pos grid (the window, or the whole grid)."""
+
+    def __init__(self, dim, n_head, window, eps=1e-5, rel_pos=0):
         super().__init__()
         self.n_head, self.window = n_head, window
-        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos - 1, dim // n_head)) if rel_pos else None
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos - 1, dim // n_head)) if rel_pos else None
 
     def forward(self, x):
         B, H, W, C = x.shape
@@ -490,7 +555,9 @@ class SAMBlock(nn.Module):
             h, padded = window_partition(h, self.window)
         b, hh, ww, _ = h.shape
         q, k, v = self.qkv(h).view(b, hh * ww, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        y = self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, hh, ww, C))
+        bias = None if self.rel_pos_h is None else rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, hh, ww)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        y = self.proj(y.transpose(1, 2).reshape(b, hh, ww, C))
         if self.window:
             y = window_unpartition(y, self.window, padded, (H, W))
         x = x + y
@@ -503,25 +570,37 @@ class SAMEncoder(nn.Module):
 
     def __init__(self, c):
         super().__init__()
+        self.config = c
         g = c.image_size // c.sam_patch
         self.patch = nn.Conv2d(3, c.sam_dim, c.sam_patch, stride=c.sam_patch)
         self.pos = nn.Parameter(torch.zeros(1, g, g, c.sam_dim))
-        self.blocks = nn.ModuleList([SAMBlock(c.sam_dim, c.sam_heads, 0 if i in c.sam_global else c.sam_window)
-                                     for i in range(c.sam_layers)])
+        windows = [0 if i in c.sam_global else c.sam_window for i in range(c.sam_layers)]
+        self.blocks = nn.ModuleList([SAMBlock(c.sam_dim, c.sam_heads, w, c.sam_eps, (w or g) if c.sam_rel_pos else 0)
+                                     for w in windows])
         n = c.neck_dim
-        self.neck = nn.Sequential(nn.Conv2d(c.sam_dim, n, 1, bias=False), LayerNorm2d(n),
-                                  nn.Conv2d(n, n, 3, padding=1, bias=False), LayerNorm2d(n))
+        self.neck = nn.Sequential(nn.Conv2d(c.sam_dim, n, 1, bias=False), LayerNorm2d(n, eps=c.sam_eps),
+                                  nn.Conv2d(n, n, 3, padding=1, bias=False), LayerNorm2d(n, eps=c.sam_eps))
         self.net_2 = nn.Conv2d(n, 2 * n, 3, stride=2, padding=1, bias=False)
         self.net_3 = nn.Conv2d(2 * n, 4 * n, 3, stride=2, padding=1, bias=False)
         # training aid, not part of DeepSeek-OCR: "which character is under this patch?" read off SAM's last
         # block. Inside SAM, so stage 2 freezes it with the rest.
         self.glyph = nn.Linear(c.sam_dim, c.glyph_classes) if c.glyph_classes else None
 
-    def forward(self, images, glyphs=False):
-        """-> (B, q*q, 4*neck) tokens, and with glyphs=True also (B, g, g, glyph_classes) glyph logits."""
+    def trunk(self, images):
+        """images (B, 3, S, S) -> the last block's (B, g, g, sam_dim) grid."""
         x = embed_patches(images, self.patch) + self.pos
         for block in self.blocks:
             x = block(x)
+        return x
+
+    def hidden_states(self, images):
+        """SAM's image embedding, the neck's output, as (B, g*g, neck_dim) tokens (transformers' SAM
+        last_hidden_state, flattened)."""
+        return self.neck(self.trunk(images).permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+
+    def forward(self, images, glyphs=False):
+        """-> (B, q*q, 4*neck) tokens, and with glyphs=True also (B, g, g, glyph_classes) glyph logits."""
+        x = self.trunk(images)
         glyph_logits = self.glyph(x) if glyphs else None
         x = self.net_3(self.net_2(self.neck(x.permute(0, 3, 1, 2))))
         x = x.flatten(2).transpose(1, 2)
@@ -579,9 +658,11 @@ class DeepEncoder(nn.Module):
         self.sam = SAMEncoder(c)
         # CLIP-like ViT fed the SAM features: patch_embed=False, so no patch embedding that would never receive a
         # gradient (DDP refuses parameters without one)
-        self.clip = ViT(ViTConfig(patch_embed=False, num_tokens=c.q * c.q, n_embd=4 * c.neck_dim,
-                                  n_layer=c.clip_layers, n_head=c.clip_heads))
-        self.projector = Projector(8 * c.neck_dim, c.out_dim)
+        self.clip = ViT(ViTConfig(**{**dict(patch_embed=False, num_tokens=c.q * c.q, n_embd=4 * c.neck_dim,
+                                            n_layer=c.clip_layers, n_head=c.clip_heads), **(c.clip_vit or {})}))
+        if c.projector not in ("mlp", "linear"):
+            raise InputError(f"projector must be 'mlp' or 'linear', got {c.projector!r}")
+        self.projector = Projector(8 * c.neck_dim, c.out_dim) if c.projector == "mlp" else nn.Linear(8 * c.neck_dim, c.out_dim)
         self.center = BatchCenter(c.q * c.q, c.out_dim) if c.center else nn.Identity()
         self.image_newline = nn.Parameter(torch.randn(c.out_dim) * c.out_dim ** -0.5)
         self.view_separator = nn.Parameter(torch.randn(c.out_dim) * c.out_dim ** -0.5)
@@ -639,6 +720,7 @@ def encoder_config(d):
     """A checkpoint meta's encoder dict -> EncoderConfig (JSON gives sam_global back as a list)."""
     c = dataclass_from_dict(EncoderConfig, d)
     c.sam_global = tuple(c.sam_global)
+    c.image_mean, c.image_std = tuple(c.image_mean), tuple(c.image_std)
     return c
 
 
@@ -685,7 +767,8 @@ def encoder_flops(enc, glyphs=False):
     g, q = c.image_size // c.sam_patch, c.q
 
     def cost(module, positions, keys=0, width=0):
-        weights = [p for n, p in module.named_parameters() if p.dim() >= 2 and n != "pos"]
+        weights = [p for n, p in module.named_parameters()  # matmul weights (not tables added or looked up)
+                   if p.dim() >= 2 and n not in ("pos", "cls", "registers") and "rel_pos" not in n]
         per = 6 if any(p.requires_grad for p in module.parameters()) else 2
         return per * positions * (sum(p.numel() for p in weights) + 2 * keys * width)
 

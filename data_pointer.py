@@ -6,8 +6,9 @@ answers of an eval (the shared data code is in data.py; what only this recipe us
 
 Coordinates everywhere are normalised to [-1, 1] with -1 the left/top image EDGE and +1 the right/bottom
 edge (pixel i covers [i, i+1), so its centre is (i + 0.5) / W * 2 - 1; torch's align_corners=False).
-Pixel errors are measured in a "frame": 384 x 384 for synthetic scenes, 384 tall and 384*W/H wide for
-real images (they are not square), so 0.1 in normalised units is 19.2 px vertically.
+Pixel errors are measured in the image's own pixels (mean_px, ...; a synthetic scene is drawn at 384 x 384),
+and beside them in a "frame" 384 tall and 384*W/H wide (mean_px384, ...), the resolution-normalised figure
+(0.1 in normalised units is 19.2 px vertically there); the two agree on synthetic scenes.
 """
 import itertools
 import json
@@ -211,13 +212,15 @@ def pointer_denormalize(points, frame_wh):
 
 def pointer_synthetic_sample(seed, split, index, img_size, kind=None, max_points=3, kinds=POINTER_KINDS, cluster=0.0,
                              weights=POINTER_KIND_WEIGHTS):
-    """A pure function of (seed, split, index): dict(image (3, S, S), text, points (K, 2) in [-1, 1], frame, kind,
-    halves, objects, cand_points / cand_halves (see pointer_scene), all coordinates in [-1, 1] units)."""
+    """A pure function of (seed, split, index): dict(image (3, S, S), text, points (K, 2) in [-1, 1], image_wh
+    (the scene's own pixels, 384 x 384), frame, kind, halves, objects, cand_points / cand_halves (see
+    pointer_scene), all coordinates in [-1, 1] units)."""
     rng = sample_rng(seed, split, index)
     s = pointer_scene(rng, kind=kind, max_points=max_points, kinds=kinds, cluster=cluster, weights=weights)
     return dict(image=pointer_render(s["objects"], img_size), text=s["text"], kind=s["kind"],
                 points=pointer_normalize(s["points"], (POINTER_FRAME, POINTER_FRAME)),
-                halves=s["halves"] / (POINTER_FRAME / 2), frame=(POINTER_FRAME, POINTER_FRAME), objects=s["objects"],
+                halves=s["halves"] / (POINTER_FRAME / 2), image_wh=(POINTER_FRAME, POINTER_FRAME),
+                frame=(POINTER_FRAME, POINTER_FRAME), objects=s["objects"],
                 cand_points=pointer_normalize(s["cand_points"], (POINTER_FRAME, POINTER_FRAME)),
                 cand_halves=s["cand_halves"] / (POINTER_FRAME / 2))
 
@@ -287,8 +290,8 @@ def pointer_load_record(rec, img_size):
     order = np.lexsort((pts[:, 1], pts[:, 0])) if len(pts) else []
     frame = (round(POINTER_FRAME * w / h), POINTER_FRAME)
     return dict(image=image, text=rec["text"], kind="multi" if len(pts) > 1 else "attr",
-                points=pointer_normalize(pts[order], (w, h)), halves=np.zeros(len(pts), np.float32), frame=frame,
-                objects=None)
+                points=pointer_normalize(pts[order], (w, h)), halves=np.zeros(len(pts), np.float32), image_wh=(w, h),
+                frame=frame, objects=None)
 
 # -----------------------------------------------------------------------------
 # augmentation: one affine map applied to the image and to the points
@@ -412,26 +415,39 @@ POINTER_LOSSES = dict(three_stage=pointer_loss_three_stage, three_stage_cont=poi
 # metrics
 
 
-def pointer_pixel_errors(pred, gt, frame_wh):
-    """Euclidean errors in frame pixels. pred, gt: (N, 2) normalised; frame_wh: (W, H) or (N, 2)."""
-    wh = np.broadcast_to(np.asarray(frame_wh, dtype=np.float64), np.shape(gt))
+def pointer_pixel_errors(pred, gt, wh):
+    """Euclidean errors in the pixels of `wh`: (W, H) or (N, 2), an image's own size or its 384 frame.
+    pred, gt: (N, 2) normalised. No public scorer exists for this recipe: the figures are the Pointer journal's
+    (DESIGN.md, Pointer), defined here."""
+    wh = np.broadcast_to(np.asarray(wh, dtype=np.float64), np.shape(gt))
     d = (np.asarray(pred, dtype=np.float64) - np.asarray(gt, dtype=np.float64)) * wh / 2
     return np.sqrt((d ** 2).sum(-1))
 
 
-def pointer_pixel_metrics(pred, gt, frame_wh, thresholds=(2, 5, 10, 15)):
-    """mean/median/p95 pixel error and % within each threshold, plus per-axis MSE in normalised units
-    (loss_x / loss_y) and per-axis mean absolute error in px."""
-    pred, gt = np.asarray(pred, dtype=np.float64).reshape(-1, 2), np.asarray(gt, dtype=np.float64).reshape(-1, 2)
-    err = pointer_pixel_errors(pred, gt, frame_wh)
-    wh = np.broadcast_to(np.asarray(frame_wh, dtype=np.float64), gt.shape)
+def pointer_pixel_figures(pred, gt, wh, thresholds, suffix=""):
+    """mean/median/p95 pixel error, the share within each threshold, per-axis mean absolute error, in the pixels
+    of `wh`, each name ending in `suffix`."""
+    err = pointer_pixel_errors(pred, gt, wh)
+    wh = np.broadcast_to(np.asarray(wh, dtype=np.float64), gt.shape)
     m = dict(mean_px=float(err.mean()), median_px=float(np.median(err)), p95_px=float(np.percentile(err, 95)))
     for t in thresholds:
         m[f"within_{t}px"] = float((err <= t).mean())
-    m["loss_x"] = float(((pred[:, 0] - gt[:, 0]) ** 2).mean())
-    m["loss_y"] = float(((pred[:, 1] - gt[:, 1]) ** 2).mean())
     m["mae_x_px"] = float((np.abs(pred[:, 0] - gt[:, 0]) * wh[:, 0] / 2).mean())
     m["mae_y_px"] = float((np.abs(pred[:, 1] - gt[:, 1]) * wh[:, 1] / 2).mean())
+    return {k + suffix: v for k, v in m.items()}
+
+
+def pointer_pixel_metrics(pred, gt, image_wh, frame_wh=None, thresholds=(2, 5, 10, 15)):
+    """Pixel figures (pointer_pixel_figures) in each image's own pixels (image_wh: (W, H) or (N, 2)): mean_px,
+    median_px, p95_px, within_<t>px, mae_x_px, mae_y_px; with frame_wh (the 384-tall frames) the same figures
+    in that frame beside, named with a 384 suffix (mean_px384, within_5px384, ...); per-axis MSE in normalised
+    units (loss_x / loss_y). Source: the Pointer journal's figures (no public scorer), defined here."""
+    pred, gt = np.asarray(pred, dtype=np.float64).reshape(-1, 2), np.asarray(gt, dtype=np.float64).reshape(-1, 2)
+    m = pointer_pixel_figures(pred, gt, image_wh, thresholds)
+    if frame_wh is not None:
+        m.update(pointer_pixel_figures(pred, gt, frame_wh, thresholds, suffix=str(POINTER_FRAME)))
+    m["loss_x"] = float(((pred[:, 0] - gt[:, 0]) ** 2).mean())
+    m["loss_y"] = float(((pred[:, 1] - gt[:, 1]) ** 2).mean())
     return m
 
 
@@ -452,7 +468,8 @@ def pointer_parse_accuracy(logits, dense):
 
 def pointer_error_breakdown(pred, samples, radius=5.0):
     """Where single-target answers go wrong. pred (N, 2) normalised; samples with 'objects' (frame px: x, y,
-    half, size) and 'points'; samples without objects (real data) are skipped. -> dict:
+    half, size) and 'points'; samples without objects (real data) are skipped, so only synthetic scenes count,
+    whose frame is the image's own pixels. -> dict:
       wrong_object  nearer another object's centre than the target's (grounding failures)
       near_miss     nearest the target but more than `radius` px off (imprecision on the right object)
       within_5px_small / _large      by the target's size
@@ -500,37 +517,44 @@ def pointer_match(pred_px, gt_px, radius):
     return int(best)
 
 
-def pointer_sequence_metrics(preds, gts, frames, radius=5.0):
+def pointer_sequence_matches(preds, gts, whs, radius):
+    """Points matched one-to-one within `radius` px of each query's `wh` pixels, summed over queries."""
+    return sum(pointer_match(pointer_denormalize(p, wh), pointer_denormalize(g, wh), radius)
+               for p, g, wh in zip(preds, gts, whs))
+
+
+def pointer_sequence_metrics(preds, gts, image_whs, frames=None, radius=5.0):
     """Sequential pointing from rolled-out sequences. preds/gts: lists of (K, 2) normalised arrays.
     precision = matched / predicted points, recall = matched / ground-truth points (one-to-one within
-    `radius` px, summed over queries); count accuracy and count MAE of the number of points emitted."""
-    matched = n_pred = n_gt = exact = 0
-    abs_err = []
-    for p, g, fr in zip(preds, gts, frames):
-        p_px, g_px = pointer_denormalize(p, fr), pointer_denormalize(g, fr)
-        matched += pointer_match(p_px, g_px, radius)
-        n_pred, n_gt = n_pred + len(p_px), n_gt + len(g_px)
-        exact += len(p_px) == len(g_px)
-        abs_err.append(abs(len(p_px) - len(g_px)))
-    r = int(radius)
-    return {f"seq_precision_{r}px": matched / max(n_pred, 1), f"seq_recall_{r}px": matched / max(n_gt, 1),
-            "count_acc": exact / max(len(gts), 1), "count_mae": float(np.mean(abs_err)) if abs_err else 0.0}
+    `radius` px of each image's own pixels, image_whs, summed over queries; with frames the same beside in the
+    384-tall frames, named with a 384 suffix); count accuracy and count MAE of the number of points emitted.
+    Source: the Pointer journal's rollout count (no public scorer), defined here."""
+    n_pred, n_gt = sum(len(p) for p in preds), sum(len(g) for g in gts)
+    abs_err = [abs(len(p) - len(g)) for p, g in zip(preds, gts)]
+    r, m = int(radius), {}
+    for suffix, whs in (("", image_whs), (str(POINTER_FRAME), frames)):
+        if whs is not None:
+            matched = pointer_sequence_matches(preds, gts, whs, radius)
+            m[f"seq_precision_{r}px{suffix}"] = matched / max(n_pred, 1)
+            m[f"seq_recall_{r}px{suffix}"] = matched / max(n_gt, 1)
+    return dict(m, count_acc=sum(e == 0 for e in abs_err) / max(len(gts), 1),
+                count_mae=float(np.mean(abs_err)) if abs_err else 0.0)
 
 # -----------------------------------------------------------------------------
 # drawing: predicted point red, ground truth green, a yellow line between, err=XXpx
 
 
-def pointer_draw(image, pred, gt, text="", size=256, frame=None):
+def pointer_draw(image, pred, gt, text="", size=256, image_wh=None):
     """(3, H, W) image, pred/gt (K, 2) normalised -> PIL image `size` x `size` with the points drawn.
-    frame: the sample's (W, H) frame (real images are resized to a square for the model, so the tensor's own
-    shape no longer says); the picture is drawn at that aspect ratio (longer side `size`, the rest black)
-    and the error label is measured in that frame, as the metrics are. None: the image's own shape."""
+    image_wh: the sample's original (W, H) (real images are resized to a square for the model, so the tensor's
+    own shape no longer says); the picture is drawn at that aspect ratio (longer side `size`, the rest black)
+    and the error label is in those pixels, as mean_px is. None: the tensor's shape, 384 tall."""
     im = to_pil(image)
-    fw, fh = frame if frame is not None else (round(POINTER_FRAME * im.width / im.height), POINTER_FRAME)
+    fw, fh = image_wh if image_wh is not None else (round(POINTER_FRAME * im.width / im.height), POINTER_FRAME)
     w, h = (size, max(1, round(size * fh / fw))) if fw >= fh else (max(1, round(size * fw / fh)), size)
     canvas = Image.new("RGB", (size, size))
     canvas.paste(im.resize((w, h), Image.NEAREST), (0, 0))
-    im, frame = canvas, (fw, fh)
+    im = canvas
     d = ImageDraw.Draw(im)
     pred, gt = np.asarray(pred, dtype=np.float64).reshape(-1, 2), np.asarray(gt, dtype=np.float64).reshape(-1, 2)
     to_px = lambda p: ((p[0] + 1) / 2 * w, (p[1] + 1) / 2 * h)
@@ -538,7 +562,7 @@ def pointer_draw(image, pred, gt, text="", size=256, frame=None):
     for i in range(max(len(pred), len(gt))):
         if i < len(pred) and i < len(gt):
             d.line([to_px(pred[i]), to_px(gt[i])], fill=(255, 255, 0), width=1)
-            labels.append(f"{pointer_pixel_errors(pred[i:i + 1], gt[i:i + 1], frame)[0]:.1f}")
+            labels.append(f"{pointer_pixel_errors(pred[i:i + 1], gt[i:i + 1], (fw, fh))[0]:.1f}")
         for pts, colour in ((gt, (0, 255, 0)), (pred, (255, 0, 0))):
             if i < len(pts):
                 x, y = to_px(pts[i])
@@ -751,9 +775,9 @@ def pointer_first_point_metrics(preds, samples, kinds=()):
     """Pixel metrics of the first rolled-out point against each sample's first point, within_5px per query kind
     (kinds: which kinds fail, grounding vs precision) and the error breakdown (pointer_error_breakdown)."""
     first, truth = np.stack([p[0] for p in preds]), np.stack([s["points"][0] for s in samples])
-    frames = np.array([s["frame"] for s in samples])
-    metrics = pointer_pixel_metrics(first, truth, frames)
-    ok, sample_kinds = pointer_pixel_errors(first, truth, frames) <= 5, np.array([s["kind"] for s in samples])
+    image_whs, frames = np.array([s["image_wh"] for s in samples]), np.array([s["frame"] for s in samples])
+    metrics = pointer_pixel_metrics(first, truth, image_whs, frames)
+    ok, sample_kinds = pointer_pixel_errors(first, truth, image_whs) <= 5, np.array([s["kind"] for s in samples])
     for k in kinds:
         if (sample_kinds == k).any():
             metrics[f"within_5px_{k}"] = float(ok[sample_kinds == k].mean())
@@ -763,6 +787,8 @@ def pointer_first_point_metrics(preds, samples, kinds=()):
 
 def pointer_eval_picture(path, single, pred1, multi, pred_multi, n_vis=8):
     """The eval PNG: n_vis single-point and n_vis multi-point queries, 4 a row. -> path, or None (nothing drawn)."""
-    vis = [pointer_draw(s["image"], p[:1], s["points"][:1], s["text"], frame=s["frame"]) for s, p in zip(single[:n_vis], pred1)]
-    vis += [pointer_draw(s["image"], p, s["points"], s["text"], frame=s["frame"]) for s, p in zip(multi[:n_vis], pred_multi)]
+    vis = [pointer_draw(s["image"], p[:1], s["points"][:1], s["text"], image_wh=s["image_wh"])
+           for s, p in zip(single[:n_vis], pred1)]
+    vis += [pointer_draw(s["image"], p, s["points"], s["text"], image_wh=s["image_wh"])
+            for s, p in zip(multi[:n_vis], pred_multi)]
     return save_png(image_grid(vis, 4), path) if vis else None

@@ -254,25 +254,34 @@ class SegData:
 
 
 def seg_iou_stats(pred, gt):
-    """Binary masks (B, H, W) -> (intersection (B,), union (B,)) pixel counts as float64 tensors."""
+    """Binary masks (B, H, W), or one (H, W) mask scored as a batch of one -> (intersection (B,), union (B,))
+    pixel counts as float64 tensors: LISA's intersectionAndUnionGPU foreground class (dvlab-research/LISA,
+    utils/utils.py), as its validate() in train_ds.py calls it per mask."""
     pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool()
     if pred.shape != gt.shape:
-        raise ValueError(f"mask shapes differ: pred {tuple(pred.shape)} vs gt {tuple(gt.shape)}")
+        raise InputError(f"mask shapes differ: pred {tuple(pred.shape)} vs gt {tuple(gt.shape)}")
+    if pred.dim() not in (2, 3):
+        raise InputError(f"masks must be (H, W) or (B, H, W), got shape {tuple(pred.shape)}")
+    if pred.dim() == 2:
+        pred, gt = pred[None], gt[None]
     inter = (pred & gt).flatten(1).sum(1).double()
     union = (pred | gt).flatten(1).sum(1).double()
     return inter, union
 
 
 def seg_giou(inter, union):
-    """gIoU: the mean of per-sample IoUs. A sample with an empty union (empty target, empty prediction)
-    scores 1, as in the GRES no-target convention."""
+    """gIoU: the mean of per-mask IoUs (LISA's giou, dvlab-research/LISA train_ds.py validate). A mask with an
+    empty union (empty target, empty prediction) scores 1, LISA's no-object convention (from GRES).
+    Deliberate difference: the exact ratio, without LISA's 1e-5 in the denominator."""
     inter, union = torch.as_tensor(inter, dtype=torch.float64), torch.as_tensor(union, dtype=torch.float64)
     iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
     return float(iou.mean())
 
 
 def seg_ciou(inter, union):
-    """cIoU: cumulative intersection over cumulative union (large objects weigh more)."""
+    """cIoU: cumulative intersection over cumulative union, large objects weighing more (LISA's ciou,
+    dvlab-research/LISA train_ds.py validate). Deliberate differences: no 1e-10 in the denominator, and a set
+    whose every union is empty scores 1 (LISA: 0), as gIoU does."""
     total = float(torch.as_tensor(union, dtype=torch.float64).sum())
     return float(torch.as_tensor(inter, dtype=torch.float64).sum()) / total if total > 0 else 1.0
 
@@ -370,7 +379,8 @@ class SegVLM(nn.Module):
         """-> (ViT features (B, N, Cv) for the decoder and the visual prompt, image rows for the GPT
         (B, llm_grid**2, D)). The GPT gets a pooled view: the decoder localises from the full-resolution
         features, so the language model only needs to know what is in the picture (4x fewer tokens)."""
-        feats = self.vit.encode(normalize(images))["features"]
+        c = self.vit.config
+        feats = self.vit.encode(normalize(images, c.image_mean, c.image_std))["features"]
         B, N, C = feats.shape
         s = int(math.isqrt(N))
         pooled = F.adaptive_avg_pool2d(feats.transpose(1, 2).reshape(B, C, s, s), self.llm_grid)

@@ -3,7 +3,8 @@ The models and their maths, shared by every recipe (the run around them is runti
 
   GPT        decoder-only LM (RMSNorm, rotary, SDPA attention, explicit GQA, relu^2 MLP,
              untied head), vision-token scatter, KV-cache generation. Parameter names follow
-             nanochat's GPT (so a loader for its checkpoints would need no renaming; none is written yet).
+             nanochat's GPT; what the Llama family needs (SwiGLU, norm gains and epsilon, QK-norm off,
+             tied head) are config fields (pretrained.py converts the weights).
   ViT        patch encoder with per-layer patch K/V that can be cached, and query tokens that
              read the patches at every layer (deep) or only at the last one (shallow).
   Projector  vision width -> LM width.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class InputError(ValueError):
@@ -41,11 +43,45 @@ class GPTConfig:
     rope_base: float = 10000.0
     input_norm: bool = True     # RMS-normalise the input embeddings before the first block (nanochat does); off,
                                 #   the projector sets the image tokens' scale against the words' (train_pointer)
+    mlp: str = "relu2"          # 'relu2' (nanochat) | 'swiglu' (Llama: down(silu(gate x) * up x), gate|up in c_fc)
+    intermediate_size: int = 0  # the MLP's hidden width; 0 = 4 * n_embd
+    norm_gains: bool = False    # RMSNorm with a learnable gain before each block part and the head (Llama)
+    norm_eps: float | None = None  # RMSNorm epsilon; None = F.rms_norm's default (the dtype's eps, as nanochat)
+    qk_norm: bool = True        # RMS-normalise q and k after rotary (nanochat); Llama has none
+    tie_embeddings: bool = False  # the head reuses the token embedding's matrix (Llama's tie_word_embeddings)
 
 
-def norm(x):
+def norm(x, eps=None):
     # parameter-free RMSNorm, as nanochat
-    return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, with a learnable gain only when asked (nanochat's has none, Llama's has one)."""
+
+    def __init__(self, dim, eps=None, gain=False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if gain else None
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class TiedHead(nn.Module):
+    """The output head when it shares the token embedding's matrix: no parameter of its own, so the state dict,
+    the optimizer and safetensors see the matrix once (as the embedding)."""
+
+    def __init__(self, wte):
+        super().__init__()
+        self.wte = [wte]  # in a list: not registered as a submodule, so not saved twice
+
+    @property
+    def weight(self):
+        return self.wte[0].weight
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
 
 
 def apply_rotary(x, cos, sin):
@@ -194,6 +230,7 @@ class CausalSelfAttention(nn.Module):
             raise InputError(f"GPT shapes: n_embd ({config.n_embd}) must divide by n_head ({config.n_head}) and "
                              f"n_head by n_kv_head ({config.n_kv_head})")
         self.head_dim = config.n_embd // config.n_head
+        self.qk_norm, self.norm_eps = config.qk_norm, config.norm_eps
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
@@ -209,7 +246,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         qkv = (x @ w["qkv"] if w else F.linear(x, self.qkv_weight())).view(B, T, H + 2 * Hkv, self.head_dim)
-        qk = norm(apply_rotary(qkv[:, :, :H + Hkv], cos, sin))  # rotary + QK norm on q and k at once
+        qk = apply_rotary(qkv[:, :, :H + Hkv], cos, sin)  # rotary (+ QK norm) on q and k at once
+        if self.qk_norm:
+            qk = norm(qk, self.norm_eps)
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
@@ -247,44 +286,62 @@ class _ReluSquared(torch.autograd.Function):
 def relu_squared(x):
     # torch.compile fuses the plain expression by itself; without autograd (generation) the Function's
     # bookkeeping is pure overhead
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+    if not torch.is_grad_enabled():
         return F.relu(x).square_()
+    if torch.compiler.is_compiling():  # out of place: relu's backward needs its output as it was
+        return F.relu(x).square()
     return _ReluSquared.apply(x)
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        if config.mlp not in ("relu2", "swiglu"):
+            raise InputError(f"GPT mlp must be 'relu2' or 'swiglu', got {config.mlp!r}")
+        hidden = config.intermediate_size or 4 * config.n_embd
+        self.swiglu = config.mlp == "swiglu"
+        # swiglu: the gate and up projections stacked in one matrix (one matmul), gate first
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
+
+    def act(self, u):
+        if self.swiglu:
+            gate, up = u.chunk(2, -1)
+            return F.silu(gate) * up
+        return relu_squared(u)
 
     def forward(self, x, w=None):
         if w:
-            return relu_squared(x @ w["fc"]) @ w["down"]
-        return self.c_proj(relu_squared(self.c_fc(x)))
+            return self.act(x @ w["fc"]) @ w["down"]
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
+        self.ln_1 = RMSNorm(config.n_embd, config.norm_eps, config.norm_gains)
         self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = RMSNorm(config.n_embd, config.norm_eps, config.norm_gains)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
         w = kv_cache.weights[self.attn.layer_idx] if kv_cache is not None and kv_cache.weights else None
-        x = x + self.attn(norm(x), cos, sin, attn_mask, kv_cache, w)
-        return x + self.mlp(norm(x), w)
+        x = x + self.attn(self.ln_1(x), cos, sin, attn_mask, kv_cache, w)
+        return x + self.mlp(self.ln_2(x), w)
 
 
 class GPT(nn.Module):
+    checkpointing = False  # set_checkpointing()
+
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=RMSNorm(config.n_embd, config.norm_eps, config.norm_gains),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = self.make_head(config.vocab_size)
         head_dim = config.n_embd // config.n_head
         cos, sin = rotary_table(4 * config.sequence_len, head_dim, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)
@@ -339,10 +396,13 @@ class GPT(nn.Module):
             block = block if pad_mask is None else block & pad_mask.bool()  # a pad stays invisible
             attn_mask = attn_mask | (block[:, None, :, None] & block[:, None, None, :])
         if self.config.input_norm:
-            x = norm(x)
+            x = norm(x, self.config.norm_eps)
         for layer in self.transformer.h:
-            x = layer(x, cos, sin, attn_mask, kv_cache)
-        return norm(x)
+            if self.checkpointing and torch.is_grad_enabled() and kv_cache is None:
+                x = checkpoint(layer, x, cos, sin, attn_mask, use_reentrant=False)  # recomputed in backward
+            else:
+                x = layer(x, cos, sin, attn_mask, kv_cache)
+        return self.transformer.ln_f(x)
 
     def padded_positions_and_mask(self, B, T, start, pad_mask, kv_cache, device):
         """Left-padded rows: per-row rotary positions that skip the pads, and a (B, 1, T, S) boolean mask."""
@@ -454,19 +514,38 @@ class GPT(nn.Module):
             raise InputError(f"cannot shrink vocab from {old} to {new_vocab}")
         if new_vocab == old:
             return
-        wte, head = nn.Embedding(new_vocab, self.config.n_embd), nn.Linear(self.config.n_embd, new_vocab, bias=False)
-        wte.to(self.lm_head.weight.device, self.lm_head.weight.dtype)
-        head.to(self.lm_head.weight.device, self.lm_head.weight.dtype)
-        init_weights(wte), init_weights(head)
-        with torch.no_grad():
-            wte.weight[:old] = self.transformer.wte.weight
-            head.weight[:old] = self.lm_head.weight
-        self.transformer.wte, self.lm_head = wte, head
+        wte, head = nn.Embedding(new_vocab, self.config.n_embd), self.make_head(new_vocab)
+        new = [wte] if self.config.tie_embeddings else [wte, head]  # a tied head has no rows of its own
+        for m in new:
+            m.to(self.lm_head.weight.device, self.lm_head.weight.dtype)
+        for m, old_m in zip(new, [self.transformer.wte, self.lm_head]):
+            init_weights(m)
+            with torch.no_grad():
+                m.weight[:old] = old_m.weight
+        self.transformer.wte = wte
+        self.lm_head = self.make_head(new_vocab) if self.config.tie_embeddings else head  # tied: to the new rows
         self.config.vocab_size = new_vocab
 
+    def make_head(self, vocab_size):
+        if self.config.tie_embeddings:
+            return TiedHead(self.transformer.wte)
+        return nn.Linear(self.config.n_embd, vocab_size, bias=False)
+
     def num_params(self, exclude_embedding=False):
+        """exclude_embedding: without the token lookup (for FLOPs); a tied matrix still counts, as the head."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wte.weight.numel() if exclude_embedding else n
+        lookup_only = exclude_embedding and not self.config.tie_embeddings
+        return n - self.transformer.wte.weight.numel() if lookup_only else n
+
+
+def set_checkpointing(module, on=True):
+    """Activation checkpointing for every block stack inside `module` (GPT, ViT, and any module with a
+    `checkpointing` attribute): each block's activations are dropped after its forward and recomputed in the
+    backward (memory for one block's worth of compute). Same gradients."""
+    for m in module.modules():
+        if hasattr(m, "checkpointing"):
+            m.checkpointing = on
+    return module
 
 
 def rotary_table(length, head_dim, base=10000.0):
@@ -526,19 +605,45 @@ class ViTConfig:
     num_tokens: int = 0            # with patch_embed=False: how many input tokens (for the position table)
     query_mode: str = "deep"       # deep: queries read the patches at every layer; shallow: at the last only
     attn_temperature: float = 1.0  # divides the query->patch attention logits (<1 sharper)
+    # what pretrained encoders need (pretrained_vision.py); the defaults are this repo's own ViT
+    norm_eps: float = 1e-5
+    act: str = "gelu"              # MLP activation: gelu | gelu_tanh (SigLIP) | quick_gelu (CLIP)
+    mlp_hidden: int = 0            # 0: 4 * n_embd
+    patch_bias: bool = True        # CLIP's patch embedding has no bias
+    class_token: bool = False      # a learned token before the patches, with its own slot in the position table
+    n_registers: int = 0           # learned tokens after the class token, without positions (DINOv2 with registers)
+    pos_grid: int = 0              # side of the position table's patch grid (0: image_size // patch_size)
+    pos_interpolate: str = ""      # '' the table as stored | 'bicubic' | 'bicubic_antialias': resized to the input's
+                                   #   grid in fp32, align_corners False, class slot untouched (as transformers)
+    pre_norm: bool = False         # LayerNorm on the embeddings before the first block (CLIP)
+    final_norm: bool = True        # ln_f after the last block (CLIP's hidden states have none)
+    image_mean: tuple = (0.5, 0.5, 0.5)  # the input normalisation the weights expect (recipes apply it)
+    image_std: tuple = (0.5, 0.5, 0.5)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):  # CLIP's sigmoid approximation of GELU
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = dict(gelu=nn.GELU, gelu_tanh=lambda: nn.GELU(approximate="tanh"), quick_gelu=QuickGELU)
 
 
 class ViTBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.n_head = c.n_head
-        self.ln_1, self.ln_2 = nn.LayerNorm(c.n_embd), nn.LayerNorm(c.n_embd)
+        self.ln_1, self.ln_2 = nn.LayerNorm(c.n_embd, eps=c.norm_eps), nn.LayerNorm(c.n_embd, eps=c.norm_eps)
         # q and v biases but no k bias (as BEiT): q . b_k is the same for every key, so softmax cancels it; as a
-        # parameter its gradient is float noise that Adam scales up to full-size steps
+        # parameter its gradient is float noise that Adam scales up to full-size steps. A source's k bias is
+        # dropped on loading for the same reason (exact: tests compare with transformers)
         self.qkv = nn.Linear(c.n_embd, 3 * c.n_embd, bias=False)
         self.q_bias, self.v_bias = nn.Parameter(torch.zeros(c.n_embd)), nn.Parameter(torch.zeros(c.n_embd))
         self.proj = nn.Linear(c.n_embd, c.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(c.n_embd, 4 * c.n_embd), nn.GELU(), nn.Linear(4 * c.n_embd, c.n_embd))
+        if c.act not in ACTIVATIONS:
+            raise InputError(f"ViT act must be one of {', '.join(ACTIVATIONS)}, got {c.act!r}")
+        hidden = c.mlp_hidden or 4 * c.n_embd
+        self.mlp = nn.Sequential(nn.Linear(c.n_embd, hidden), ACTIVATIONS[c.act](), nn.Linear(hidden, c.n_embd))
 
     def heads(self, x):
         B, N, C = x.shape
@@ -553,20 +658,22 @@ class ViTBlock(nn.Module):
         x = x + self.proj(y.transpose(1, 2).reshape(x.shape))
         return x + self.mlp(self.ln_2(x)), (k, v)
 
-    def read(self, qx, patch_k, patch_v, temperature=1.0, bias=None):
-        """Query tokens attend to [this layer's patch K/V, themselves]; patches never see the queries.
+    def read(self, qx, patch_k, patch_v, temperature=1.0, bias=None, prefix=0):
+        """Query tokens attend to [this layer's encoder K/V, themselves]; the encoder never sees the queries.
         Attention is written out (queries are few) so the query->patch map can be returned.
-        bias (B, Q, N): added to the query->patch logits (e.g. a location prior), every head."""
+        bias (B, Q, N): added to the query->patch logits (e.g. a location prior), every head. prefix: how many
+        encoder tokens (class, registers) come before the N patches; they are read, but not in the bias or map."""
         q, k, v = self.heads(qx)
         keys, values = torch.cat([patch_k, k], 2), torch.cat([patch_v, v], 2)
         scores = (q @ keys.transpose(-2, -1)) / (math.sqrt(q.shape[-1]) * temperature)
         if bias is not None:
-            scores = scores + F.pad(bias, (0, scores.shape[-1] - bias.shape[-1]))[:, None].to(scores.dtype)
+            pad = (prefix, scores.shape[-1] - bias.shape[-1] - prefix)
+            scores = scores + F.pad(bias, pad)[:, None].to(scores.dtype)
         att = scores.float().softmax(-1).to(q.dtype)
         y = (att @ values).transpose(1, 2).reshape(qx.shape)
         qx = qx + self.proj(y)
         qx = qx + self.mlp(self.ln_2(qx))
-        return qx, att[..., :patch_k.shape[2]].mean(1)  # (B, Q, N) head-averaged map over patches
+        return qx, att[..., prefix:patch_k.shape[2]].mean(1)  # (B, Q, N) head-averaged map over patches
 
 
 def embed_patches(images, conv):
@@ -584,44 +691,96 @@ def embed_patches(images, conv):
 
 
 class ViT(nn.Module):
+    checkpointing = False  # set_checkpointing()
+
     def __init__(self, config):
         super().__init__()
         self.config = c = config
         if c.patch_embed:
-            self.patch = nn.Conv2d(c.in_chans, c.n_embd, c.patch_size, stride=c.patch_size)
-            n_tokens = (c.image_size // c.patch_size) ** 2
+            self.patch = nn.Conv2d(c.in_chans, c.n_embd, c.patch_size, stride=c.patch_size, bias=c.patch_bias)
+            n_tokens = (c.pos_grid or c.image_size // c.patch_size) ** 2
         else:
             n_tokens = c.num_tokens
-        self.pos = nn.Parameter(torch.randn(1, n_tokens, c.n_embd) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, int(c.class_token) + n_tokens, c.n_embd) * 0.02)
         self.blocks = nn.ModuleList([ViTBlock(c) for _ in range(c.n_layer)])
-        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps) if c.final_norm else nn.Identity()
+        self.ln_pre = nn.LayerNorm(c.n_embd, eps=c.norm_eps) if c.pre_norm else nn.Identity()
+        if c.n_registers and not c.class_token:
+            raise InputError("ViT n_registers sit after the class token: they need class_token=True")
+        self.prefix = int(c.class_token) + c.n_registers  # tokens before the patches in every sequence
+        if c.class_token:
+            self.cls = nn.Parameter(torch.randn(1, 1, c.n_embd) * 0.02)
+        if c.n_registers:
+            self.registers = nn.Parameter(torch.randn(1, c.n_registers, c.n_embd) * 0.02)
+
+    def positions(self, h, w):
+        """The position table for an h x w patch grid: as stored, or its square patch grid resized (class slot
+        kept) when pos_interpolate is set and the grid differs."""
+        c, k = self.config, int(self.config.class_token)
+        n_grid = self.pos.shape[1] - k
+        g = math.isqrt(n_grid)
+        if h * w == n_grid and (not c.pos_interpolate or (h, w) == (g, g)):
+            return self.pos
+        if not c.pos_interpolate or g * g != n_grid:
+            raise InputError(f"ViT expects {n_grid} patch tokens but got {h * w}")
+        if c.pos_interpolate not in ("bicubic", "bicubic_antialias"):
+            raise InputError(f"ViT pos_interpolate must be '', 'bicubic' or 'bicubic_antialias', got {c.pos_interpolate!r}")
+        grid = self.pos[:, k:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False,
+                             antialias=c.pos_interpolate == "bicubic_antialias")
+        grid = grid.to(self.pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([self.pos[:, :k], grid], 1)
 
     def tokens(self, images):
-        if self.config.patch_embed:
-            images = embed_patches(images, self.patch).flatten(1, 2)
-        if images.shape[1] != self.pos.shape[1]:
-            raise InputError(f"ViT expects {self.pos.shape[1]} tokens but got {images.shape[1]}")
-        return images + self.pos
+        """images (B, C, H, W), or (B, N, C) tokens with patch_embed=False -> (B, prefix + N, C): [class token,
+        registers,] patches, positions added."""
+        c = self.config
+        if c.patch_embed:
+            x = embed_patches(images, self.patch)
+            h, w = x.shape[1:3]
+            x = x.flatten(1, 2)
+        else:
+            x = images
+            h = w = math.isqrt(x.shape[1])
+            if h * w != x.shape[1]:  # a token count that is no square grid: only the table's own length fits
+                h, w = 1, x.shape[1]
+        pos = self.positions(h, w)
+        if c.class_token:
+            x = torch.cat([self.cls.expand(len(x), -1, -1).to(x.dtype), x], 1)
+        x = x + pos
+        if c.n_registers:
+            x = torch.cat([x[:, :1], self.registers.expand(len(x), -1, -1).to(x.dtype), x[:, 1:]], 1)
+        return self.ln_pre(x)
 
     def encode(self, images):
-        """-> dict(features (B, N, C) final normed patches, layers [per-layer outputs], kv [per-layer (k, v)]).
-        Encode a frame once, then read() it with as many query sets as needed."""
+        """-> dict(features (B, N, C) final patches (normed unless final_norm=False), hidden (B, prefix + N, C) the
+        same with the class/register tokens first, layers [per-layer outputs, prefix included], kv [per-layer
+        (k, v) of every token]). Encode a frame once, then read() it with as many query sets as needed."""
         x = self.tokens(images)
         layers, kv = [], []
         for block in self.blocks:
-            x, layer_kv = block(x)
+            if self.checkpointing and torch.is_grad_enabled():
+                x, layer_kv = checkpoint(block, x, use_reentrant=False)  # recomputed in backward
+            else:
+                x, layer_kv = block(x)
             layers.append(x)
             kv.append(layer_kv)
-        return dict(features=self.ln_f(x), layers=layers, kv=kv)
+        hidden = self.ln_f(x)
+        return dict(features=hidden[:, self.prefix:], hidden=hidden, layers=layers, kv=kv)
+
+    def hidden_states(self, images):
+        """The source's final hidden states (B, tokens, width), class token first where it has one (transformers'
+        last_hidden_state for a loaded CLIP, DINOv2 or SigLIP)."""
+        return self.encode(images)["hidden"]
 
     def read(self, queries, cache, temperature=None, bias=None):
-        """queries (B, Q, C) -> (outputs (B, Q, C), [attention maps (B, Q, N) per layer read]).
+        """queries (B, Q, C) -> (outputs (B, Q, C), [attention maps (B, Q, N) over the patches per layer read]).
         bias (B, Q, N): added to the query->patch attention logits at every layer read."""
         t = self.config.attn_temperature if temperature is None else temperature
         first = 0 if self.config.query_mode == "deep" else len(self.blocks) - 1
         maps = []
         for i in range(first, len(self.blocks)):
-            queries, att = self.blocks[i].read(queries, *cache["kv"][i], temperature=t, bias=bias)
+            queries, att = self.blocks[i].read(queries, *cache["kv"][i], temperature=t, bias=bias, prefix=self.prefix)
             maps.append(att)
         return self.ln_f(queries), maps
 

@@ -153,12 +153,21 @@ def autocast_ctx(device_type, dtype="auto"):
 
 
 def maybe_compile(model, compile, device_type):
-    """torch.compile on CUDA when asked (on CPU it costs a long cold start for a small gain)."""
-    return torch.compile(model) if compile and device_type == "cuda" else model
+    """torch.compile when asked, on any device (inductor: Triton kernels on CUDA, C++ on CPU, where the cold
+    start costs more than tiny runs gain: the CPU defaults leave it off)."""
+    return torch.compile(model) if compile else model
+
+
+def sync_grads(model, micro, grad_accum_steps):
+    """Gradient accumulation under DDP: its gradient all-reduce belongs to the last micro-batch's backward only
+    (no_sync() on the others, forward and backward inside it). A no-op without DDP."""
+    if micro < grad_accum_steps - 1 and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return nullcontext()
 
 
 def wrap(model, compile, run, **ddp_kwargs):
-    """The model the loop trains: torch.compile (on CUDA, when asked), then DDP under torchrun.
+    """The model the loop trains: torch.compile (when asked), then DDP under torchrun.
     Keep the plain module for eval, saving and generation (raw_model)."""
     model = maybe_compile(model, compile, run.device_type)
     if run.ddp:
@@ -403,6 +412,8 @@ def log_line(step, max_steps, loss, lr, dt, tokens=None, flops_per_step=None, pe
         s += f" | {tokens / dt / 1000:.1f}k tok/s"
     if flops_per_step and peak:
         s += f" | mfu {100 * flops_per_step / dt / peak:.0f}%"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this process's peak so far (its own GPU)
+        s += f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     return s + (f" | {extra}" if extra else "")
 
 # -----------------------------------------------------------------------------

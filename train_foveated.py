@@ -92,7 +92,8 @@ glimpse = False            # True: the last (image_size // patch_size)^2 numbers
                            # over the patch grid whose log-softmax (+ log N: a flat map adds nothing) is added to the
                            # read's query->patch logits at every layer (needs query_dim > N)
 freeze_vit = False         # needs vit_init (a frozen random ViT is refused)
-vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*' weights (a pretrained ViT)
+vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*' weights, or a transformers encoder
+                           #   (dir or hf:, e.g. hf:facebook/dinov2-small): its shapes, weights and normalisation
 # LLM
 n_layer = 2
 n_head = 4
@@ -151,6 +152,13 @@ MODES = ("video", "text", "caption")
 tok = Tokenizer()
 BOS, EOS, PAD, IMG = tok['<|bos|>'], tok['<|eos|>'], tok['<|pad|>'], tok['<|image|>']
 fov_check_config(config)
+# a transformers encoder as vit_init decides the ViT's shape (the config's vit_* must agree) and gives its weights
+vit_src = None
+if vit_init:  # (pretrained_vision only then: a fork of this recipe runs without it)
+    from pretrained_vision import is_foreign, load_vision, recipe_vit_config
+    vit_src = load_vision(vit_init) if is_foreign(vit_init) else None
+if vit_src and coord_channels:
+    raise InputError(f"vit_init={vit_init} is a pretrained RGB encoder: set coord_channels=False")
 
 # -----------------------------------------------------------------------------
 # the model: shared ViT + static/predicted queries + GPT over one feature per frame
@@ -201,7 +209,9 @@ class FoveatedVLM(nn.Module):
     def encode(self, frames):
         """frames (B, T, 3, H, W) in [0, 1] -> the per-layer K/V cache of all B*T frames. Shallow mode keeps
         only the last layer's K/V (the other slots are None): the two layouts every path must accept."""
-        kv = self.vit.encode(fov_vit_input(frames, self.coords if self.coord_channels else None))["kv"]
+        c = self.vit.config
+        kv = self.vit.encode(fov_vit_input(frames, self.coords if self.coord_channels else None, c.image_mean,
+                                           c.image_std))["kv"]
         if self.vit.config.query_mode == "shallow":
             kv = [None] * (len(kv) - 1) + [kv[-1]]
         return dict(kv=kv, n_frames=frames.shape[1])
@@ -380,9 +390,12 @@ def build_model(meta=None):
         raise InputError(f"the checkpoint's ViT takes {meta['vit']['image_size']} px frames in "
                          f"{meta['vit']['patch_size']} px patches; the config says image_size={image_size}, "
                          f"patch_size={patch_size}")
-    vit_cfg = ViTConfig(**{**meta["vit"], **reads}) if meta else ViTConfig(
-        image_size=image_size, patch_size=patch_size, in_chans=3 + (8 if coord_channels else 0), n_layer=vit_layers,
-        n_head=vit_heads, n_embd=vit_width, **reads)
+    if not meta and vit_src:
+        vit_cfg = recipe_vit_config(vit_src[1], vit_init, image_size, patch_size, vit_width, vit_layers, vit_heads, **reads)
+    else:
+        vit_cfg = ViTConfig(**{**meta["vit"], **reads}) if meta else ViTConfig(
+            image_size=image_size, patch_size=patch_size, in_chans=3 + (8 if coord_channels else 0), n_layer=vit_layers,
+            n_head=vit_heads, n_embd=vit_width, **reads)
     gpt_cfg = GPTConfig(**meta["gpt"]) if meta else GPTConfig(
         vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
         sequence_len=n_frames + caption_tokens + 4, image_token_id=IMG)
@@ -439,7 +452,9 @@ latent_enc.to(device)
 # a checkpoint dir or hf:owner/name gives the architecture from its meta; scratch and resume: the (adopted) config
 raw_model, model_meta = build_model(run.meta if run.ckpt_src and not run.resume else None)
 raw_model.to(device)
-if vit_init and init_from == 'scratch':
+if vit_src and init_from == 'scratch':
+    raw_model.vit.load_state_dict(vit_src[0].state_dict())
+elif vit_init and init_from == 'scratch':
     fov_load_vit_init(raw_model.vit, vit_init)
 if freeze_vit:
     raw_model.vit.requires_grad_(False)

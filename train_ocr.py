@@ -82,7 +82,12 @@ n_embd = 128
 tokenizer = 'bytes'        # data.Tokenizer base: 'bytes' or a tiktoken name available offline
 # stages
 stage = 1                  # 1: everything trainable; 2: SAM frozen, encoder from init_encoder
-init_encoder = ''          # encoder-only checkpoint dir (saved by stage 1 as <out_dir>/encoder)
+init_encoder = ''          # encoder-only checkpoint dir (saved by stage 1 as <out_dir>/encoder), or DeepSeek-OCR's trained
+                           #   DeepEncoder (hf:deepseek-ai/DeepSeek-OCR or a local copy; the shape keys must match it)
+init_sam = ''              # a transformers SAM (e.g. hf:facebook/sam-vit-base) and a CLIP vision tower (e.g.
+init_clip = ''             #   hf:openai/clip-vit-large-patch14) for the encoder; net_2/net_3 and the projector start fresh
+freeze_sam = None          # SAM (+ neck, net_2, net_3) frozen; None: on with a pretrained SAM (init_sam, or a
+                           #   transformers-layout init_encoder); stage 2 always freezes it
 init_gpt = ''              # GPT checkpoint dir; a vocab without <|image|> is grown by one row
 text_ratio = 0.0           # share of text-only batches (DDP then needs find_unused_parameters)
 # training
@@ -158,8 +163,13 @@ if dataset != 'synthetic':
 # -----------------------------------------------------------------------------
 # model: from the checkpoint's meta, or from this config; stage 2 swaps in a stage-1 encoder (and maybe a GPT)
 
+if init_sam or init_clip or init_encoder:  # (pretrained_vision only then: a fork of this recipe runs without it)
+    from pretrained_vision import check_encoder_config, deepencoder_from_towers, is_foreign, load_vision
+# a pretrained SAM is frozen from the start (the journal's fix for its collapsed from-scratch features)
+pretrained_sam = bool(init_sam) or bool(init_encoder) and is_foreign(init_encoder)
+sam_frozen = stage == 2 or (pretrained_sam if freeze_sam is None else freeze_sam)
 # the glyph loss needs character positions: synthetic typewriter pages only, and a trainable SAM (stage 1)
-use_glyphs = glyph_weight > 0 and dataset == 'synthetic' and pitch > 0 and stage == 1
+use_glyphs = glyph_weight > 0 and dataset == 'synthetic' and pitch > 0 and stage == 1 and not sam_frozen
 if run.ckpt_src:
     raw_model = model_from_meta(run.meta)
     if not run.resume:  # a checkpoint to start from or evaluate (a resume also loads the optimizer, below)
@@ -171,15 +181,26 @@ else:
     gpt_cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
                         sequence_len=vision_token_count(image_size, sam_patch) + 16 + max_text_tokens, image_token_id=IMAGE)
     raw_model = OCRModel(DeepEncoder(enc_cfg), GPT(gpt_cfg))
+shape_keys = dict(image_size=image_size, sam_patch=sam_patch, sam_dim=sam_dim, out_dim=n_embd)
+if (init_sam or init_clip) and not run.resume:
+    if not (init_sam and init_clip) or init_encoder:
+        raise InputError("init_sam and init_clip go together (SAM, then CLIP on its features), without init_encoder")
+    raw_model.encoder = deepencoder_from_towers(init_sam, init_clip, raw_model.encoder.config)
+    check_encoder_config(raw_model.encoder, f"init_sam {init_sam}", **shape_keys)
 if init_encoder and not run.resume:
-    raw_model.encoder = load_encoder(init_encoder, raw_model.gpt.config.n_embd)
+    if is_foreign(init_encoder):
+        raw_model.encoder = load_vision(init_encoder)[0]
+        check_encoder_config(raw_model.encoder, init_encoder, **shape_keys)
+    else:
+        raw_model.encoder = load_encoder(init_encoder, raw_model.gpt.config.n_embd)
 if init_gpt and not run.resume:
     raw_model.gpt = load_gpt_into(init_gpt, tok.vocab_size, IMAGE, raw_model.encoder.config.out_dim)
 enc, gpt = raw_model.encoder, raw_model.gpt
+image_mean, image_std = enc.config.image_mean, enc.config.image_std  # what the encoder's weights expect
 if isinstance(enc.center, BatchCenter) and not eval_only and not overfit and batch_size * run.world_size < 2:
     raise InputError("center_vision subtracts the batch's mean from every image: it needs a global batch of >= 2 "
                      "images (one image would be centred to zero); raise batch_size or pass --center_vision=False")
-if stage == 2:  # SAM (with neck, net_2, net_3) frozen, as DeepSeek-OCR stage 2
+if sam_frozen:  # SAM (with neck, net_2, net_3) frozen, as DeepSeek-OCR stage 2
     enc.sam.requires_grad_(False)
     if enc.slot_head is not None:  # a stage-1 training aid, like SAM's glyph head
         enc.slot_head.requires_grad_(False)
@@ -246,7 +267,7 @@ def make_batch(samples, text_only=False):
     for i, (s, st) in enumerate(zip(seqs, starts)):
         idx[i, :len(s) - 1] = torch.tensor(s[:-1])
         targets[i, st:len(s) - 1] = torch.tensor(s[st + 1:])
-    images = None if text_only else normalize(torch.stack([s['image'] for s in samples]))
+    images = None if text_only else normalize(torch.stack([s['image'] for s in samples]), image_mean, image_std)
     aux = None
     if not text_only and all('glyphs' in s for s in samples):
         aux = {k: torch.from_numpy(np.stack([s[k] for s in samples])).to(device) for k in ('glyphs', 'slots')}
@@ -280,7 +301,7 @@ def generate_text(images, max_new=None, use_cache=True, stop=True):
     """Batched greedy OCR: vision embeddings computed once, prefilled once into the KV cache.
     (.tolist() waits for the device, so the bench's timings are complete.)"""
     with ctx:
-        vision = enc(normalize(images.to(device)))
+        vision = enc(normalize(images.to(device), image_mean, image_std))
     idx = torch.tensor([prompt_ids()] * images.shape[0], device=device)
     with ctx:
         out = gpt.generate(idx, max_new or max_text_tokens + 1, vision_embeds=vision, eos_id=EOS if stop else None,
@@ -295,7 +316,7 @@ def collapse_monitor():
     the projected tokens (what the GPT reads)."""
     _, probe = ocr_probe_images(enc.config.image_size)
     with ctx:
-        feats = enc.features(normalize(probe.to(device)))
+        feats = enc.features(normalize(probe.to(device), image_mean, image_std))
     shared, spread = ocr_shared_spread(feats["proj"])
     return {f"cos_{k}": ocr_pairwise_cosine(v.mean(1)) for k, v in feats.items()}, \
         dict(proj_shared_rms=shared, proj_spread_rms=spread)

@@ -5,8 +5,9 @@ ViT -> Projector -> GPT over [bos, query words, image x N, <|point|> ...]. Each 
 image token (its own q.k, a grounding logit the words give the patch, a direction ramp for "left of ...");
 the answer is the best patch's centre + that patch's predicted offset, refined by x_head / y_head
 (coordinates in [-1, 1]), and a done head says "no more points". Sequential pointing: the next <|point|>
-token carries the previous point (Fourier features). Pixel errors are measured in a frame 384 px tall (384 x 384
-for synthetic scenes; a real image's frame keeps its aspect ratio); the image itself is rendered at img_size px.
+token carries the previous point (Fourier features). Pixel errors are in the image's own pixels (mean_px, ...;
+a synthetic scene is 384 x 384), with the same figures beside in a frame 384 px tall (mean_px384, ...; a real
+image's frame keeps its aspect ratio); the image itself is rendered at img_size px.
 Targets: within_5px >= 0.95 and mean_px < 3.0 on held-out synthetic queries. Notes and records: notes/pointer.md.
 
     python train_pointer.py                                  # synthetic scenes, CPU, 1700 steps
@@ -42,7 +43,7 @@ torch_threads = 0            # 0: auto (OMP_NUM_THREADS, else the cores divided 
 dataset = "synthetic"        # synthetic | jsonl
 train_jsonl = ""             # jsonl: {"image": path, "query": str, "points": [[x, y], ...]} per line
 val_jsonl = ""
-img_size = 96                # rendered/resized image side (px); errors are still measured at 384 px
+img_size = 96                # rendered/resized image side (px); errors are measured in the original image's px
 edge_channels = True         # 4 more input channels, |Sobel| in 4 orientations: summed over a patch they are an
                              #   orientation histogram, so the linear patch embedding sees shape
 patch_size = 12
@@ -319,7 +320,7 @@ if run.ckpt_src:
 model = wrap(raw_model, compile, run)  # compile, then DDP
 if master:
     print(f"out_dir {out_dir} | params {n_params / 1e6:.2f}M | device {device} {run.dtype} | loss {loss} | "
-          f"{n_vision} vision tokens from {img_size}px images, errors measured at {POINTER_FRAME}px")
+          f"{n_vision} vision tokens from {img_size}px images, errors in image px and at a {POINTER_FRAME}px frame")
 
 
 def compute_loss(batch):
@@ -385,7 +386,8 @@ def evaluate(step, **fields):
         metrics["gap_px"] = metrics["mean_px"] - metrics["train_mean_px"]
     pred_multi = roll(multi, max_points + 1) if multi else []
     if multi:
-        metrics.update(pointer_sequence_metrics(pred_multi, [s["points"] for s in multi], [s["frame"] for s in multi]))
+        metrics.update(pointer_sequence_metrics(pred_multi, [s["points"] for s in multi],
+                                                [s["image_wh"] for s in multi], [s["frame"] for s in multi]))
     # the training loss on held-out queries (for the curve only; it is not an error measure)
     batch = data.collate(pix[:200])
     with ctx:
@@ -397,8 +399,8 @@ def evaluate(step, **fields):
     metrics.update(head_norms)
     png = pointer_eval_picture(os.path.join(out_dir, f"points_step{step:05d}.png"), single, pred1, multi, pred_multi, n_vis)
     raw_model.train()
-    logger.eval(step, metrics, TARGETS, diagnostics=("median_px", "wrong_object", "near_miss", "seq_precision_5px",
-                                                     "seq_recall_5px"), images={"points": png}, n_eval=len(pix),
+    logger.eval(step, metrics, TARGETS, diagnostics=("median_px", "mean_px384", "wrong_object", "near_miss",
+                                                     "seq_precision_5px", "seq_recall_5px"), images={"points": png}, n_eval=len(pix),
                 train_seconds=round(clock.seconds, 1), params=n_params, n_eval_multi=len(multi),
                 frame_px=POINTER_FRAME, img_size=img_size, **fields)
     return metrics["mean_px"]

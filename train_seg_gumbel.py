@@ -61,6 +61,8 @@ llm_grid = 4                 # the GPT sees the ViT features average-pooled to l
 vit_layers = 2
 vit_embd = 128
 vit_heads = 4
+vit_init = ""                # a transformers vision encoder (dir or hf:owner/name; CLIP, DINOv2, SigLIP): its weights
+                             #   and normalisation; patch_size and vit_* must agree with it
 n_layer = 3
 n_embd = 128
 n_head = 4
@@ -133,7 +135,15 @@ if run.ckpt_src:
 else:
     vit_cfg, gpt_cfg = seg_configs(image_size, patch_size, llm_grid, vp_grid, max_caption_len, vit_layers, vit_embd,
                                    vit_heads, n_layer, n_embd, n_head, n_kv_head)
+vit_src = None
+if vit_init and not run.ckpt_src:  # the source's shapes at this run's image size (pretrained_vision only then)
+    from pretrained_vision import load_vision, recipe_vit_config
+    vit_src = load_vision(vit_init)
+    vit_cfg = recipe_vit_config(vit_src[1], vit_init, image_size, patch_size, vit_embd, vit_layers, vit_heads)
 raw_model = seg_build_model(vit_cfg, gpt_cfg, dec_dim, llm_grid, fresh=not run.ckpt_src).to(device)
+if vit_src:  # student and teacher start from the same pretrained encoder
+    for m in raw_model.values():
+        m.vit.load_state_dict(vit_src[0].state_dict())
 student, teacher = raw_model["student"], raw_model["teacher"]
 teacher.requires_grad_(False)
 teacher.eval()

@@ -9,13 +9,12 @@ image_size = 224
 latent_encoder = 'weights/taesd_encoder.safetensors'
 latent_target = 'delta'    # real clips have no target layer: the whole frame's change since frame 0
 latent_grid = 4
-patch_size = 16
+patch_size = 14            # DINOv2-S's shapes: 224 px = 16 x 16 patches, 12 layers x 6 heads, 384 wide
 vit_layers = 12
 vit_heads = 6
 vit_width = 384
 coord_channels = False     # a pretrained ViT takes plain RGB
-vit_init = 'out/vit-pretrained/ckpt'   # a checkpoint dir with 'vit.*' weights; '' trains the ViT from
-                                       # scratch, and then needs freeze_vit=False (a frozen random ViT is refused)
+vit_init = 'hf:facebook/dinov2-small'  # vision: DINOv2-S frozen, deep queries: the foveated journal's own setup
 freeze_vit = True
 query_dim = 128
 n_layer = 12

@@ -5,6 +5,7 @@
 #   torchrun --nproc_per_node=8 train_ocr.py config/ocr_fox.py --train_data=ocr_train.jsonl
 #   (Fox elsewhere: --val_data=<dir>/en_page_ocr.json --image_root=<dir>/en_pdf_png)
 #   then stage 2:  ... --stage=2 --init_encoder=out/ocr-<stage 1>/encoder [--init_gpt=<a GPT ckpt>]
+init_encoder = 'hf:deepseek-ai/DeepSeek-OCR'  # vision: DeepSeek-OCR's trained DeepEncoder, SAM frozen (journal's fix)
 dataset = 'fox'
 val_data = 'fox/en_page_ocr.json'
 image_root = 'fox/en_pdf_png'  # the official release keeps the pages here, beside the JSON (every one checked at setup)

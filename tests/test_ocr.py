@@ -1,5 +1,6 @@
 """OCR recipe: DeepEncoder layout, gradients, generation, metrics (worked examples), data, end to end."""
 import json
+import math
 import os
 import sys
 
@@ -270,6 +271,22 @@ def test_omnidocbench_normalisation():
     assert ocr_ned("a b, c", "abc", normalize="omnidocbench") == 0.0
     with pytest.raises(ValueError):
         ocr_ned("a", "b", normalize="bogus")
+    # clean_string deletes backslash-t/n and "/t", "/n" before its character filter
+    assert ocr_omnidoc_normalize("and/not") == "andot" and ocr_omnidoc_normalize("a\\tb/tc") == "abc"
+    assert ocr_ned("line1\\nline2", "line1line2", normalize="omnidocbench") == 0.0
+    assert ocr_omnidoc_normalize("a/\nt") == "a"  # in order: the newline goes, which joins a "/t", which goes
+    assert ocr_omnidoc_normalize("\u6f22\u5b57 \u00e9_1") == "\u6f22\u5b57\u00e9_1"  # CJK, letters, _ kept
+
+
+def test_omnidocbench_empty_sides():
+    # a side that cleans to empty is scored raw; both raw sides empty: NaN, left out of the page mean
+    assert ocr_ned("...", "", normalize="omnidocbench") == 1.0
+    assert ocr_ned("!!", "??", normalize="omnidocbench") == 1.0  # raw "!!" vs raw "??"
+    assert ocr_ned("ab", "--", normalize="omnidocbench") == 1.0  # "ab" vs raw "--"
+    assert math.isnan(ocr_ned("", "", normalize="omnidocbench"))
+    m = ocr_metrics(["", "abc", "ab"], ["", "abc", "xy"])
+    assert m["ned_omnidoc"] == pytest.approx(0.5) and m["ned"] == pytest.approx(1 / 3)  # 2 pages against 3
+    assert math.isnan(ocr_metrics([""], [""])["ned_omnidoc"])
 
 
 def test_fox_precision_is_the_swapped_official_score():
@@ -282,6 +299,28 @@ def test_fox_precision_is_the_swapped_official_score():
     # a hallucinated extra word lowers textbook precision but not fox_precision
     m = fox_word_metrics("the cat dog zebra", "the cat dog")
     assert m["fox_precision"] == 1.0 and m["word_precision"] == pytest.approx(0.75)
+
+
+def test_fox_splits_cjk_with_jieba():
+    # official: jieba.lcut on both sides when either holds a character in [\u4e00-\u9fa5], spaces and punctuation
+    # included as words; whitespace split otherwise
+    jieba = pytest.importorskip("jieba")
+    gt, pred = "\u6211\u7231\u5317\u4eac", "\u6211\u7231\u5317\u4eac\u5929\u5b89\u95e8"
+    g, p = set(jieba.lcut(gt)), set(jieba.lcut(pred))
+    m = fox_word_metrics(pred, gt)
+    assert len(g) > 1 and m["fox_precision"] == pytest.approx(len(g & p) / len(g))
+    assert m["word_precision"] == pytest.approx(len(g & p) / len(p))
+    # one stray CJK character switches an English page to jieba: "cat," is then "cat" and ","
+    m = fox_word_metrics("the cat, \u732b", "the cat")
+    assert m["fox_precision"] == 1.0 and m["word_precision"] == pytest.approx(3 / 5)  # {the, " ", cat, ",", 猫}
+    assert fox_word_metrics("the cat,", "the cat")["fox_precision"] == pytest.approx(1 / 2)  # "cat," != "cat"
+
+
+def test_fox_needs_jieba_only_for_cjk(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jieba", None)  # as if not installed
+    assert fox_word_metrics("the cat", "the cat")["fox_precision"] == 1.0  # English: never imported
+    with pytest.raises(InputError, match="needs the jieba package"):
+        fox_word_metrics("\u732b", "the cat")
 
 
 def test_ocr_metrics_average_per_page():

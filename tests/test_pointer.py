@@ -98,6 +98,22 @@ def test_pixel_errors_non_square_frame():
     assert e == pytest.approx([38.4, 19.2])
 
 
+def test_pixel_metrics_name_their_frame():
+    # a 10 px miss on a 1280 x 720 image: mean_px is 10 image pixels; its 384-tall frame (683 x 384) shrinks it
+    # by 384 / 720 to 5.33, reported beside as mean_px384; the synthetic 384 x 384 frame gives both alike
+    wh, frame = (1280, 720), (683, 384)
+    gt = np.array([[0.0, 0.0]])
+    pred = gt + [[10 / 1280 * 2, 0.0]]
+    m = pointer_pixel_metrics(pred, gt, wh, frame)
+    assert m["mean_px"] == pytest.approx(10.0) and m["within_10px"] == 1.0 and m["within_5px"] == 0.0
+    assert m["mean_px384"] == pytest.approx(10 * 683 / 1280) and m["within_5px384"] == 0.0
+    assert m["within_10px384"] == 1.0 and m["mae_x_px384"] == pytest.approx(10 * 683 / 1280)
+    assert set(m) == {k + s for k in pointer_pixel_metrics(pred, gt, wh) if k.endswith("px")
+                      for s in ("", "384")} | {"loss_x", "loss_y"}
+    square = pointer_pixel_metrics(pred, gt, (384, 384), (384, 384))
+    assert all(square[k] == square[k + "384"] for k in square if k.endswith("px"))
+
+
 def test_one_to_one_matching():
     gt = np.array([[10.0, 10.0], [50.0, 50.0]])
     assert pointer_match(np.array([[11.0, 10.0], [12.0, 10.0]]), gt, 5) == 1  # two predictions, one target
@@ -115,7 +131,12 @@ def test_sequence_metrics_worked_example():
     preds = [to_n([[101, 100], [300, 300], [201, 199]]), to_n([[50, 52]])]
     m = pointer_sequence_metrics(preds, gts, [f, f], radius=5)
     assert m["seq_precision_5px"] == pytest.approx(3 / 4) and m["seq_recall_5px"] == pytest.approx(3 / 3)
-    assert m["count_acc"] == 0.5 and m["count_mae"] == 0.5
+    assert m["count_acc"] == 0.5 and m["count_mae"] == 0.5 and "seq_recall_5px384" not in m
+    # the same normalised points in a 1536 x 1536 image miss by 4x as many image px: only the 1 px miss (4 px)
+    # stays within 5; in the 384 frame beside, all three do
+    m = pointer_sequence_metrics(preds, gts, [(1536, 1536)] * 2, [f, f], radius=5)
+    assert m["seq_recall_5px"] == pytest.approx(1 / 3) and m["seq_recall_5px384"] == pytest.approx(3 / 3)
+    assert m["seq_precision_5px384"] == pytest.approx(3 / 4) and m["count_acc"] == 0.5
 
 # -----------------------------------------------------------------------------
 # augmentation: the image and the points move together
@@ -269,6 +290,7 @@ def test_dense_labels_worked_example():
 def test_dense_offsets_point_every_patch_at_its_objects_centre():
     # patch centre + offset (in patch widths) lands on the owning object's centre, for every labelled patch
     grid, cell = 8, POINTER_FRAME / 8
+    owned = total = 0
     for i in range(10):
         s = pointer_scene(sample_rng(3, "train", i))
         d = pointer_dense_labels(s["objects"], grid)
@@ -278,8 +300,20 @@ def test_dense_offsets_point_every_patch_at_its_objects_centre():
         for n in np.flatnonzero(~np.isnan(d[:, 0])):
             hit = (round(px[n] + d[n, 0] * cell, 3), round(py[n] + d[n, 1] * cell, 3))
             assert hit in {(round(x, 3), round(y, 3)) for x, y in centres}
-        for o in s["objects"]:  # every object owns at least one patch unless a nearer centre took it
-            assert d.shape == (grid * grid, 5)
+        owner = [(round(px[n] + d[n, 0] * cell, 3), round(py[n] + d[n, 1] * cell, 3)) if not np.isnan(d[n, 0])
+                 else None for n in range(grid * grid)]
+        for o in s["objects"]:  # every object owns at least one patch unless a nearer centre took each of its own
+            cx, cy, r = o["x"] + 0.5, o["y"] + 0.5, max(o["half"], cell / 2)
+            box = np.flatnonzero((np.abs(px - cx) <= r) & (np.abs(py - cy) <= r))
+            assert len(box) > 0
+            if (round(cx, 3), round(cy, 3)) in [owner[n] for n in box]:
+                owned += 1
+                continue
+            for n in box:  # taken, each by a centre at least as near
+                assert owner[n] is not None
+                assert np.hypot(px[n] - owner[n][0], py[n] - owner[n][1]) <= np.hypot(px[n] - cx, py[n] - cy) + 1e-3
+        total += len(s["objects"])
+    assert owned >= 0.9 * total  # the exception is rare: most objects own a patch outright
 
 
 def test_parse_accuracy_counts_only_centre_patches():
@@ -355,10 +389,10 @@ def test_drawing_labels_the_error():
     assert ((arr[..., 1] > 200) & (arr[..., 0] < 60) & (arr[..., 2] < 60)).any()  # green ground truth
 
 def test_drawing_keeps_a_real_images_aspect_ratio():
-    # a 2:1 image reaches the model as a square; drawn with its frame it is 2:1 again (top half of the square
+    # a 2:1 image reaches the model as a square; drawn with its own size it is 2:1 again (top half of the square
     # canvas), and the points land where they are in the real image
     img = torch.zeros(3, 32, 32)
-    im = pointer_draw(img, np.array([[0.5, 0.5]]), np.array([[-0.5, 0.0]]), size=128, frame=(768, 384))
+    im = pointer_draw(img, np.array([[0.5, 0.5]]), np.array([[-0.5, 0.0]]), size=128, image_wh=(1280, 640))
     arr = np.asarray(im).astype(int)
     assert im.size == (128, 128)
     green = np.argwhere((arr[..., 1] > 200) & (arr[..., 0] < 60) & (arr[..., 2] < 60))
@@ -384,7 +418,7 @@ def test_jsonl_reader_converts_pixels_with_each_image_size(tmp_path):
     s = pointer_load_record(recs[0], 32)
     assert s["image"].shape == (3, 32, 32)
     assert np.allclose(s["points"], [[150 / 200 * 2 - 1, 25 / 100 * 2 - 1]])
-    assert s["frame"] == (768, 384)  # 384 tall, width by the aspect ratio
+    assert s["frame"] == (768, 384) and s["image_wh"] == (200, 100)  # 384 tall, width by the aspect ratio
     t = pointer_load_record(recs[1], 32)
     assert np.allclose(t["points"], [[5 / 50 * 2 - 1, 70 / 80 * 2 - 1], [40 / 50 * 2 - 1, 10 / 80 * 2 - 1]])
     assert t["frame"] == (240, 384)

@@ -218,8 +218,9 @@ def test_autocast_compile_unwrap_and_finite_check():
     with pytest.raises(InputError):
         R.autocast_ctx("cpu", "float16")
     m = tiny_gpt()
-    assert R.maybe_compile(m, True, "cpu") is m
-    assert C.unwrap(m) is m
+    assert R.maybe_compile(m, False, "cpu") is m
+    compiled = R.maybe_compile(m, True, "cpu")  # compiled lazily, at its first call (tests/test_compile.py runs it)
+    assert compiled is not m and C.unwrap(compiled) is m and C.unwrap(m) is m
     with pytest.raises(FloatingPointError, match="step 7"):
         R.check_finite(torch.tensor(float("nan")), 7)
     cfg = m.config

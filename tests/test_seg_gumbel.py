@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import Tokenizer  # noqa: E402
+import data_seg  # noqa: E402
 from data_seg import (BOS, IMG, SEG_SPECIALS, SegData, seg_build_model, seg_caption_token_accuracy,  # noqa: E402
                       seg_check_context_counts, seg_ciou, seg_configs, seg_ema_update, seg_giou, seg_iou_stats,
                       seg_load_record, seg_mask_loss, seg_prompt_ids, seg_read_refcoco, seg_region_cells,
@@ -105,7 +106,15 @@ def test_st_gumbel_forward_one_hot_backward_soft():
     assert (g_st[logits.detach() < kth.detach()] == 0).all()  # nothing flows to logits outside the top k
 
 
-def test_stage_b_gradient_reaches_text_embeddings_not_teacher():
+def test_stage_b_gradient_reaches_text_embeddings_not_teacher(monkeypatch):
+    real, seen = data_seg.seg_st_topk_gumbel, {}
+
+    def spy(logits, tau, top_k):  # the estimator itself, with the logits and its Gumbel noise kept for the check
+        logits.retain_grad()
+        noise = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)))
+        seen.update(logits=logits, noise=noise, tau=tau, top_k=top_k)
+        return real(logits, tau, top_k, noise=noise)
+    monkeypatch.setattr(data_seg, "seg_st_topk_gumbel", spy)
     bundle = tiny_bundle()
     s, t = bundle["student"], bundle["teacher"]
     with torch.no_grad():  # GPT blocks start as identity (zero c_proj): no token could see another yet
@@ -115,11 +124,21 @@ def test_stage_b_gradient_reaches_text_embeddings_not_teacher():
     t.requires_grad_(False)
     b = DATA.batch("train", range(4), "cpu")
     torch.manual_seed(1)
-    loss, stats, text = s("stage_b", teacher=t, images=b["images"], masks=b["masks"], cells=b["cells"])
+    # distillation off: the mask loss is the only one, so any gradient at the logits came through the estimator
+    loss, stats, text = s("stage_b", teacher=t, images=b["images"], masks=b["masks"], cells=b["cells"],
+                          distill_weight=0.0)
     assert loss is not None and float(loss.detach()) > 0 and stats["skipped"] == 0
     loss.backward()
     assert text.grad is not None and float(text.grad.norm()) > 0
     assert all(p.grad is None for p in t.parameters())
+    # the logits' gradient is the soft sample's backward of dL/dy = dL/dtext @ wte^T, rebuilt here by hand
+    logits = seen["logits"]
+    assert logits.grad is not None and float(logits.grad.norm()) > 0
+    lg = logits.detach().requires_grad_()
+    kth = torch.topk(lg.detach(), seen["top_k"], -1).values[..., -1:]
+    soft = torch.softmax((lg.masked_fill(lg.detach() < kth, float("-inf")) + seen["noise"]) / seen["tau"], -1)
+    (expected,) = torch.autograd.grad((soft * (text.grad @ s.gpt.transformer.wte.weight.detach().T)).sum(), lg)
+    assert torch.allclose(logits.grad, expected, atol=1e-7, rtol=1e-4)
     assert s.gpt.lm_head.weight.grad is not None and float(s.gpt.lm_head.weight.grad.norm()) > 0  # via Gumbel
     assert float(s.decoder.hyper[0].weight.grad.norm()) > 0
     before = [p.clone() for p in t.parameters()]
@@ -161,6 +180,21 @@ def test_mask_metrics_worked_example():
     assert seg_ciou(I, U) == pytest.approx(14 / 20)
     pred[2, 0, 0] = True            # a false positive on the empty target: IoU 0
     assert seg_giou(*seg_iou_stats(pred, gt)) == pytest.approx((0.5 + 0.75 + 0.0) / 3)
+
+
+def test_iou_stats_scores_one_hw_mask_whole():
+    # one (H, W) mask is one sample (row by row it would be 4 samples: IoUs 1, 0, 1, 1 by the empty rows)
+    gt, pred = torch.zeros(4, 4, dtype=torch.bool), torch.zeros(4, 4, dtype=torch.bool)
+    gt[0, :2] = True
+    pred[0, :1] = pred[1, 0] = True
+    I, U = seg_iou_stats(pred, gt)
+    assert I.tolist() == [1] and U.tolist() == [3] and seg_giou(I, U) == pytest.approx(1 / 3)
+    assert [t.tolist() for t in seg_iou_stats(pred[None], gt[None])] == [[1], [3]]
+    for bad in (torch.zeros(4, dtype=torch.bool), torch.zeros(1, 1, 4, 4, dtype=torch.bool)):
+        with pytest.raises(InputError, match="must be \\(H, W\\) or \\(B, H, W\\)"):
+            seg_iou_stats(bad, bad)
+    with pytest.raises(InputError, match="mask shapes differ"):
+        seg_iou_stats(pred, gt[:3])
 
 
 def test_caption_token_accuracy_worked_example():
