@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from checkpoint import dataclass_from_dict, gpt_from_pretrained, load_checkpoint, load_meta
+from checkpoint import dataclass_from_dict, load_checkpoint, load_meta
 from data import pil_to_tensor, read_json, sample_rng, save_png, to_pil
 from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, embed_patches, gpt_flops_per_token
 
@@ -567,6 +568,7 @@ class SAMBlock(nn.Module):
 class SAMEncoder(nn.Module):
     """Patch embed -> windowed/global blocks -> neck (1x1, 3x3 convs + LayerNorm2d) -> net_2, net_3
     (3x3 stride-2 convs): 16x fewer tokens, 4x the neck width. DeepSeek-OCR counts net_2/net_3 as SAM."""
+    checkpointing = False  # model.set_checkpointing()
 
     def __init__(self, c):
         super().__init__()
@@ -590,7 +592,10 @@ class SAMEncoder(nn.Module):
         """images (B, 3, S, S) -> the last block's (B, g, g, sam_dim) grid."""
         x = embed_patches(images, self.patch) + self.pos
         for block in self.blocks:
-            x = block(x)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)  # recomputed in backward
+            else:
+                x = block(x)
         return x
 
     def hidden_states(self, images):
@@ -739,22 +744,6 @@ def load_encoder(src, out_dim):
     if enc.config.out_dim != out_dim:
         raise InputError(f"encoder projects to {enc.config.out_dim} but the GPT has n_embd {out_dim}")
     return enc
-
-
-def load_gpt_into(src, vocab_size, image_token_id, n_embd):
-    """A GPT checkpoint (meta['gpt']) for the OCR model. A vocab without <|image|> (a text LM) grows the
-    embedding and head to vocab_size, old rows kept; image_token_id is then set."""
-    gpt = gpt_from_pretrained(src)
-    if gpt.config.n_embd != n_embd:
-        raise InputError(f"init_gpt {src} has n_embd {gpt.config.n_embd} but the encoder projects to {n_embd}")
-    if gpt.config.vocab_size < vocab_size:
-        print(f"init_gpt: vocab {gpt.config.vocab_size} lacks <|image|> (id {image_token_id}): growing the "
-              f"embedding and head to {vocab_size}")
-        gpt.resize_token_embeddings(vocab_size)
-    if image_token_id >= gpt.config.vocab_size:
-        raise InputError(f"image token id {image_token_id} is outside the GPT vocab {gpt.config.vocab_size}")
-    gpt.config.image_token_id = image_token_id
-    return gpt
 
 
 def encoder_flops(enc, glyphs=False):

@@ -183,6 +183,18 @@ def add_special_tokens(model, tok, names):
     return ids
 
 
+def load_recipe_gpt(src, specials):
+    """A recipe's init_gpt: the LLM at src with its tokenizer, the recipe's special tokens appended (and <|bos|>
+    where the tokenizer has no BOS of its own), rows grown to match. -> (GPT, tokenizer, the names appended: what a
+    checkpoint records as 'specials', beside 'gpt_source', so that own_tokenizer rebuilds the same ids)."""
+    model, tok, _ = load_gpt(src)
+    if tok is None:
+        raise InputError(f"{src}: its GPT's vocabulary is not text (a LaneLM checkpoint?); a recipe needs a text LLM")
+    names = list(specials) + ([] if tok.bos is not None else ["<|bos|>"])
+    add_special_tokens(model, tok, names)
+    return model, tok, names
+
+
 # -- this repo's checkpoints
 
 
@@ -208,6 +220,10 @@ def own_tokenizer(meta):
     lane coordinates (its meta describes that vocabulary under 'tokenizer')."""
     if "tokenizer" in meta:
         return None
+    if meta.get("gpt_source"):  # a recipe run from a loaded LLM (init_gpt): its tokenizer, the recipe's specials after
+        tok = load_gpt(meta["gpt_source"])[1]
+        tok.add_specials(meta.get("specials", ()))
+        return tok
     base = meta.get("config", {}).get("tokenizer", "bytes")
     return Tokenizer(specials=meta.get("specials", ()), base=base if isinstance(base, str) else "bytes")
 

@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from runtime import install_error_hook
 install_error_hook()
 from configurator import configure  # noqa: E402
-from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, left_pad  # noqa: E402
+from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, left_pad, set_checkpointing  # noqa: E402
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, log_line,  # noqa: E402
-                     mean_across_ranks, set_lr, setup, teardown, wrap)
-from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap  # noqa: E402
+                     mean_across_ranks, set_lr, setup, sync_grads, teardown, wrap)
+from checkpoint import (adopt_checkpoint_config, load_checkpoint, rng_state, save_checkpoint,  # noqa: E402
+                        set_rng_state, unwrap)
 from data import Tokenizer, batch_indices  # noqa: E402
 from data_foveated import (fov_caption_scores, fov_check_cache, fov_check_captions, fov_check_clip,  # noqa: E402
                            fov_check_config, fov_clip_split, fov_coord_planes, fov_folder_batch,
@@ -98,6 +99,8 @@ vit_init = ''              # checkpoint dir whose model.safetensors holds 'vit.*
 n_layer = 2
 n_head = 4
 n_embd = 128
+init_gpt = ''              # a pretrained LLM (dir or hf:owner/name: Llama family, nanochat, this repo's GPT): its
+                           #   weights, shape and tokenizer, the recipe's special tokens appended ('' = from scratch)
 # the next three let a path use what it reads (both paths alike)
 fine_proj = True           # True: the fine reads enter the GPT through their own Projector (the coarse ones: proj)
 read_weight = 1.0          # > 0: both paths' reads of frame t must also give frame t's own latent through one shared
@@ -124,7 +127,9 @@ n_caption_eval = 64        # held-out videos captioned (generated) at each eval
 max_steps = 3450           # what 600 s of training reaches on a quiet 2-core CPU
 max_train_seconds = 0.0    # opt-in wall-clock cap (> 0: the loop stops there and the LR decays on steps or
                            # time, whichever is further along); 0: step-exact, reproducible
-batch_size = 16
+batch_size = 16            # per micro-batch and process
+grad_accum_steps = 1       # micro-batches per step: a step trains on batch_size * grad_accum_steps * processes videos
+activation_checkpointing = False  # recompute each ViT / GPT block in the backward (less memory, more compute)
 lr = 2e-3
 min_lr_frac = 0.1
 warmup_steps = 100
@@ -248,8 +253,9 @@ class FoveatedVLM(nn.Module):
         return proj(feats) + self.frame_pos[:T]
 
     # -- the GPT over one feature per frame, with optional text before (text-conditioned) or after (captioning)
-    def sequence(self, feats, mode, captions=None, fine=False):
-        """feats (B, T, C_vit) -> (hidden at the frame positions (B, T, E), caption loss or None)."""
+    def sequence(self, feats, mode, captions=None, fine=False, caption_count=None):
+        """feats (B, T, C_vit) -> (hidden at the frame positions (B, T, E), caption loss or None). caption_count:
+        the caption tokens the loss is a mean over (default: this batch's; see forward)."""
         rows = self.rows(feats, fine)
         B, T, _ = rows.shape
         if mode == "video":
@@ -271,7 +277,8 @@ class FoveatedVLM(nn.Module):
             logits = self.gpt.logits(h[:, T:])
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt[:, T:].reshape(-1), ignore_index=-1,
                                    reduction="sum")
-            return h[:, :T], global_mean(loss, (tgt[:, T:] != -1).sum(), rows.device)  # DDP-exact token mean
+            count = (tgt[:, T:] != -1).sum() if caption_count is None else caption_count
+            return h[:, :T], global_mean(loss, count, rows.device)  # DDP-exact token mean
         raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
 
     def predict(self, h, feats, targets):
@@ -293,9 +300,12 @@ class FoveatedVLM(nn.Module):
             z = z - z[:, :1]
         return (z - self.lat_mean) / self.lat_std
 
-    def forward(self, frames, targets, mode="video", captions=None, n_passes=1, look=None, target_patches=None):
+    def forward(self, frames, targets, mode="video", captions=None, n_passes=1, look=None, target_patches=None,
+                caption_count=None):
         """frames (B, T, 3, H, W); targets (B, T, D) standardised latents of the same frames; look: see read();
         target_patches (B, T, N) bool: where the target is, for the look loss (training only, look_weight).
+        caption_count: the caption loss's token count (default: this batch's); gradient accumulation passes the
+        step's count per micro-batch, so that each micro-batch's loss / grad_accum_steps sums to the step's.
         Position t predicts the latent of frame t+1. Returns a dict of losses and diagnostics."""
         if not isinstance(mode, str) or mode not in MODES:
             raise InputError(f"mode must be one of {MODES} for the whole batch (a batch of mixed modes broke "
@@ -312,7 +322,8 @@ class FoveatedVLM(nn.Module):
         h = h.detach() if self.detach_coarse else h
         if self.recurrent:  # one fine pass whose queries come from its own state: pass 1 is the baseline only
             z_f, att_f, q = self.recurrent_reads(cache, text_mode, captions, look)
-            h, cap_loss = self.sequence(z_f, mode if mode == "caption" else text_mode, captions, fine=True)
+            h, cap_loss = self.sequence(z_f, mode if mode == "caption" else text_mode, captions, fine=True,
+                                        caption_count=caption_count)
             pred_f, pass_loss = self.predict(h, z_f, targets)
             fine.append(pass_loss)
         else:
@@ -321,7 +332,7 @@ class FoveatedVLM(nn.Module):
                 z_f, att_f = self.read(cache, q, look=look)
                 last = p == n_passes - 1
                 h, cap = self.sequence(z_f, "caption" if (last and mode == "caption") else text_mode, captions,
-                                       fine=True)
+                                       fine=True, caption_count=caption_count)
                 cap_loss = cap if cap is not None else cap_loss
                 pred_f, pass_loss = self.predict(h, z_f, targets)
                 fine.append(pass_loss)
@@ -382,9 +393,15 @@ def encode_caption(caption):
     return ids
 
 
-def build_model(meta=None):
+def caption_targets(captions):
+    """The caption loss's token count for these captions: each one's tokens and its <|eos|> (see sequence())."""
+    return sum(len(encode_caption(c)) + 1 for c in captions)
+
+
+def build_model(meta=None, llm=None):
     """From config, or from a checkpoint's meta (init_from=<dir> / hf:): the meta gives the weights' shape, while
-    the read settings (query_mode, attn_temperature: no weights) and the training settings are the config's."""
+    the read settings (query_mode, attn_temperature: no weights) and the training settings are the config's.
+    llm: a GPT that takes the place of the config's (a loaded LLM; its shape sizes the projectors and heads)."""
     reads = dict(query_mode=query_mode, attn_temperature=attn_temperature)
     if meta and (meta["vit"]["image_size"], meta["vit"]["patch_size"]) != (image_size, patch_size):
         raise InputError(f"the checkpoint's ViT takes {meta['vit']['image_size']} px frames in "
@@ -396,7 +413,7 @@ def build_model(meta=None):
         vit_cfg = ViTConfig(**{**meta["vit"], **reads}) if meta else ViTConfig(
             image_size=image_size, patch_size=patch_size, in_chans=3 + (8 if coord_channels else 0), n_layer=vit_layers,
             n_head=vit_heads, n_embd=vit_width, **reads)
-    gpt_cfg = GPTConfig(**meta["gpt"]) if meta else GPTConfig(
+    gpt_cfg = llm.config if llm is not None else GPTConfig(**meta["gpt"]) if meta else GPTConfig(
         vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
         sequence_len=n_frames + caption_tokens + 4, image_token_id=IMG)
     fov = meta["foveated"] if meta else dict(query_dim=query_dim, latent_dim=latent_enc.dim,
@@ -404,6 +421,8 @@ def build_model(meta=None):
                                              fine_proj=fine_proj, read_skip=read_skip, recurrent=recurrent)
     model = FoveatedVLM(vit_cfg, gpt_cfg, **fov, detach_coarse=detach_coarse, read_weight=read_weight,
                         look_weight=look_weight, latent_target=latent_target)
+    if llm is not None:
+        model.gpt = llm
     return model, dict(vit=asdict(vit_cfg), gpt=asdict(gpt_cfg), foveated=fov)
 
 
@@ -432,7 +451,7 @@ if task == 'folder':
     all_clips = fov_list_clips(data_dir)
     for name, _ in all_clips:  # one cheap read each
         fov_check_clip(data_dir, name, n_frames)
-    fov_check_captions([(f"clip {name!r}", c) for name, c in all_clips], tok, caption_tokens)
+    named_captions = [(f"clip {name!r}", c) for name, c in all_clips]
     clips = dict(train=fov_clip_split(all_clips, 'train'), val=fov_clip_split(all_clips, 'val'))
     if n_eval > len(clips['val']):  # eval indices would wrap around and count the same clips several times
         print(f"n_eval={n_eval} capped at the {len(clips['val'])} distinct held-out clips (every 10th of "
@@ -440,7 +459,12 @@ if task == 'folder':
         n_eval = config['n_eval'] = len(clips['val'])
         n_vis = config['n_vis'] = min(n_vis, n_eval)
 else:
-    fov_check_captions([(f"synthetic task {task!r}", c) for c in fov_synthetic_captions(task)], tok, caption_tokens)
+    named_captions = [(f"synthetic task {task!r}", c) for c in fov_synthetic_captions(task)]
+# counted in the run's tokenizer: here the default one; a loaded LLM's (init_gpt, or a checkpoint's run from one) after
+# setup, when it is known
+captions_checked = init_from == 'scratch' and not init_gpt
+if captions_checked:
+    fov_check_captions(named_captions, tok, caption_tokens)
 
 # == the run (tests exec this file up to this line to get the definitions above) ==
 run = setup(config, RECIPE, MODEL_KEYS)  # threads, DDP, autocast, seed + rank, run dir, the checkpoint's model keys
@@ -449,9 +473,33 @@ device, master, ctx = run.device, run.master, run.ctx
 logger = Logger(run, RECIPE, config, wandb_log, wandb_project, wandb_run_name)
 latent_enc.to(device)
 
+# the tokenizer: a loaded LLM's own (init_gpt; a run from the checkpoint of such a run reloads it from the source
+# its meta names) with the recipe's special tokens appended, <|bos|> too where it has no BOS; else the default
+from_llm = bool(init_gpt) and not run.ckpt_src  # a run from a checkpoint takes its GPT and tokenizer from there
+if init_gpt and run.ckpt_src and master and not run.resume:
+    print(f"init_gpt={init_gpt} not loaded: the GPT and its tokenizer are those of init_from={init_from}")
+gpt_source = init_gpt if from_llm else run.meta.get('gpt_source', '')
+llm = None
+if gpt_source:
+    import pretrained  # (only then: a fork of this recipe runs without it)
+    if from_llm:
+        llm, tok, SPECIALS = pretrained.load_recipe_gpt(init_gpt, ['<|image|>', '<|eos|>', '<|pad|>'])
+        # the source's shape, each key printed where the config differs
+        shape = {k: getattr(llm.config, k) for k in ('n_layer', 'n_head', 'n_embd')}
+        globals().update(adopt_checkpoint_config(dict(config=shape), config, shape, verbose=master))
+    else:  # the model is the checkpoint's (its meta holds the GPT's config, Llama fields and all)
+        tok, SPECIALS = pretrained.own_tokenizer(run.meta), run.meta['specials']
+        llm = GPT(GPTConfig(**run.meta['gpt']))
+    IMG, EOS, PAD = tok['<|image|>'], tok['<|eos|>'], tok['<|pad|>']
+    BOS = tok.bos if tok.bos is not None else tok['<|bos|>']
+    llm.config.image_token_id = IMG
+if not captions_checked:
+    fov_check_captions(named_captions, tok, caption_tokens)
+
 # a checkpoint dir or hf:owner/name gives the architecture from its meta; scratch and resume: the (adopted) config
-raw_model, model_meta = build_model(run.meta if run.ckpt_src and not run.resume else None)
+raw_model, model_meta = build_model(run.meta if run.ckpt_src and not run.resume else None, llm)
 raw_model.to(device)
+set_checkpointing(raw_model, activation_checkpointing)
 if vit_src and init_from == 'scratch':
     raw_model.vit.load_state_dict(vit_src[0].state_dict())
 elif vit_init and init_from == 'scratch':
@@ -484,9 +532,10 @@ if master:
 
 
 def save(step):
+    tokenizer = dict(gpt_source=gpt_source, specials=SPECIALS) if gpt_source else {}  # for own_tokenizer
     save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer,
                     meta=dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), train_seconds=clock.seconds,
-                              **model_meta))
+                              **model_meta, **tokenizer))
 
 
 @torch.no_grad()
@@ -548,10 +597,11 @@ if eval_only:
 
 peak = run.matmul_peak() if master else None
 n_patches = (image_size // patch_size) ** 2
-tokens_per_step = batch_size * n_frames * n_patches * run.world_size  # patch tokens encoded per step
+videos_per_step = batch_size * grad_accum_steps * run.world_size
+tokens_per_step = videos_per_step * n_frames * n_patches  # patch tokens encoded per step
 # ~6 * params * tokens for the ViT encode, plus the GPT over one row per frame for the coarse and each fine pass
 flops_per_step = 6 * (sum(p.numel() for p in raw_model.vit.parameters()) * tokens_per_step +
-                      sum(p.numel() for p in raw_model.gpt.parameters()) * batch_size * n_frames * (1 + n_passes))
+                      sum(p.numel() for p in raw_model.gpt.parameters()) * videos_per_step * n_frames * (1 + n_passes))
 counts, start_step = {k: 0 for k in MODES}, step
 while step < max_steps:
     clock.start()
@@ -559,13 +609,24 @@ while step < max_steps:
     set_lr(optimizer, lr_now)
     mode = fov_pick_mode(seed, step, mode_weights, MODES)  # one mode for the whole batch, a function of the step
     counts[mode] += 1
-    b = get_batch('train', batch_indices(step, batch_size, run.rank, run.world_size))
-    with ctx:
-        tgt = raw_model.latents(b["latent_frames"], latent_enc)
-        r = model(b["frames"], tgt, mode, b["captions"], n_passes, b["look"], b["target_patches"])
-    loss = r["loss"]
-    check_finite(loss, step)
-    loss.backward()
+    # micro-batch m holds the videos a batch of batch_size * grad_accum_steps would; each one's loss is its mean / k
+    k = grad_accum_steps
+    batches = [get_batch('train', batch_indices(step * k + m, batch_size, run.rank, run.world_size)) for m in range(k)]
+    caption_count = sum(caption_targets(b["captions"]) for b in batches) / k if mode == "caption" else None
+    step_loss, parts = 0.0, {}
+    for micro, b in enumerate(batches):
+        with sync_grads(model, micro, k):  # DDP all-reduces the gradients after the last only
+            with ctx:
+                tgt = raw_model.latents(b["latent_frames"], latent_enc)
+                r = model(b["frames"], tgt, mode, b["captions"], n_passes, b["look"], b["target_patches"],
+                          caption_count)
+            loss = r["loss"] / k
+            check_finite(loss, step)
+            loss.backward()
+        step_loss += loss.item()
+        for name in ("loss_fine", "loss_coarse", "loss_caption", "loss_look"):  # rank 0's, for the log line
+            if r[name] is not None:
+                parts[name] = parts.get(name, 0.0) + r[name].item() / k
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     optimizer.step()
@@ -575,15 +636,15 @@ while step < max_steps:
     spent = clock.spent()  # every rank the same answer: they stop at one step
     last = step == max_steps or spent
     if step % log_interval == 0 or last:
-        loss_avg = mean_across_ranks(loss.item(), device)  # the global batch's loss (every rank joins)
+        loss_avg = mean_across_ranks(step_loss, device)  # the global batch's loss (every rank joins)
         if master:
-            extra = f"{mode:7s} | fine {r['loss_fine'].item():.4f} | coarse {r['loss_coarse'].item():.4f}"
-            if r["loss_caption"] is not None:
-                extra += f" | caption {r['loss_caption'].item():.3f}"
-            if r["loss_look"] is not None:
-                extra += f" | look {r['loss_look'].item():.3f}"
+            extra = f"{mode:7s} | fine {parts['loss_fine']:.4f} | coarse {parts['loss_coarse']:.4f}"
+            if "loss_caption" in parts:
+                extra += f" | caption {parts['loss_caption']:.3f}"
+            if "loss_look" in parts:
+                extra += f" | look {parts['loss_look']:.3f}"
             print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens_per_step, flops_per_step, peak, extra))
-            logger.log(dict(loss=loss_avg, loss_fine=r['loss_fine'].item(), loss_coarse=r['loss_coarse'].item(),
+            logger.log(dict(loss=loss_avg, loss_fine=parts['loss_fine'], loss_coarse=parts['loss_coarse'],
                             lr=lr_now), step)
     if master and (step % eval_interval == 0 or last):
         save(step)  # checkpoint first: a failing eval never loses training

@@ -23,13 +23,14 @@ import torch
 from runtime import install_error_hook
 install_error_hook()
 from configurator import configure  # noqa: E402
-from model import GPT, GPTConfig, InputError  # noqa: E402
+from model import GPT, GPTConfig, InputError, set_checkpointing  # noqa: E402
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, log_line,  # noqa: E402
-                     mean_across_ranks, set_lr, setup, teardown, wrap)
-from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap  # noqa: E402
+                     mean_across_ranks, set_lr, setup, sync_grads, teardown, wrap)
+from checkpoint import (adopt_checkpoint_config, load_checkpoint, rng_state, save_checkpoint,  # noqa: E402
+                        set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, load_image, normalize  # noqa: E402
 from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, BatchCenter, DeepEncoder, EncoderConfig, OCRModel,  # noqa: E402
-                      fox_word_metrics, load_encoder, load_gpt_into, model_from_meta, ocr_draw_predictions,
+                      fox_word_metrics, load_encoder, model_from_meta, ocr_draw_predictions,
                       ocr_metrics, ocr_pairwise_cosine, ocr_probe_images, ocr_read_fox, ocr_read_jsonl,
                       ocr_read_omnidocbench, ocr_shared_spread, ocr_synthetic_sample, train_flops,
                       vision_token_count)
@@ -88,7 +89,8 @@ init_sam = ''              # a transformers SAM (e.g. hf:facebook/sam-vit-base) 
 init_clip = ''             #   hf:openai/clip-vit-large-patch14) for the encoder; net_2/net_3 and the projector start fresh
 freeze_sam = None          # SAM (+ neck, net_2, net_3) frozen; None: on with a pretrained SAM (init_sam, or a
                            #   transformers-layout init_encoder); stage 2 always freezes it
-init_gpt = ''              # GPT checkpoint dir; a vocab without <|image|> is grown by one row
+init_gpt = ''              # a pretrained LLM (dir or hf:owner/name: nanochat, Llama family, this repo's GPT): its
+                           #   weights, shape and tokenizer, the recipe's special tokens appended ('' = from scratch)
 text_ratio = 0.0           # share of text-only batches (DDP then needs find_unused_parameters)
 # training
 overfit = False            # tier 1: train and evaluate on the first 10 training samples
@@ -96,7 +98,9 @@ overfit_steps = 300
 max_steps = 6800
 max_train_seconds = 0.0    # opt-in cap: > 0 stops after this many training seconds, the LR decaying on steps or
                            #   seconds, whichever is further along (0 = steps only, step-exact)
-batch_size = 16
+batch_size = 16            # per micro-batch and process
+grad_accum_steps = 1       # micro-batches per step: a step trains on batch_size * grad_accum_steps * processes pages
+activation_checkpointing = False  # recompute each SAM / CLIP / GPT block in the backward (less memory, more compute)
 lr = 2e-3
 min_lr_frac = 0.05
 warmup_steps = 100
@@ -146,8 +150,27 @@ device, master, ctx = run.device, run.master, run.ctx
 logger = Logger(run, RECIPE, config, wandb_log, wandb_project, wandb_run_name)
 if overfit:
     max_steps, n_eval, max_train_seconds = overfit_steps, 10, 0.0
-tok = Tokenizer(base=tokenizer)
-IMAGE, BOS, EOS, PAD = tok['<|image|>'], tok['<|bos|>'], tok['<|eos|>'], tok['<|pad|>']
+
+# the tokenizer: a loaded LLM's own (init_gpt; a run from the checkpoint of such a run reloads it from the source
+# its meta names) with the recipe's special tokens appended, <|bos|> too where it has no BOS; else data.Tokenizer
+from_llm = bool(init_gpt) and not run.ckpt_src  # a run from a checkpoint takes its GPT and tokenizer from there
+if init_gpt and run.ckpt_src and master and not run.resume:
+    print(f"init_gpt={init_gpt} not loaded: the GPT and its tokenizer are those of init_from={init_from}")
+gpt_source = init_gpt if from_llm else run.meta.get('gpt_source', '')
+loaded_gpt = None
+if gpt_source:
+    import pretrained  # (only then: a fork of this recipe runs without it)
+    if from_llm:
+        loaded_gpt, tok, SPECIALS = pretrained.load_recipe_gpt(init_gpt, ['<|image|>', '<|eos|>', '<|pad|>'])
+        # the source's shape, each key printed where the config differs
+        shape = {k: getattr(loaded_gpt.config, k) for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd')}
+        globals().update(adopt_checkpoint_config(dict(config=shape), config, shape, verbose=master))
+    else:
+        tok, SPECIALS = pretrained.own_tokenizer(run.meta), run.meta['specials']
+else:
+    tok = Tokenizer(base=tokenizer)
+IMAGE, EOS, PAD = tok['<|image|>'], tok['<|eos|>'], tok['<|pad|>']
+BOS = tok.bos if tok.bos is not None else tok['<|bos|>']
 
 # real sets are lists of {image, text, id}, read (and every image checked) before the model is built
 real = {}
@@ -180,21 +203,23 @@ else:
                             OCR_GLYPH_CLASSES if use_glyphs else 0, OCR_TOKEN_SLOTS if use_glyphs and slot_weight > 0 else 0)
     gpt_cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
                         sequence_len=vision_token_count(image_size, sam_patch) + 16 + max_text_tokens, image_token_id=IMAGE)
-    raw_model = OCRModel(DeepEncoder(enc_cfg), GPT(gpt_cfg))
+    if loaded_gpt is not None:  # (its shape is the config's now; a stage-1 or pretrained encoder is checked below)
+        loaded_gpt.config.image_token_id = IMAGE
+    raw_model = OCRModel(DeepEncoder(enc_cfg), loaded_gpt if loaded_gpt is not None else GPT(gpt_cfg))
 shape_keys = dict(image_size=image_size, sam_patch=sam_patch, sam_dim=sam_dim, out_dim=n_embd)
-if (init_sam or init_clip) and not run.resume:
+if (init_sam or init_clip or init_encoder) and run.ckpt_src and master and not run.resume:
+    print(f"init_encoder/init_sam/init_clip not loaded: the encoder is that of init_from={init_from}")
+if (init_sam or init_clip) and not run.ckpt_src:
     if not (init_sam and init_clip) or init_encoder:
         raise InputError("init_sam and init_clip go together (SAM, then CLIP on its features), without init_encoder")
     raw_model.encoder = deepencoder_from_towers(init_sam, init_clip, raw_model.encoder.config)
     check_encoder_config(raw_model.encoder, f"init_sam {init_sam}", **shape_keys)
-if init_encoder and not run.resume:
+if init_encoder and not run.ckpt_src:
     if is_foreign(init_encoder):
         raw_model.encoder = load_vision(init_encoder)[0]
         check_encoder_config(raw_model.encoder, init_encoder, **shape_keys)
     else:
         raw_model.encoder = load_encoder(init_encoder, raw_model.gpt.config.n_embd)
-if init_gpt and not run.resume:
-    raw_model.gpt = load_gpt_into(init_gpt, tok.vocab_size, IMAGE, raw_model.encoder.config.out_dim)
 enc, gpt = raw_model.encoder, raw_model.gpt
 image_mean, image_std = enc.config.image_mean, enc.config.image_std  # what the encoder's weights expect
 if isinstance(enc.center, BatchCenter) and not eval_only and not overfit and batch_size * run.world_size < 2:
@@ -205,6 +230,7 @@ if sam_frozen:  # SAM (with neck, net_2, net_3) frozen, as DeepSeek-OCR stage 2
     if enc.slot_head is not None:  # a stage-1 training aid, like SAM's glyph head
         enc.slot_head.requires_grad_(False)
 raw_model.to(device)
+set_checkpointing(raw_model, activation_checkpointing)
 glyph_on = use_glyphs and enc.sam.glyph is not None  # (a checkpoint without the head trains without it)
 q = enc.config.q
 N_VISION = vision_token_count(enc.config.image_size, enc.config.sam_patch)
@@ -274,13 +300,14 @@ def make_batch(samples, text_only=False):
     return idx.to(device), targets.to(device), None if images is None else images.to(device), aux
 
 
-def train_batch(step):
+def train_batch(step, micro=0):
+    """Micro-batch `micro` of step `step`: the pages a batch of batch_size * grad_accum_steps would hold."""
     if overfit:
         return make_batch([get_sample('train', i) for i in range(10)])
-    # text-only batches at rate text_ratio: a function of (seed, step), so every rank agrees
+    # text-only batches at rate text_ratio: a function of (seed, step), so every rank and micro-batch agrees
     text_only = text_ratio > 0 and np.random.default_rng([seed, 7, step]).random() < text_ratio
-    return make_batch([get_sample('train', i) for i in batch_indices(step, batch_size, run.rank, run.world_size)],
-                      text_only)
+    indices = batch_indices(step * grad_accum_steps + micro, batch_size, run.rank, run.world_size)
+    return make_batch([get_sample('train', i) for i in indices], text_only)
 
 # -----------------------------------------------------------------------------
 # checkpoint and eval: generated text (rollout), collapse monitor, per-sample table in overfit mode
@@ -290,6 +317,8 @@ def save(step):
     """The full checkpoint (resume, init_from, eval_only); stage 1 also writes the encoder alone, for stage 2."""
     meta = dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), stage=stage, train_seconds=clock.seconds,
                 encoder=asdict(enc.config), gpt=asdict(gpt.config))
+    if gpt_source:  # what rebuilds the tokenizer (pretrained.own_tokenizer): the LLM's source, then these specials
+        meta.update(gpt_source=gpt_source, specials=SPECIALS)
     save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer, meta=meta)
     if stage == 1:  # no gpt.* keys: stage 2 pairs it with a fresh or pretrained GPT
         save_checkpoint(os.path.join(out_dir, 'encoder'), enc,
@@ -402,22 +431,31 @@ while step < max_steps:
     clock.start()
     lr_now = get_lr(clock.lr_step(step, max_steps), max_steps, lr, warmup_steps, min_lr_frac)
     set_lr(optimizer, lr_now)
-    idx, targets, images, aux = train_batch(step)
-    with ctx:
-        _, loss_sum, *aux_sums = model(idx, targets, images, loss_reduction="sum", aux=aux)
-    loss = global_mean(loss_sum, (targets != -1).sum(), device)  # per token of the global batch (DDP-exact)
-    total = loss
-    for k, v in (aux_sums[0] if aux_sums else {}).items():  # per labelled cell of the global batch
-        aux_loss = global_mean(v, (aux[k] != -1).sum(), device)
-        total = total + (glyph_weight if k == 'glyphs' else slot_weight) * aux_loss
-        aux_acc[k] = aux_acc.get(k, 0.0) + aux_loss.item()
-    check_finite(total, step)
-    total.backward()
+    batches = [train_batch(step, micro) for micro in range(grad_accum_steps)]
+    # losses per target token (per labelled cell) of the whole step: every micro-batch on every rank (exact)
+    n_targets = sum((targets != -1).sum() for _, targets, _, _ in batches)
+    n_cells = {k: sum((b[3][k] != -1).sum() for b in batches) for k in batches[0][3] or {}}
+    step_loss, tokens, n_images = 0.0, 0, 0
+    for micro, (idx, targets, images, aux) in enumerate(batches):
+        with sync_grads(model, micro, grad_accum_steps):  # DDP all-reduces the gradients after the last only
+            with ctx:
+                _, loss_sum, *aux_sums = model(idx, targets, images, loss_reduction="sum", aux=aux)
+            loss = global_mean(loss_sum, n_targets, device)
+            total = loss
+            for k, v in (aux_sums[0] if aux_sums else {}).items():
+                aux_loss = global_mean(v, n_cells[k], device)
+                total = total + (glyph_weight if k == 'glyphs' else slot_weight) * aux_loss
+                aux_acc[k] = aux_acc.get(k, 0.0) + aux_loss.item()
+            check_finite(total, step)
+            total.backward()
+        step_loss += loss.item()
+        tokens += idx.numel() * run.world_size
+        n_images += idx.shape[0] * run.world_size * (images is not None)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss_acc, n_acc, n_aux = loss_acc + loss.item(), n_acc + 1, n_aux + bool(aux_sums)  # (text-only: no aux)
+    loss_acc, n_acc, n_aux = loss_acc + step_loss, n_acc + 1, n_aux + bool(aux_sums)  # (text-only: no aux)
     step += 1
     clock.stop()
     out_of_time = clock.spent()
@@ -426,7 +464,6 @@ while step < max_steps:
         loss_avg = mean_across_ranks(loss_acc / n_acc, device)  # the global batch's loss (every rank joins)
         if master:
             dt = (clock.seconds - logged_seconds) / n_acc
-            tokens, n_images = idx.numel() * run.world_size, idx.shape[0] * run.world_size * (images is not None)
             aux_avg = {f"{k}_loss": v / n_aux for k, v in aux_acc.items()}  # rank 0's (diagnostics; loss is global)
             print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens, train_flops(raw_model, n_images, tokens, glyph_on),
                            peak, extra=" | ".join(f"{k} {v:.4f}" for k, v in aux_avg.items())))

@@ -1,10 +1,10 @@
 # GPU scale, DeepSeek-OCR's shapes: SAM ViT-B (768 wide, 12 layers, window 14, global at 2/5/8/11, patch 16)
 # -> neck 256 -> net_2 512 -> net_3 1024 (16x16 tokens at 1024 px) -> CLIP ViT-L (1024 wide, 24 layers)
-# -> concat 2048 -> projector -> nanochat-d20-shaped GPT (20 layers, 1280 wide, 16 heads, no GQA).
+# -> concat 2048 -> projector -> nanochat base-d20 (20 layers x 1280, 10 heads of 128; shape read from the checkpoint).
 # 273 vision tokens: (16+1)*16+1. Train on a JSONL of {image, text}; evaluate on Fox's English pages.
 #   torchrun --nproc_per_node=8 train_ocr.py config/ocr_fox.py --train_data=ocr_train.jsonl
 #   (Fox elsewhere: --val_data=<dir>/en_page_ocr.json --image_root=<dir>/en_pdf_png)
-#   then stage 2:  ... --stage=2 --init_encoder=out/ocr-<stage 1>/encoder [--init_gpt=<a GPT ckpt>]
+#   then stage 2:  ... --stage=2 --init_encoder=out/ocr-<stage 1>/encoder   (with a fresh d20, as the journal)
 init_encoder = 'hf:deepseek-ai/DeepSeek-OCR'  # vision: DeepSeek-OCR's trained DeepEncoder, SAM frozen (journal's fix)
 dataset = 'fox'
 val_data = 'fox/en_page_ocr.json'
@@ -19,11 +19,8 @@ sam_global = (2, 5, 8, 11)
 neck_dim = 256
 clip_layers = 24
 clip_heads = 16
-n_layer = 20
-n_head = 16
-n_kv_head = 16
-n_embd = 1280
-max_text_tokens = 3800     # byte-level targets of full pages; seq = 1 + 273 + 10 + 3800 + 1
+init_gpt = 'hf:nanochat-students/base-d20'  # LLM: nanochat base-d20 (nanochat format), the OCR journal's own LLM
+max_text_tokens = 1536     # BPE targets (~4.9 bytes a token: a full page in ~1k); seq 1 + 273 + 4 + 1536 + 1 <= 2048
 batch_size = 4             # per GPU
 lr = 5e-5                  # stage 1 (stage 2: --lr=3e-5)
 min_lr_frac = 0.1

@@ -123,6 +123,53 @@ def test_mode_is_chosen_per_batch_with_the_configured_weights():
     with pytest.raises(InputError):
         model(frames, tiny_targets(ns, model, 3), ["video", "text", "caption"], caps)
 
+# -- gradient accumulation and activation checkpointing
+
+
+def step_grads(model, b, tgt, caps, parts, caption_count=None):
+    """One step over the micro-batches `parts` (slices of the batch), each loss / len(parts) -> (loss, grads)."""
+    model.zero_grad()
+    total = 0.0
+    for part in parts:
+        r = model(b["frames"][part], tgt[part], "caption", caps[part], caption_count=caption_count)
+        (r["loss"] / len(parts)).backward()
+        total += r["loss"].item() / len(parts)
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_caption_micro_batches_equal_one_batch():
+    """Captions of different lengths: two micro-batches of 2 equal one batch of 4 only when the caption loss is a
+    mean over the step's caption tokens (caption_count), not the mean of the micro-batches' means."""
+    ns = recipe()
+    torch.manual_seed(0)
+    model, _ = ns["build_model"]()
+    b = ns["get_batch"]("train", range(4))
+    caps = ["a", "a red ball moves left", "two", "the small square turns blue and stops"]
+    tgt = model.latents(b["latent_frames"], ns["latent_enc"])
+    halves = [slice(0, 2), slice(2, 4)]
+    whole, g_whole = step_grads(model, b, tgt, caps, [slice(0, 4)])
+    micro, g_micro = step_grads(model, b, tgt, caps, halves, ns["caption_targets"](caps) / 2)
+    assert micro == pytest.approx(whole, rel=1e-5) and g_micro.keys() == g_whole.keys()
+    assert all(torch.allclose(g_micro[n], g_whole[n], atol=1e-6) for n in g_whole)
+    naive, _ = step_grads(model, b, tgt, caps, halves)
+    assert abs(naive - whole) > 1e-3
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from model import set_checkpointing
+    ns, model, frames, caps = tiny_model()
+    tgt = tiny_targets(ns, model)
+    b = dict(frames=frames)
+    runs = []
+    for on in (False, True):
+        set_checkpointing(model, on)
+        assert model.vit.checkpointing == model.gpt.checkpointing == on
+        runs.append(step_grads(model, b, tgt, caps, [slice(0, 2)]))
+    (plain, g0), (ckpt, g1) = runs
+    assert plain == pytest.approx(ckpt, rel=1e-6) and g0.keys() == g1.keys()
+    assert all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0)
+
+
 # -- both cache layouts in training, captioning and generation
 
 

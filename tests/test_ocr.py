@@ -16,7 +16,6 @@ from data_ocr import (ocr_pairwise_cosine, ocr_shared_spread, OCR_GLYPH_CLASSES,
                       ocr_word_split)
 from data import save_png  # noqa: E402
 from model import GPT, GPTConfig, InputError  # noqa: E402
-from checkpoint import save_checkpoint  # noqa: E402
 from inprocess import run_script  # noqa: E402
 
 
@@ -195,16 +194,25 @@ def test_text_only_batch_leaves_the_encoder_unused(ocr):
     assert model.gpt.lm_head.weight.grad is not None
 
 
-def test_loading_text_gpt_grows_embedding_for_image_token(ocr, tmp_path):
+def test_activation_checkpointing_gives_the_same_gradients(ocr):
+    """set_checkpointing reaches SAM's windowed blocks, CLIP's and the GPT's: the same loss and gradients."""
+    from model import set_checkpointing
+    torch.manual_seed(0)
     tok = Tokenizer()
-    text_gpt = GPT(GPTConfig(vocab_size=tok.vocab_size - 1, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    save_checkpoint(str(tmp_path / "gpt"), text_gpt, meta=dict(gpt=vars(text_gpt.config)))
-    gpt = ocr.load_gpt_into(str(tmp_path / "gpt"), tok.vocab_size, tok["<|image|>"], 32)
-    assert gpt.config.vocab_size == tok.vocab_size and gpt.config.image_token_id == tok["<|image|>"]
-    assert gpt.transformer.wte.weight.shape[0] == gpt.lm_head.weight.shape[0] == tok.vocab_size
-    assert torch.equal(gpt.transformer.wte.weight[:-1], text_gpt.transformer.wte.weight)
-    with pytest.raises(ValueError, match="n_embd"):
-        ocr.load_gpt_into(str(tmp_path / "gpt"), tok.vocab_size, tok["<|image|>"], 64)
+    model = tiny_model(ocr, tok)
+    idx, tgt = batch(tok, ocr, ["ab 12", "xyz"], 7)
+    images = torch.randn(2, 3, 32, 32)
+    grads = []
+    for on in (False, True):
+        model.zero_grad()
+        set_checkpointing(model, on)
+        assert model.encoder.sam.checkpointing == model.encoder.clip.checkpointing == model.gpt.checkpointing == on
+        _, loss = model(idx, tgt, images)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, g0), (ckpt, g1) = grads
+    assert plain == ckpt and g0.keys() == g1.keys() and any(n.startswith("encoder.sam.blocks") for n in g0)
+    assert all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0)
 
 
 def test_generation_cache_equals_recompute_and_never_emits_image_token(ocr):
