@@ -1,12 +1,14 @@
 """
-LaneLM data: the lane coordinate tokenizer, synthetic road scenes with TuSimple-form labels, the TuSimple
-reader, the official TuSimple metric (accuracy / FP / FN, plus F1) and the drawing helper (LaneLM's own data
-code, as each recipe's lives in data_<recipe>.py; every public name starts with `lane_` or `tusimple_`).
+LaneLM data: the lane coordinate tokenizer, synthetic road scenes with TuSimple-form labels, the TuSimple and
+CULane readers, the official TuSimple metric (accuracy / FP / FN, plus CLRNet's F1), the official CULane metric
+(F1 at IoU 0.5 / 0.75, mF1) and the drawing helper (LaneLM's own data code, as each recipe's lives in
+data_<recipe>.py; every public name starts with `lane_`, `tusimple_` or `culane_`).
 
 Coordinates. Labels always live in the label frame (TuSimple: 1280 x 720): a lane is a list of x values,
 one per `h_samples` row, -2 where the lane is absent. Images are rendered/resized to a small model frame
 (160 x 96 by default) but labels are never rescaled, so the official 20 px threshold keeps its meaning
-(20 label px = 2.5 model px at 160 wide).
+(20 label px = 2.5 model px at 160 wide). CULane's frame is 1640 x 590 (the official metric draws 30 px lanes
+there), its lanes (x, y) points every 10 px up from y = 590, put on their own row grid (culane_row_grid).
 
 Rows. ROW tokens index one global row grid, y = 160, 160 + h_step, ... < 720 (lane_row_grid; TuSimple's 56
 rows at h_step=10), never an image's own h_samples: TuSimple's clips label different rows (0313: 240..710,
@@ -26,6 +28,8 @@ from model import InputError
 
 TUSIMPLE_W, TUSIMPLE_H = 1280, 720
 TUSIMPLE_H_SAMPLES = list(range(160, 720, 10))  # the 56 rows of TuSimple's test set
+CULANE_W, CULANE_H = 1640, 590
+CULANE_TOP = 40                                 # the top row of CULane's ROW grid (its lanes end well below)
 LANE_GRID_TOP = 160                             # the first row of the ROW grid (TuSimple's top labelled row)
 LANE_TOKENIZATIONS = ("relative_disjoint", "absolute", "relative")
 
@@ -391,8 +395,12 @@ def tusimple_check_entry(line, where, root, rows=None):
         raise InputError(f"{where}: h_samples must be a list of row numbers, got {hs!r:.60}")
     if not isinstance(lanes, list) or not all(isinstance(l, list) and all(number(x) for x in l) for l in lanes):
         raise InputError(f"{where}: lanes must be a list of lists of x values, got {lanes!r:.60}")
+    bad = [v for v in hs + [x for l in lanes for x in l] if not math.isfinite(v)]
+    if bad:  # json reads NaN and Infinity: NaN would become an absent point, Infinity crash the tokenizer
+        raise InputError(f"{where}: a lane or h_samples value is {bad[0]} (want finite numbers; -2 = absent)")
     if not isinstance(raw, str) or not raw:
         raise InputError(f"{where}: raw_file must be an image path, got {raw!r}")
+    lane_check_inside(raw, root, where)
     if any(len(l) != len(hs) for l in lanes):
         raise InputError(f"{where}: a lane has a different length than h_samples ({len(hs)})")
     if len(set(hs)) != len(hs):
@@ -406,6 +414,13 @@ def tusimple_check_entry(line, where, root, rows=None):
     return dict(lanes=lanes, h_samples=hs, raw_file=raw)
 
 
+def lane_check_inside(path, root, where):
+    """A label's image path must be relative and stay under the data root (no absolute path, no ../ out)."""
+    parts = os.path.normpath(path).split(os.sep)
+    if os.path.isabs(path) or parts[0] == "..":
+        raise InputError(f"{where}: image path {path!r} is outside the data root {root}")
+
+
 def tusimple_sample(entry, root, img_w=160, img_h=96):
     """A label entry -> the same sample dict as the synthetic generator (image resized, labels untouched)."""
     image = load_image(os.path.join(root, entry["raw_file"]), size=(img_w, img_h))
@@ -413,7 +428,7 @@ def tusimple_sample(entry, root, img_w=160, img_h=96):
                 h_samples=list(entry["h_samples"]), raw_file=entry["raw_file"])
 
 # -----------------------------------------------------------------------------
-# the official TuSimple metric (evaluate/lane.py of tusimple-benchmark), re-implemented without sklearn
+# the official TuSimple metric (TuSimple/tusimple-benchmark evaluate/lane.py), re-implemented without sklearn
 
 
 def tusimple_angle(xs, y_samples):
@@ -436,10 +451,11 @@ def tusimple_line_accuracy(pred, gt, thresh):
 
 
 def tusimple_bench(pred, gt, y_samples, running_time=0.0, pixel_thresh=20, pt_thresh=0.85):
-    """One image, exactly as LaneEval.bench: -> (accuracy, fp rate, fn rate, matched gt lanes).
-    Per gt lane: threshold 20 / cos(angle); its best pred's point accuracy; matched if >= 0.85.
-    FP = (#pred - #matched) / #pred; FN = #unmatched / min(#gt, 4); with > 4 gt lanes the worst lane is
-    dropped from the accuracy and one FN forgiven. More than #gt + 2 predictions scores (0, 0, 1)."""
+    """One image, exactly as LaneEval.bench (TuSimple's evaluate/lane.py): -> (accuracy, fp rate, fn rate,
+    matched gt lanes). Per gt lane: threshold 20 / cos(angle); its best pred's point accuracy; matched if
+    >= 0.85. FP = (#pred - #matched) / #pred, negative when one prediction matches two gt lanes (as official);
+    FN = #unmatched / min(#gt, 4); with > 4 gt lanes the worst lane is dropped from the accuracy and one FN
+    forgiven. More than #gt + 2 predictions scores (0, 0, 1)."""
     if any(len(p) != len(y_samples) for p in pred):
         raise ValueError("Format of lanes error: a predicted lane's length differs from h_samples")
     if running_time > 200 or len(gt) + 2 < len(pred):
@@ -464,24 +480,298 @@ def tusimple_bench(pred, gt, y_samples, running_time=0.0, pixel_thresh=20, pt_th
             fn / max(min(len(gt), 4.0), 1.0), int(matched))
 
 
+def tusimple_f1(fp, fn):
+    """F1 from the dataset-level FP and FN rates as CLRNet computes it (clrnet/utils/tusimple_metric.py:
+    tp = 1 - FP, P = tp / (tp + FP), R = tp / (tp + FN)). Deliberate difference: a negative FP (one
+    prediction matching two gt lanes, which LaneEval allows) counts as 0, so F1 never exceeds 1."""
+    fp = max(fp, 0.0)
+    tp = 1.0 - fp
+    if tp <= 0:
+        return 0.0
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    return 2 * precision * recall / (precision + recall)
+
+
 def tusimple_metrics(preds, gts, y_samples_list):
-    """Dataset means of accuracy, FP, FN (as bench_one_submit), plus F1 from the totals of matched lanes,
-    predictions and gt lanes (precision = matched / #pred, recall = matched / #gt).
-    preds, gts: per image a list of lanes (x per row, -2 absent). All-absent predictions are dropped (a
-    submission lists only the lanes it found); every gt lane counts, all-absent ones included, as LaneEval
-    scores the label file's lanes as they are (line_accuracy maps absent rows to -100 on both sides)."""
+    """Dataset means of accuracy, FP, FN as TuSimple's evaluate/lane.py (LaneEval.bench_one_submit) reports
+    them, plus F1 as CLRNet reports it (tusimple_f1). preds, gts: per image a list of lanes (x per row, -2
+    absent); one prediction list per image. Deliberate difference: all-absent predicted lanes are dropped
+    before scoring (a submission lists only the lanes it found), so they are no FP; every gt lane counts,
+    all-absent ones included, as LaneEval scores the label file's lanes as they are."""
+    if not len(preds) == len(gts) == len(y_samples_list):
+        raise InputError(f"tusimple_metrics: {len(preds)} predictions for {len(gts)} images "
+                         f"({len(y_samples_list)} h_samples lists): one of each per image")
     acc = fp = fn = 0.0
-    n_match = n_pred = n_gt = 0
     for pred, gt, ys in zip(preds, gts, y_samples_list):
         pred = [p for p in pred if any(x >= 0 for x in p)]
-        a, p, f, m = tusimple_bench(pred, gt, ys)
+        a, p, f, _ = tusimple_bench(pred, gt, ys)
         acc, fp, fn = acc + a, fp + p, fn + f
-        n_match, n_pred, n_gt = n_match + m, n_pred + len(pred), n_gt + len(gt)
     n = max(len(gts), 1)
-    precision = n_match / n_pred if n_pred else 0.0
-    recall = n_match / n_gt if n_gt else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return dict(tusimple_acc=acc / n, fp=fp / n, fn=fn / n, f1=f1)
+    return dict(tusimple_acc=acc / n, fp=fp / n, fn=fn / n, f1=tusimple_f1(fp / n, fn / n))
+
+# -----------------------------------------------------------------------------
+# CULane: its layout, and the official metric (XingangPan/SCNN tools/lane_evaluation)
+
+
+def culane_row_grid(h_step):
+    """The rows ROW tokens index on CULane: y = 590, 590 - h_step, ... >= 40, listed top-down (CULane labels a
+    point every 10 px up from its bottom row, 590; 40..590 at h_step=10 is 56 rows)."""
+    if h_step <= 0:
+        raise InputError(f"h_step must be > 0 (the row grid's spacing in label px), got {h_step}")
+    return list(range(CULANE_H, CULANE_TOP - 1, -h_step))[::-1]
+
+
+def culane_read_list(root, list_file):
+    """A CULane list (list/train_gt.txt or list/test.txt: the image path first on each line, root-relative with a
+    leading /; train_gt's mask path and lane flags are not used) -> entries dict(raw_file, points), points = per
+    lane its (x, y) points from the .lines.txt beside the image. Checked here: paths, files, every value."""
+    path = os.path.join(root, list_file)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"CULane list not found: {path}")
+    entries = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.split():
+                continue
+            raw = line.split()[0]
+            raw = raw[1:] if raw.startswith("/") else raw
+            lane_check_inside(raw, root, f"{path}:{n}")
+            if not os.path.exists(os.path.join(root, raw)):
+                raise FileNotFoundError(f"{path}:{n}: image {raw} not found under {root}")
+            lines = os.path.join(root, os.path.splitext(raw)[0] + ".lines.txt")
+            if not os.path.exists(lines):
+                raise FileNotFoundError(f"{path}:{n}: lane file {lines} not found (CULane keeps one beside each image)")
+            entries.append(dict(raw_file=raw, points=culane_read_lanes(lines)))
+    return entries
+
+
+def culane_read_lanes(path):
+    """A .lines.txt (one lane per line: x1 y1 x2 y2 ...) -> per lane a list of (x, y), exactly as written."""
+    lanes = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                v = [float(t) for t in fields]
+            except ValueError:
+                raise InputError(f"{path}:{n}: not a number in a lane line ({line.strip()[:60]!r})") from None
+            if len(v) % 2:
+                raise InputError(f"{path}:{n}: {len(v)} values, an odd number (a lane is x y pairs)")
+            if not all(math.isfinite(x) for x in v):
+                raise InputError(f"{path}:{n}: a lane point is {next(x for x in v if not math.isfinite(x))} "
+                                 "(want finite numbers)")
+            lanes.append(list(zip(v[0::2], v[1::2])))
+    return lanes
+
+
+def culane_read_categories(root):
+    """list/test_split/test<k>_<name>.txt (CULane's 9 test scenarios) -> {image path: name}; {} when absent."""
+    folder = os.path.join(root, "list", "test_split")
+    cats = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".txt") and "_" in name:
+            with open(os.path.join(folder, name)) as f:
+                for line in f:
+                    if line.split():
+                        path = line.split()[0]
+                        cats[path[1:] if path.startswith("/") else path] = name[:-4].split("_", 1)[1]
+    return cats
+
+
+def culane_to_grid(points, rows, label_w=CULANE_W):
+    """A lane's (x, y) points -> x per grid row: linear between its points (points on the rows are kept
+    exactly), -2 outside its y span and where x leaves the image."""
+    pts = sorted(points, key=lambda p: p[1])
+    ys, xs = [p[1] for p in pts], [p[0] for p in pts]
+    out = []
+    for y in rows:
+        x = float(np.interp(y, ys, xs)) if pts and ys[0] <= y <= ys[-1] else -2.0
+        out.append(x if 0 <= x < label_w else -2.0)
+    return out
+
+
+def culane_from_grid(xs, rows):
+    """x per grid row -> the lane's (x, y) points, bottom-up as CULane writes them (absent rows left out)."""
+    return [(x, y) for x, y in zip(xs[::-1], rows[::-1]) if x >= 0]
+
+
+def culane_sample(entry, root, rows, img_w=160, img_h=96):
+    """An entry -> the sample dict every reader yields (lanes on the row grid), plus its points as labelled."""
+    image = load_image(os.path.join(root, entry["raw_file"]), size=(img_w, img_h))
+    return dict(image=image, lanes=[culane_to_grid(l, rows) for l in entry["points"]], h_samples=list(rows),
+                points=entry["points"], raw_file=entry["raw_file"])
+
+
+def culane_spline(points, times=50):
+    """SCNN's lane resampling (src/spline.cpp, splineInterpTimes): a natural cubic spline through the points in
+    chord-length parameter, `times` samples per interval plus the last point, in float32 as its Point2f; two
+    points are drawn as they are (lane_compare.cpp). Repeated consecutive points are dropped first (the C++
+    divides by their zero distance)."""
+    p = np.asarray(points, dtype=np.float32).astype(np.float64).reshape(-1, 2)
+    p = p[np.r_[True, (np.diff(p, axis=0) != 0).any(1)]]
+    n = len(p)
+    if n <= 2:
+        return p.astype(np.float32)
+    h = np.sqrt(((p[1:] - p[:-1]) ** 2).sum(1))
+    slope = (p[1:] - p[:-1]) / h[:, None]
+    # second derivatives M at the interior points (tridiagonal system, Thomas algorithm); M = 0 at both ends
+    A, B, C, D = h[:-1], 2 * (h[:-1] + h[1:]), h[1:].copy(), 6 * (slope[1:] - slope[:-1])
+    C[0], D[0] = C[0] / B[0], D[0] / B[0]
+    for i in range(1, n - 2):
+        tmp = B[i] - A[i] * C[i - 1]
+        C[i], D[i] = C[i] / tmp, (D[i] - A[i] * D[i - 1]) / tmp
+    M = np.zeros((n, 2))
+    M[n - 2] = D[n - 3]
+    for i in range(n - 4, -1, -1):
+        M[i + 1] = D[i] - C[i] * M[i + 2]
+    hh = h[:, None]
+    b, c, d = slope - (2 * hh * M[:-1] + hh * M[1:]) / 6, M[:-1] / 2, (M[1:] - M[:-1]) / (6 * hh)
+    t = ((h / times)[:, None] * np.arange(times))[:, :, None]
+    out = p[:-1, None] + b[:, None] * t + c[:, None] * t ** 2 + d[:, None] * t ** 3
+    return np.vstack([out.reshape(-1, 2), p[-1:]]).astype(np.float32)
+
+
+def culane_lane_mask(points, width=30, shape=(CULANE_H, CULANE_W)):
+    """A lane drawn as SCNN draws it (cv::line, thickness `width`, between its spline samples rounded to whole
+    pixels) -> bool (H, W) mask. Deliberate difference: OpenCV's rasteriser is re-drawn in numpy: a pixel is on
+    a segment when within width/2 + half a pixel (along the major axis) of its line and within its ends, or
+    within width/2 of an end point (OpenCV's filled polygon + round caps; equal on axis-aligned lanes).
+    Painted row by row: on each pixel row a segment covers at most three x intervals (its band, two caps)."""
+    H, W = shape
+    r, eps = width / 2, 1e-6
+    v = np.rint(culane_spline(points)).astype(np.float64)  # cvRound: halves to even, as np.rint
+    v = v[np.r_[True, (np.diff(v, axis=0) != 0).any(1)]]
+    if len(v) == 1:
+        v = np.vstack([v, v])
+    a, b = v[:-1], v[1:]
+    length = np.hypot(*(b - a).T)
+    ux, uy = ((b - a) / np.maximum(length, 1e-12)[:, None]).T
+    half = 0.5 * np.maximum(np.abs(ux), np.abs(uy))  # the half pixel OpenCV's edge lines add
+    # every (segment, pixel row) pair within reach of the segment
+    y0 = np.floor(np.minimum(a[:, 1], b[:, 1]) - r - 1)
+    n_rows = (np.ceil(np.maximum(a[:, 1], b[:, 1]) + r + 1) - y0 + 1).astype(int)
+    seg = np.repeat(np.arange(len(a)), n_rows)
+    y = y0[seg] + np.arange(len(seg)) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
+    ax, ay, bx, by, ux, uy, ls, hf = a[seg, 0], a[seg, 1], b[seg, 0], b[seg, 1], ux[seg], uy[seg], length[seg], half[seg]
+    dy = y - ay
+    # band: |perp| = |dy*ux - dx*uy| <= r + half and -half <= along = dx*ux + dy*uy <= length + half (dx = x - ax)
+    lo, hi = np.full(len(y), -np.inf), np.full(len(y), np.inf)
+    ok = ls > 0
+    for coef, off, bound_lo, bound_hi in ((-uy, dy * ux, -(r + hf), r + hf), (ux, dy * uy, -hf, ls + hf)):
+        nz = np.abs(coef) > 1e-12
+        c = np.where(nz, coef, 1.0)
+        e1, e2 = (bound_lo - off) / c, (bound_hi - off) / c
+        lo = np.where(nz, np.maximum(lo, np.minimum(e1, e2)), lo)
+        hi = np.where(nz, np.minimum(hi, np.maximum(e1, e2)), hi)
+        ok &= nz | ((off >= bound_lo - eps) & (off <= bound_hi + eps))
+    spans = [(ax + lo, ax + hi, ok)]
+    for cx, cy in ((ax, ay), (bx, by)):  # round caps
+        h2 = r * r - (y - cy) ** 2
+        w = np.sqrt(np.maximum(h2, 0))
+        spans.append((cx - w, cx + w, h2 >= -eps))
+    x_lo, x_hi, ok = (np.concatenate(z) for z in zip(*spans))
+    x_lo, x_hi, rows = np.clip(np.ceil(x_lo - eps), 0, W), np.clip(np.floor(x_hi + eps) + 1, 0, W), np.tile(y, 3)
+    ok &= (x_lo < x_hi) & (rows >= 0) & (rows < H)
+    # +1 where an interval starts, -1 after it ends; a running sum along each row > 0 = covered
+    at = (rows[ok] * (W + 1)).astype(np.int64)
+    edges = np.concatenate([at + x_lo[ok].astype(np.int64), at + x_hi[ok].astype(np.int64)])
+    weights = np.concatenate([np.ones(ok.sum()), -np.ones(ok.sum())])
+    diff = np.bincount(edges, weights, minlength=H * (W + 1)).reshape(H, W + 1)
+    return np.cumsum(diff, axis=1)[:, :W] > 0.5
+
+
+def culane_ious(gt, pred, width=30, shape=(CULANE_H, CULANE_W)):
+    """(#gt, #pred) raster IoU of every pair (lane_compare.cpp get_lane_similarity; a lane of < 2 points: 0)."""
+    masks = lambda lanes: np.stack([culane_lane_mask(l, width, shape).ravel() if len(l) >= 2  # noqa: E731
+                                    else np.zeros(shape[0] * shape[1], dtype=bool) for l in lanes]).astype(np.float32)
+    if not gt or not pred:
+        return np.zeros((len(gt), len(pred)))
+    g, p = masks(gt), masks(pred)
+    inter = (g @ p.T).astype(np.float64)
+    union = g.sum(1)[:, None] + p.sum(1)[None] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def lane_assignment(score):
+    """Maximum-score one-to-one matching of rows to columns, exact (the Hungarian algorithm with potentials,
+    O(n^2 m)) -> [(row, col)], min(rows, cols) pairs."""
+    s = np.asarray(score, dtype=np.float64)
+    flip = s.shape[0] > s.shape[1]
+    cost = (-s.T if flip else -s).tolist()
+    n, m = len(cost), len(cost[0]) if cost else 0
+    u, v, owner, way = [0.0] * (n + 1), [0.0] * (m + 1), [0] * (m + 1), [0] * (m + 1)
+    for i in range(1, n + 1):  # add row i, then grow the shortest augmenting path from it (1-based, column 0 = root)
+        owner[0], j0 = i, 0
+        dist, used = [math.inf] * (m + 1), [False] * (m + 1)
+        while owner[j0]:
+            used[j0], i0, delta, j1 = True, owner[j0], math.inf, 0
+            for j in range(1, m + 1):
+                if not used[j]:
+                    cur = cost[i0 - 1][j - 1] - u[i0] - v[j]
+                    if cur < dist[j]:
+                        dist[j], way[j] = cur, j0
+                    if dist[j] < delta:
+                        delta, j1 = dist[j], j
+            for j in range(m + 1):
+                if used[j]:
+                    u[owner[j]] += delta
+                    v[j] -= delta
+                else:
+                    dist[j] -= delta
+            j0 = j1
+        while j0:  # flip the path
+            j1 = way[j0]
+            owner[j0], j0 = owner[j1], j1
+    pairs = [(owner[j] - 1, j - 1) for j in range(1, m + 1) if owner[j]]
+    return sorted((c, r) for r, c in pairs) if flip else sorted(pairs)
+
+
+CULANE_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # mF1: 0.50, 0.55, ..., 0.95
+
+
+def culane_counts(pred, gt, width=30, shape=(CULANE_H, CULANE_W)):
+    """One image as SCNN's Counter::count_im_pair: IoU of every (gt, pred) pair, a maximum-IoU one-to-one
+    matching, TP = matched pairs with IoU > threshold, FP = #pred - TP, FN = #gt - TP
+    -> (tp, fp, fn), each an int array over CULANE_IOU_THRESHOLDS."""
+    ious = culane_ious(gt, pred, width, shape)
+    matched = np.array([ious[i, j] for i, j in lane_assignment(ious)]) if gt and pred else np.zeros(0)
+    tp = (matched[None] > np.array(CULANE_IOU_THRESHOLDS)[:, None]).sum(1)
+    return tp, len(pred) - tp, len(gt) - tp
+
+
+def lane_f1(tp, fp, fn):
+    """F1 = 2PR / (P + R) from counts (0 when nothing is right)."""
+    return 2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0
+
+
+def culane_metrics(preds, gts, categories=None, width=30, shape=(CULANE_H, CULANE_W)):
+    """CULane's official metric (XingangPan/SCNN tools/lane_evaluation: evaluate.cpp, counter.cpp,
+    lane_compare.cpp, spline.cpp): lanes of 30 px on the 1640x590 image, TP iff IoU > 0.5, F1 from the dataset's
+    TP/FP/FN totals; f1_75 at IoU 0.75 and mf1 the mean F1 over 0.50:0.05:0.95 (CLRNet's culane_metric.py).
+    preds, gts: per image its lanes as (x, y) points; categories: per image its test scenario (list/test_split)
+    or None: f1_50_<name> and fp_<name> per scenario (CULane reports FP alone for 'cross', which has no lanes).
+    Deliberate differences: the numpy rasteriser (culane_lane_mask) and an exact assignment (as CLRNet's port,
+    scipy's; the C++ KM takes edges within 0.01 of tight as tight and can stop just short of the optimum)."""
+    if len(preds) != len(gts) or (categories is not None and len(categories) != len(gts)):
+        raise InputError(f"culane_metrics: {len(preds)} predictions for {len(gts)} images"
+                         + (f" ({len(categories)} categories)" if categories is not None else "")
+                         + ": one of each per image")
+    totals = {}
+    for i, (pred, gt) in enumerate(zip(preds, gts)):
+        counts = np.stack(culane_counts(pred, gt, width, shape))
+        for key in ["all"] + ([categories[i]] if categories is not None and categories[i] else []):
+            totals[key] = totals.get(key, 0) + counts
+    tp, fp, fn = totals.get("all", np.zeros((3, len(CULANE_IOU_THRESHOLDS)), dtype=int))
+    f1 = [lane_f1(*c) for c in zip(tp, fp, fn)]
+    at50, at75 = CULANE_IOU_THRESHOLDS.index(0.5), CULANE_IOU_THRESHOLDS.index(0.75)
+    out = dict(f1_50=f1[at50], f1_75=f1[at75], mf1=float(np.mean(f1)),
+               precision=tp[at50] / max(tp[at50] + fp[at50], 1), recall=tp[at50] / max(tp[at50] + fn[at50], 1))
+    for name in sorted(k for k in totals if k != "all"):
+        t, p, n = totals[name][:, at50]
+        out[f"f1_50_{name}"], out[f"fp_{name}"] = lane_f1(t, p, n), int(p)
+    return {k: float(v) if not isinstance(v, int) else v for k, v in out.items()}
 
 # -----------------------------------------------------------------------------
 # drawing
@@ -517,35 +807,44 @@ def lane_draw_grid(panels, path, cols=4):
 class LaneData:
     """The samples a run reads: each a pure function of (seed, split, index), so a resume is exact and DDP's
     ranks together draw one process's batch. dataset='synthetic': generated roads, labelled at the row grid's
-    rows; 'tusimple': the label files read and checked once (bad data stops the run before training), each
-    image decoded when asked for. overfit=True: every sample is the first training image with
-    min(max_lanes, 4) lanes, the image the overfit target must decode 4 lanes of."""
+    rows; 'tusimple' (label files) and 'culane' (list files): the labels read and checked once (bad data stops
+    the run before training), each image decoded when asked for. overfit=True: every sample is the first
+    training image with min(max_lanes, 4) lanes, the image the overfit target must decode 4 lanes of."""
 
     def __init__(self, dataset, seed, img_w, img_h, rows, max_lanes, data_root="", train_labels="", val_labels="",
                  overfit=False, **synthetic):
         self.dataset, self.seed, self.img_w, self.img_h = dataset, seed, img_w, img_h
         self.rows, self.max_lanes, self.root, self.synthetic = rows, max_lanes, data_root, synthetic
-        self.entries, self.overfit_index = None, None
-        if dataset == "tusimple":
+        self.entries, self.overfit_index, self.categories = None, None, {}
+        if dataset in ("tusimple", "culane"):
             if not data_root:
-                raise InputError("dataset='tusimple' needs --data_root=<dir with clips/ and label_data_*.json>")
-            self.entries = dict(train=tusimple_read_labels(data_root, train_labels, rows),
-                                val=tusimple_read_labels(data_root, val_labels, rows))
+                raise InputError(f"dataset={dataset!r} needs --data_root=<dir with " + (
+                    "clips/ and label_data_*.json>" if dataset == "tusimple" else "list/ and the driver_* folders>"))
+            if dataset == "tusimple":
+                read = lambda files: tusimple_read_labels(data_root, files, rows)  # noqa: E731
+            else:
+                read = lambda files: [e for f in files.split(",") if f for e in culane_read_list(data_root, f)]  # noqa: E731
+                self.categories = culane_read_categories(data_root)
+            self.entries = dict(train=read(train_labels), val=read(val_labels))
             for split, files in (("train", train_labels), ("val", val_labels)):
                 if not self.entries[split]:
                     raise InputError(f"no {split} labels in {files!r} under {data_root}")
         elif dataset != "synthetic":
-            raise InputError(f"dataset must be 'synthetic' or 'tusimple', got {dataset!r}")
+            raise InputError(f"dataset must be 'synthetic', 'tusimple' or 'culane', got {dataset!r}")
         if overfit:
             n_want = min(max_lanes, 4)
             n_try = 1000 if self.entries is None else min(1000, len(self.entries["train"]))
-            # TuSimple: the labels alone, no image decoding
-            labels = (lambda i: self.get("train", i)["lanes"]) if self.entries is None else (
-                lambda i: self.entry("train", i)["lanes"])
-            index = next((i for i in range(n_try) if len(lane_sort(labels(i))) >= n_want), None)
+            index = next((i for i in range(n_try) if len(lane_sort(self.labels(i))) >= n_want), None)
             if index is None:
                 raise InputError(f"overfit=True needs a training image with {n_want} lanes; none in the first {n_try}")
             self.overfit_index = index
+
+    def labels(self, index):
+        """The lanes of training sample `index` (real data: from the labels alone, no image decoding)."""
+        if self.entries is None:
+            return self.get("train", index)["lanes"]
+        entry = self.entry("train", index)
+        return entry["lanes"] if self.dataset == "tusimple" else [culane_to_grid(l, self.rows) for l in entry["points"]]
 
     def n_val(self):
         """The number of held-out images (None: synthetic, as many as asked for)."""
@@ -558,10 +857,13 @@ class LaneData:
         return entries[index]
 
     def get(self, split, index):
-        """-> dict(image (3, img_h, img_w) in [0, 1], lanes (label frame), h_samples)."""
+        """-> dict(image (3, img_h, img_w) in [0, 1], lanes (label frame, x per h_samples row), h_samples; CULane:
+        points, the lanes as labelled)."""
         if self.overfit_index is not None:
             split, index = "train", self.overfit_index
         if self.entries is None:
             return lane_synthetic_sample(sample_rng(self.seed, split, index), self.img_w, self.img_h, self.rows,
                                          self.max_lanes, **self.synthetic)
+        if self.dataset == "culane":
+            return culane_sample(self.entry(split, index), self.root, self.rows, self.img_w, self.img_h)
         return tusimple_sample(self.entry(split, index), self.root, self.img_w, self.img_h)

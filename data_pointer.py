@@ -229,6 +229,11 @@ def pointer_word_specials():
     return [f"<w:{w}>" for w in POINTER_WORDS]
 
 
+def pointer_specials(word_tokens=True):
+    """The special tokens the recipe appends to its tokenizer (a loaded LLM's too, after its own), in id order."""
+    return ["<|point|>"] + (pointer_word_specials() if word_tokens else [])
+
+
 def pointer_encode(tok, text, word_tokens=True):
     """Query -> token ids. word_tokens: each known word of the synthetic grammar is one token (added as
     specials, looked up by id), any other word falls back to bytes; otherwise plain byte tokens."""
@@ -332,6 +337,14 @@ def pointer_patch_mask(points, halves, grid):
     return mask.reshape(-1).astype(np.float32)
 
 POINTER_N_COLOUR, POINTER_N_SHAPE, POINTER_N_SIZE = len(POINTER_COLOURS) + 1, len(POINTER_SHAPES) + 1, len(POINTER_SIZES) + 1
+
+
+def pointer_parse_weights(dense, object_weight):
+    """Per-patch weights of the dense parsing loss: a patch an object covers weighs object_weight background
+    patches (most patches are background, learned in a few steps, which would otherwise drown the slow part:
+    telling a circle from a square); patches without a label (-1) weigh 0."""
+    colour = dense[..., 2].long()
+    return (1.0 + (object_weight - 1.0) * (colour != POINTER_N_COLOUR - 1).float()) * (colour >= 0).float()
 
 
 def pointer_dense_labels(objects, grid, frame=POINTER_FRAME):
@@ -588,18 +601,24 @@ def pointer_check_config(c):
         raise InputError(f"stem must be 'conv' or 'patch', got {c['stem']!r}")
     if not 0 <= c["multi_weight"] < 1:
         raise InputError(f"multi_weight is a share of the training queries, in [0, 1): got {c['multi_weight']}")
+    if c["vit_init"] and (c["stem"] != "patch" or c["edge_channels"] or c["coord_channels"]):
+        raise InputError(f"vit_init={c['vit_init']} is a pretrained encoder whose patch embedding reads RGB alone: set "
+                         f"stem='patch', edge_channels=False and coord_channels=False")
 
 
-def pointer_input_channels(edges):
-    return 3 + 4 * edges + 2  # RGB (+ 4 oriented edges) + 2 coordinates
+def pointer_input_channels(edges, coords=True):
+    return 3 + 4 * edges + 2 * coords  # RGB (+ 4 oriented edges) (+ 2 coordinates)
 
 
-def pointer_model_input(images, edges):
-    """(B, 3, H, W) in [0, 1] -> the ViT's input: normalised RGB, |Sobel| in 4 orientations (edges: summed over a
-    patch they are an orientation histogram, so a linear patch embedding sees shape) and two channels holding
-    each pixel's own (x, y) in [-1, 1] (CoordConv: every patch embedding knows exactly where it is)."""
-    x = normalize(images)
+def pointer_model_input(images, edges, coords=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """(B, 3, H, W) in [0, 1] -> the ViT's input: RGB normalised with (mean, std) (a pretrained encoder's own),
+    |Sobel| in 4 orientations (edges: summed over a patch they are an orientation histogram, so a linear patch
+    embedding sees shape) and two channels holding each pixel's own (x, y) in [-1, 1] (coords: CoordConv, every
+    patch embedding knows exactly where it is)."""
+    x = normalize(images, mean, std)
     x = torch.cat([x, oriented_edges(x)], 1) if edges else x
+    if not coords:
+        return x
     B, _, H, W = x.shape
     ys = (torch.arange(H, device=x.device, dtype=x.dtype) + 0.5) / H * 2 - 1
     xs = (torch.arange(W, device=x.device, dtype=x.dtype) + 0.5) / W * 2 - 1
@@ -618,12 +637,16 @@ class PointerData:
     """train_pointer.py's data. A sample is a pure function of (seed, split, index) (synthetic scenes, or JSONL
     records in a seeded per-epoch order), a training batch a pure function of the step and rank, so a resumed run
     sees the same batches. Sequences: [bos, query, image x N, <|point|> x (K + 1)] (the last point token says done).
-    c: the script's config (after setup); grid: image tokens per side."""
+    c: the script's config (after setup); grid: image tokens per side. tok: a loaded LLM's tokenizer with
+    pointer_specials() and <|image|>, <|pad|> appended, and vocab_size its model's (default: the byte-level
+    data.Tokenizer); the prompt starts with the tokenizer's BOS where it has one."""
 
-    def __init__(self, c, grid):
+    def __init__(self, c, grid, tok=None, vocab_size=None):
         self.c, self.grid, self.n_vision = c, grid, grid * grid
-        self.tok = Tokenizer(specials=["<|point|>"] + (pointer_word_specials() if c["word_tokens"] else []))
-        self.bos, self.image, self.point, self.pad = (self.tok[t] for t in ("<|bos|>", "<|image|>", "<|point|>", "<|pad|>"))
+        self.tok = tok or Tokenizer(specials=pointer_specials(c["word_tokens"]))
+        self.vocab_size = vocab_size or self.tok.vocab_size
+        self.bos = self.tok.bos
+        self.image, self.point, self.pad = (self.tok[t] for t in ("<|image|>", "<|point|>", "<|pad|>"))
         # training queries: "every ..." at multi_weight, the other kinds keep their ratios; held-out ones as drawn
         mw = c["multi_weight"]
         self.train_weights = {k: w * (1 - mw) / (1 - POINTER_KIND_WEIGHTS["multi"]) for k, w in POINTER_KIND_WEIGHTS.items()}
@@ -653,10 +676,11 @@ class PointerData:
         c = self.c
         if meta["vit"]["image_size"] != c["img_size"]:
             raise InputError(f"checkpoint was trained at img_size={meta['vit']['image_size']}, config says {c['img_size']}")
-        if meta.get("word_tokens", c["word_tokens"]) != c["word_tokens"] or meta["gpt"]["vocab_size"] != self.tok.vocab_size:
+        if (meta.get("word_tokens", c["word_tokens"]) != c["word_tokens"] or meta["gpt"]["vocab_size"] != self.vocab_size
+                or self.tok.vocab_size > self.vocab_size):
             raise InputError(f"checkpoint was trained with word_tokens={meta.get('word_tokens')} (vocab "
                              f"{meta['gpt']['vocab_size']}), config says word_tokens={c['word_tokens']} (vocab "
-                             f"{self.tok.vocab_size})")
+                             f"{self.vocab_size})")
 
     def sample(self, split, index, kinds=POINTER_KINDS):
         c, train = self.c, split == "train"
@@ -695,7 +719,7 @@ class PointerData:
         """[bos, query, image x N, point]: the query comes first so that (causal) image tokens can read it and
         each patch can decide locally whether it belongs to the referred object."""
         q = pointer_encode(self.tok, text, self.c["word_tokens"])[:self.c["max_query_len"]]
-        return [self.bos] + q + [self.image] * self.n_vision + [self.point]
+        return [self.bos] * (self.bos is not None) + q + [self.image] * self.n_vision + [self.point]
 
     def grounding_label(self, s):
         """The per-patch target of the grounding logit: the referred objects' patches or, for relation queries
@@ -727,16 +751,20 @@ class PointerData:
                     mask=torch.from_numpy(np.stack([self.grounding_label(s) for s in samples])),
                     dense=torch.from_numpy(np.stack([pointer_dense_labels(s.get("objects"), self.grid) for s in samples])))
 
-    def train_batch(self, step, rank=0, world_size=1):
-        """Step -> this rank's training batch (CPU tensors)."""
-        idx = batch_indices(step, self.c["batch_size"], rank, world_size)
+    def train_batch(self, step, rank=0, world_size=1, micro=0):
+        """Step (and micro-batch) -> this rank's training batch (CPU tensors). The k = grad_accum_steps micro-batches
+        of a step hold the samples one batch of k * batch_size would."""
+        k = self.c["grad_accum_steps"]
+        idx = batch_indices(step * k + micro, self.c["batch_size"], rank, world_size)
         kinds = pointer_curriculum_kinds(step, self.c["curriculum_steps"])
         return self.collate([self.sample("train", i, kinds) for i in idx])
 
     def batches(self, start, stop, rank=0, world_size=1, pin_memory=False):
-        """The training batches of steps start..stop-1, built ahead in num_workers processes when asked."""
-        return step_batches(lambda s: self.train_batch(s, rank, world_size), start, stop, self.c["num_workers"],
-                            pin_memory=pin_memory)
+        """The training micro-batches of steps start..stop-1 in order (grad_accum_steps a step), built ahead in
+        num_workers processes when asked."""
+        k = self.c["grad_accum_steps"]
+        return step_batches(lambda i: self.train_batch(i // k, rank, world_size, i % k), start * k, stop * k,
+                            self.c["num_workers"], pin_memory=pin_memory)
 
 
 @torch.no_grad()

@@ -17,20 +17,44 @@ import torch.nn.functional as F
 from checkpoint import dataclass_from_dict
 from data import Tokenizer, epoch_order, load_image, normalize, read_json, sample_rng, save_png, to_pil
 from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, left_pad
+from runtime import global_mean
 
 # -----------------------------------------------------------------------------
 # special tokens and prompt layouts (every special is inserted by id, never by string search)
 
 SEG_SPECIALS = ("[SEG]", "<vp>", "</vp>", "<mask>")  # + data.Tokenizer's <|bos|> <|eos|> <|pad|> <|image|>
+# appended to a loaded LLM's tokenizer (init_gpt), in this order; its own BOS (if any) starts the prompts
+SEG_LLM_SPECIALS = ["<|eos|>", "<|pad|>", "<|image|>", *SEG_SPECIALS]
 SEG_TOK = Tokenizer(specials=SEG_SPECIALS)
 BOS, EOS, PAD, IMG = SEG_TOK["<|bos|>"], SEG_TOK["<|eos|>"], SEG_TOK["<|pad|>"], SEG_TOK["<|image|>"]
 SEG, VP, VP_END, MASK = SEG_TOK["[SEG]"], SEG_TOK["<vp>"], SEG_TOK["</vp>"], SEG_TOK["<mask>"]
-INPUT_ONLY = [BOS, PAD, SEG, VP, VP_END, MASK]  # never generated (the image token is banned by GPT.generate)
+
+
+class SegVocab:
+    """The ids a model's prompts are made of, from its tokenizer (data.Tokenizer, or a loaded LLM's with
+    SEG_LLM_SPECIALS appended). bos is None where the tokenizer has none (the prompts then start with the image).
+    banned: every special and every row past the tokenizer's ids (a loaded model may have spare rows): never a
+    caption token. Immutable, so the EMA teacher (a deep copy) shares its student's."""
+
+    def __init__(self, tok, vocab_size=None):
+        self.tok, self.bos = tok, tok.bos
+        self.eos, self.pad, self.image = tok["<|eos|>"], tok["<|pad|>"], tok["<|image|>"]
+        self.seg, self.vp, self.vp_end, self.mask = (tok[t] for t in SEG_SPECIALS)
+        self.banned = sorted(set(tok.special.values()) | set(range(tok.vocab_size, vocab_size or tok.vocab_size)))
+        # never generated (the image token is banned by GPT.generate)
+        self.input_only = [i for i in (self.bos, self.pad, self.seg, self.vp, self.vp_end, self.mask) if i is not None]
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+SEG_VOCAB = SegVocab(SEG_TOK)
+INPUT_ONLY = SEG_VOCAB.input_only
 
 
 def seg_prompt_ids(tok, n_img, caption_ids):
     """Referring segmentation: <|bos|> <|image|>*n_img caption [SEG]. The [SEG] hidden state is the mask query."""
-    return [tok["<|bos|>"]] + [tok["<|image|>"]] * n_img + list(caption_ids) + [tok["[SEG]"]]
+    return [tok.bos] * (tok.bos is not None) + [tok["<|image|>"]] * n_img + list(caption_ids) + [tok["[SEG]"]]
 
 
 def seg_vp_prompt_ids(tok, n_img, k):
@@ -39,7 +63,8 @@ def seg_vp_prompt_ids(tok, n_img, k):
     model builds k = 0 embeddings would leave one context token without an embedding)."""
     if k < 0:
         raise ValueError(f"visual prompt token count must be >= 0, got {k}")
-    return [tok["<|bos|>"]] + [tok["<|image|>"]] * n_img + [tok["<vp>"]] + [tok["<|image|>"]] * k + [tok["</vp>"]]
+    bos = [tok.bos] * (tok.bos is not None)
+    return bos + [tok["<|image|>"]] * n_img + [tok["<vp>"]] + [tok["<|image|>"]] * k + [tok["</vp>"]]
 
 
 def seg_region_cells(mask, g=16):
@@ -216,12 +241,12 @@ class SegData:
     training scenes, again and again, while stage B draws fresh scenes past them and uses their masks only."""
 
     def __init__(self, dataset="synthetic", seed=1337, image_size=32, max_caption_len=16, vp_grid=16,
-                 captioned_pool=3000, train_json="", val_json="", image_root=""):
+                 captioned_pool=3000, train_json="", val_json="", image_root="", tok=SEG_TOK):
         if dataset not in ("synthetic", "refcoco"):
             raise InputError(f"dataset must be 'synthetic' or 'refcoco', got {dataset!r}")
         self.dataset, self.seed, self.image_size, self.max_caption_len = dataset, seed, image_size, max_caption_len
         self.vp_grid, self.captioned_pool, self.image_root = vp_grid, captioned_pool, image_root
-        self.paths, self._records = dict(train=train_json, val=val_json), {}
+        self.paths, self._records, self.tok = dict(train=train_json, val=val_json), {}, tok
 
     def records(self, split):
         if split not in self._records:
@@ -231,12 +256,14 @@ class SegData:
         return self._records[split]
 
     def batch(self, split, indices, device, stage="A"):
-        """-> dict(images, masks, captions [str], caption_ids [token lists, cut to max_caption_len], cells)."""
+        """-> dict(images, masks, captions [str], caption_ids [token lists, cut to max_caption_len], cells,
+        index [the samples' indices])."""
+        indices = list(indices)
         if self.dataset == "synthetic":
-            pool = self.captioned_pool
+            pool, scenes = self.captioned_pool, indices
             if split == "train" and pool > 0:  # A: the captioned pool, again and again; B: scenes past it
-                indices = [i % pool if stage == "A" else pool + i for i in indices]
-            samples = [seg_synthetic_sample(self.seed, split, i, self.image_size) for i in indices]
+                scenes = [i % pool if stage == "A" else pool + i for i in indices]
+            samples = [seg_synthetic_sample(self.seed, split, i, self.image_size) for i in scenes]
         else:
             recs = self.records(split)
             if split == "train":  # a fresh permutation per epoch, the same on every rank
@@ -246,8 +273,8 @@ class SegData:
             samples = [seg_load_record(recs[j], self.image_size) for j in picks]
         b = seg_collate(samples)
         return dict(images=b["images"].to(device), masks=b["masks"].to(device), captions=b["captions"],
-                    caption_ids=[SEG_TOK.encode(c)[:self.max_caption_len] for c in b["captions"]],
-                    cells=seg_region_cells(b["masks"], self.vp_grid).to(device))
+                    caption_ids=[self.tok.encode(c)[:self.max_caption_len] for c in b["captions"]],
+                    cells=seg_region_cells(b["masks"], self.vp_grid).to(device), index=indices)
 
 # -----------------------------------------------------------------------------
 # metrics (on rolled-out outputs: thresholded masks, generated captions)
@@ -367,9 +394,9 @@ class SegMaskDecoder(nn.Module):
 
 
 class SegVLM(nn.Module):
-    def __init__(self, vit_cfg, gpt_cfg, dec_dim, llm_grid):
+    def __init__(self, vit_cfg, gpt_cfg, dec_dim, llm_grid, vocab=SEG_VOCAB):
         super().__init__()
-        self.llm_grid = llm_grid
+        self.llm_grid, self.vocab = llm_grid, vocab
         self.vit, self.gpt = ViT(vit_cfg), GPT(gpt_cfg)
         self.proj = Projector(vit_cfg.n_embd, gpt_cfg.n_embd)
         self.vp_type = nn.Parameter(torch.zeros(gpt_cfg.n_embd))  # marks a row as a region cell, not the image
@@ -402,7 +429,8 @@ class SegVLM(nn.Module):
 
 def seg_configs(image_size=32, patch_size=4, llm_grid=4, vp_grid=16, max_caption_len=16, vit_layers=2, vit_embd=128,
                 vit_heads=4, n_layer=3, n_embd=128, n_head=4, n_kv_head=4):
-    """-> (ViTConfig, GPTConfig) of a run; the GPT's sequence holds the longest prompt plus its caption."""
+    """-> (ViTConfig, GPTConfig) of a run from scratch; the GPT's sequence holds the longest prompt plus its
+    caption."""
     if image_size % patch_size or (image_size // patch_size) % llm_grid:
         raise InputError(f"image_size {image_size} / patch_size {patch_size} must be a multiple of llm_grid {llm_grid}")
     vit_cfg = ViTConfig(image_size=image_size, patch_size=patch_size, n_layer=vit_layers, n_head=vit_heads,
@@ -418,11 +446,11 @@ def seg_configs_from_meta(meta):
     return dataclass_from_dict(ViTConfig, meta["vit"]), dataclass_from_dict(GPTConfig, meta["gpt"])
 
 
-def seg_build_model(vit_cfg, gpt_cfg, dec_dim, llm_grid, fresh=True):
+def seg_build_model(vit_cfg, gpt_cfg, dec_dim, llm_grid, fresh=True, vocab=SEG_VOCAB):
     """{student, teacher}: the teacher starts as a copy of the student (fresh=True) or is built on its own
-    (fresh=False: a checkpoint's weights replace both)."""
-    student = SegVLM(vit_cfg, gpt_cfg, dec_dim, llm_grid)
-    teacher = copy.deepcopy(student) if fresh else SegVLM(vit_cfg, gpt_cfg, dec_dim, llm_grid)
+    (fresh=False: a checkpoint's weights replace both). vocab: the SegVocab of the GPT's tokenizer."""
+    student = SegVLM(vit_cfg, gpt_cfg, dec_dim, llm_grid, vocab)
+    teacher = copy.deepcopy(student) if fresh else SegVLM(vit_cfg, gpt_cfg, dec_dim, llm_grid, vocab)
     return nn.ModuleDict(dict(student=student, teacher=teacher))
 
 # -----------------------------------------------------------------------------
@@ -436,17 +464,17 @@ def seg_context_rows(img, vp):
 
 def seg_vp_batch(model, feats, img, cells):
     """Left-padded region-captioning prompts + their context rows, with the per-row count check."""
-    vp = model.vp_rows(feats, cells)
-    ks = [v.shape[0] for v in vp]
-    ids, pad_mask = left_pad([seg_vp_prompt_ids(SEG_TOK, img.shape[1], k) for k in ks], pad_id=PAD, device=img.device)
-    seg_check_context_counts(ids, IMG, img.shape[1], ks)
+    vp, v = model.vp_rows(feats, cells), model.vocab
+    ks = [r.shape[0] for r in vp]
+    ids, pad_mask = left_pad([seg_vp_prompt_ids(v.tok, img.shape[1], k) for k in ks], pad_id=v.pad, device=img.device)
+    seg_check_context_counts(ids, v.image, img.shape[1], ks)
     return ids, pad_mask, seg_context_rows(img, vp)
 
 
 def seg_segment(model, feats, img, images, caption_ids):
     """Referring segmentation from token captions: [SEG] is the last column of every (left-padded) row."""
-    ids, pad_mask = left_pad([seg_prompt_ids(SEG_TOK, img.shape[1], c) for c in caption_ids], pad_id=PAD,
-                             device=img.device)
+    ids, pad_mask = left_pad([seg_prompt_ids(model.vocab.tok, img.shape[1], c) for c in caption_ids],
+                             pad_id=model.vocab.pad, device=img.device)
     x = model.gpt.embed(ids, img.reshape(-1, img.shape[-1]))
     return seg_segment_embeds(model, x, pad_mask, ids, feats, images)
 
@@ -454,32 +482,66 @@ def seg_segment(model, feats, img, images, caption_ids):
 def seg_segment_embeds(model, x, pad_mask, ids, feats, images):
     """Mask logits from input embeddings whose last column is [SEG] in every row. A row without it is an
     error, never a zero loss (a [SEG] lost in encoding would otherwise train on nothing, silently)."""
-    n_seg = (ids == SEG).sum(1)
-    if not bool((ids[:, -1] == SEG).all()) or not bool((n_seg == 1).all()):
-        raise InputError(f"every segmentation row needs exactly one [SEG] (id {SEG}) at its end; "
+    seg = model.vocab.seg
+    n_seg = (ids == seg).sum(1)
+    if not bool((ids[:, -1] == seg).all()) or not bool((n_seg == 1).all()):
+        raise InputError(f"every segmentation row needs exactly one [SEG] (id {seg}) at its end; "
                          f"counts {n_seg.tolist()}")
     h = model.gpt.forward_embeds(x, pad_mask)
     return model.decoder(h[:, -1], feats, images)
 
 
-def seg_mask_loss(logits, target):
+def seg_mask_loss(logits, target, count=None):
     """Per-sample BCE + Dice over the samples that have a target; samples with an empty target are skipped
-    (and counted by the caller). Returns (loss or None, n_skipped)."""
+    (and counted by the caller). count: the step's number of samples with a target over all its micro-batches
+    on this rank (global_mean adds the other ranks'); None: this batch's. Returns (loss or None, n_skipped): None
+    only when count is None and no sample has a target (with a count, such a batch adds 0, its graph kept)."""
     keep = target.flatten(1).sum(1) > 0
     n_skip = int((~keep).sum())
-    if not bool(keep.any()):
-        return None, n_skip
+    if count is None:
+        if not bool(keep.any()):
+            return None, n_skip
+        count = keep.sum()
     logits, target = logits[keep], target[keep]
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
     p, t = logits.sigmoid().flatten(1), target.flatten(1)
     dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
-    return (bce + dice).mean(), n_skip
+    return global_mean((bce + dice).sum(), count, logits.device), n_skip
 
 
-def seg_right_pad(seqs, device):
-    """Token lists -> (ids (B, L) padded with <|pad|>, valid (B, L)); L >= 1."""
+def seg_caption_loss(logits, targets, count=None):
+    """Caption cross-entropy over the targets that are not -1, a mean over `count` of them (the step's, as
+    seg_mask_loss's count; None: this batch's)."""
+    count = (targets != -1).sum() if count is None else count
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1, reduction="sum")
+    return global_mean(ce, count, logits.device)
+
+
+def seg_step_counts(batches, stage):
+    """The denominators of a step's means over its micro-batches on this rank: samples with a non-empty mask
+    (seg) and caption targets (tokens: each caption, stage A's own or stage B's pseudo one, plus its EOS)."""
+    captions = "caption_ids" if stage == "A" else "pseudo"
+    return dict(seg=sum(int((b["masks"].flatten(1).sum(1) > 0).sum()) for b in batches),
+                tokens=sum(len(c) + 1 for b in batches for c in b[captions]))
+
+
+def seg_stage_b_noise(seed, indices, length, vocab, device):
+    """Stage B's random draws for the training samples `indices`, each a pure function of (seed, its index): the
+    masking uniforms (B, length) and Gumbel noise (B, length, vocab). k micro-batches or DDP ranks then draw what
+    one batch of the same samples would."""
+    hide, gumbel = [], []
+    for i in indices:
+        g = torch.Generator(device=device).manual_seed(int(np.random.default_rng([seed, 0x5E6, i]).integers(2 ** 62)))
+        hide.append(torch.rand(length, generator=g, device=device))
+        u = torch.rand(length, vocab, generator=g, device=device).clamp(1e-9, 1 - 1e-9)
+        gumbel.append(-torch.log(-torch.log(u)))
+    return dict(hide=torch.stack(hide), gumbel=torch.stack(gumbel))
+
+
+def seg_right_pad(seqs, device, pad=PAD):
+    """Token lists -> (ids (B, L) padded with pad, valid (B, L)); L >= 1."""
     L = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), L), PAD, dtype=torch.long)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
     valid = torch.zeros(len(seqs), L, dtype=torch.bool)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
@@ -502,20 +564,21 @@ def seg_st_topk_gumbel(logits, tau=0.7, top_k=0, noise=None):
     return y_hard - y_soft.detach() + y_soft
 
 
-def seg_stage_a_loss(model, images, masks, caption_ids, cells, caption_weight=1.0):
+def seg_stage_a_loss(model, images, masks, caption_ids, cells, caption_weight=1.0, counts=None):
     """Referring segmentation (BCE + Dice) + region captioning (teacher-forced cross-entropy). A batch with no
     non-empty mask gives loss None, a skipped step as in stage B: a caption-only step would leave the decoder
-    without a gradient, which under DDP stalls the ranks that have one."""
+    without a gradient, which under DDP stalls the ranks that have one. counts: seg_step_counts of the step's
+    micro-batches (None: this batch's own means)."""
+    counts, v = counts or {}, model.vocab
     feats, img = model.encode(images)
-    seg_loss, n_skip = seg_mask_loss(seg_segment(model, feats, img, images, caption_ids), masks)
+    seg_loss, n_skip = seg_mask_loss(seg_segment(model, feats, img, images, caption_ids), masks, counts.get("seg"))
     seg_tokens = len(caption_ids) * (img.shape[1] + 2 + max(len(c) for c in caption_ids))  # seg_segment's prompt
     ids, pad_mask, rows = seg_vp_batch(model, feats, img, cells)
     P = ids.shape[1]
-    caps, cap_mask = seg_right_pad([c + [EOS] for c in caption_ids], img.device)
+    caps, cap_mask = seg_right_pad([c + [v.eos] for c in caption_ids], img.device, v.pad)
     inputs = torch.cat([ids, caps[:, :-1]], 1)
     logits, _ = model.gpt(inputs, vision_embeds=rows, pad_mask=torch.cat([pad_mask, cap_mask[:, :-1]], 1))
-    targets = caps.masked_fill(~cap_mask, -1)
-    ce = F.cross_entropy(logits[:, P - 1:].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+    ce = seg_caption_loss(logits[:, P - 1:], caps.masked_fill(~cap_mask, -1), counts.get("tokens"))
     loss = None if seg_loss is None else seg_loss + caption_weight * ce
     return loss, dict(seg=float(seg_loss.detach()) if seg_loss is not None else float("nan"), ce=float(ce.detach()),
                       skipped=n_skip, tokens=seg_tokens + inputs.numel())
@@ -525,54 +588,67 @@ def seg_stage_a_loss(model, images, masks, caption_ids, cells, caption_weight=1.
 def seg_caption_regions(model, feats, img, cells, max_len):
     """Greedy region captions (KV cache) -> list of token lists (EOS and after removed)."""
     ids, pad_mask, rows = seg_vp_batch(model, feats, img, cells)
-    out = model.gpt.generate(ids, max_len + 1, vision_embeds=rows, pad_mask=pad_mask, eos_id=EOS,
-                             suppress_ids=INPUT_ONLY)
+    eos = model.vocab.eos
+    out = model.gpt.generate(ids, max_len + 1, vision_embeds=rows, pad_mask=pad_mask, eos_id=eos,
+                             suppress_ids=model.vocab.input_only)
     caps = []
     for row in out.tolist():
-        caps.append(row[:row.index(EOS)] if EOS in row else row[:max_len])
+        caps.append(row[:row.index(eos)] if eos in row else row[:max_len])
     return caps
 
 
-def seg_stage_b_loss(model, teacher, images, masks, cells, max_len=16, mask_ratio=0.25, tau=0.7, top_k=16,
-                     distill_weight=1.0):
-    """The six-step pseudo-Gumbel loop (notes/seg_gumbel.md). Returns (loss or None, stats, text_embeds)."""
+@torch.no_grad()
+def seg_teacher_captions(teacher, images, cells, max_len):
+    """Stage B's step (1): the EMA teacher captions each region greedily, without gradient."""
+    t_feats, t_img = teacher.encode(images)
+    return seg_caption_regions(teacher, t_feats, t_img, cells, max_len)
+
+
+def seg_stage_b_loss(model, images, masks, cells, teacher=None, max_len=16, mask_ratio=0.25, tau=0.7, top_k=16,
+                     distill_weight=1.0, pseudo=None, noise=None, counts=None):
+    """The six-step pseudo-Gumbel loop (notes/seg_gumbel.md). Returns (loss or None, stats, text_embeds).
+    pseudo: the teacher's captions, made beforehand (seg_teacher_captions; None: made here); noise: the step's
+    draws for these samples (seg_stage_b_noise; None: from the global RNG); counts: as seg_stage_a_loss's."""
+    counts, v = counts or {}, model.vocab
     # (1) the EMA teacher captions each region greedily, without gradient
-    with torch.no_grad():
-        t_feats, t_img = teacher.encode(images)
-        pseudo = seg_caption_regions(teacher, t_feats, t_img, cells, max_len)
-    caps, valid = seg_right_pad([p + [EOS] for p in pseudo], images.device)
-    text_valid = valid & (caps != EOS)  # the caption's own tokens; EOS ends it
+    pseudo = seg_teacher_captions(teacher, images, cells, max_len) if pseudo is None else pseudo
+    caps, valid = seg_right_pad([p + [v.eos] for p in pseudo], images.device, v.pad)
+    L = caps.shape[1]
+    text_valid = valid & (caps != v.eos)  # the caption's own tokens; EOS ends it
     # (2) random masking (mask_ratio) of the pseudo tokens (the trainable model's input only)
-    hide = (torch.rand(caps.shape, device=caps.device) < mask_ratio) & text_valid
-    masked = caps.masked_fill(hide, MASK)
+    u = torch.rand(caps.shape, device=caps.device) if noise is None else noise["hide"][:, :L]
+    hide = (u < mask_ratio) & text_valid
+    masked = caps.masked_fill(hide, v.mask)
     # (3) the trainable model's logits for every caption position, from the region prompt
     feats, img = model.encode(images)
     ids, pad_mask, rows = seg_vp_batch(model, feats, img, cells)
-    P, L = ids.shape[1], caps.shape[1]
+    P = ids.shape[1]
     x = model.gpt.embed(torch.cat([ids, masked[:, :-1]], 1), rows)
     h = model.gpt.forward_embeds(x, torch.cat([pad_mask, valid[:, :-1]], 1))
     logits = model.gpt.logits(h[:, P - 1:P - 1 + L])
     n_tokens = x.shape[0] * x.shape[1]  # the trainable GPT's positions (padding included: it is computed)
     # self-distillation anchor: without it the byte-level captions lose their spelling within ~100 steps;
     # it uses no ground-truth caption
-    distill = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), caps.masked_fill(~valid, -1).reshape(-1),
-                              ignore_index=-1)
-    special = torch.arange(logits.shape[-1], device=logits.device) >= SEG_TOK.n_base
+    distill = seg_caption_loss(logits, caps.masked_fill(~valid, -1), counts.get("tokens"))
+    special = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    special[v.banned] = True
     logits = logits.masked_fill(special, float("-inf"))  # text positions carry text: no special is sampled
     # (4) straight-through top-k Gumbel-softmax -> one-hots whose backward is soft -> text embeddings
-    y = seg_st_topk_gumbel(logits, tau, top_k)
+    y = seg_st_topk_gumbel(logits, tau, top_k, noise=None if noise is None else noise["gumbel"][:, :L])
     text = y @ model.gpt.transformer.wte.weight
     text.retain_grad()
     # (5) [SEG] appended by id; the mask is predicted from these embeddings (padding columns are masked out)
-    seg_ids = torch.tensor([BOS] + [IMG] * img.shape[1] + [PAD] * L + [SEG], device=images.device)
+    prefix = [v.bos] * (v.bos is not None) + [v.image] * img.shape[1]
+    seg_ids = torch.tensor(prefix + [v.pad] * L + [v.seg], device=images.device)
     seg_ids = seg_ids.expand(images.shape[0], -1)
     base = model.gpt.embed(seg_ids, img.reshape(-1, img.shape[-1]))
-    n = 1 + img.shape[1]
+    n = len(prefix)
     x = torch.cat([base[:, :n], text.to(base.dtype), base[:, n + L:]], 1)
     ones = torch.ones(images.shape[0], n, dtype=torch.bool, device=images.device)
     seg_mask = torch.cat([ones, text_valid, ones[:, :1]], 1)
     # (6) BCE + Dice against the region's mask
-    seg, n_skip = seg_mask_loss(seg_segment_embeds(model, x, seg_mask, seg_ids, feats, images), masks)
+    seg, n_skip = seg_mask_loss(seg_segment_embeds(model, x, seg_mask, seg_ids, feats, images), masks,
+                                counts.get("seg"))
     loss = seg + distill_weight * distill if seg is not None and distill_weight > 0 else seg
     # seg reported on its own: the mask loss is what stage B trains, and must be seen to move
     return loss, dict(skipped=n_skip, pseudo_len=float(text_valid.sum(1).float().mean()),
@@ -609,7 +685,7 @@ def seg_evaluate(model, data, n_eval, batch_size, device, ctx, n_vis=0, vis_path
         gts += b["caption_ids"]
         for j in range(min(n_vis - len(vis), len(gen))):
             vis.append(seg_panel(b["images"][j], b["masks"][j], pred[j], cyc[j], b["captions"][j],
-                                 SEG_TOK.decode(gen[j])))
+                                 model.vocab.tok.decode(gen[j])))
     I, U, cI, cU = torch.cat(I), torch.cat(U), torch.cat(cI), torch.cat(cU)
     if vis_path and vis:
         save_png(seg_panels(vis), vis_path)

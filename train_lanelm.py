@@ -6,15 +6,16 @@ coordinate tokens after a lane-id prompt:
     <|image|> x N   BOS_k   ROW_r   x_bin   dx dx dx ...   EOS        (one sequence per lane id k)
 
 Inference prompts every lane id of an image in one batch and decodes greedily with the KV cache; decoded
-lanes are scored with the official TuSimple metric (accuracy / FP / FN) on held-out images, next to the
-teacher-forced token accuracy (a large gap between the two means the model copies the prefix rather than
-reading the image). Training adds an auxiliary per-lane-slot segmentation loss on P5 (aux_seg_weight; as
+lanes are scored with the official metric on held-out images (TuSimple: accuracy / FP / FN; CULane: F1 at
+IoU 0.5 / 0.75 and mF1), next to the teacher-forced token accuracy (a large gap between the two means the
+model copies the prefix rather than reading the image). Training adds an auxiliary per-lane-slot segmentation loss on P5 (aux_seg_weight; as
 CLRNet/UFLD train their backbones): a dense signal telling the from-scratch encoder where each lane slot runs.
 Experiment record and ablations: notes/lanelm.md.
 
     python train_lanelm.py                              # synthetic roads, 2-core CPU, <= 10 min
     python train_lanelm.py --overfit=True               # one image, 4 lanes: loss < 0.26, 4/4 decoded
     python train_lanelm.py config/lanelm_tusimple.py --data_root=/data/tusimple    # real TuSimple (GPU)
+    python train_lanelm.py config/lanelm_culane.py --data_root=/data/culane        # real CULane (GPU)
     torchrun --standalone --nproc_per_node=8 train_lanelm.py config/lanelm_tusimple.py --data_root=/data/tusimple
 """
 import math
@@ -31,7 +32,8 @@ from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, 
 from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from data import batch_indices
 from configurator import configure
-from data_lanelm import (LaneData, LaneTokenizer, lane_draw, lane_draw_grid, lane_from_grid, lane_row_grid,
+from data_lanelm import (CULANE_H, CULANE_W, TUSIMPLE_H, TUSIMPLE_W, LaneData, LaneTokenizer, culane_from_grid,
+                         culane_metrics, culane_row_grid, lane_draw, lane_draw_grid, lane_from_grid, lane_row_grid,
                          lane_seg_target, lane_slots, lane_to_grid, tusimple_metrics)
 
 install_error_hook()  # before configure: bad input is one line on stderr, not a traceback
@@ -48,17 +50,19 @@ device = 'auto'
 dtype = 'auto'
 compile = False
 torch_threads = 0            # 0 = auto (runtime.pick_threads: OMP_NUM_THREADS, else the cores per process)
-# data: labels stay in the 1280x720 TuSimple frame; images are resized to img_w x img_h for the model
-dataset = 'synthetic'        # 'synthetic' | 'tusimple'
-data_root = ''               # TuSimple root holding clips/ and the label files
-train_labels = 'label_data_0313.json,label_data_0531.json,label_data_0601.json'
-val_labels = 'test_label.json'
+# data: labels stay in the dataset's frame (TuSimple 1280x720, CULane 1640x590); images are resized to
+# img_w x img_h for the model
+dataset = 'synthetic'        # 'synthetic' | 'tusimple' | 'culane'
+data_root = ''               # TuSimple root holding clips/ and the label files; CULane root holding list/
+train_labels = 'label_data_0313.json,label_data_0531.json,label_data_0601.json'  # TuSimple label files or
+val_labels = 'test_label.json'                                                   # CULane list files
 img_w = 160
 img_h = 96
 max_lanes = 4                # lane ids (BOS tokens); TuSimple has up to 5 lanes per image
 max_rows = 56                # ROW tokens: at least the row grid's length (TuSimple: 56)
 h_step = 20                  # the row grid ROW tokens index, y = 160, 160 + h_step, ... < 720, the same in every
-                             # image; the synthetic labels' rows (TuSimple's rows need 10)
+                             # image; the synthetic labels' rows (TuSimple's rows need 10; CULane: 590, 590 -
+                             # h_step, ... >= 40)
 # synthetic difficulty knobs (data_lanelm.lane_synthetic_sample; a harder scene in brackets)
 syn_max_cars = 2             # vehicles occluding lane marks [3]
 syn_max_shadows = 1          # shadow bands across the road [2]
@@ -92,7 +96,7 @@ grad_clip = 0.5
 key_token_weight = 3.0       # loss weight of the first x, start-row and EOS tokens (1.0 = plain token mean)
 log_interval = 50
 eval_interval = 4300         # eval + checkpoint every N steps and at the end (default run: at the end only)
-n_eval = 500                 # held-out images scored with the TuSimple metric
+n_eval = 500                 # held-out images scored with the TuSimple (CULane) metric
 n_eval_tf = 128              # held-out images for the teacher-forced token accuracy
 eval_batch = 50              # images per decoding batch (x max_lanes prompts)
 n_vis = 8                    # images drawn in the eval PNG (0: no PNG)
@@ -105,6 +109,7 @@ config = configure(globals())
 
 RECIPE = 'lanelm'
 TARGETS = {"tusimple_acc": (">=", 0.95), "fp": ("<=", 0.05), "fn": ("<=", 0.05)}
+CULANE_TARGETS = {"f1_50": (">=", 0.80)}  # CLRNet DLA34's CULane F1@50 (80.47); CLRerNet 81.43
 OVERFIT_TARGETS = {"train_loss": ("<", 0.26), "lanes_decoded": (">=", 4)}
 # keys that define the model: a checkpoint's values win over the command line when loading it
 # (h_step: the row grid, i.e. which y each ROW token means)
@@ -122,7 +127,8 @@ if max_lanes < MIN_LANES:
 if n_embd % 4 or n_embd % (2 * n_head):
     raise InputError(f"n_embd ({n_embd}) must be a multiple of 4 (the 2D sin-cos positions) and of 2 * n_head "
                      f"({2 * n_head}: even rotary head dims)")
-ROWS = lane_row_grid(h_step)  # the y of each ROW token
+LABEL_W, LABEL_H = (CULANE_W, CULANE_H) if dataset == 'culane' else (TUSIMPLE_W, TUSIMPLE_H)
+ROWS = culane_row_grid(h_step) if dataset == 'culane' else lane_row_grid(h_step)  # the y of each ROW token
 if len(ROWS) > max_rows:
     raise InputError(f"h_step={h_step} gives a row grid of {len(ROWS)} rows > max_rows={max_rows}")
 if overfit:  # one image, every step; eval = decode that image
@@ -130,7 +136,7 @@ if overfit:  # one image, every step; eval = decode that image
     max_train_seconds = 0.0
     config.update(max_steps=max_steps, batch_size=batch_size, n_eval=n_eval, n_eval_tf=n_eval_tf,
                   warmup_steps=warmup_steps, eval_interval=eval_interval, max_train_seconds=max_train_seconds)
-tok = LaneTokenizer(tokenization, nbins_x, max_abs_dx, max_rows=max_rows, max_lanes=max_lanes)
+tok = LaneTokenizer(tokenization, nbins_x, max_abs_dx, max_rows=max_rows, max_lanes=max_lanes, label_w=LABEL_W)
 logger = Logger(run, RECIPE, config, wandb_log, wandb_project, wandb_run_name)
 
 # -----------------------------------------------------------------------------
@@ -264,9 +270,10 @@ def build_batch(samples, n_vis):
     images = torch.stack([s['image'] for s in samples])
     rows, masks, dropped = [], [], 0
     for s in samples:
-        slots, n_drop = lane_slots(s['lanes'], max_lanes)
+        slots, n_drop = lane_slots(s['lanes'], max_lanes, centre=LABEL_W / 2)
         dropped += n_drop
-        masks.append(lane_seg_target(slots, s['h_samples'], math.ceil(img_w / 4), math.ceil(img_h / 4)))
+        masks.append(lane_seg_target(slots, s['h_samples'], math.ceil(img_w / 4), math.ceil(img_h / 4), LABEL_W,
+                                     LABEL_H))
         ids, seg, pos, key = [tok.image] * n_vis, [0] * n_vis, list(range(n_vis)), [False] * n_vis
         for k in range(max_lanes):
             xs = lane_to_grid(slots[k], s['h_samples'], ROWS) if slots[k] is not None else [-2.0] * len(ROWS)
@@ -402,7 +409,7 @@ def evaluate(step):
     """Decode n_eval held-out images (the overfit image in overfit mode) and score them; the teacher-forced
     accuracy on n_eval_tf of them; a PNG of the first n_vis; then the eval line, results.json, evals.jsonl."""
     raw_model.eval()
-    preds, gts, ys, invalid, panels = [], [], [], 0, []
+    preds, gts, ys, invalid, panels, points, categories = [], [], [], 0, [], [], []
     for i in range(0, n_eval, eval_batch):
         samples = [data.get('val', j) for j in range(i, min(n_eval, i + eval_batch))]
         lanes, bad = decode_lanes(torch.stack([s['image'] for s in samples]), [s['h_samples'] for s in samples])
@@ -412,8 +419,16 @@ def evaluate(step):
             gts.append(s['lanes'])  # every gt lane, all-absent ones too: LaneEval scores the label file as is
             ys.append(s['h_samples'])
             if len(panels) < n_vis:
-                panels.append(lane_draw(s['image'], s['h_samples'], gt=gts[-1], pred=preds[-1]))
-    metrics = tusimple_metrics(preds, gts, ys)
+                panels.append(lane_draw(s['image'], s['h_samples'], gt=gts[-1], pred=preds[-1], label_w=LABEL_W,
+                                        label_h=LABEL_H))
+            if dataset == 'culane':  # scored on the labelled points, predictions as (x, y) points
+                points.append(s['points'])
+                categories.append(data.categories.get(s['raw_file']))
+    if dataset == 'culane':
+        metrics = culane_metrics([[culane_from_grid(xs, ROWS) for xs in p] for p in preds], points,
+                                 categories if data.categories else None)
+    else:
+        metrics = tusimple_metrics(preds, gts, ys)
     metrics['invalid_seq'] = invalid / (len(preds) * max_lanes)
     metrics['tf_token_acc'], metrics['val_loss_tf'] = teacher_forced([data.get('val', j)
                                                                       for j in range(min(n_eval_tf, n_eval))])
@@ -421,10 +436,16 @@ def evaluate(step):
         metrics['train_loss'] = float(np.mean(losses[-10:]))
     png = lane_draw_grid(panels, os.path.join(out_dir, f'val_{step:05d}.png'))
     raw_model.train()
-    targets, diagnostics = TARGETS, ('f1', 'tf_token_acc', 'invalid_seq', 'train_loss')
+    if dataset == 'culane':
+        targets, diagnostics = CULANE_TARGETS, ('f1_75', 'mf1', 'precision', 'recall', 'tf_token_acc', 'invalid_seq',
+                                                'train_loss')
+    else:
+        targets, diagnostics = TARGETS, ('f1', 'tf_token_acc', 'invalid_seq', 'train_loss')
     if overfit:
-        metrics['lanes_decoded'] = sum(round(len(g) * (1 - metrics['fn'])) for g in gts[:1])
-        targets, diagnostics = OVERFIT_TARGETS, ('tusimple_acc', 'fp', 'fn', 'tf_token_acc')
+        found = metrics['recall'] if dataset == 'culane' else 1 - metrics['fn']
+        metrics['lanes_decoded'] = round(len(points[0] if dataset == 'culane' else gts[0]) * found)
+        targets, diagnostics = OVERFIT_TARGETS, (('f1_50', 'precision', 'recall') if dataset == 'culane' else
+                                                 ('tusimple_acc', 'fp', 'fn')) + ('tf_token_acc',)
     logger.eval(step, metrics, targets, diagnostics=diagnostics, images={'val': png},
                 note='the overfit training image' if overfit else f'{n_eval} held-out images',
                 split='train[overfit]' if overfit else 'val', n_eval=n_eval, train_seconds=round(clock.seconds, 1),

@@ -15,7 +15,9 @@ Targets: within_5px >= 0.95 and mean_px < 3.0 on held-out synthetic queries. Not
     python train_pointer.py --loss=l1 --max_steps=600        # loss ablation
     python train_pointer.py config/pointer_jsonl.py          # PixMo-Points-like JSONL on a GPU
     torchrun --standalone --nproc_per_node=2 train_pointer.py   # DDP: batch_size per rank
+    python train_pointer.py --init_gpt=hf:HuggingFaceTB/SmolLM2-135M --word_tokens=False   # a pretrained LLM
 """
+import dataclasses
 import json
 import math
 import os
@@ -46,6 +48,10 @@ val_jsonl = ""
 img_size = 96                # rendered/resized image side (px); errors are measured in the original image's px
 edge_channels = True         # 4 more input channels, |Sobel| in 4 orientations: summed over a patch they are an
                              #   orientation histogram, so the linear patch embedding sees shape
+coord_channels = True        # 2 more input channels holding each pixel's own (x, y) in [-1, 1] (CoordConv)
+vit_init = ""                # a transformers vision encoder (dir or hf:owner/name; CLIP, DINOv2, SigLIP): its weights,
+                             #   its patch embedding on RGB alone and its normalisation (set edge_channels=False,
+                             #   coord_channels=False); patch_size and vit_* must agree with it
 patch_size = 12
 stem = "patch"               # patch: the plain linear patch embedding; conv: 3 strided convs (stride 2, 2, patch/4)
 vit_layers = 4
@@ -55,6 +61,9 @@ n_layer = 3                  # GPT
 n_embd = 128
 n_head = 4
 n_kv_head = 4
+init_gpt = ""                # a pretrained LLM (dir or hf:owner/name: this repo's GPT, nanochat, Llama family): its
+                             #   weights, shape (n_layer, n_embd, n_head, n_kv_head, input_norm) and tokenizer, the
+                             #   recipe's special tokens appended; '' = a GPT from scratch
 image_attention = "causal"   # causal | bidirectional: the image tokens attend to each other both ways (a prefix-LM,
                              #   as PaliGemma; the query before them and the point tokens after stay causal)
 input_norm = True            # RMS-normalise the GPT's input embeddings (image tokens and words) before its first block
@@ -90,7 +99,9 @@ train_cluster = 0.3          # synthetic: probability that a training object is 
 augment = False              # translate/scale/flip (synthetic scenes are infinite, so off by default)
 max_steps = 1700             # step-exact default: about what a 2-core CPU trains in 540 s
 max_train_seconds = 0.0      # > 0: opt-in cap on training seconds (then eval); the LR then decays on time too
-batch_size = 32              # per rank
+batch_size = 32              # per rank and micro-batch
+grad_accum_steps = 1         # micro-batches per step: a step trains on batch_size * grad_accum_steps samples per rank
+activation_checkpointing = False  # recompute each ViT / GPT block in the backward: less memory, ~1/3 more compute
 num_workers = 0              # > 0: worker processes build the next batches while the model trains (GPUs, real images)
 lr = 2e-3
 min_lr_frac = 0.05
@@ -112,25 +123,27 @@ wandb_run_name = "pointer"
 push_to_hub = ""             # 'owner/name': upload the final checkpoint + a model card (needs a Hub login)
 config = configure(globals())
 
-from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, gpt_flops_per_token  # noqa: E402
+from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, gpt_flops_per_token,  # noqa: E402
+                   set_checkpointing)
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, grad_norm,  # noqa: E402
-                     log_line, mean_across_ranks, set_lr, setup, teardown, wrap)
-from checkpoint import (dataclass_from_dict, load_checkpoint, push_run_to_hub, rng_state, save_checkpoint,  # noqa: E402
-                        set_rng_state, unwrap)
+                     log_line, mean_across_ranks, set_lr, setup, sync_grads, teardown, wrap)
+from checkpoint import (adopt_checkpoint_config, dataclass_from_dict, load_checkpoint, push_run_to_hub,  # noqa: E402
+                        rng_state, save_checkpoint, set_rng_state, unwrap)
 from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
                           POINTER_N_SIZE, PointerData, pointer_check_config, pointer_eval_picture, pointer_first_point_metrics,
                           pointer_fourier, pointer_input_channels, pointer_model_input, pointer_parse_accuracy,
-                          pointer_rollout, pointer_sequence_metrics, pointer_window_softmax)
+                          pointer_parse_weights, pointer_rollout, pointer_sequence_metrics, pointer_specials,
+                          pointer_window_softmax)
 
 RECIPE = "pointer"
 TARGETS = {"within_5px": (">=", 0.95), "mean_px": ("<", 3.0)}
 # the model's shape: a run from a checkpoint takes these from it, and says so (img_size, word_tokens: must match)
 MODEL_KEYS = ("patch_size", "stem", "vit_layers", "vit_embd", "vit_heads", "n_layer", "n_embd", "n_head", "n_kv_head",
-              "head_mode", "edge_channels", "direction_bias", "gate_ramp", "max_query_len", "max_points",
-              "image_attention", "input_norm")
+              "head_mode", "edge_channels", "coord_channels", "direction_bias", "gate_ramp", "max_query_len",
+              "max_points", "image_attention", "input_norm")
 # what a checkpoint from before a switch existed was built with (it does not record the switch)
-LEGACY = dict(head_mode="mlp", window=-1, edge_channels=False, direction_bias=False, gate_ramp=False,
-              image_attention="causal", input_norm=True)
+LEGACY = dict(head_mode="mlp", window=-1, edge_channels=False, coord_channels=True, direction_bias=False,
+              gate_ramp=False, image_attention="causal", input_norm=True)
 pointer_check_config(config)  # bad settings: one-line errors before anything starts
 run = setup(config, RECIPE, MODEL_KEYS, absent=lambda meta: {k: meta.get(k, v) for k, v in LEGACY.items()})
 globals().update(config)  # out_dir and the keys a checkpoint imposes
@@ -159,20 +172,21 @@ def head(n):
 
 class Pointer(nn.Module):
     def __init__(self, vit_cfg, gpt_cfg, point_id, head_mode="attend", window=-1, edges=False, direction=False,
-                 gate=False, image_attention="causal"):
+                 gate=False, image_attention="causal", coords=True):
         super().__init__()
-        self.point_id, self.head_mode, self.window, self.edges = point_id, head_mode, window, edges
+        self.point_id, self.head_mode, self.window, self.edges, self.coords = point_id, head_mode, window, edges, coords
         self.direction, self.gate, self.image_attention = direction, gate, image_attention
-        if vit_cfg.in_chans != pointer_input_channels(edges):
-            raise InputError(f"the ViT takes {vit_cfg.in_chans} channels but RGB + {'4 edge + ' if edges else ''}"
-                             f"2 coordinate channels make {pointer_input_channels(edges)}")
+        if vit_cfg.in_chans != pointer_input_channels(edges, coords):
+            raise InputError(f"the ViT takes {vit_cfg.in_chans} channels but RGB{' + 4 edge' if edges else ''}"
+                             f"{' + 2 coordinate' if coords else ''} channels make {pointer_input_channels(edges, coords)}")
         self.grid = G = vit_cfg.image_size // vit_cfg.patch_size
         self.vit = ViT(vit_cfg)
         # patch_embed=False: the ViT takes tokens, made by the conv stem
         self.stem = None if vit_cfg.patch_embed else conv_stem(vit_cfg.in_chans, vit_cfg.n_embd, vit_cfg.patch_size)
         self.proj = Projector(vit_cfg.n_embd, gpt_cfg.n_embd)
         self.gpt = GPT(gpt_cfg)
-        self.gpt.lm_head.requires_grad_(False)  # no text is generated: keeps DDP free of unused parameters
+        if not gpt_cfg.tie_embeddings:  # no text is generated: keeps DDP free of unused parameters (a tied head
+            self.gpt.lm_head.requires_grad_(False)  # is the token embedding itself, which the prompt trains)
         self.point_in = nn.Linear(32, gpt_cfg.n_embd, bias=False)
         C = gpt_cfg.n_embd
         self.x_head, self.y_head, self.done_head = head(C), head(C), nn.Linear(C, 1)
@@ -205,7 +219,8 @@ class Pointer(nn.Module):
 
     def vision(self, images):
         """-> (projected image tokens (B, N, C_gpt), parse logits (B, N, classes))."""
-        x = pointer_model_input(images, self.edges)
+        c = self.vit.config
+        x = pointer_model_input(images, self.edges, self.coords, c.image_mean, c.image_std)
         feats = self.vit(x if self.stem is None else self.stem(x).transpose(1, 2))
         return self.proj(feats), self.parse(feats)
 
@@ -274,13 +289,32 @@ def build_model(meta):
     gpt_cfg = dataclass_from_dict(GPTConfig, meta["gpt"])
     a = {k: meta.get(k, v) for k, v in LEGACY.items()}
     return Pointer(vit_cfg, gpt_cfg, meta["point_id"], a["head_mode"], a["window"], a["edge_channels"],
-                   a["direction_bias"], a["gate_ramp"], a["image_attention"])
+                   a["direction_bias"], a["gate_ramp"], a["image_attention"], a["coord_channels"])
 
 # -----------------------------------------------------------------------------
 # data: synthetic scenes or JSONL records -> teacher-forced padded batches (data_pointer.PointerData)
 
-data = PointerData(config, img_size // patch_size)
+# the tokenizer: a loaded LLM's own (init_gpt; a run from a checkpoint of such a run reloads it from the source its
+# meta names) with the recipe's special tokens appended; else data.Tokenizer
+SPECIALS = pointer_specials(word_tokens) + ["<|image|>", "<|pad|>"]
+llm, tok, vocab = None, None, None  # vocab: the model's rows (a loaded LLM may have more than its tokenizer's ids)
+if init_gpt and not run.ckpt_src:  # (pretrained.py only then: a fork of this recipe runs without it)
+    import pretrained
+    llm, tok, _ = pretrained.load_gpt(init_gpt)
+    pretrained.add_special_tokens(llm, tok, SPECIALS)
+    GPT_SHAPE = ("n_layer", "n_embd", "n_head", "n_kv_head", "input_norm")  # the source's, printed where they differ
+    adopt_checkpoint_config(dict(config={k: getattr(llm.config, k) for k in GPT_SHAPE}), config, GPT_SHAPE, master)
+    globals().update({k: config[k] for k in GPT_SHAPE})
+    vocab = llm.config.vocab_size
+elif run.ckpt_src and run.meta.get("gpt_source"):
+    import pretrained
+    tok, vocab = pretrained.own_tokenizer(run.meta), run.meta["gpt"]["vocab_size"]
+data = PointerData(config, img_size // patch_size, tok, vocab)
 grid, n_vision = data.grid, data.n_vision
+vit_src = None
+if vit_init and not run.ckpt_src:  # (pretrained_vision only then)
+    from pretrained_vision import load_vision, recipe_vit_config
+    vit_src = load_vision(vit_init)
 
 # -----------------------------------------------------------------------------
 # model and optimizer
@@ -288,18 +322,33 @@ grid, n_vision = data.grid, data.n_vision
 if run.ckpt_src:  # resume, a checkpoint dir, or hf:owner/name: the architecture comes from the checkpoint
     meta0 = run.meta
 else:
-    vit_cfg = ViTConfig(image_size=img_size, patch_size=patch_size, in_chans=pointer_input_channels(edge_channels),
-                        n_layer=vit_layers, n_head=vit_heads, n_embd=vit_embd, patch_embed=stem == "patch",
-                        num_tokens=0 if stem == "patch" else n_vision)
-    gpt_cfg = GPTConfig(vocab_size=data.tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-                        n_embd=n_embd, sequence_len=2 + n_vision + max_query_len + max_points,
-                        image_token_id=data.image, input_norm=input_norm)
+    if vit_src:  # the source's shapes at this run's image size; RGB alone, normalised as the source was trained
+        vit_cfg = recipe_vit_config(vit_src[1], vit_init, img_size, patch_size, vit_embd, vit_layers, vit_heads)
+    else:
+        vit_cfg = ViTConfig(image_size=img_size, patch_size=patch_size, n_layer=vit_layers, n_head=vit_heads,
+                            in_chans=pointer_input_channels(edge_channels, coord_channels), n_embd=vit_embd,
+                            patch_embed=stem == "patch", num_tokens=0 if stem == "patch" else n_vision)
+    if llm:  # the loaded LLM's own config (its vocabulary grown by the specials), its image token the recipe's
+        gpt_cfg = dataclasses.replace(llm.config, image_token_id=data.image)
+    else:
+        gpt_cfg = GPTConfig(vocab_size=data.tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                            n_embd=n_embd, sequence_len=2 + n_vision + max_query_len + max_points,
+                            image_token_id=data.image, input_norm=input_norm)
     meta0 = dict(vit=vit_cfg.__dict__, gpt=gpt_cfg.__dict__, point_id=data.point, head_mode=head_mode,
                  word_tokens=word_tokens, window=window, edge_channels=edge_channels, direction_bias=direction_bias,
-                 gate_ramp=gate_ramp, image_attention=image_attention)
+                 gate_ramp=gate_ramp, image_attention=image_attention, coord_channels=coord_channels,
+                 specials=SPECIALS)  # what rebuilds the tokenizer (pretrained.own_tokenizer): these specials after
+    if llm:                          # data.Tokenizer's, or after the LLM's own tokenizer, read from its source
+        meta0["gpt_source"] = init_gpt
 data.check_checkpoint(meta0)
 raw_model = build_model(meta0).to(device)
 raw_model.window = window  # the answer's window is an inference choice, not a weight: the config always decides
+if llm and not run.ckpt_src:
+    raw_model.gpt.load_state_dict(llm.state_dict())
+if vit_src:
+    raw_model.vit.load_state_dict(vit_src[0].state_dict())
+llm = vit_src = None  # the weights now live in raw_model
+set_checkpointing(raw_model, activation_checkpointing)
 n_params = sum(p.numel() for p in raw_model.parameters())
 optimizer = configure_optimizers(raw_model, lr, weight_decay, device_type=run.device_type, optimizer=optim)
 step, clock = 0, Clock(max_train_seconds, device=device)
@@ -323,37 +372,46 @@ if master:
           f"{n_vision} vision tokens from {img_size}px images, errors in image px and at a {POINTER_FRAME}px frame")
 
 
-def compute_loss(batch):
+def loss_counts(micro):
+    """This rank's denominators of the masked means over a step's micro-batches (global_mean adds the other ranks'),
+    so that k micro-batches of b weigh every point, token and patch as one batch of k * b does."""
+    n = lambda f: sum(f(b) for b in micro)
+    return dict(point=n(lambda b: (b["done"] < 0.5).sum()), done=n(lambda b: b["done"].numel()),
+                parse=n(lambda b: pointer_parse_weights(b["dense"], parse_object_weight).sum()),
+                offset=n(lambda b: (~torch.isnan(b["dense"][..., 0])).sum()), batches=len(micro))
+
+
+def compute_loss(batch, counts):
+    """One micro-batch's share of the step's loss (counts: loss_counts of the step's micro-batches)."""
     with ctx:
         out = model(batch["ids"], batch["pad_mask"], batch["images"], batch["feed"], batch["feed_mask"])
     xy, done_logit, patch_logits, match = out["xy"].float(), out["done"].float(), out["patch"], out["match"]
     has_point = batch["done"] < 0.5
-    n_point = has_point.sum()
     # masked means are re-weighted to the global batch (global_mean), so DDP matches one process exactly
-    coord = global_mean(POINTER_LOSSES[loss](xy[has_point], batch["xy"][has_point]) * n_point, n_point, device)
+    coord = global_mean(POINTER_LOSSES[loss](xy[has_point], batch["xy"][has_point]) * has_point.sum(), counts["point"],
+                        device)
     # every point token (the done ones too) over the global batch: ranks hold different numbers of them
     done_bce = global_mean(F.binary_cross_entropy_with_logits(done_logit, batch["done"], reduction="sum"),
-                           batch["done"].numel(), device)
+                           counts["done"], device)
     parts = dict(coord=coord, done=done_bce)
     if patch_logits is not None and patch_weight > 0:
         parts["patch"] = global_mean(F.cross_entropy(patch_logits[has_point], raw_model.patch_index(batch["xy"][has_point]),
-                                                     reduction="sum"), n_point, device)
-    if match is not None and mask_weight > 0:
-        parts["mask"] = F.binary_cross_entropy_with_logits(match, batch["mask"])
+                                                     reduction="sum"), counts["point"], device)
+    if match is not None and mask_weight > 0:  # every micro-batch (and rank) holds as many patches
+        parts["mask"] = F.binary_cross_entropy_with_logits(match, batch["mask"]) / counts["batches"]
     dense = batch["dense"]
     if dense_weight > 0 and (dense[..., 2] >= 0).any():
         # every object of every scene supervises the patches it covers: what it is, and where its centre lies
         cls = dense[..., 2:].long()
         logits = out["parse"].float().split([POINTER_N_COLOUR, POINTER_N_SHAPE, POINTER_N_SIZE], -1)
-        # object patches weigh `parse_object_weight` background patches: most patches are background, which is
-        # learned in a few steps, and would otherwise drown the slow part (telling a circle from a square)
-        w = (1.0 + (parse_object_weight - 1.0) * (cls[..., 0] != POINTER_N_COLOUR - 1).float()) * (cls[..., 0] >= 0).float()
+        w = pointer_parse_weights(dense, parse_object_weight)
         parts["parse"] = sum(global_mean((F.cross_entropy(lg.reshape(-1, lg.shape[-1]), cls[..., i].reshape(-1), ignore_index=-1,
-                                                          reduction="none") * w.reshape(-1)).sum(), w.sum(), device)
+                                                          reduction="none") * w.reshape(-1)).sum(), counts["parse"], device)
                              for i, lg in enumerate(logits)) / 3
         has_off = ~torch.isnan(dense[..., 0])
         if out["offset"] is not None and has_off.any():
-            parts["offset"] = global_mean((out["offset"][has_off] - dense[..., :2][has_off]).abs().sum(), has_off.sum(), device)
+            parts["offset"] = global_mean((out["offset"][has_off] - dense[..., :2][has_off]).abs().sum(), counts["offset"],
+                                          device)
     total = (coord + done_weight * done_bce + patch_weight * parts.get("patch", 0.0) + mask_weight * parts.get("mask", 0.0)
              + dense_weight * (parts.get("parse", 0.0) + parts.get("offset", 0.0)))
     return total, parts
@@ -425,10 +483,16 @@ while step < max_steps:
     clock.start()
     lr_now = get_lr(clock.lr_step(step, max_steps), max_steps, lr, warmup_steps, min_lr_frac)
     set_lr(optimizer, lr_now)
-    batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-    total, parts = compute_loss(batch)
-    check_finite(total, step)
-    total.backward()
+    micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()} for _ in range(grad_accum_steps)]
+    counts = loss_counts(micro)
+    total, parts = 0.0, {}  # the step's loss: the micro-batches' shares summed
+    for m, batch in enumerate(micro):
+        with sync_grads(model, m, grad_accum_steps):  # DDP reduces the gradients once, in the last backward
+            share, share_parts = compute_loss(batch, counts)
+            check_finite(share, step)
+            share.backward()
+        total = total + share.detach()
+        parts = {k: parts.get(k, 0.0) + v.detach() for k, v in share_parts.items()}
     if (step + 1) % log_interval == 0 or step == 0:  # before clipping: an exploding head shows here
         head_norms = {f"grad_{n}": grad_norm(getattr(raw_model, n)) for n in ("x_head", "y_head", "done_head")}
     if grad_clip > 0:
@@ -444,10 +508,10 @@ while step < max_steps:
         if master:
             losses = {k: v.item() for k, v in parts.items()}
             extra = " | ".join(f"{k} {v:.4f}" for k, v in losses.items()) + " | " + " ".join(f"{k} {v:.3f}" for k, v in head_norms.items())
-            # FLOPs of this batch's padded length (bos + query + image + point tokens), the ViT's per image
-            flops = batch["ids"].shape[0] * (gpt_flops * batch["ids"].shape[1] + vit_flops)
-            print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens=batch["ids"].numel(), flops_per_step=flops,
-                           peak=peak, extra=extra))
+            # FLOPs of each micro-batch's padded length (bos + query + image + point tokens), the ViT's per image
+            flops = sum(b["ids"].shape[0] * (gpt_flops * b["ids"].shape[1] + vit_flops) for b in micro)
+            print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens=sum(b["ids"].numel() for b in micro),
+                           flops_per_step=flops, peak=peak, extra=extra))
             logger.log(dict(loss=loss_avg, lr=lr_now, **losses, **head_norms), step)
     if step % eval_interval == 0 or last:
         if master:

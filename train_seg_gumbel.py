@@ -14,10 +14,11 @@ model only, EMA update. The model, losses and eval live in data_seg.py.
     python train_seg_gumbel.py                              # synthetic default, CPU: 700 + 500 steps
     python train_seg_gumbel.py config/seg_refcoco.py        # RefCOCO-style JSON, GPU scale
     python train_seg_gumbel.py --init_from=resume           # continue the newest out/seg_gumbel-* run
+    python train_seg_gumbel.py --init_gpt=hf:HuggingFaceTB/SmolLM2-135M   # from a pretrained LLM
 """
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: spinning ones crawl on a shared CPU
 import torch  # noqa: E402
@@ -26,13 +27,14 @@ from runtime import install_error_hook  # noqa: E402
 install_error_hook()
 from configurator import configure  # noqa: E402
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, grad_norm, log_line,  # noqa: E402
-                     mean_across_ranks, set_lr, setup, teardown, wrap)
-from checkpoint import (all_rng_states, load_checkpoint, save_checkpoint, set_rng_state,  # noqa: E402
-                        unwrap)
+                     mean_across_ranks, set_lr, setup, sync_grads, teardown, wrap)
+from checkpoint import (adopt_checkpoint_config, all_rng_states, load_checkpoint, save_checkpoint,  # noqa: E402
+                        set_rng_state, unwrap)
 from data import batch_indices  # noqa: E402
-from model import InputError, gpt_flops_per_token  # noqa: E402
-from data_seg import (SEG_SPECIALS, SegData, seg_build_model, seg_configs, seg_configs_from_meta,  # noqa: E402
-                      seg_ema_update, seg_evaluate)
+from model import InputError, gpt_flops_per_token, set_checkpointing  # noqa: E402
+from data_seg import (SEG_LLM_SPECIALS, SEG_SPECIALS, SEG_TOK, SegData, SegVocab, seg_build_model,  # noqa: E402
+                      seg_configs, seg_configs_from_meta, seg_ema_update, seg_evaluate, seg_stage_b_noise,
+                      seg_step_counts, seg_teacher_captions)
 
 # -----------------------------------------------------------------------------
 # config (every key can be set from config/*.py or --key=value)
@@ -63,6 +65,9 @@ vit_embd = 128
 vit_heads = 4
 vit_init = ""                # a transformers vision encoder (dir or hf:owner/name; CLIP, DINOv2, SigLIP): its weights
                              #   and normalisation; patch_size and vit_* must agree with it
+init_gpt = ""                # a pretrained LLM (dir or hf:owner/name: this repo's GPT, nanochat, Llama family): its
+                             #   weights, shape (n_layer, n_embd, n_head, n_kv_head) and tokenizer, the recipe's
+                             #   special tokens appended; '' = a GPT from scratch
 n_layer = 3
 n_embd = 128
 n_head = 4
@@ -72,7 +77,9 @@ dec_dim = 64                 # mask decoder width
 stage_a_steps = 700
 max_steps = 1200
 max_train_seconds = 0.0      # > 0: an opt-in wall-clock cap on training seconds (0: the run is step-exact)
-batch_size = 32
+batch_size = 32              # per rank and micro-batch
+grad_accum_steps = 1         # micro-batches per step: a step trains on batch_size * grad_accum_steps samples per rank
+activation_checkpointing = False  # recompute each ViT / GPT block in the backward: less memory, ~1/3 more compute
 lr = 2e-3
 lr_b = 5e-4                  # stage B learning rate (its own cosine from lr_b)
 min_lr_frac = 0.1
@@ -128,6 +135,20 @@ device, master, ctx = run.device, run.master, run.ctx
 data.image_size = image_size  # a checkpoint's image size wins (its ViT position table)
 logger = Logger(run, RECIPE, config, wandb_log, wandb_project, wandb_run_name)
 
+# the tokenizer: a loaded LLM's own (init_gpt; a run from a checkpoint of such a run reloads it from the source its
+# meta names) with the recipe's special tokens appended; else data.Tokenizer (SEG_TOK)
+llm, gpt_source = None, run.meta.get("gpt_source", "") if run.ckpt_src else init_gpt
+if gpt_source:  # (pretrained.py only then: a fork of this recipe runs without it)
+    import pretrained
+    if run.ckpt_src:
+        data.tok = pretrained.own_tokenizer(run.meta)
+    else:
+        llm, data.tok, _ = pretrained.load_gpt(init_gpt)
+        pretrained.add_special_tokens(llm, data.tok, SEG_LLM_SPECIALS)
+        GPT_SHAPE = ("n_layer", "n_embd", "n_head", "n_kv_head")  # the source's, printed where they differ
+        adopt_checkpoint_config(dict(config={k: getattr(llm.config, k) for k in GPT_SHAPE}), config, GPT_SHAPE, master)
+        globals().update({k: config[k] for k in GPT_SHAPE})
+
 # -----------------------------------------------------------------------------
 # model: {student, teacher}; the optimizer trains the student, the teacher follows it by EMA in stage B
 if run.ckpt_src:
@@ -135,15 +156,24 @@ if run.ckpt_src:
 else:
     vit_cfg, gpt_cfg = seg_configs(image_size, patch_size, llm_grid, vp_grid, max_caption_len, vit_layers, vit_embd,
                                    vit_heads, n_layer, n_embd, n_head, n_kv_head)
+if llm:  # the loaded LLM's own config (its vocabulary grown by the specials), its image token the recipe's
+    gpt_cfg = replace(llm.config, image_token_id=data.tok["<|image|>"])
 vit_src = None
 if vit_init and not run.ckpt_src:  # the source's shapes at this run's image size (pretrained_vision only then)
     from pretrained_vision import load_vision, recipe_vit_config
     vit_src = load_vision(vit_init)
     vit_cfg = recipe_vit_config(vit_src[1], vit_init, image_size, patch_size, vit_embd, vit_layers, vit_heads)
-raw_model = seg_build_model(vit_cfg, gpt_cfg, dec_dim, llm_grid, fresh=not run.ckpt_src).to(device)
-if vit_src:  # student and teacher start from the same pretrained encoder
-    for m in raw_model.values():
+vocab = SegVocab(data.tok, gpt_cfg.vocab_size)
+if data.tok.vocab_size > gpt_cfg.vocab_size:
+    raise InputError(f"the tokenizer has {data.tok.vocab_size} ids but the GPT only {gpt_cfg.vocab_size} rows")
+raw_model = seg_build_model(vit_cfg, gpt_cfg, dec_dim, llm_grid, fresh=not run.ckpt_src, vocab=vocab).to(device)
+for m in raw_model.values():  # student and teacher start from the same pretrained LLM / encoder
+    if llm:
+        m.gpt.load_state_dict(llm.state_dict())
+    if vit_src:
         m.vit.load_state_dict(vit_src[0].state_dict())
+llm = vit_src = None  # the weights now live in raw_model
+set_checkpointing(raw_model, activation_checkpointing)
 student, teacher = raw_model["student"], raw_model["teacher"]
 teacher.requires_grad_(False)
 teacher.eval()
@@ -152,7 +182,7 @@ n_params = sum(p.numel() for p in student.parameters())
 # the MFU counts the GPT's FLOPs on its positions (the ViT and mask decoder are left out: a lower bound)
 gpt_flops = gpt_flops_per_token(gpt_cfg, student.gpt.num_params(exclude_embedding=True))
 stage_b_args = dict(max_len=max_caption_len, mask_ratio=mask_ratio, tau=gumbel_tau, top_k=gumbel_top_k,
-                    distill_weight=distill_weight)
+                    distill_weight=distill_weight)  # the teacher's captions and the random draws come per micro-batch
 
 step, clock = 0, Clock(max_train_seconds, device=device)
 stage_a, skipped, skipped_steps = {}, 0, 0  # the stage-A eval's metrics; empty-mask samples, skipped steps
@@ -171,11 +201,15 @@ if master:
           f"stage A {stage_a_steps} steps, stage B {max_steps - stage_a_steps} steps")
 
 
+# what rebuilds the tokenizer (pretrained.own_tokenizer): data.Tokenizer's specials, or the LLM's source and then these
+tokenizer_meta = dict(gpt_source=gpt_source, specials=SEG_LLM_SPECIALS) if gpt_source else dict(specials=list(SEG_SPECIALS))
+
+
 def save(step, rngs):
     save_checkpoint(os.path.join(run.out_dir, "ckpt"), raw_model, optimizer, meta=dict(
         recipe=RECIPE, step=step, config=config, rng=rngs, vit=asdict(vit_cfg), gpt=asdict(gpt_cfg),
-        dec_dim=dec_dim, llm_grid=llm_grid, specials=list(SEG_SPECIALS), stage_a=stage_a, skipped=skipped,
-        skipped_steps=skipped_steps, train_seconds=clock.seconds))
+        dec_dim=dec_dim, llm_grid=llm_grid, stage_a=stage_a, skipped=skipped, skipped_steps=skipped_steps,
+        train_seconds=clock.seconds, **tokenizer_meta))
 
 
 def evaluate(step):
@@ -219,27 +253,43 @@ while step < max_steps:
     lr_now = (get_lr(sched - stage_a_steps, max_steps - stage_a_steps, lr_b, 0, min_lr_frac) if in_b
               else get_lr(sched, stage_a_steps, lr, warmup_steps, min_lr_frac))
     set_lr(optimizer, lr_now)
-    b = data.batch("train", batch_indices(step, batch_size, run.rank, run.world_size), device, "B" if in_b else "A")
-    with ctx:
-        if in_b:
-            loss, stats, text = model("stage_b", teacher=teacher, images=b["images"], masks=b["masks"],
-                                      cells=b["cells"], **stage_b_args)
-        else:
-            loss, stats = model("stage_a", images=b["images"], masks=b["masks"], caption_ids=b["caption_ids"],
-                                cells=b["cells"], caption_weight=caption_weight)
-    skipped += stats["skipped"]
-    n_tokens += stats["tokens"]
-    # no sample with a non-empty mask: a counted skip, never a zero loss. Every rank skips together (a rank
-    # that skipped alone would leave the others waiting for its gradients); eval, checkpoint, log still run
-    skip = mean_across_ranks(float(loss is None), device) > 0
+    # micro-batch m of the step holds the samples a batch of batch_size * grad_accum_steps would
+    stage, k = "B" if in_b else "A", grad_accum_steps
+    micro = [data.batch("train", batch_indices(step * k + m, batch_size, run.rank, run.world_size), device, stage)
+             for m in range(k)]
+    if in_b:  # step (1) for every micro-batch first: the pseudo captions' lengths are a denominator of the step
+        with ctx:
+            for b in micro:
+                b["pseudo"] = seg_teacher_captions(teacher, b["images"], b["cells"], max_caption_len)
+    counts = seg_step_counts(micro, stage)  # this rank's; the losses' global_mean adds the other ranks'
+    skipped += sum(len(b["masks"]) for b in micro) - counts["seg"]  # samples with an empty mask
+    # no sample with a non-empty mask on any rank: a counted skip, never a zero loss (a micro-batch or rank without
+    # one still runs: its mask loss adds 0, its graph and DDP's gradient reduction intact); eval, checkpoint, log run
+    skip = mean_across_ranks(counts["seg"], device) == 0
     if skip:
         skipped_steps += 1
         if master:
-            print(f"step {step + 1}: batch skipped (no sample with a non-empty mask on some rank); "
+            print(f"step {step + 1}: batch skipped (no sample with a non-empty mask on any rank); "
                   f"{skipped_steps} steps skipped so far")
     else:
-        check_finite(loss, step)
-        loss.backward()
+        loss, parts = 0.0, {}  # the step's loss: the micro-batches' shares summed
+        for m, b in enumerate(micro):
+            with sync_grads(model, m, k):  # DDP reduces the gradients once, in the last backward
+                with ctx:
+                    if in_b:
+                        noise = seg_stage_b_noise(seed, b["index"], max_caption_len + 1, student.gpt.config.vocab_size,
+                                                  device)
+                        share, stats, text = model("stage_b", images=b["images"], masks=b["masks"], cells=b["cells"],
+                                                   pseudo=b["pseudo"], noise=noise, counts=counts, **stage_b_args)
+                    else:
+                        share, stats = model("stage_a", images=b["images"], masks=b["masks"], cells=b["cells"],
+                                             caption_ids=b["caption_ids"], caption_weight=caption_weight, counts=counts)
+                check_finite(share, step)
+                share.backward()
+            loss = loss + share.detach()
+            n_tokens += stats["tokens"]
+            parts = {n: parts.get(n, 0.0) + stats[n] / (k if n == "pseudo_len" else 1)
+                     for n in ("seg", "distill", "pseudo_len", "ce") if n in stats}
         if in_b and (step - stage_a_steps) % grad_norm_interval == 0:
             if text.grad is None or float(text.grad.norm()) == 0.0:
                 raise RuntimeError(f"step {step}: no gradient reached the text embeddings (the Gumbel path is cut)")
@@ -260,13 +310,13 @@ while step < max_steps:
         dt, tokens = (clock.seconds - sec0) / (step - step0), n_tokens / (step - step0)  # tokens: this rank's
         sec0, step0, n_tokens = clock.seconds, step, 0                                    # GPT positions per step
         if master:
-            extra = (f"stage B | seg {stats['seg']:.4f} | distill {stats['distill']:.3f} | "
-                     f"pseudo len {stats['pseudo_len']:.1f}" if in_b
-                     else f"stage A | seg {stats['seg']:.3f} | ce {stats['ce']:.3f}")
+            extra = (f"stage B | seg {parts['seg']:.4f} | distill {parts['distill']:.3f} | "
+                     f"pseudo len {parts['pseudo_len']:.1f}" if in_b
+                     else f"stage A | seg {parts['seg']:.3f} | ce {parts['ce']:.3f}")
             if in_b and grads:  # measured every grad_norm_interval steps: printed with the step it is from
                 extra += f" | text-emb grad {grads[1]:.3g} @ step {grads[0]} (decoder {grads[2]:.3g}, proj {grads[3]:.3g})"
             print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens, gpt_flops * tokens, peak, extra=extra))
-            logger.log(dict(loss=loss_avg, lr=lr_now, seg=stats["seg"]), step)
+            logger.log(dict(loss=loss_avg, lr=lr_now, seg=parts["seg"]), step)
     if step % eval_interval == 0 or step == stage_a_steps or last:
         rngs = all_rng_states()  # every rank's RNG, gathered by all (a collective), saved by rank 0
         if master:

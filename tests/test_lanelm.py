@@ -22,6 +22,7 @@ from data_lanelm import (TUSIMPLE_H_SAMPLES, LaneTokenizer, lane_draw, lane_from
                          tusimple_angle, tusimple_bench, tusimple_line_accuracy, tusimple_metrics,
                          tusimple_read_labels, tusimple_sample)
 from inprocess import run_script  # noqa: E402
+from test_lane_metrics import write_culane
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HS = TUSIMPLE_H_SAMPLES  # 160..710 step 10, 56 rows
@@ -217,10 +218,13 @@ def test_bench_point_threshold_fp_fn_by_hand():
 def test_bench_five_gt_lanes_drop_the_worst():
     ys = list(range(10, 110, 10))
     gt = [[100.0 + 200 * i] * 10 for i in range(5)]
-    pred = gt[:4]  # lane 4 missed
-    acc, fp, fn, matched = tusimple_bench(pred, gt, ys)
-    # accuracies [1, 1, 1, 1, 0]: the worst is dropped, /4 -> 1.0; one FN forgiven -> 0
-    assert (acc, fp, fn, matched) == (1.0, 0.0, 0.0, 4)
+    half = gt[4][:5] + [-2.0] * 5  # lane 4 found on half its rows: accuracy 0.5 < 0.85, an FN and an FP
+    acc, fp, fn, matched = tusimple_bench(gt[:4] + [half], gt, ys)
+    # accuracies [1, 1, 1, 1, 0.5]: the worst is dropped, /4 -> 1.0 (kept: 4.5 / 4); one FN forgiven -> 0
+    assert (acc, fp, fn, matched) == (1.0, pytest.approx(1 / 5), 0.0, 4)
+    # the drop takes the worst lane, not the last: here lane 0 is the half-found one
+    acc, _, _, _ = tusimple_bench([gt[0][:5] + [-2.0] * 5] + gt[1:], gt, ys)
+    assert acc == 1.0
 
 
 def test_all_absent_gt_lane_counts_as_in_laneeval():
@@ -233,7 +237,8 @@ def test_all_absent_gt_lane_counts_as_in_laneeval():
     # a prediction absent on 9 of 10 rows matches it (0.9 >= 0.85)
     assert tusimple_bench([[100.0] * 10, [-2.0] * 9 + [500.0]], gt, ys) == (pytest.approx(0.95), 0.0, 0.0, 2)
     m = tusimple_metrics([[[100.0] * 10]], [gt], [ys])
-    assert (m["tusimple_acc"], m["fn"], m["f1"]) == (pytest.approx(0.5), 0.5, pytest.approx(2 / 3))
+    # CLRNet's F1 from FP 0, FN 0.5: tp = 1, P = 1, R = 1 / 1.5
+    assert (m["tusimple_acc"], m["fn"], m["f1"]) == (pytest.approx(0.5), 0.5, pytest.approx(0.8))
 
 
 def test_dataset_metrics_and_f1_by_hand():
@@ -243,8 +248,8 @@ def test_dataset_metrics_and_f1_by_hand():
     m = tusimple_metrics(preds, [gt_a, gt_b], [ys, ys])
     assert m["tusimple_acc"] == pytest.approx((1.0 + 0.0) / 2)
     assert m["fp"] == pytest.approx((0 + 1.0) / 2) and m["fn"] == pytest.approx((0 + 1.0) / 2)
-    # totals: matched 2, predicted 3, gt 3 -> precision = recall = 2/3
-    assert m["f1"] == pytest.approx(2 / 3)
+    # CLRNet's F1 from the dataset FP 0.5, FN 0.5: tp = 0.5, P = R = 0.5
+    assert m["f1"] == pytest.approx(0.5)
 
 # -----------------------------------------------------------------------------
 # data: synthetic scenes and the TuSimple reader
@@ -473,6 +478,26 @@ def test_tusimple_form_dataset_end_to_end(tmp_path):
     r = run_script("train_lanelm.py", args + ["--overfit=True"])
     assert r.returncode == 1
     assert r.stderr.strip() == "error: overfit=True needs a training image with 4 lanes; none in the first 3"
+
+
+def test_culane_form_dataset_end_to_end(tmp_path):
+    """The CULane config's path on a CULane-format split written here (1640x590 images, .lines.txt beside each,
+    list/train_gt.txt, list/test.txt, list/test_split/): trains, decodes on CULane's row grid, and reports
+    F1@50 (the target), F1@75, mF1 and per-scenario F1@50 from the official metric."""
+    write_culane(tmp_path, n_train=3, n_test=2)
+    out = tmp_path / "run"
+    log = run(["config/lanelm_culane.py", "--data_root=" + str(tmp_path), "--compile=False", "--img_w=160",
+               "--img_h=96"] + TINY + ["--h_step=10", "--max_steps=3", "--n_eval=50", "--out_dir=" + str(out)])
+    assert "n_eval=50 > the 2 val images" in log
+    head = [line for line in log.splitlines() if line.startswith("eval step 3 |")]
+    assert len(head) == 1 and re.fullmatch(r"eval step 3 \| f1_50 \S+ \(>= 0.8\) \| (met|NOT met)", head[0]), log
+    assert re.search(r"\n  f1_75 \S+ \| mf1 \S+ \| precision \S+ \| recall \S+ \| tf_token_acc", log), log
+    res = json.load(open(out / "results.json"))
+    assert res["n_eval"] == 2 and res["targets"] == {"f1_50": [">=", 0.8]}
+    for k in ("f1_50", "f1_75", "mf1", "f1_50_normal", "f1_50_night"):
+        assert 0 <= res["metrics"][k] <= 1
+    assert res["metrics"]["fp_normal"] >= 0 and res["metrics"]["fp_night"] >= 0
+    assert os.path.exists(out / "val_00003.png")
 
 
 @pytest.mark.parametrize("arg, msg", [("--tokenization=foo", "tokenization must be one of"),

@@ -109,9 +109,10 @@ def test_st_gumbel_forward_one_hot_backward_soft():
 def test_stage_b_gradient_reaches_text_embeddings_not_teacher(monkeypatch):
     real, seen = data_seg.seg_st_topk_gumbel, {}
 
-    def spy(logits, tau, top_k):  # the estimator itself, with the logits and its Gumbel noise kept for the check
+    def spy(logits, tau, top_k, noise=None):  # the estimator itself, with the logits and its noise kept for the check
         logits.retain_grad()
-        noise = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)))
+        if noise is None:
+            noise = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)))
         seen.update(logits=logits, noise=noise, tau=tau, top_k=top_k)
         return real(logits, tau, top_k, noise=noise)
     monkeypatch.setattr(data_seg, "seg_st_topk_gumbel", spy)
@@ -150,6 +151,16 @@ def test_stage_b_gradient_reaches_text_embeddings_not_teacher(monkeypatch):
     assert all(moved)
 
 
+def test_stage_b_noise_is_a_function_of_each_sample():
+    """k micro-batches (or DDP ranks) draw for their samples exactly what one batch of them would."""
+    whole = data_seg.seg_stage_b_noise(1337, [4, 5, 6, 7], 9, 40, "cpu")
+    halves = [data_seg.seg_stage_b_noise(1337, idx, 9, 40, "cpu") for idx in ([4, 5], [6, 7])]
+    for k in ("hide", "gumbel"):
+        assert torch.equal(whole[k], torch.cat([h[k] for h in halves]))
+    assert whole["gumbel"].shape == (4, 9, 40) and not torch.equal(whole["gumbel"][0], whole["gumbel"][1])
+    assert not torch.equal(whole["hide"], data_seg.seg_stage_b_noise(1338, [4, 5, 6, 7], 9, 40, "cpu")["hide"])
+
+
 def test_failed_batch_is_counted_skip_never_zero_loss():
     logits = torch.randn(3, 8, 8)
     empty = torch.zeros(3, 8, 8)
@@ -160,6 +171,10 @@ def test_failed_batch_is_counted_skip_never_zero_loss():
     loss, n_skip = seg_mask_loss(logits, target)
     ref, _ = seg_mask_loss(logits[1:2], target[1:2])
     assert n_skip == 2 and torch.allclose(loss, ref)  # only the valid sample counts
+    # with a step's count (micro-batches): a share of that mean; a micro-batch without a target adds 0, graph kept
+    assert torch.allclose(seg_mask_loss(logits, target, count=4)[0], ref / 4)
+    zero, n_skip = seg_mask_loss(logits.clone().requires_grad_(), empty, count=4)
+    assert n_skip == 3 and float(zero) == 0.0 and zero.requires_grad
     s = tiny_bundle()["student"]
     ids = torch.tensor([[BOS, IMG, 65]])  # no [SEG]: an error, not a silent zero loss
     with pytest.raises(ValueError, match="exactly one \\[SEG\\]"):
