@@ -293,6 +293,106 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 # -----------------------------------------------------------------------------
+# the memory plan (--plan=True): what a training step holds per process, and the micro-batch that fits a GPU
+# Method: parameters, gradients and optimizer state counted exactly; activations traced on real steps (the bytes
+# autograd saves for the backward, counted once per storage by saved-tensor hooks) at the run's micro-batch and
+# scaled per sample. A step's transient buffers are not counted (tests/test_memory_plan.py: within 15% of a
+# measured peak on CPU).
+
+
+class SavedBytes:
+    """Context: counts the bytes autograd saves for the backward inside it, each storage once, parameters not
+    (they are counted as parameters; a bf16 copy autocast saves is counted: it is extra memory)."""
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen, self.bytes = set(), 0
+
+    def pack(self, t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.seen and key not in self.params:
+            self.seen.add(key)
+            self.bytes += storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+def static_bytes(model, optimizer):
+    """Exact bytes of parameters (+ buffers), their gradients (trainable ones) and the optimizer's state tensors
+    (after its first step; before it, AdamW's two moments are counted per trainable parameter)."""
+    params = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    opts = getattr(optimizer, "optimizers", [optimizer])
+    state = sum(v.numel() * v.element_size() for o in opts for st in o.state.values() for v in st.values()
+                if torch.is_tensor(v) and v.dim() > 0)
+    return dict(parameters=params, gradients=grads, optimizer=state or 2 * 4 * sum(p.numel() for p in trainable))
+
+
+class MemoryPlan:
+    """--plan=True: the loop's first step is traced as configured, the second with activation checkpointing on;
+    then the plan is printed and the run stops. kv_cache_bytes: what the eval's generation cache takes."""
+
+    def __init__(self, run, model, optimizer, micro_batch, grad_accum_steps, gpu_gib=0.0, kv_cache_bytes=0):
+        self.run, self.model, self.optimizer = run, model, optimizer
+        self.micro_batch, self.global_batch = micro_batch, micro_batch * grad_accum_steps * run.world_size
+        visible = torch.cuda.get_device_properties(run.device).total_memory / 2**30 if run.device_type == "cuda" else 0
+        self.gpu_gib = gpu_gib or visible or 80.0
+        self.kv_cache_bytes, self.activations, self.counter = kv_cache_bytes, [], None
+
+    def probe(self, step):
+        from model import set_checkpointing
+        if step == 1:
+            set_checkpointing(self.model, True)
+        self.counter = SavedBytes(self.model)
+        return self.counter
+
+    def done(self, step):
+        """After a step's optimizer update: True once the plan is printed."""
+        self.activations.append(self.counter.bytes)
+        if step < 2:
+            return False
+        self.report()
+        return True
+
+    def report(self):
+        gib = 2**30
+        static = static_bytes(self.model, self.optimizer)
+        fixed = sum(static.values())
+        budget = 0.9 * self.gpu_gib * gib - fixed  # 10% left to the allocator's fragmentation and workspaces
+        print(f"memory plan per process (micro-batch {self.micro_batch}, global batch {self.global_batch}, "
+              f"{self.run.world_size} process(es), {self.run.dtype}; activations traced, the rest counted):")
+        for k, v in static.items():
+            print(f"  {k:<28} {v / gib:8.2f} GiB")
+        for name, act in zip(("activations", "activations, checkpointed"), self.activations):
+            per_sample = act / self.micro_batch
+            fit = max(0, int(budget // per_sample)) if per_sample else self.global_batch
+            per_rank = self.global_batch // self.run.world_size
+            micro = min(fit, per_rank)
+            accum = -(-per_rank // micro) if micro else 0
+            plan = f"micro-batch {micro} x {accum} accumulation steps" if micro else "does not fit"
+            print(f"  {name:<28} {act / gib:8.2f} GiB  -> peak ~{(fixed + act) / gib:.2f} GiB; on {self.gpu_gib:.0f} GiB: "
+                  f"{plan}")
+        if self.kv_cache_bytes:
+            print(f"  {'eval KV cache':<28} {self.kv_cache_bytes / gib:8.2f} GiB (generation, after training frees "
+                  f"gradients and activations)")
+
+
+def kv_cache_bytes(gpt_config, batch, seq_len, dtype_bytes=2):
+    """A generation KV cache: keys and values per layer, kv heads x head_dim each."""
+    c = gpt_config
+    return 2 * batch * c.n_kv_head * seq_len * (c.n_embd // c.n_head) * c.n_layer * dtype_bytes
+
+
+# -----------------------------------------------------------------------------
 # the training clock, speed, DDP-aware means
 
 

@@ -174,7 +174,7 @@ def test_failed_batch_is_counted_skip_never_zero_loss():
     # with a step's count (micro-batches): a share of that mean; a micro-batch without a target adds 0, graph kept
     assert torch.allclose(seg_mask_loss(logits, target, count=4)[0], ref / 4)
     zero, n_skip = seg_mask_loss(logits.clone().requires_grad_(), empty, count=4)
-    assert n_skip == 3 and float(zero) == 0.0 and zero.requires_grad
+    assert n_skip == 3 and float(zero.detach()) == 0.0 and zero.requires_grad
     s = tiny_bundle()["student"]
     ids = torch.tensor([[BOS, IMG, 65]])  # no [SEG]: an error, not a silent zero loss
     with pytest.raises(ValueError, match="exactly one \\[SEG\\]"):
