@@ -338,52 +338,66 @@ def static_bytes(model, optimizer):
 
 
 class MemoryPlan:
-    """--plan=True: the loop's first step is traced as configured, the second with activation checkpointing on;
-    then the plan is printed and the run stops. kv_cache_bytes: what the eval's generation cache takes."""
+    """--plan=True: traces the run's first two steps, the first without activation checkpointing, the second with
+    it (the same gradients), then prints the plan; the script stops there. Run it eager (compile adds no saved
+    activations; the plan is then an upper bound). kv_cache_bytes: what the eval's generation cache takes."""
 
-    def __init__(self, run, model, optimizer, micro_batch, grad_accum_steps, gpu_gib=0.0, kv_cache_bytes=0):
-        self.run, self.model, self.optimizer = run, model, optimizer
+    def __init__(self, run, model, optimizer, micro_batch, grad_accum_steps, gpu_gib=0.0, kv_cache_bytes=0,
+                 checkpointing=False):
+        self.run, self.model, self.optimizer, self.checkpointing = run, model, optimizer, checkpointing
         self.micro_batch, self.global_batch = micro_batch, micro_batch * grad_accum_steps * run.world_size
         visible = torch.cuda.get_device_properties(run.device).total_memory / 2**30 if run.device_type == "cuda" else 0
         self.gpu_gib = gpu_gib or visible or 80.0
         self.kv_cache_bytes, self.activations, self.counter = kv_cache_bytes, [], None
 
-    def probe(self, step):
+    def probe(self):
+        """Context for each micro-batch's forward and backward."""
         from model import set_checkpointing
-        if step == 1:
-            set_checkpointing(self.model, True)
+        if len(self.activations) >= 2:
+            return nullcontext()
+        set_checkpointing(self.model, len(self.activations) == 1)
         self.counter = SavedBytes(self.model)
         return self.counter
 
-    def done(self, step):
-        """After a step's optimizer update: True once the plan is printed."""
-        self.activations.append(self.counter.bytes)
-        if step < 2:
+    def done(self):
+        """After a step: True once, when the plan has just been printed."""
+        from model import set_checkpointing
+        if len(self.activations) >= 2:
             return False
-        self.report()
+        self.activations.append(self.counter.bytes)  # the step's last micro-batch (each frees its own)
+        if len(self.activations) < 2:
+            return False
+        set_checkpointing(self.model, self.checkpointing)
+        if self.run.master:
+            self.report()
         return True
 
     def report(self):
         gib = 2**30
+
+        def size(n):
+            return f"{n / gib:8.2f} GiB" if n >= gib / 4 else f"{n / 2**20:8.1f} MiB"
         static = static_bytes(self.model, self.optimizer)
         fixed = sum(static.values())
         budget = 0.9 * self.gpu_gib * gib - fixed  # 10% left to the allocator's fragmentation and workspaces
         print(f"memory plan per process (micro-batch {self.micro_batch}, global batch {self.global_batch}, "
               f"{self.run.world_size} process(es), {self.run.dtype}; activations traced, the rest counted):")
         for k, v in static.items():
-            print(f"  {k:<28} {v / gib:8.2f} GiB")
+            print(f"  {k:<28} {size(v)}")
         for name, act in zip(("activations", "activations, checkpointed"), self.activations):
-            per_sample = act / self.micro_batch
-            fit = max(0, int(budget // per_sample)) if per_sample else self.global_batch
             per_rank = self.global_batch // self.run.world_size
-            micro = min(fit, per_rank)
-            accum = -(-per_rank // micro) if micro else 0
-            plan = f"micro-batch {micro} x {accum} accumulation steps" if micro else "does not fit"
-            print(f"  {name:<28} {act / gib:8.2f} GiB  -> peak ~{(fixed + act) / gib:.2f} GiB; on {self.gpu_gib:.0f} GiB: "
-                  f"{plan}")
+            fit = max(0, int(budget // (act / self.micro_batch))) if act else per_rank  # samples per micro-batch
+            accum = -(-per_rank // fit) if fit else 0
+            plan = f"micro-batch {-(-per_rank // accum)} x {accum} accumulation steps" if fit else "does not fit"
+            print(f"  {name:<28} {size(act)}  -> peak ~{size(fixed + act).strip()}; on {self.gpu_gib:.0f} GiB: {plan}")
         if self.kv_cache_bytes:
-            print(f"  {'eval KV cache':<28} {self.kv_cache_bytes / gib:8.2f} GiB (generation, after training frees "
-                  f"gradients and activations)")
+            print(f"  {'eval KV cache':<28} {size(self.kv_cache_bytes)} (generation, after training frees gradients and "
+                  f"activations)")
+
+
+def plan_probe(planner):
+    """The traced context of a MemoryPlan, or nothing."""
+    return planner.probe() if planner else nullcontext()
 
 
 def kv_cache_bytes(gpt_config, batch, seq_len, dtype_bytes=2):

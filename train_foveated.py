@@ -40,7 +40,8 @@ install_error_hook()
 from configurator import configure  # noqa: E402
 from model import GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, left_pad, set_checkpointing  # noqa: E402
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, log_line,  # noqa: E402
-                     mean_across_ranks, set_lr, setup, sync_grads, teardown, wrap)
+                     mean_across_ranks, set_lr, setup, sync_grads, teardown, wrap,
+                     MemoryPlan, kv_cache_bytes, plan_probe)
 from checkpoint import (adopt_checkpoint_config, load_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state, unwrap)
 from data import Tokenizer, batch_indices  # noqa: E402
@@ -130,6 +131,8 @@ max_train_seconds = 0.0    # opt-in wall-clock cap (> 0: the loop stops there an
 batch_size = 16            # per micro-batch and process
 grad_accum_steps = 1       # micro-batches per step: a step trains on batch_size * grad_accum_steps * processes videos
 activation_checkpointing = False  # recompute each ViT / GPT block in the backward (less memory, more compute)
+plan = False                 # print the memory plan (two traced steps: runtime.MemoryPlan), then stop
+plan_gpu_gib = 0.0           # the GPU size the plan fits the batch to (0: the visible GPU, else 80 GiB)
 lr = 2e-3
 min_lr_frac = 0.1
 warmup_steps = 100
@@ -522,7 +525,11 @@ if run.ckpt_src:
     if run.resume or eval_only:  # the step and the seconds of training go on (0 for checkpoints without them)
         step, clock.seconds = run.meta.get('step', 0), run.meta.get('train_seconds', 0.0)
 # video-only batches leave the LM head unused, so DDP must tolerate unused parameters
-model = wrap(raw_model, compile, run, find_unused_parameters=True)
+model = wrap(raw_model, compile and not plan, run, find_unused_parameters=True)
+planner = MemoryPlan(run, raw_model, optimizer, batch_size, grad_accum_steps, plan_gpu_gib,
+                     kv_cache_bytes(raw_model.gpt.config, eval_batch, raw_model.gpt.config.sequence_len,
+                                    2 if run.dtype == 'bfloat16' else 4),
+                     activation_checkpointing) if plan else None
 n_params = sum(p.numel() for p in raw_model.parameters())
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -615,7 +622,7 @@ while step < max_steps:
     caption_count = sum(caption_targets(b["captions"]) for b in batches) / k if mode == "caption" else None
     step_loss, parts = 0.0, {}
     for micro, b in enumerate(batches):
-        with sync_grads(model, micro, k):  # DDP all-reduces the gradients after the last only
+        with sync_grads(model, micro, k), plan_probe(planner):  # DDP all-reduces the gradients after the last only
             with ctx:
                 tgt = raw_model.latents(b["latent_frames"], latent_enc)
                 r = model(b["frames"], tgt, mode, b["captions"], n_passes, b["look"], b["target_patches"],
@@ -632,6 +639,8 @@ while step < max_steps:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
+    if planner and planner.done():
+        break
     dt = clock.stop()
     spent = clock.spent()  # every rank the same answer: they stop at one step
     last = step == max_steps or spent

@@ -25,7 +25,8 @@ install_error_hook()
 from configurator import configure  # noqa: E402
 from model import GPT, GPTConfig, InputError, set_checkpointing  # noqa: E402
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, log_line,  # noqa: E402
-                     mean_across_ranks, set_lr, setup, sync_grads, teardown, wrap)
+                     mean_across_ranks, set_lr, setup, sync_grads, teardown, wrap,
+                     MemoryPlan, kv_cache_bytes, plan_probe)
 from checkpoint import (adopt_checkpoint_config, load_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, load_image, normalize  # noqa: E402
@@ -101,6 +102,8 @@ max_train_seconds = 0.0    # opt-in cap: > 0 stops after this many training seco
 batch_size = 16            # per micro-batch and process
 grad_accum_steps = 1       # micro-batches per step: a step trains on batch_size * grad_accum_steps * processes pages
 activation_checkpointing = False  # recompute each SAM / CLIP / GPT block in the backward (less memory, more compute)
+plan = False                 # print the memory plan (two traced steps: runtime.MemoryPlan), then stop
+plan_gpu_gib = 0.0           # the GPU size the plan fits the batch to (0: the visible GPU, else 80 GiB)
 lr = 2e-3
 min_lr_frac = 0.05
 warmup_steps = 100
@@ -252,8 +255,12 @@ if run.resume or eval_only:  # the checkpoint's step and training seconds (the b
     step, clock.seconds = run.meta.get('step', 0), float(run.meta.get('train_seconds', 0.0))
 # text-only batches skip the whole encoder, a glyph head left unused skips itself: only then must DDP look for
 # unused parameters
-model = wrap(raw_model, compile, run, find_unused_parameters=text_ratio > 0 or (not glyph_on and any(
+model = wrap(raw_model, compile and not plan, run, find_unused_parameters=text_ratio > 0 or (not glyph_on and any(
     h is not None and h.weight.requires_grad for h in (enc.sam.glyph, enc.slot_head))))
+planner = MemoryPlan(run, raw_model, optimizer, batch_size, grad_accum_steps, plan_gpu_gib,
+                     kv_cache_bytes(raw_model.gpt.config, eval_batch, raw_model.gpt.config.sequence_len,
+                                    2 if run.dtype == 'bfloat16' else 4),
+                     activation_checkpointing) if plan else None
 
 # -----------------------------------------------------------------------------
 # data: synthetic pages are a pure function of (seed, split, index); real sets were read at setup
@@ -437,7 +444,7 @@ while step < max_steps:
     n_cells = {k: sum((b[3][k] != -1).sum() for b in batches) for k in batches[0][3] or {}}
     step_loss, tokens, n_images = 0.0, 0, 0
     for micro, (idx, targets, images, aux) in enumerate(batches):
-        with sync_grads(model, micro, grad_accum_steps):  # DDP all-reduces the gradients after the last only
+        with sync_grads(model, micro, grad_accum_steps), plan_probe(planner):  # DDP all-reduces the gradients after the last only
             with ctx:
                 _, loss_sum, *aux_sums = model(idx, targets, images, loss_reduction="sum", aux=aux)
             loss = global_mean(loss_sum, n_targets, device)
@@ -457,6 +464,8 @@ while step < max_steps:
     optimizer.zero_grad(set_to_none=True)
     loss_acc, n_acc, n_aux = loss_acc + step_loss, n_acc + 1, n_aux + bool(aux_sums)  # (text-only: no aux)
     step += 1
+    if planner and planner.done():
+        break
     clock.stop()
     out_of_time = clock.spent()
     last = step == max_steps or out_of_time

@@ -102,6 +102,8 @@ max_train_seconds = 0.0      # > 0: opt-in cap on training seconds (then eval); 
 batch_size = 32              # per rank and micro-batch
 grad_accum_steps = 1         # micro-batches per step: a step trains on batch_size * grad_accum_steps samples per rank
 activation_checkpointing = False  # recompute each ViT / GPT block in the backward: less memory, ~1/3 more compute
+plan = False                 # print the memory plan (two traced steps: runtime.MemoryPlan), then stop
+plan_gpu_gib = 0.0           # the GPU size the plan fits the batch to (0: the visible GPU, else 80 GiB)
 num_workers = 0              # > 0: worker processes build the next batches while the model trains (GPUs, real images)
 lr = 2e-3
 min_lr_frac = 0.05
@@ -126,7 +128,8 @@ config = configure(globals())
 from model import (GPT, GPTConfig, InputError, Projector, ViT, ViTConfig, gpt_flops_per_token,  # noqa: E402
                    set_checkpointing)
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, grad_norm,  # noqa: E402
-                     log_line, mean_across_ranks, set_lr, setup, sync_grads, teardown, wrap)
+                     log_line, mean_across_ranks, set_lr, setup, sync_grads, teardown, wrap,
+                     MemoryPlan, kv_cache_bytes, plan_probe)
 from checkpoint import (adopt_checkpoint_config, dataclass_from_dict, load_checkpoint, push_run_to_hub,  # noqa: E402
                         rng_state, save_checkpoint, set_rng_state, unwrap)
 from data_pointer import (POINTER_FRAME, POINTER_KINDS, POINTER_LOSSES, POINTER_N_COLOUR, POINTER_N_SHAPE,  # noqa: E402
@@ -366,7 +369,11 @@ if run.ckpt_src:
         print(f"resumed {out_dir} at step {step}")
     else:
         print(f"initialised from {init_from}")
-model = wrap(raw_model, compile, run)  # compile, then DDP
+model = wrap(raw_model, compile and not plan, run)  # compile, then DDP
+planner = MemoryPlan(run, raw_model, optimizer, batch_size, grad_accum_steps, plan_gpu_gib,
+                     kv_cache_bytes(raw_model.gpt.config, n_eval_multi, raw_model.gpt.config.sequence_len,
+                                    2 if run.dtype == 'bfloat16' else 4),
+                     activation_checkpointing) if plan else None
 if master:
     print(f"out_dir {out_dir} | params {n_params / 1e6:.2f}M | device {device} {run.dtype} | loss {loss} | "
           f"{n_vision} vision tokens from {img_size}px images, errors in image px and at a {POINTER_FRAME}px frame")
@@ -487,7 +494,7 @@ while step < max_steps:
     counts = loss_counts(micro)
     total, parts = 0.0, {}  # the step's loss: the micro-batches' shares summed
     for m, batch in enumerate(micro):
-        with sync_grads(model, m, grad_accum_steps):  # DDP reduces the gradients once, in the last backward
+        with sync_grads(model, m, grad_accum_steps), plan_probe(planner):  # DDP reduces the gradients once, in the last backward
             share, share_parts = compute_loss(batch, counts)
             check_finite(share, step)
             share.backward()
@@ -500,6 +507,8 @@ while step < max_steps:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
+    if planner and planner.done():
+        break
     dt = clock.stop()
     out_of_time = clock.spent()  # every rank agrees
     last = step == max_steps or out_of_time

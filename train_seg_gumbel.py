@@ -27,12 +27,13 @@ from runtime import install_error_hook  # noqa: E402
 install_error_hook()
 from configurator import configure  # noqa: E402
 from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, grad_norm, log_line,  # noqa: E402
-                     mean_across_ranks, set_lr, setup, sync_grads, teardown, wrap)
+                     mean_across_ranks, set_lr, setup, sync_grads, teardown, wrap,
+                     MemoryPlan, kv_cache_bytes, plan_probe)
 from checkpoint import (adopt_checkpoint_config, all_rng_states, load_checkpoint, save_checkpoint,  # noqa: E402
                         set_rng_state, unwrap)
 from data import batch_indices  # noqa: E402
 from model import InputError, gpt_flops_per_token, set_checkpointing  # noqa: E402
-from data_seg import (SEG_LLM_SPECIALS, SEG_SPECIALS, SEG_TOK, SegData, SegVocab, seg_build_model,  # noqa: E402
+from data_seg import (SEG_LLM_SPECIALS, SEG_SPECIALS, SegData, SegVocab, seg_build_model,  # noqa: E402
                       seg_configs, seg_configs_from_meta, seg_ema_update, seg_evaluate, seg_stage_b_noise,
                       seg_step_counts, seg_teacher_captions)
 
@@ -80,6 +81,8 @@ max_train_seconds = 0.0      # > 0: an opt-in wall-clock cap on training seconds
 batch_size = 32              # per rank and micro-batch
 grad_accum_steps = 1         # micro-batches per step: a step trains on batch_size * grad_accum_steps samples per rank
 activation_checkpointing = False  # recompute each ViT / GPT block in the backward: less memory, ~1/3 more compute
+plan = False                 # print the memory plan (two traced steps: runtime.MemoryPlan), then stop
+plan_gpu_gib = 0.0           # the GPU size the plan fits the batch to (0: the visible GPU, else 80 GiB)
 lr = 2e-3
 lr_b = 5e-4                  # stage B learning rate (its own cosine from lr_b)
 min_lr_frac = 0.1
@@ -194,7 +197,11 @@ if run.ckpt_src:
     if run.resume:
         set_rng_state(meta["rng"])  # every rank's own stream: the Gumbel noise and masking differ by rank
         print(f"resumed {run.ckpt_src} at step {step}")
-model = wrap(student, compile, run)
+model = wrap(student, compile and not plan, run)
+planner = MemoryPlan(run, raw_model, optimizer, batch_size, grad_accum_steps, plan_gpu_gib,
+                     kv_cache_bytes(student.gpt.config, eval_batch_size, student.gpt.config.sequence_len,
+                                    2 if run.dtype == 'bfloat16' else 4),
+                     activation_checkpointing) if plan else None
 if master:
     os.makedirs(run.out_dir, exist_ok=True)
     print(f"run dir {run.out_dir} | {n_params / 1e6:.2f}M params | device {device} {run.dtype} | "
@@ -274,7 +281,7 @@ while step < max_steps:
     else:
         loss, parts = 0.0, {}  # the step's loss: the micro-batches' shares summed
         for m, b in enumerate(micro):
-            with sync_grads(model, m, k):  # DDP reduces the gradients once, in the last backward
+            with sync_grads(model, m, k), plan_probe(planner):  # DDP reduces the gradients once, in the last backward
                 with ctx:
                     if in_b:
                         noise = seg_stage_b_noise(seed, b["index"], max_caption_len + 1, student.gpt.config.vocab_size,
@@ -302,6 +309,8 @@ while step < max_steps:
             seg_ema_update(teacher, student, ema_decay)
         optimizer.zero_grad(set_to_none=True)
     step += 1
+    if planner and planner.done():
+        break
     clock.stop()
     spent = clock.spent()  # every rank the same answer
     last = step == max_steps or spent

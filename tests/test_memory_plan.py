@@ -58,3 +58,20 @@ def test_plan_within_15_percent_of_the_measured_peak(kind, dtype):
 def test_kv_cache_bytes_counts_keys_and_values():
     cfg = GPTConfig(vocab_size=64, n_layer=20, n_head=10, n_kv_head=5, n_embd=1280)
     assert kv_cache_bytes(cfg, batch=8, seq_len=2048, dtype_bytes=2) == 2 * 8 * 5 * 2048 * 128 * 20 * 2
+
+
+def test_a_recipe_prints_its_plan_and_stops(tmp_path):
+    from inprocess import run_script
+    from test_recipes_ddp import RECIPES
+    r = run_script("train_ocr.py", [*RECIPES["ocr"], "--plan=True", "--plan_gpu_gib=0.004", "--max_steps=50",
+                                    "--log_interval=1", f"--out_dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("memory plan per process"))
+    assert [line.split()[0] for line in lines[head + 1:head + 7]] == [
+        "parameters", "gradients", "optimizer", "activations", "activations,", "eval"]
+    import re
+    # a 4 MiB "GPU" holds less than the batch of 16: the plan splits it into micro-batches that cover it
+    micro, accum = map(int, re.search(r"micro-batch (\d+) x (\d+) accumulation steps", lines[head + 4]).groups())
+    assert accum >= 2 and micro * accum >= 16 and micro * (accum - 1) < 16
+    assert len([line for line in lines if line.startswith("step ")]) == 2  # two traced steps, then it stopped
