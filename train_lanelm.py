@@ -17,7 +17,9 @@ Experiment record and ablations: notes/lanelm.md.
     python train_lanelm.py config/lanelm_tusimple.py --data_root=/data/tusimple    # real TuSimple (GPU)
     python train_lanelm.py config/lanelm_culane.py --data_root=/data/culane        # real CULane (GPU)
     torchrun --standalone --nproc_per_node=8 train_lanelm.py config/lanelm_tusimple.py --data_root=/data/tusimple
+    python train_lanelm.py --init_gpt=hf:HuggingFaceTB/SmolLM2-135M   # a pretrained LLM's blocks, fresh lane vocab
 """
+import dataclasses
 import math
 import os
 
@@ -26,10 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, InputError, Projector, gpt_flops_per_token, norm
-from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, global_mean, install_error_hook,
-                     log_line, mean_across_ranks, set_lr, setup, teardown, wrap)
-from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from torch.utils.checkpoint import checkpoint as recompute
+
+from model import GPT, GPTConfig, InputError, Projector, gpt_flops_per_token, norm, set_checkpointing
+from runtime import (Clock, Logger, MemoryPlan, check_finite, configure_optimizers, get_lr, global_mean,
+                     install_error_hook, kv_cache_bytes, log_line, mean_across_ranks, plan_probe, set_lr, setup,
+                     sync_grads, teardown, wrap)
+from checkpoint import (adopt_checkpoint_config, dataclass_from_dict, load_checkpoint, rng_state, save_checkpoint,
+                        set_rng_state, unwrap)
 from data import batch_indices
 from configurator import configure
 from data_lanelm import (CULANE_H, CULANE_W, TUSIMPLE_H, TUSIMPLE_W, LaneData, LaneTokenizer, culane_from_grid,
@@ -83,11 +89,19 @@ aux_seg_weight = 1.0         # auxiliary per-slot lane segmentation loss on P5 (
 n_layer = 4
 n_head = 4
 n_embd = 128
+init_gpt = ''                # a pretrained LLM (dir or hf:owner/name: this repo's GPT, nanochat, Llama family): its
+                             #   transformer blocks and final norm, with their shape (n_layer, n_head, n_kv_head,
+                             #   n_embd) and architecture; the embedding and head stay this recipe's lane-coordinate
+                             #   vocabulary, freshly initialised (lanes are not text); '' = a GPT from scratch
 # training
 max_steps = 4300             # step-exact: about what 540 s of training reach on 2 CPU cores (notes/lanelm.md)
 max_train_seconds = 0.0      # opt-in wall-clock training cap (0 = off): stops early, the LR follows whichever
                              # of steps / seconds is further along
-batch_size = 8               # images per step and rank (x max_lanes sequences)
+batch_size = 8               # images per micro-batch and rank (x max_lanes sequences)
+grad_accum_steps = 1         # micro-batches per step: a step trains on batch_size * grad_accum_steps images per rank
+activation_checkpointing = False  # recompute each GPT block in the backward: less memory, ~1/3 more compute
+plan = False                 # print the memory plan (two traced steps: runtime.MemoryPlan), then stop
+plan_gpu_gib = 0.0           # the GPU size the plan fits the batch to (0: the visible GPU, else 80 GiB)
 lr = 2e-3
 min_lr_frac = 0.02
 warmup_steps = 60
@@ -119,6 +133,22 @@ MODEL_KEYS = ('img_w', 'img_h', 'max_lanes', 'max_rows', 'h_step', 'tokenization
 run = setup(config, RECIPE, MODEL_KEYS)  # threads, DDP, autocast, seed + rank, run dir, the checkpoint's model keys
 globals().update(config)                 # out_dir and the adopted model keys
 device, master, ctx = run.device, run.master, run.ctx
+# init_gpt: the source's blocks and final norm decide the GPT's shape and architecture (each change printed); a run
+# from a checkpoint rebuilds its GPT from the checkpoint's meta instead
+GPT_SHAPE = ('n_layer', 'n_head', 'n_embd')  # config keys
+BLOCK_ARCH = ('n_kv_head', 'mlp', 'intermediate_size', 'norm_gains', 'norm_eps', 'qk_norm', 'rope_base', 'input_norm')
+LANE_VOCAB = ('transformer.wte.', 'lm_head.')  # the recipe's own: lane-coordinate ids, not the source's text
+llm = None
+if init_gpt and not run.ckpt_src:  # (pretrained.py only then: a fork of this recipe runs without it)
+    import pretrained
+    llm = pretrained.load_gpt(init_gpt)[0]
+    adopt_checkpoint_config(dict(config={k: getattr(llm.config, k) for k in GPT_SHAPE}), config, GPT_SHAPE, master)
+    globals().update({k: config[k] for k in GPT_SHAPE})
+    if master:
+        print(f"init_gpt {init_gpt}: its {n_layer} blocks and final norm, " +
+              ", ".join(f"{k}={getattr(llm.config, k)!r}" for k in BLOCK_ARCH) +
+              "; embedding and head: the lane vocabulary, freshly initialised")
+gpt_source = run.meta.get('gpt_source', '') if run.ckpt_src else init_gpt  # recorded in each checkpoint's meta
 if vis_levels not in ('p5', 'p3p4p5'):
     raise InputError(f"vis_levels must be 'p5' or 'p3p4p5', got {vis_levels!r}")
 MIN_LANES = 2 if dataset == 'synthetic' else 1  # a synthetic scene has a lane on each side of the camera
@@ -174,6 +204,15 @@ def sincos_2d(h, w, dim):
     return torch.cat(parts, 1)
 
 
+def gpt_config(n_vis):
+    """A checkpoint's GPT as its meta records it; else the recipe's, with init_gpt's block architecture."""
+    if run.ckpt_src:
+        return dataclass_from_dict(GPTConfig, run.meta['gpt'])
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
+                    sequence_len=n_vis + 2 * max_rows + 4, image_token_id=tok.image)
+    return dataclasses.replace(cfg, **{k: getattr(llm.config, k) for k in BLOCK_ARCH}) if llm else cfg
+
+
 class LaneLM(nn.Module):
     """Conv pyramid with P3/P4/P5 at strides 4/8/16 of the model frame (160x96 -> P5 10x6 = 60 tokens).
     Input = RGB + 2 coordinate channels (x, y in [-1, 1]): lanes are positions, so make position explicit.
@@ -196,9 +235,7 @@ class LaneLM(nn.Module):
         self.n_vis = sum(grid[lv][0] * grid[lv][1] for lv in self.levels)
         self.seg_grid = (math.ceil(img_h / 4), math.ceil(img_w / 4))
         self.aux = nn.Conv2d(8 * w, (max_lanes + 1) * 16, 1)  # built even when off: checkpoints keep one layout
-        self.gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_head,
-                                 n_embd=n_embd, sequence_len=self.n_vis + 2 * max_rows + 4,
-                                 image_token_id=tok.image))
+        self.gpt = GPT(gpt_config(self.n_vis))
 
     def vision(self, images, with_seg=False):
         """(B, 3, H, W) in [0, 1] -> (B, n_vis, n_embd) vision tokens, coarse-to-fine order P5 last
@@ -217,26 +254,46 @@ class LaneLM(nn.Module):
         seg = F.pixel_shuffle(self.aux(feats['p5']), 4)[:, :, :self.seg_grid[0], :self.seg_grid[1]]
         return toks, seg
 
-    def forward(self, images, idx, seg, pos, targets, key, seg_target=None):
-        """-> (loss to optimise: key tokens up-weighted + aux seg, plain mean token loss to report, aux seg loss)."""
-        if seg_target is not None:  # (aux_seg_weight=0 still computes it: cheap, and DDP sees every param used)
-            vis, seg_logits = self.vision(images, with_seg=True)
-            # background down-weighted as in CLRNet's seg loss (bg_weight 0.4): lane cells are ~5% of the grid
-            cw = torch.ones(max_lanes + 1, device=images.device)
-            cw[0] = 0.4
-            aux = global_mean(F.cross_entropy(seg_logits, seg_target, weight=cw, reduction='sum'),
-                              cw[seg_target].sum(), images.device)  # weighted mean over the global batch
-        else:
-            vis, aux = self.vision(images), torch.zeros((), device=images.device)
+    def forward(self, images, idx, seg, pos, targets, key, seg_target, counts):
+        """-> this micro-batch's shares of (loss to optimise: key tokens up-weighted + aux seg, plain mean token loss
+        to report, aux seg loss). counts: loss_counts of the step's micro-batches."""
+        # (aux_seg_weight=0 still computes the aux loss: cheap, and DDP sees every param used)
+        vis, seg_logits = self.vision(images, with_seg=True)
+        aux = global_mean(F.cross_entropy(seg_logits, seg_target, weight=seg_class_weights(images.device),
+                                          reduction='sum'), counts['cells'], images.device)
         losses = packed_loss(self.gpt, idx, seg, pos, targets, vis, reduction='none').view(targets.shape)
-        m = (targets >= 0).float()
-        # the tokens that need the image most (start row, anchored x, EOS = lane present or not; `key`, marked
-        # by position in build_batch, so every tokenization weights the same tokens) are ~1/10 of the targets;
-        # without the weight the dx tokens dominate and the LM learns a blind prior first
-        w = m * (1 + (key_token_weight - 1) * key.float())
-        # means over the GLOBAL batch's tokens (global_mean), so DDP reproduces one process exactly
-        loss = global_mean((losses * w).sum(), w.sum(), images.device) + aux_seg_weight * aux
-        return loss, global_mean((losses * m).sum().detach(), m.sum(), images.device), aux
+        m, w = token_weights(targets, key)
+        # means over the GLOBAL batch's tokens (global_mean) and the step's micro-batches (counts), so DDP and
+        # accumulation reproduce one process's one batch exactly
+        loss = global_mean((losses * w).sum(), counts['weighted'], images.device) + aux_seg_weight * aux
+        return loss, global_mean((losses * m).sum().detach(), counts['tokens'], images.device), aux
+
+
+def seg_class_weights(device):
+    """The aux seg loss's class weights: background down-weighted as in CLRNet's seg loss (bg_weight 0.4), lane
+    cells being ~5% of the grid."""
+    cw = torch.ones(max_lanes + 1, device=device)
+    cw[0] = 0.4
+    return cw
+
+
+def token_weights(targets, key):
+    """-> (target mask, loss weights). The tokens that need the image most (start row, anchored x, EOS = lane
+    present or not; `key`, marked by position in build_batch, so every tokenization weights the same tokens) are
+    ~1/10 of the targets; without the weight the dx tokens dominate and the LM learns a blind prior first."""
+    m = (targets >= 0).float()
+    return m, m * (1 + (key_token_weight - 1) * key.float())
+
+
+def loss_counts(micro):
+    """This rank's denominators of the step's means, summed over its micro-batches (global_mean adds the other
+    ranks'): k micro-batches of b weigh every token and seg cell as one batch of k * b does."""
+    tokens = weighted = cells = 0
+    for images, idx, seg, pos, y, key, seg_y in micro:
+        m, w = token_weights(y, key)
+        tokens, weighted = tokens + m.sum(), weighted + w.sum()
+        cells = cells + seg_class_weights(seg_y.device)[seg_y].sum()
+    return dict(tokens=tokens, weighted=weighted, cells=cells)
 
 
 def packed_hidden(gpt, idx, seg, pos, vision):
@@ -251,10 +308,15 @@ def packed_hidden(gpt, idx, seg, pos, vision):
     visible = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
     mask = (causal[None] & visible) | torch.eye(T, dtype=torch.bool, device=idx.device)[None]
     cos, sin = gpt.cos[pos], gpt.sin[pos]
-    x = norm(gpt.embed(idx, vision))
+    x = gpt.embed(idx, vision)
+    if gpt.config.input_norm:
+        x = norm(x, gpt.config.norm_eps)
     for block in gpt.transformer.h:
-        x = block(x, cos, sin, mask[:, None])
-    return norm(x)
+        if gpt.checkpointing and torch.is_grad_enabled():  # activation checkpointing: recomputed in the backward
+            x = recompute(block, x, cos, sin, mask[:, None], use_reentrant=False)
+        else:
+            x = block(x, cos, sin, mask[:, None])
+    return gpt.transformer.ln_f(x)
 
 
 def packed_loss(gpt, idx, seg, pos, targets, vision, reduction='mean'):
@@ -335,6 +397,12 @@ def check_packing(model):
 
 
 raw_model = LaneLM().to(device)
+if llm:  # the source's blocks and final norm, every key accounted for; the lane vocabulary's rows stay fresh
+    fresh = {k: v for k, v in raw_model.gpt.state_dict().items() if k.startswith(LANE_VOCAB)}
+    blocks = {k: v for k, v in llm.state_dict().items() if not k.startswith(LANE_VOCAB)}
+    pretrained.assign(raw_model.gpt, {**blocks, **fresh}, init_gpt)
+    llm = None
+set_checkpointing(raw_model, activation_checkpointing)
 check_packing(raw_model)
 N_VIS = raw_model.n_vis
 optimizer = configure_optimizers(raw_model, lr, weight_decay, device_type=run.device_type)
@@ -352,7 +420,11 @@ if master:
     print(f"LaneLM: {n_params / 1e6:.2f}M params, {N_VIS} vision tokens ({vis_levels}), device {device}, "
           f"{run.dtype}, {run.threads} threads, out_dir {out_dir}")
     print(f"tokenizer {tok.describe()}")
-model = wrap(raw_model, compile, run)  # compile, then DDP; raw_model decodes, evaluates and is saved
+model = wrap(raw_model, compile and not plan, run)  # compile, then DDP; raw_model decodes, evaluates and is saved
+planner = MemoryPlan(run, raw_model, optimizer, batch_size, grad_accum_steps, plan_gpu_gib,
+                     kv_cache_bytes(raw_model.gpt.config, eval_batch * max_lanes, raw_model.gpt.config.sequence_len,
+                                    2 if run.dtype == 'bfloat16' else 4),
+                     activation_checkpointing) if plan else None
 
 # -----------------------------------------------------------------------------
 # eval: rollout (KV-cache greedy decoding per lane-id prompt) + teacher-forced token accuracy
@@ -402,7 +474,8 @@ def teacher_forced(samples):
 def save(step):
     save_checkpoint(os.path.join(out_dir, 'ckpt'), raw_model, optimizer,
                     meta=dict(recipe=RECIPE, step=step, config=config, rng=rng_state(), train_seconds=clock.seconds,
-                              gpt=vars(raw_model.gpt.config), tokenizer=tok.describe(), n_vis=N_VIS))
+                              gpt=vars(raw_model.gpt.config), tokenizer=tok.describe(), n_vis=N_VIS,
+                              gpt_source=gpt_source))
 
 
 def evaluate(step):
@@ -470,20 +543,29 @@ while step < max_steps:
     clock.start()
     lr_now = get_lr(clock.lr_step(step, max_steps), max_steps, lr, warmup_steps, min_lr_frac)
     set_lr(optimizer, lr_now)
-    *batch, n_drop = build_batch([data.get('train', i) for i in batch_indices(step, batch_size, run.rank,
-                                                                              run.world_size)], N_VIS)
-    dropped += n_drop
-    images, idx, seg, pos, y, key, seg_y = [t.to(device) for t in batch]
-    with ctx:
-        loss, plain_loss, aux_loss = model(images, idx, seg, pos, y, key, seg_y)
-    check_finite(loss, step)
-    loss.backward()
+    micro = []  # micro-batch m of step s: the samples of a batch of batch_size * grad_accum_steps
+    for m in range(grad_accum_steps):
+        indices = batch_indices(step * grad_accum_steps + m, batch_size, run.rank, run.world_size)
+        *batch, n_drop = build_batch([data.get('train', i) for i in indices], N_VIS)
+        dropped += n_drop
+        micro.append([t.to(device) for t in batch])
+    counts = loss_counts(micro)
+    loss = plain_loss = aux_loss = 0.0  # the step's: its micro-batches' shares summed
+    for m, (images, idx, seg, pos, y, key, seg_y) in enumerate(micro):
+        with sync_grads(model, m, grad_accum_steps), plan_probe(planner):  # DDP reduces once, in the last backward
+            with ctx:
+                share, plain_share, aux_share = model(images, idx, seg, pos, y, key, seg_y, counts)
+            check_finite(share, step)
+            share.backward()
+        loss, plain_loss, aux_loss = loss + share.detach(), plain_loss + plain_share, aux_loss + aux_share.detach()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     losses.append(plain_loss.item())
     step += 1
+    if planner and planner.done():
+        break
     dt = clock.stop()
     out_of_time = clock.spent()  # every rank stops at the same step
     last = step == max_steps or out_of_time
@@ -491,8 +573,8 @@ while step < max_steps:
         loss_avg = mean_across_ranks(plain_loss.item(), device)  # the global batch's loss (every rank joins)
         aux_avg = mean_across_ranks(aux_loss.item(), device)
         if master:
-            tokens = idx.numel() * run.world_size
-            flops = flops_per_token * tokens + flops_per_image * images.shape[0] * run.world_size
+            tokens = sum(b[1].numel() for b in micro) * run.world_size  # the whole step's
+            flops = flops_per_token * tokens + flops_per_image * sum(b[0].shape[0] for b in micro) * run.world_size
             avg = (clock.seconds - log_seconds) / max(1, step - log_step)
             print(log_line(step, max_steps, loss_avg, lr_now, avg, tokens, flops, peak,
                            extra=f"aux seg {aux_avg:.3f}" if aux_seg_weight > 0 else ""))

@@ -12,7 +12,6 @@ train_labels = 'list/train_gt.txt'
 val_labels = 'list/test.txt'
 img_w = 800
 img_h = 288
-max_lanes = 4
 h_step = 10                  # the ROW grid 40, 50, ... 590: CULane's rows (56 rows)
 conv_width = 48
 conv_norm = 'batch'
