@@ -195,6 +195,20 @@ def load_recipe_gpt(src, specials):
     return model, tok, names
 
 
+def recipe_llm(init_gpt, run, specials, verbose=True):
+    """A recipe's language model. From scratch with init_gpt: the source's GPT and tokenizer, the recipe's specials
+    appended (load_recipe_gpt). From a checkpoint of such a run (its meta names gpt_source): that tokenizer rebuilt,
+    the GPT left to the checkpoint (None). -> (GPT or None, tokenizer or None, specials, gpt_source)."""
+    if init_gpt and run.ckpt_src and verbose and not run.resume:
+        print(f"init_gpt={init_gpt} not loaded: the GPT and its tokenizer are the checkpoint's")
+    if init_gpt and not run.ckpt_src:
+        return (*load_recipe_gpt(init_gpt, specials), init_gpt)
+    source = run.meta.get("gpt_source", "") if run.ckpt_src else ""
+    if source:
+        return None, own_tokenizer(run.meta), run.meta["specials"], source
+    return None, None, None, ""
+
+
 # -- this repo's checkpoints
 
 

@@ -478,21 +478,18 @@ latent_enc.to(device)
 
 # the tokenizer: a loaded LLM's own (init_gpt; a run from the checkpoint of such a run reloads it from the source
 # its meta names) with the recipe's special tokens appended, <|bos|> too where it has no BOS; else the default
-from_llm = bool(init_gpt) and not run.ckpt_src  # a run from a checkpoint takes its GPT and tokenizer from there
-if init_gpt and run.ckpt_src and master and not run.resume:
-    print(f"init_gpt={init_gpt} not loaded: the GPT and its tokenizer are those of init_from={init_from}")
-gpt_source = init_gpt if from_llm else run.meta.get('gpt_source', '')
-llm = None
+llm, gpt_source = None, ''
+if init_gpt or run.meta.get('gpt_source'):  # (pretrained.py only then: a fork of this recipe runs without it)
+    import pretrained
+    llm, llm_tok, SPECIALS, gpt_source = pretrained.recipe_llm(init_gpt, run, ['<|image|>', '<|eos|>', '<|pad|>'],
+                                                               master)
+if llm is not None:  # the source's shape, each key printed where the config differs
+    shape = {k: getattr(llm.config, k) for k in ('n_layer', 'n_head', 'n_embd')}
+    globals().update(adopt_checkpoint_config(dict(config=shape), config, shape, verbose=master))
+elif gpt_source:  # the model is the checkpoint's (its meta holds the GPT's config, Llama fields and all)
+    llm = GPT(GPTConfig(**run.meta['gpt']))
 if gpt_source:
-    import pretrained  # (only then: a fork of this recipe runs without it)
-    if from_llm:
-        llm, tok, SPECIALS = pretrained.load_recipe_gpt(init_gpt, ['<|image|>', '<|eos|>', '<|pad|>'])
-        # the source's shape, each key printed where the config differs
-        shape = {k: getattr(llm.config, k) for k in ('n_layer', 'n_head', 'n_embd')}
-        globals().update(adopt_checkpoint_config(dict(config=shape), config, shape, verbose=master))
-    else:  # the model is the checkpoint's (its meta holds the GPT's config, Llama fields and all)
-        tok, SPECIALS = pretrained.own_tokenizer(run.meta), run.meta['specials']
-        llm = GPT(GPTConfig(**run.meta['gpt']))
+    tok = llm_tok
     IMG, EOS, PAD = tok['<|image|>'], tok['<|eos|>'], tok['<|pad|>']
     BOS = tok.bos if tok.bos is not None else tok['<|bos|>']
     llm.config.image_token_id = IMG
