@@ -41,6 +41,8 @@ class GPTConfig:
     image_token_id: int = -1    # token whose positions receive vision embeddings (-1: none)
     logit_softcap: float = 15.0  # nanochat's tanh softcap; 0 disables
     rope_base: float = 10000.0
+    rope_llama3: tuple = ()     # Llama 3.x's frequency rescaling: (factor, low_freq_factor, high_freq_factor,
+                                #   original_max_position_embeddings); () = plain rotary
     input_norm: bool = True     # RMS-normalise the input embeddings before the first block (nanochat does); off,
                                 #   the projector sets the image tokens' scale against the words' (train_pointer)
     mlp: str = "relu2"          # 'relu2' (nanochat) | 'swiglu' (Llama: down(silu(gate x) * up x), gate|up in c_fc)
@@ -343,7 +345,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = self.make_head(config.vocab_size)
         head_dim = config.n_embd // config.n_head
-        cos, sin = rotary_table(4 * config.sequence_len, head_dim, config.rope_base)
+        cos, sin = rotary_table(4 * config.sequence_len, head_dim, config.rope_base, tuple(config.rope_llama3))
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.apply(init_weights)
@@ -548,11 +550,24 @@ def set_checkpointing(module, on=True):
     return module
 
 
-def rotary_table(length, head_dim, base=10000.0):
-    """(length, head_dim) tables in apply_rotary's form: cos = [c, c], sin = [s, -s] over the two halves."""
+def rotary_table(length, head_dim, base=10000.0, llama3=()):
+    """(length, head_dim) tables in apply_rotary's form: cos = [c, c], sin = [s, -s] over the two halves.
+    llama3: Llama 3.x's rescaling, which stretches the low frequencies by `factor` and blends the middle band."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if llama3:
+        inv_freq = llama3_frequencies(inv_freq, *llama3)
     freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     return torch.cat([freqs.cos(), freqs.cos()], -1), torch.cat([freqs.sin(), -freqs.sin()], -1)
+
+
+def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor, original_context):
+    """Wavelengths longer than original_context / low_freq_factor are divided by factor, shorter than
+    original_context / high_freq_factor kept, those between blended linearly in original_context / wavelength."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > original_context / low_freq_factor, inv_freq / factor, blended)
+    return torch.where(wavelen < original_context / high_freq_factor, inv_freq, out)
 
 
 def init_weights(module):

@@ -393,14 +393,17 @@ def hf_config(cfg, where):
     act = "relu2" if nanochat else "silu"
     refused = [f"hidden_act={cfg.get('hidden_act')!r}"] if cfg.get("hidden_act", act) != act else []
     refused += [f"{k}=True" for k in ("attention_bias", "mlp_bias") if cfg.get(k)]
-    refused += [f"rope type {rope_type!r}"] if rope_type != "default" else []
+    refused += [f"rope type {rope_type!r}"] if rope_type not in ("default", "llama3") else []
     refused += [f"sliding_window={cfg['sliding_window']}"] if cfg.get("sliding_window") is not None else []
     refused += [f"head_dim={head_dim} x {heads} heads != hidden_size {width}"] if head_dim * heads != width else []
     if refused:
         raise InputError(f"{where}: {kind} with {', '.join(refused)} is not supported")
+    llama3 = () if rope_type != "llama3" else tuple(float(rope[k]) for k in (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
     return GPTConfig(vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_head=heads,
                      n_kv_head=cfg.get("num_key_value_heads") or heads, n_embd=width,
                      sequence_len=min(cfg.get("max_position_embeddings", 2048), 8192), rope_base=float(theta),
+                     rope_llama3=llama3,
                      logit_softcap=float(cfg.get("final_logit_softcapping") or 0.0) if nanochat else 0.0,
                      input_norm=nanochat, mlp="relu2" if nanochat else "swiglu",
                      intermediate_size=cfg["intermediate_size"], norm_gains=not nanochat,

@@ -17,7 +17,7 @@ import torch
 import pretrained
 from checkpoint import save_checkpoint
 from dataclasses import asdict
-from model import GPT, GPTConfig, InputError, left_pad
+from model import GPT, GPTConfig, InputError, left_pad, rotary_table
 from pretrained import add_special_tokens, load_gpt
 
 transformers = pytest.importorskip("transformers")  # the test requirements install it: CI runs these tests
@@ -243,6 +243,25 @@ def test_llama_matches_transformers(tmp_path, tied, shard, old_spelling):
     assert_same_model(ref, model, c.vocab_size, seed=1)
 
 
+@pytest.mark.parametrize("old_spelling", [False, True])
+def test_llama3_rope_scaling_matches_transformers(tmp_path, old_spelling):
+    """Llama 3.x (e.g. Llama-3.2-1B): rope_type 'llama3'. head_dim 16 over an original context of 64 puts the 8
+    frequencies in all three bands (kept, blended, divided by the factor)."""
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
+    ref = write_llama(str(tmp_path), tied=True, old_spelling=old_spelling,
+                      rope_parameters=dict(rope_theta=500000.0, **scaling))
+    if old_spelling:  # the Hub's spelling: rope_theta beside a rope_scaling dict
+        path = tmp_path / "config.json"
+        cfg = json.load(open(path))
+        json.dump(dict(cfg, rope_scaling=scaling), open(path, "w"))
+    model, _, _ = load_gpt(str(tmp_path))
+    assert model.config.rope_llama3 == (8.0, 1.0, 4.0, 64.0) and model.config.rope_base == 500000.0
+    plain = rotary_table(64, 16, 500000.0)[0]
+    assert not torch.allclose(model.cos[:64], plain)  # the rescaling changes the table
+    assert_same_model(ref, model, model.config.vocab_size, seed=5)
+
+
 def test_mistral_without_sliding_window_loads(tmp_path):
     c = transformers.MistralConfig(vocab_size=416, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
@@ -410,7 +429,7 @@ def test_refusals(tmp_path):
     with pytest.raises(InputError, match="model_type 'qwen2' is not supported") as e:
         load_gpt(str(tmp_path / "gpt2"))
     assert one_line(e)
-    for change, message in [(dict(rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=8.0)), "rope type 'llama3'"),
+    for change, message in [(dict(rope_parameters=dict(rope_type="yarn", rope_theta=5e5, factor=8.0)), "rope type 'yarn'"),
                             (dict(attention_bias=True), "attention_bias=True"),
                             (dict(hidden_act="gelu"), "hidden_act='gelu'")]:
         json.dump(dict(cfg, **change), open(cfg_path, "w"))
