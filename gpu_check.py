@@ -19,17 +19,19 @@ import time
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # each recipe's GPU config, switched to its synthetic data and to small evals; pretrained sources are dropped
-# (the GPU machine may have no network): the shapes are the config's own
+# (the GPU machine may have no network) and replaced by random weights of the same shapes (nanochat d20 for OCR,
+# SmolLM2-135M's depth and width for Foveated)
 RECIPES = {
     "lanelm": ["config/lanelm_tusimple.py", "--dataset=synthetic", "--n_eval=64", "--n_eval_tf=32", "--eval_batch=32"],
-    "pointer": ["config/pointer_jsonl.py", "--dataset=synthetic", "--n_eval=64", "--n_eval_multi=16",
+    "pointer": ["config/pointer_jsonl.py", "--dataset=synthetic", "--vit_init=", "--n_eval=64", "--n_eval_multi=16",
                 "--n_train_eval=16", "--num_workers=0"],
     "ocr": ["config/ocr_fox.py", "--dataset=synthetic", "--n_eval=8", "--eval_batch=8", "--init_gpt=",
-            "--init_encoder="],
-    "seg_gumbel": ["config/seg_refcoco.py", "--dataset=synthetic", "--stage_a_steps=10", "--n_eval=64",
+            "--init_encoder=", "--n_layer=20", "--n_head=10", "--n_kv_head=10", "--n_embd=1280"],
+    "seg_gumbel": ["config/seg_refcoco.py", "--dataset=synthetic", "--vit_init=", "--stage_a_steps=10", "--n_eval=64",
                    "--eval_batch_size=64"],
-    "foveated": ["config/foveated_video.py", "--task=track", "--latent_encoder=fixed", "--vit_init=",
-                 "--freeze_vit=False", "--n_eval=64", "--eval_batch=32", "--n_caption_eval=8"],
+    "foveated": ["config/foveated_video.py", "--task=track", "--latent_encoder=fixed", "--vit_init=", "--init_gpt=",
+                 "--n_layer=30", "--n_head=9", "--n_embd=576", "--freeze_vit=False", "--n_eval=64", "--eval_batch=32",
+                 "--n_caption_eval=8"],
 }
 # dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), FLOP/s
 DATASHEET_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
