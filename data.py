@@ -234,7 +234,7 @@ def write_results(out_dir, recipe, split, n_eval, metrics, targets, **fields):
     results = dict(recipe=recipe, split=split, n_eval=n_eval,
                    metrics={k: float(v) for k, v in metrics.items()},
                    targets={k: [op, thr] for k, (op, thr) in targets.items()},
-                   met=met, git=git_commit(), **fields)
+                   met=met, **{"git": git_commit(), **fields})  # fields may name the commit a run started from
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
     with open(path + ".tmp", "w") as f:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import adopt_checkpoint_config, check_repo_id, load_meta, push_run_to_hub, run_dir
-from data import format_metrics, write_results
+from data import format_metrics, git_commit, write_results
 from model import InputError
 
 
@@ -541,6 +541,7 @@ class Logger:
 
     def __init__(self, run, recipe, config, wandb_log=False, project="", run_name=""):
         self.run, self.recipe, self.config, self.wb = run, recipe, config, None
+        self.git = git_commit()  # the code the run started with (HEAD may move while it trains)
         if wandb_log and run.master:
             try:
                 import wandb
@@ -566,7 +567,7 @@ class Logger:
         """Prints, writes results.json and evals.jsonl, logs to wandb. Returns results.json's dict."""
         head = [f"{k} {metrics[k]:.4g} ({op} {thr})" for k, (op, thr) in targets.items() if k in metrics]
         res = write_results(self.run.out_dir, self.recipe, split, n_eval, metrics, targets, step=step,
-                            device=self.run.device, dtype=self.run.dtype, config=self.config, **fields)
+                            device=self.run.device, dtype=self.run.dtype, config=self.config, git=self.git, **fields)
         print(f"eval step {step} | " + " | ".join(head) + f" | {'met' if res['met'] else 'NOT met'}")
         shown = {k: metrics[k] for k in diagnostics if k in metrics}
         if shown or note:

@@ -107,7 +107,10 @@ def test_logger_eval_prints_targets_then_diagnostics_and_writes_every_metric(tmp
     assert saved == res and saved["metrics"] == metrics and saved["met"] is False and saved["step"] == 40
     assert saved["n_eval"] == 9 and saved["params"] == 11 and saved["device"] == "cpu"
     assert saved["train_seconds"] == 12.3456
+    assert saved["git"] == logger.git  # the commit the run started from, however HEAD moves while it trains
+    logger.git = "started-at"
     logger.eval(80, dict(metrics, err=2.0), targets)
+    assert json.load(open(os.path.join(run.out_dir, "results.json")))["git"] == "started-at"
     records = [json.loads(l) for l in open(os.path.join(run.out_dir, "evals.jsonl"))]
     assert [(r["step"], r["met"], r["metrics"]["other"]) for r in records] == [(40, False, 7.0), (80, True, 7.0)]
     assert json.load(open(os.path.join(run.out_dir, "results.json")))["step"] == 80  # results.json: the latest
