@@ -52,6 +52,9 @@ class GPTConfig:
     qk_norm: bool = True        # RMS-normalise q and k after rotary (nanochat); Llama has none
     tie_embeddings: bool = False  # the head reuses the token embedding's matrix (Llama's tie_word_embeddings)
 
+    def __post_init__(self):
+        self.rope_llama3 = tuple(self.rope_llama3)  # a JSON meta gives a list
+
 
 def norm(x, eps=None):
     # parameter-free RMSNorm, as nanochat
@@ -345,7 +348,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = self.make_head(config.vocab_size)
         head_dim = config.n_embd // config.n_head
-        cos, sin = rotary_table(4 * config.sequence_len, head_dim, config.rope_base, tuple(config.rope_llama3))
+        cos, sin = rotary_table(4 * config.sequence_len, head_dim, config.rope_base, config.rope_llama3)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.apply(init_weights)

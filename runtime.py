@@ -391,8 +391,8 @@ class MemoryPlan:
             plan = f"micro-batch {-(-per_rank // accum)} x {accum} accumulation steps" if fit else "does not fit"
             print(f"  {name:<28} {size(act)}  -> peak ~{size(fixed + act).strip()}; on {self.gpu_gib:.0f} GiB: {plan}")
         if self.kv_cache_bytes:
-            print(f"  {'eval KV cache':<28} {size(self.kv_cache_bytes)} (generation, after training frees gradients and "
-                  f"activations)")
+            print(f"  {'eval KV cache':<28} {size(self.kv_cache_bytes)} (at most: the eval batch x the GPT's "
+                  f"sequence_len; generation, after training frees gradients and activations)")
 
 
 def plan_probe(planner):
