@@ -2,6 +2,8 @@
 # data_dir holds captions.json {clip: caption} and clip.npy (T, H, W, 3) or clip/ frame folders
 # (every 10th clip by name is held out). Latents: TAESD's encoder from safetensors
 # (madebyollin/taesd taesd_encoder.safetensors or diffusers AutoencoderTiny weights).
+# needs (--plan=True, bf16, random weights of these shapes, 2026-12-06 CPU trace): peak ~3.6 GiB per process at
+#   batch 8 (activations 1.7 GiB; block checkpointing does not shrink them here) + eval KV cache <= 5.6 GiB: any 24 GB+ GPU
 task = 'folder'
 data_dir = 'data/clips'
 n_frames = 16

@@ -5,6 +5,8 @@
 # torchrun --standalone --nproc_per_node=8 train_lanelm.py config/lanelm_tusimple.py --data_root=/data/tusimple
 # Labels stay in TuSimple's 1280x720 frame (the official 20 px threshold); images are resized to 640x368,
 # so P5 (stride 16) is 40x23 = 920 vision tokens. TuSimple has up to 5 lanes: 6 lane ids.
+# needs (--plan=True, bf16, 2026-12-06 CPU trace): peak ~9.8 GiB per process at batch 32 (activations 9.4 GiB;
+#   ~2.9 GiB with --activation_checkpointing=True) + eval KV cache <= 6.1 GiB: one 24 GB+ GPU
 dataset = 'tusimple'
 img_w = 640
 img_h = 368

@@ -3,6 +3,8 @@
 # Points are normalised with each image's own size; errors are reported in a 384-px-tall frame
 # (width by the image's aspect ratio). GPU scale: python train_pointer.py config/pointer_jsonl.py
 # (add --wandb_log=True to log to wandb; without a login it logs offline)
+# needs (--plan=True, bf16, random weights of these shapes, 2026-12-06 CPU trace): peak ~11.7 GiB per process at
+#   batch 32 (activations 10.6 GiB; ~2.6 GiB with --activation_checkpointing=True): one 24 GB+ GPU
 dataset = "jsonl"
 train_jsonl = "data/pointing/train.jsonl"
 val_jsonl = "data/pointing/val.jsonl"

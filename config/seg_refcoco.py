@@ -2,6 +2,8 @@
 # [{"image": "train2014/COCO_train2014_000000000009.jpg", "segmentation": [[x1, y1, ...]] | "mask": "m.png",
 #   "sentences": ["the man on the left", ...]}, ...]   (a mask PNG's nonzero pixels are the region: 0/1 or 0/255)
 # torchrun --standalone --nproc_per_node=8 train_seg_gumbel.py config/seg_refcoco.py
+# needs (--plan=True, bf16, random weights of these shapes, 2026-12-06 CPU trace, stage A): peak ~9.8 GiB per
+#   process at batch 32 (activations 6.8 GiB; ~5.1 GiB peak with --activation_checkpointing=True): one 24 GB+ GPU
 dataset = "refcoco"
 train_json = "data/refcoco/refcoco_train.json"
 val_json = "data/refcoco/refcoco_val.json"
