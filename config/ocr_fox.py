@@ -5,6 +5,9 @@
 #   torchrun --nproc_per_node=8 train_ocr.py config/ocr_fox.py --train_data=ocr_train.jsonl
 #   (Fox elsewhere: --val_data=<dir>/en_page_ocr.json --image_root=<dir>/en_pdf_png)
 #   then stage 2:  ... --stage=2 --init_encoder=out/ocr-<stage 1>/encoder   (with a fresh d20, as the journal)
+# needs (--plan=True --batch_size=2, bf16, random weights of these shapes, SAM frozen, 2026-12-06 CPU trace on synthetic
+#   pages, whose texts are far shorter than 1536 tokens): 13.3 GiB of parameters, gradients and AdamW state + 1.37 GiB
+#   activations per page (0.30 checkpointed): ~19 GiB per process at batch 4 before long pages: an 80 GB GPU
 init_encoder = 'hf:deepseek-ai/DeepSeek-OCR'  # vision: DeepSeek-OCR's trained DeepEncoder, SAM frozen (journal's fix)
 dataset = 'fox'
 val_data = 'fox/en_page_ocr.json'
