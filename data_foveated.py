@@ -484,6 +484,10 @@ def fov_check_config(c, tasks=FOV_TASKS + ("folder",)):
               # the attention strip draws held-out videos 0..n_vis-1 of the eval
               (c["n_eval"] < 1 or not 0 <= c["n_vis"] <= c["n_eval"],
                f"need n_eval >= 1 and 0 <= n_vis <= n_eval, got n_eval={c['n_eval']}, n_vis={c['n_vis']}"),
+              (c["read_top_k"] < 0, f"read_top_k must be >= 0 (0: soft reads of every patch), got {c['read_top_k']}"),
+              (c["read_gumbel"] and not c["read_top_k"], "read_gumbel=True draws the read_top_k patches: set read_top_k"),
+              (c["reinforce_weight"] > 0 and not (c["read_top_k"] and c["read_gumbel"]), "reinforce_weight > 0 "
+               "rewards drawn glimpses: set read_top_k > 0 and read_gumbel=True"),
               (c["freeze_vit"] and not c["vit_init"] and c["init_from"] == "scratch", "freeze_vit=True needs "
                "vit_init=<a pretrained ViT: checkpoint dir, or a transformers encoder>: a frozen random ViT would never learn to see")]
     for bad, msg in checks:
@@ -578,8 +582,11 @@ def fov_metrics(a, image_size, patch_size, target_size=0, read_head=None, glimps
             m[f"loss_read_{path}"] = F.mse_loss(read, a["all"]).item()
             per_frame[f"read_{path}"] = fov_per_frame_mse(read, a["all"])
     if "xy" in a:  # attention mass on the target's patches (frames 1.. : frame 0 has no history)
+        on_target = fov_target_patches(a["xy"][:, 1:], target_size, image_size, patch_size)
         for path, maps in (("fine", a["af"]), ("coarse", a["ac"])):
-            m[f"target_att_{path}"] = fov_target_hit(maps[:, 1:], a["xy"][:, 1:], target_size, image_size, patch_size)
+            m[f"target_att_{path}"] = float(fov_target_mass(maps[:, 1:], on_target).mean())
+            # the share of frames whose attention peak lands on one of the target's patches (uniform: ~1/N)
+            m[f"target_peak_{path}"] = on_target.gather(-1, maps[:, 1:].argmax(-1, keepdim=True)).float().mean().item()
         for path, g in (glimpse_maps or {}).items():  # the location maps' mass on the target (uniform: ~1/N)
             m[f"glimpse_target_{path}"] = fov_target_hit(g, a["xy"][:, 1:], target_size, image_size, patch_size)
     return m, per_frame

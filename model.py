@@ -676,22 +676,46 @@ class ViTBlock(nn.Module):
         x = x + self.proj(y.transpose(1, 2).reshape(x.shape))
         return x + self.mlp(self.ln_2(x)), (k, v)
 
-    def read(self, qx, patch_k, patch_v, temperature=1.0, bias=None, prefix=0):
+    def read(self, qx, patch_k, patch_v, temperature=1.0, bias=None, prefix=0, top_k=0, gumbel=False, logps=None):
         """Query tokens attend to [this layer's encoder K/V, themselves]; the encoder never sees the queries.
         Attention is written out (queries are few) so the query->patch map can be returned.
         bias (B, Q, N): added to the query->patch logits (e.g. a location prior), every head. prefix: how many
-        encoder tokens (class, registers) come before the N patches; they are read, but not in the bias or map."""
+        encoder tokens (class, registers) come before the N patches; they are read, but not in the bias or map.
+        top_k > 0: a hard glimpse, see top_k_attention (logps: a list that gets its log-probability (B, Q))."""
         q, k, v = self.heads(qx)
         keys, values = torch.cat([patch_k, k], 2), torch.cat([patch_v, v], 2)
         scores = (q @ keys.transpose(-2, -1)) / (math.sqrt(q.shape[-1]) * temperature)
         if bias is not None:
             pad = (prefix, scores.shape[-1] - bias.shape[-1] - prefix)
             scores = scores + F.pad(bias, pad)[:, None].to(scores.dtype)
-        att = scores.float().softmax(-1).to(q.dtype)
+        if top_k:
+            att, logp = top_k_attention(scores.float(), prefix, patch_k.shape[2], top_k, gumbel)
+            att = att.to(q.dtype)
+            if logps is not None:
+                logps.append(logp)
+        else:
+            att = scores.float().softmax(-1).to(q.dtype)
         y = (att @ values).transpose(1, 2).reshape(qx.shape)
         qx = qx + self.proj(y)
         qx = qx + self.mlp(self.ln_2(qx))
         return qx, att[..., prefix:patch_k.shape[2]].mean(1)  # (B, Q, N) head-averaged map over patches
+
+
+def top_k_attention(scores, start, end, k, gumbel=False):
+    """A hard glimpse: softmax over the k patches (scores[..., start:end], picked once for all heads from the
+    head-mean scores) and every non-patch key; the other patches get 0. gumbel=True picks the k by Gumbel top-k
+    (k draws without replacement from the head-mean softmax: places not yet favoured get tried). Straight-through:
+    the value is the hard map, the gradient the full softmax's (every patch's logit learns).
+    -> (attention, log-probability (B, Q) of the k picked: the sum of their head-mean log-softmax, exact for k = 1,
+    for k > 1 a surrogate whose gradient raises every picked patch: REINFORCE's score)."""
+    soft = scores.softmax(-1)
+    mean = scores[..., start:end].mean(1, keepdim=True)  # (B, 1, Q, N)
+    pick = mean - torch.log(-torch.log(torch.rand_like(mean).clamp(1e-9, 1 - 1e-9))) if gumbel else mean
+    chosen = torch.zeros_like(pick, dtype=torch.bool).scatter_(-1, pick.topk(min(k, end - start), -1).indices, True)
+    keep = F.pad(chosen, (start, scores.shape[-1] - end), value=True).expand_as(scores)
+    hard = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+    logp = (mean.log_softmax(-1) * chosen).sum(-1)[:, 0]
+    return soft + (hard - soft).detach(), logp
 
 
 def embed_patches(images, conv):
@@ -791,14 +815,17 @@ class ViT(nn.Module):
         last_hidden_state for a loaded CLIP, DINOv2 or SigLIP)."""
         return self.encode(images)["hidden"]
 
-    def read(self, queries, cache, temperature=None, bias=None):
+    def read(self, queries, cache, temperature=None, bias=None, top_k=0, gumbel=False, logps=None):
         """queries (B, Q, C) -> (outputs (B, Q, C), [attention maps (B, Q, N) over the patches per layer read]).
-        bias (B, Q, N): added to the query->patch attention logits at every layer read."""
+        bias (B, Q, N): added to the query->patch attention logits at every layer read. top_k > 0: each layer
+        reads only its k best patches (gumbel: drawn; see top_k_attention; logps: a list that gets each layer's
+        log-probability of its picks (B, Q))."""
         t = self.config.attn_temperature if temperature is None else temperature
         first = 0 if self.config.query_mode == "deep" else len(self.blocks) - 1
         maps = []
         for i in range(first, len(self.blocks)):
-            queries, att = self.blocks[i].read(queries, *cache["kv"][i], temperature=t, bias=bias, prefix=self.prefix)
+            queries, att = self.blocks[i].read(queries, *cache["kv"][i], temperature=t, bias=bias, prefix=self.prefix,
+                                               top_k=top_k, gumbel=gumbel, logps=logps)
             maps.append(att)
         return self.ln_f(queries), maps
 

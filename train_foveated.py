@@ -112,6 +112,16 @@ look_weight = 1.0          # synthetic only, training only: + look_weight x -log
                            # for the reads of BOTH paths (one static query simply cannot follow a mover); the
                            # prediction loss alone did not teach the predicted queries where to look. Eval never
                            # sees a position. 0: no supervision of where to look
+read_top_k = 0             # > 0: every read (both paths) is a hard glimpse of its k best patches per layer, straight-
+                           # through (value: softmax over the k; gradient: over all patches): where a read looks
+                           # decides what it gets, so the prediction loss has a reason to teach it (0: soft, all)
+read_gumbel = False        # read_top_k > 0, training only: the k patches are drawn (Gumbel top-k), not the k best
+reinforce_weight = 0.0     # > 0 (read_top_k, read_gumbel): + a policy gradient on every read's drawn patches (REINFORCE),
+                           # rewarded per video and frame by the prediction made from that read: the fine read by its
+                           # gain over the static read's (coarse loss - fine loss), the static read by -its loss; each
+                           # against the batch mean
+contrast_weight = 0.0      # > 0: + contrast_weight x cos(fine read, coarse read) per frame (after frame 0): a push for
+                           # the fine reads to hold something the static read does not
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
 oracle_look = False        # DIAGNOSTIC (synthetic only), never a result: the fine reads get the target's true
                            # patches as a location prior (-8 on every other patch): what perfect looking buys
@@ -175,11 +185,14 @@ if vit_src and coord_channels:
 class FoveatedVLM(nn.Module):
     def __init__(self, vit_cfg, gpt_cfg, query_dim, latent_dim, coord_channels=True, max_frames=16, glimpse=False,
                  fine_proj=False, read_skip=False, recurrent=False, detach_coarse=True, read_weight=0.0,
-                 look_weight=0.0, latent_target='frame'):
+                 look_weight=0.0, latent_target='frame', read_top_k=0, read_gumbel=False, contrast_weight=0.0,
+                 reinforce_weight=0.0):
         super().__init__()
         self.glimpse = glimpse
         # training settings, not the weights' shape (so never in the checkpoint's "foveated" meta): see the config
         self.detach_coarse, self.read_weight, self.look_weight = detach_coarse, read_weight, look_weight
+        self.read_top_k, self.read_gumbel, self.contrast_weight = read_top_k, read_gumbel, contrast_weight
+        self.reinforce_weight = reinforce_weight
         self.latent_target = latent_target
         self.n_patches = (vit_cfg.image_size // vit_cfg.patch_size) ** 2
         if glimpse and query_dim <= self.n_patches:
@@ -224,10 +237,11 @@ class FoveatedVLM(nn.Module):
             kv = [None] * (len(kv) - 1) + [kv[-1]]
         return dict(kv=kv, n_frames=frames.shape[1])
 
-    def read(self, cache, queries, temperature=None, look=None):
+    def read(self, cache, queries, temperature=None, look=None, logps=None):
         """queries (B, T, query_dim), one per frame -> features (B, T, C), attention (B, T, N) averaged
         over the layers read (deep: all, shallow: the last). look (B, T, N) bool: the oracle_look diagnostic's
-        location prior (0 on those patches, -8 on the others)."""
+        location prior (0 on those patches, -8 on the others). logps: a list that gets the drawn glimpses'
+        log-probability (B, T), summed over the layers (read_top_k with read_gumbel in training)."""
         fov_check_cache(cache, self.vit.config.query_mode)
         B, T, _ = queries.shape
         if T != cache["n_frames"] or cache["kv"][-1][0].shape[0] != B * T:
@@ -239,7 +253,11 @@ class FoveatedVLM(nn.Module):
         if look is not None:
             prior = torch.where(look, 0.0, -8.0).to(qx.device, qx.dtype).reshape(B * T, 1, -1)
             bias = prior if bias is None else bias + prior
-        out, maps = self.vit.read(qx, cache, temperature, bias)
+        layer_logps = [] if logps is not None else None
+        out, maps = self.vit.read(qx, cache, temperature, bias, self.read_top_k, self.read_gumbel and self.training,
+                                  layer_logps)
+        if logps is not None:
+            logps.append(torch.stack(layer_logps).sum(0).view(B, T))
         att = torch.stack(maps).mean(0)[:, 0]
         return out.view(B, T, -1), att.view(B, T, -1)
 
@@ -317,14 +335,16 @@ class FoveatedVLM(nn.Module):
         cache = self.encode(frames)
         text_mode = "text" if mode == "text" else "video"
         # pass 1 (coarse): the static query on every frame
-        z_c, att_c = self.read(cache, self.q_static.expand(B, T, -1))
+        policy = self.reinforce_weight > 0 and self.training
+        logps_c, logps_f = ([], []) if policy else (None, None)
+        z_c, att_c = self.read(cache, self.q_static.expand(B, T, -1), logps=logps_c)
         h, _ = self.sequence(z_c, text_mode, captions)
         pred_c, loss_c = self.predict(h, z_c, targets)
         read_c = F.mse_loss(self.read_head(z_c).float(), targets.float())
         fine, cap_loss = [], None
         h = h.detach() if self.detach_coarse else h
         if self.recurrent:  # one fine pass whose queries come from its own state: pass 1 is the baseline only
-            z_f, att_f, q = self.recurrent_reads(cache, text_mode, captions, look)
+            z_f, att_f, q = self.recurrent_reads(cache, text_mode, captions, look, logps_f)
             h, cap_loss = self.sequence(z_f, mode if mode == "caption" else text_mode, captions, fine=True,
                                         caption_count=caption_count)
             pred_f, pass_loss = self.predict(h, z_f, targets)
@@ -332,8 +352,8 @@ class FoveatedVLM(nn.Module):
         else:
             for p in range(n_passes):  # pass 2+ (fine): frame t is read with the query predicted after frames < t
                 q = torch.cat([self.q_init.expand(B, 1, -1), self.query_head(h[:, :-1])], 1)
-                z_f, att_f = self.read(cache, q, look=look)
                 last = p == n_passes - 1
+                z_f, att_f = self.read(cache, q, look=look, logps=logps_f if last else None)
                 h, cap = self.sequence(z_f, "caption" if (last and mode == "caption") else text_mode, captions,
                                        fine=True, caption_count=caption_count)
                 cap_loss = cap if cap is not None else cap_loss
@@ -344,6 +364,11 @@ class FoveatedVLM(nn.Module):
         loss = loss_f + loss_c + (cap_loss if cap_loss is not None else 0.0)
         if self.read_weight > 0:
             loss = loss + self.read_weight * (read_c + read_f)
+        if policy:
+            loss = loss + self.reinforce_weight * self.policy_loss(pred_f, pred_c, targets, torch.cat(logps_f, 1),
+                                                                   logps_c[0])
+        if self.contrast_weight > 0:  # frame 0's fine read has no history to differ by
+            loss = loss + self.contrast_weight * F.cosine_similarity(z_f[:, 1:], z_c[:, 1:], dim=-1).mean()
         look_loss = None
         if target_patches is not None and self.look_weight > 0:  # both paths alike (the last fine pass's reads)
             look_loss = fov_look_loss(att_f, target_patches) + fov_look_loss(att_c, target_patches)
@@ -352,7 +377,18 @@ class FoveatedVLM(nn.Module):
                     pred_fine=pred_f, loss_read_fine=read_f, loss_read_coarse=read_c, pred_coarse=pred_c,
                     z_fine=z_f, z_coarse=z_c, att_fine=att_f, att_coarse=att_c, queries=q)
 
-    def recurrent_reads(self, cache, mode, captions=None, look=None):
+    @staticmethod
+    def policy_loss(pred_f, pred_c, targets, logp_f, logp_c):
+        """REINFORCE on the drawn glimpses: the fine read of frame t is rewarded by its prediction's gain over the
+        static read's on the same video and frame, the static read by minus its own error; each reward against
+        the batch mean for that frame. logp_f, logp_c (B, T): the reads' log-probabilities (the last frame's read
+        predicts nothing and gets no reward)."""
+        err_f = (pred_f.float() - targets[:, 1:].float()).pow(2).mean(-1).detach()  # (B, T-1)
+        err_c = (pred_c.float() - targets[:, 1:].float()).pow(2).mean(-1).detach()
+        gain, own = err_c - err_f, -err_c
+        return -((gain - gain.mean(0)) * logp_f[:, :-1]).mean() - ((own - own.mean(0)) * logp_c[:, :-1]).mean()
+
+    def recurrent_reads(self, cache, mode, captions=None, look=None, logps=None):
         """The fine reads frame by frame: frame t is read with the query the GPT predicts after the fine reads of
         frames < t (frame 0: q_init). A tracker's loop: each query is one step from a place the model has seen,
         where n_passes=1 queries come from the static reads' state and drift. Equal to n_passes = n_frames,
@@ -364,7 +400,7 @@ class FoveatedVLM(nn.Module):
             queries.append(q)
             layers = [None if kv is None else tuple(x.unflatten(0, (B, T))[:, t] for x in kv) for kv in cache["kv"]]
             frame = dict(kv=layers, n_frames=1)
-            z, a = self.read(frame, q[:, None], look=None if look is None else look[:, t:t + 1])
+            z, a = self.read(frame, q[:, None], look=None if look is None else look[:, t:t + 1], logps=logps)
             feats.append(z)
             maps.append(a)
             if t < T - 1:
@@ -423,7 +459,8 @@ def build_model(meta=None, llm=None):
                                              coord_channels=coord_channels, max_frames=n_frames, glimpse=glimpse,
                                              fine_proj=fine_proj, read_skip=read_skip, recurrent=recurrent)
     model = FoveatedVLM(vit_cfg, gpt_cfg, **fov, detach_coarse=detach_coarse, read_weight=read_weight,
-                        look_weight=look_weight, latent_target=latent_target)
+                        look_weight=look_weight, latent_target=latent_target, read_top_k=read_top_k,
+                        read_gumbel=read_gumbel, contrast_weight=contrast_weight, reinforce_weight=reinforce_weight)
     if llm is not None:
         model.gpt = llm
     return model, dict(vit=asdict(vit_cfg), gpt=asdict(gpt_cfg), foveated=fov)
@@ -583,7 +620,8 @@ def evaluate(step):
     raw_model.train()
     warnings = fov_hollow_warnings(m, (image_size // patch_size) ** 2)  # a diagnostic: 'met' is unchanged
     logger.eval(step, m, TARGETS, diagnostics=("loss_fine", "loss_coarse", "loss_mean", "target_att_fine",
-                                               "target_att_coarse", "caption_word_acc"),
+                                               "target_att_coarse", "target_peak_fine", "target_peak_coarse",
+                                               "caption_word_acc"),
                 note="warning: " + "; ".join(w.split(":")[0].split(" (")[0] for w in warnings) if warnings else "",
                 images={"attention": png}, n_eval=n_eval, train_seconds=clock.seconds, params=n_params,
                 per_frame=per_frame, task=task, png=os.path.basename(png) if png else None, warnings=warnings,
