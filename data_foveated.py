@@ -410,6 +410,12 @@ def fov_look_loss(maps, target_patches):
     return -(fov_target_mass(maps, target_patches)[:, 1:] + 1e-6).log().mean()
 
 
+def fov_advantage(reward):
+    """REINFORCE's advantage (B, T): each frame's reward against its batch mean, over its batch spread (a reward's
+    scale never sets the step size)."""
+    return (reward - reward.mean(0)) / (reward.std(0) + 1e-6)
+
+
 def fov_target_hit(maps, target_xy, target_size, image_size, patch_size):
     """Share of attention mass on the patches the target overlaps. maps (B, T, N); target_xy (B, T, 2)."""
     return float(fov_target_mass(maps, fov_target_patches(target_xy, target_size, image_size, patch_size)).mean())

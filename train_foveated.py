@@ -47,7 +47,7 @@ from checkpoint import (adopt_checkpoint_config, load_checkpoint, rng_state, sav
 from data import Tokenizer, batch_indices  # noqa: E402
 from data_foveated import (fov_caption_scores, fov_check_cache, fov_check_captions, fov_check_clip,  # noqa: E402
                            fov_check_config, fov_clip_split, fov_coord_planes, fov_folder_batch,
-                           fov_hollow_warnings, fov_latent_encoder, fov_list_clips, fov_load_vit_init,
+                           fov_advantage, fov_hollow_warnings, fov_latent_encoder, fov_list_clips, fov_load_vit_init,
                            fov_look_loss, fov_metrics, fov_pick_mode, fov_save_attention, fov_synthetic_batch,
                            fov_synthetic_captions, fov_target_patches, fov_vit_input)
 
@@ -119,7 +119,7 @@ read_gumbel = False        # read_top_k > 0, training only: the k patches are dr
 reinforce_weight = 0.0     # > 0 (read_top_k, read_gumbel): + a policy gradient on every read's drawn patches (REINFORCE),
                            # rewarded per video and frame by the prediction made from that read: the fine read by its
                            # gain over the static read's (coarse loss - fine loss), the static read by -its loss; each
-                           # against the batch mean
+                           # against the batch mean, in units of the batch's spread
 contrast_weight = 0.0      # > 0: + contrast_weight x cos(fine read, coarse read) per frame (after frame 0): a push for
                            # the fine reads to hold something the static read does not
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
@@ -381,12 +381,12 @@ class FoveatedVLM(nn.Module):
     def policy_loss(pred_f, pred_c, targets, logp_f, logp_c):
         """REINFORCE on the drawn glimpses: the fine read of frame t is rewarded by its prediction's gain over the
         static read's on the same video and frame, the static read by minus its own error; each reward against
-        the batch mean for that frame. logp_f, logp_c (B, T): the reads' log-probabilities (the last frame's read
+        the batch mean for that frame, in units of the batch's spread. logp_f, logp_c (B, T): the reads' log-probabilities (the last frame's read
         predicts nothing and gets no reward)."""
         err_f = (pred_f.float() - targets[:, 1:].float()).pow(2).mean(-1).detach()  # (B, T-1)
         err_c = (pred_c.float() - targets[:, 1:].float()).pow(2).mean(-1).detach()
         gain, own = err_c - err_f, -err_c
-        return -((gain - gain.mean(0)) * logp_f[:, :-1]).mean() - ((own - own.mean(0)) * logp_c[:, :-1]).mean()
+        return -(fov_advantage(gain) * logp_f[:, :-1]).mean() - (fov_advantage(own) * logp_c[:, :-1]).mean()
 
     def recurrent_reads(self, cache, mode, captions=None, look=None, logps=None):
         """The fine reads frame by frame: frame t is read with the query the GPT predicts after the fine reads of

@@ -93,3 +93,34 @@ def test_attention_peak_on_target_worked_example():
     m, _ = fov_metrics(a, 16, 4, target_size=4)
     assert m["target_peak_fine"] == pytest.approx(0.5)
     assert m["target_peak_coarse"] == pytest.approx(0.0)
+
+
+def test_policy_loss_rewards_the_fine_reads_gain_and_the_static_reads_own_error():
+    ns, model, _, _ = tiny_model("--read_top_k=2", "--read_gumbel=True", "--reinforce_weight=1", "--look_weight=0")
+    tgt = torch.zeros(2, 3, 1)
+    pred_c = torch.tensor([[[1.0], [1.0]], [[1.0], [3.0]]])  # static errors per video, frame: [[1, 1], [1, 9]]
+    pred_f = torch.tensor([[[0.0], [1.0]], [[1.0], [2.0]]])  # fine errors [[0, 1], [1, 4]]: gains [[1, 0], [0, 5]]
+    logp_f = torch.zeros(2, 3, requires_grad=True)
+    logp_c = torch.zeros(2, 3, requires_grad=True)
+    ns["FoveatedVLM"].policy_loss(pred_f, pred_c, tgt, logp_f, logp_c).backward()
+    # two videos: a frame's advantages are +-(difference / 2) / (the unbiased std |difference| / sqrt 2) = +-0.707;
+    # the loss is -(advantage x logp) averaged over 2 videos x 2 frames (the last frame's read predicts nothing)
+    a = 2 ** -0.5
+    # frame 0: video 0 gained more (1 vs 0); frame 1: video 1 (5 vs 0)
+    assert torch.allclose(logp_f.grad, -torch.tensor([[a, -a, 0], [-a, a, 0]]) / 4, atol=1e-5)
+    # the static read: frame 0's errors are equal (no advantage); in frame 1 video 0 erred less
+    assert torch.allclose(logp_c.grad, -torch.tensor([[0, a, 0], [0, -a, 0]]) / 4, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_the_policy_gradient_is_added_only_when_weighted_and_only_in_training(weight):
+    ns, model, frames, _ = tiny_model("--read_top_k=2", "--read_gumbel=True", f"--reinforce_weight={weight}",
+                                      "--look_weight=0", "--read_weight=0", "--recurrent=True")
+    tgt = tiny_targets(ns, model)
+    torch.manual_seed(5)
+    r = model(frames, tgt)
+    extra = (r["loss"] - r["loss_fine"] - r["loss_coarse"]).abs().item()
+    assert (extra > 1e-6) == (weight > 0)
+    model.eval()
+    r = model(frames, tgt)
+    assert torch.allclose(r["loss"], r["loss_fine"] + r["loss_coarse"], atol=1e-6)
