@@ -8,10 +8,12 @@ belongs to exactly one split by a hash of its characters (`ocr_word_split`), so 
 read by reading its characters, not by recalling a memorised word.
 """
 import json
+import math
 import os
 import re
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -78,13 +80,14 @@ def ocr_line_width(font, line, pitch=0):
     return sum(font.getlength(w) for w in words) + ocr_word_gap(font) * (len(words) - 1)
 
 
-def ocr_layout_text(rng, split, style, font, width, max_lines, pitch=0):
-    """Lines of text (each fits in `width` pixels) for one document style."""
+def ocr_layout_text(rng, split, style, font, width, max_lines, pitch=0, min_lines=1, line_chars=0):
+    """min_lines..max_lines lines of text (each fits in `width` pixels, and in line_chars characters if > 0) for
+    one document style."""
     def fits(s):
-        return ocr_line_width(font, s, pitch) <= width
+        return ocr_line_width(font, s, pitch) <= width and (not line_chars or len(s) <= line_chars)
 
     lines = []
-    n_lines = int(rng.integers(1, max_lines + 1))
+    n_lines = int(rng.integers(min(min_lines, max_lines), max_lines + 1))
     for _ in range(n_lines):
         if style == "receipt":  # "item price": the price right-aligned when drawn
             item, price = ocr_random_word(rng, split), ocr_random_word(rng, split, "price")
@@ -108,10 +111,17 @@ def ocr_layout_text(rng, split, style, font, width, max_lines, pitch=0):
     return lines or [ocr_random_word(rng, split)[:4]]
 
 
+def page_wh(image_size):
+    """A page size given as an int (square) or (width, height) -> (width, height)."""
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
 def ocr_render(lines, image_size, font_size, x0, y0, line_gap, ink, paper, right_align_last_word=False, pitch=0):
-    """Lines -> grayscale-on-RGB PIL image. pitch > 0: typewriter layout, one character per `pitch` px cell."""
+    """Lines -> grayscale-on-RGB PIL image (image_size: int, square, or (width, height)). pitch > 0: typewriter
+    layout, one character per `pitch` px cell."""
     from PIL import Image, ImageDraw
-    img = Image.new("L", (image_size, image_size), int(paper))
+    width = page_wh(image_size)[0]
+    img = Image.new("L", page_wh(image_size), int(paper))
     draw = ImageDraw.Draw(img)
     font = ocr_font(font_size)
     for i, line in enumerate(lines):
@@ -123,7 +133,7 @@ def ocr_render(lines, image_size, font_size, x0, y0, line_gap, ink, paper, right
         words, x = line.split(" "), x0
         for j, word in enumerate(words):
             if right_align_last_word and j == len(words) - 1 and j > 0:
-                x = max(x, image_size - 2 - font.getlength(word))
+                x = max(x, width - 2 - font.getlength(word))
             draw.text((x, y), word, font=font, fill=int(ink))
             x += font.getlength(word) + ocr_word_gap(font)
     return img.convert("RGB")
@@ -133,37 +143,56 @@ OCR_GLYPH_CLASSES = 95  # 0 = background (and space), 1..94 = printable ASCII '!
 OCR_TOKEN_SLOTS = 3     # characters a vision token is asked to carry (16 px tokens, 7 px pitch: 2-3 per token)
 
 
+def ocr_parse_layout(text):
+    """'6x16' -> (6 lines, 16 characters a line)."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise InputError(f"a page layout is LINESxCHARS, e.g. '6x16', got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def ocr_page_layout(page, lines, chars):
+    """The typewriter layout that fills a page (int: square, or (width, height)) with `lines` lines of `chars`
+    characters: dict(pitch, line_gap, font_size), the font about 1.5 pitches (as the recipe's 10-11 px on 7 px)."""
+    w, h = page_wh(page)
+    pitch, line_gap = (w - 4) // chars, (h - 4) // lines
+    if pitch < 2 or line_gap < 4:
+        raise InputError(f"{lines}x{chars} does not fit a {w} x {h} page (pitch {pitch} px, line gap {line_gap} px)")
+    return dict(pitch=pitch, line_gap=line_gap, font_size=max(4, min(line_gap - 2, round(1.5 * pitch))))
+
+
 def ocr_glyph_labels(lines, image_size, patch, x0, y0, line_gap, font_size, pitch):
-    """Which character each patch of a typewriter page shows: (G, G) int64, G = image_size // patch, raster
-    order like the SAM tokens. A patch whose centre lies in character j's cell of line i (x in
-    [x0 + j*pitch, x0 + (j+1)*pitch), y in [y0 + i*line_gap, y0 + i*line_gap + font_size + 2)) gets
+    """Which character each patch of a typewriter page shows: (Gh, Gw) int64, G = side // patch (image_size: int
+    or (width, height)), raster order like the SAM tokens. A patch whose centre lies in character j's cell of
+    line i (x in [x0 + j*pitch, x0 + (j+1)*pitch), y in [y0 + i*line_gap, y0 + i*line_gap + font_size + 2)) gets
     ord(ch) - 32; background and spaces 0; characters outside printable ASCII -1 (ignored)."""
-    g = image_size // patch
-    out = np.zeros((g, g), dtype=np.int64)
-    centres = (np.arange(g) + 0.5) * patch
+    w, h = page_wh(image_size)
+    out = np.zeros((h // patch, w // patch), dtype=np.int64)
+    x_centres, y_centres = (np.arange(w // patch) + 0.5) * patch, (np.arange(h // patch) + 0.5) * patch
     for i, line in enumerate(lines):
         top = y0 + i * line_gap
-        rows = (centres >= top) & (centres < top + font_size + 2)
+        rows = (y_centres >= top) & (y_centres < top + font_size + 2)
         for j, ch in enumerate(line):
-            cols = (centres >= x0 + j * pitch) & (centres < x0 + (j + 1) * pitch)
+            cols = (x_centres >= x0 + j * pitch) & (x_centres < x0 + (j + 1) * pitch)
             code = ord(ch) - 32
             out[np.ix_(rows, cols)] = code if 0 <= code < OCR_GLYPH_CLASSES else -1
     return out
 
 
 def ocr_slot_labels(lines, image_size, token_px, slots, x0, y0, line_gap, font_size, pitch):
-    """Which characters each vision token must carry, left to right: (q, q, slots) int64, q = image_size //
-    token_px. Line i belongs to the token row holding its vertical centre; character j, centred at x, to
+    """Which characters each vision token must carry, left to right: (qh, qw, slots) int64, q = side // token_px
+    (image_size: int or (width, height)). Line i belongs to the token row holding its vertical centre; character
+    j, centred at x, to
     token column x // token_px and slot floor(slots * (x % token_px) / token_px). Empty slots and spaces 0,
     characters outside printable ASCII (or two in one slot: pitch < token_px / slots) -1 (ignored)."""
-    q = image_size // token_px
-    out = np.zeros((q, q, slots), dtype=np.int64)
+    w, h = page_wh(image_size)
+    out = np.zeros((h // token_px, w // token_px, slots), dtype=np.int64)
     for i, line in enumerate(lines):
         r = int((y0 + i * line_gap + (font_size + 2) / 2) // token_px)
         for j, ch in enumerate(line):
             x = x0 + (j + 0.5) * pitch
             c, k = int(x // token_px), int(slots * (x % token_px) / token_px)
-            if not (0 <= r < q and 0 <= c < q):
+            if not (0 <= r < out.shape[0] and 0 <= c < out.shape[1]):
                 continue
             code = ord(ch) - 32
             taken = out[r, c, k] != 0
@@ -173,33 +202,38 @@ def ocr_slot_labels(lines, image_size, token_px, slots, x0, y0, line_gap, font_s
 
 def ocr_synthetic_sample(seed, split, index, image_size=64, font_sizes=(10, 11, 12), max_lines=3,
                          noise=0.04, styles=OCR_STYLES, paper=(200, 255), ink=(0, 90), pitch=0, line_gap=0,
-                         glyph_patch=0):
-    """One synthetic document: a pure function of (seed, split, index). pitch > 0: typewriter layout
+                         glyph_patch=0, page=None, min_lines=1, line_chars=0):
+    """One synthetic document: a pure function of (seed, split, index). page (width, height): a page of that
+    size (default image_size x image_size; larger pages are what tiling reads). min_lines..max_lines lines (as many
+    as fit), of at most line_chars characters (0: as many as fit). pitch > 0: typewriter layout
     (fixed-pitch cells); line_gap > 0: lines on a fixed grid (y jitter of 2 px) instead of anywhere.
     glyph_patch > 0 (needs pitch): also 'glyphs', the character under every patch (ocr_glyph_labels), and
     'slots', the characters each vision token covers (ocr_slot_labels, tokens of 4 * glyph_patch px, 3 slots).
-    -> dict(image float (3, S, S) in [0, 1], text 'line\\nline', style, id[, glyphs])."""
+    -> dict(image float (3, H, W) in [0, 1], text 'line\\nline', style, id[, glyphs, slots])."""
     rng = sample_rng(seed, split, index)
+    width, height = page or (image_size, image_size)
     style = styles[int(rng.integers(len(styles)))]
     font_size = int(rng.choice(font_sizes))
     font = ocr_font(font_size)
     grid = line_gap > 0
     line_gap = line_gap or font_size + 2 + int(rng.integers(0, 3))
-    fit_lines = max(1, min(max_lines, (image_size - 4) // line_gap))
+    fit_lines = max(1, min(max_lines, (height - 4) // line_gap))
     x0 = int(rng.integers(1, 4 if pitch else 6))
-    lines = ocr_layout_text(rng, split, style, font, image_size - x0 - 1, fit_lines, pitch)
-    y_room = image_size - 2 - line_gap * len(lines)
+    lines = ocr_layout_text(rng, split, style, font, width - x0 - 1, fit_lines, pitch, min_lines, line_chars)
+    y_room = height - 2 - line_gap * len(lines)
     y0 = int(rng.integers(0, 3)) if grid else int(rng.integers(-1, max(0, y_room) + 1))
     paper_level, ink_level = rng.uniform(*paper), rng.uniform(*ink)
-    img = ocr_render(lines, image_size, font_size, x0, y0, line_gap, ink_level, paper_level, style == "receipt", pitch)
+    img = ocr_render(lines, (width, height), font_size, x0, y0, line_gap, ink_level, paper_level, style == "receipt",
+                     pitch)
     x = pil_to_tensor(img)
     if noise > 0:  # sensor noise, its strength drawn per image
         x = x + torch.from_numpy(rng.normal(0, rng.uniform(0, noise), x.shape[1:]).astype(np.float32))
         x = x.clamp(0, 1)
     out = dict(image=x, text="\n".join(lines), style=style, id=f"{split}_{index}")
     if glyph_patch and pitch:
-        out["glyphs"] = ocr_glyph_labels(lines, image_size, glyph_patch, x0, y0, line_gap, font_size, pitch)
-        out["slots"] = ocr_slot_labels(lines, image_size, 4 * glyph_patch, OCR_TOKEN_SLOTS, x0, y0, line_gap, font_size, pitch)
+        out["glyphs"] = ocr_glyph_labels(lines, (width, height), glyph_patch, x0, y0, line_gap, font_size, pitch)
+        out["slots"] = ocr_slot_labels(lines, (width, height), 4 * glyph_patch, OCR_TOKEN_SLOTS, x0, y0, line_gap,
+                                       font_size, pitch)
     return out
 
 
@@ -210,6 +244,67 @@ def ocr_probe_images(image_size=64, seed=0):
     white, black = torch.ones(3, image_size, image_size), torch.zeros(3, image_size, image_size)
     text = ocr_synthetic_sample(seed, "probe", 0, image_size, noise=0.0)["image"]
     return ["noise", "white", "black", "text"], torch.stack([noise, white, black, text])
+
+# -----------------------------------------------------------------------------
+# tiling (DeepSeek-OCR's crop mode, "Gundam"): a global view of the whole page plus local crops chosen by its
+# aspect ratio
+
+
+def ocr_crop_grid(width, height, crop_size, min_crops=2, max_crops=9):
+    """(n_w, n_h): the crop_size tiles across and down that a width x height page is cut into, by DeepSeek-OCR's
+    rule (its dynamic_preprocess and find_closest_aspect_ratio, from InternVL): (1, 1), no crops, when the page
+    fits one crop; else, of the grids of min_crops..max_crops tiles (fewest tiles first), the one whose aspect
+    ratio is nearest the page's, a later grid winning a tie when the page has over half its pixels."""
+    if width <= crop_size and height <= crop_size:
+        return 1, 1
+    # the same set built in the same order as theirs: equal-sized grids are then visited (and tie) as there
+    grids = sorted({(i, j) for n in range(min_crops, max_crops + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                    if min_crops <= i * j <= max_crops}, key=lambda g: g[0] * g[1])
+    best, best_diff = (1, 1), float("inf")
+    for n_w, n_h in grids:
+        diff = abs(width / height - n_w / n_h)
+        if diff < best_diff or diff == best_diff and width * height > 0.5 * crop_size * crop_size * n_w * n_h:
+            best, best_diff = (n_w, n_h), diff
+    return best
+
+
+def ocr_tile_views(page, image_size, crop_size, min_crops=2, max_crops=9, fill=(0.5, 0.5, 0.5)):
+    """A page (3, H, W) in [0, 1] -> (global view (3, S, S), crops (n_w * n_h or 0, 3, C, C) in raster order,
+    (n_w, n_h)), as DeepSeek-OCR's crop mode: the global view is the page scaled to fit image_size and centred on
+    `fill` (PIL's ImageOps.pad), the crops are the page resized to n_w*C x n_h*C (cut as is when it has that size)
+    and cut into C x C tiles."""
+    from PIL import Image, ImageOps
+    h, w = page.shape[1:]
+    n_w, n_h = ocr_crop_grid(w, h, crop_size, min_crops, max_crops)
+    img = to_pil(page)
+    view = page if (w, h) == (image_size, image_size) else \
+        pil_to_tensor(ImageOps.pad(img, (image_size, image_size), color=tuple(int(255 * f) for f in fill)))
+    if n_w * n_h == 1:
+        return view, torch.zeros(0, 3, crop_size, crop_size), (1, 1)
+    if (w, h) != (n_w * crop_size, n_h * crop_size):
+        page = pil_to_tensor(img.resize((n_w * crop_size, n_h * crop_size), Image.BICUBIC))
+    crops = page.view(3, n_h, crop_size, n_w, crop_size).permute(1, 3, 0, 2, 4).reshape(-1, 3, crop_size, crop_size)
+    return view, crops, (n_w, n_h)
+
+
+def ocr_tile_sample(sample, image_size, crop_size, min_crops=2, max_crops=9, fill=(0.5, 0.5, 0.5)):
+    """A sample of a whole page -> the same with image = its global view, crops and grid (ocr_tile_views). Its
+    glyph and slot labels become per view, the global view first, then the crops: (1 + crops, cells, cells[,
+    slots]). The crops' are cut from the page's (when the page was cut unresized into crops of image_size); the
+    global view, scaled, has none (-1) unless it is the page itself. Labels that do not fit are dropped."""
+    h, w = sample["image"].shape[1:]
+    view, crops, grid = ocr_tile_views(sample["image"], image_size, crop_size, min_crops, max_crops, fill)
+    out = dict(sample, image=view, crops=crops, grid=grid)
+    for k in [k for k in ("glyphs", "slots") if k in out]:
+        labels = out.pop(k)
+        cells = image_size // (w // labels.shape[1])  # cells per view side
+        glob = labels[None] if (w, h) == (image_size, image_size) else np.full((1, cells, cells) + labels.shape[2:], -1)
+        if grid == (1, 1):
+            out[k] = glob
+        elif crop_size == image_size and (w, h) == (grid[0] * crop_size, grid[1] * crop_size):
+            cut = labels.reshape(grid[1], cells, grid[0], cells, *labels.shape[2:]).swapaxes(1, 2)
+            out[k] = np.concatenate([glob, cut.reshape(-1, cells, cells, *labels.shape[2:])])
+    return out
 
 # -----------------------------------------------------------------------------
 # real data readers: every reader yields dict(image=<path>, text=<str>, id=<str>), and fails at load time, naming
@@ -487,11 +582,23 @@ class EncoderConfig:
         return self.image_size // self.sam_patch // 4
 
 
-def vision_token_count(image_size, patch_size, downsample=4):
+def vision_token_count(image_size, patch_size, downsample=4, crop_size=0, grid=(1, 1)):
     """(q+1)*q+1: q rows of q tokens, a newline token after each row, one view separator at the end.
-    273 for DeepSeek-OCR's base mode (1024 px, patch 16, downsample 4)."""
+    273 for DeepSeek-OCR's base mode (1024 px, patch 16, downsample 4). With crops (grid (n_w, n_h) of crop_size
+    tiles, not (1, 1)) also their tokens as one grid, n_h*qc rows of n_w*qc tokens, a newline after each row:
+    + (n_w*qc + 1) * n_h*qc (Gundam, 640 px crops: 2 x 2 -> 273 + 420)."""
     q = image_size // patch_size // downsample
-    return (q + 1) * q + 1
+    n_w, n_h = grid
+    qc = crop_size // patch_size // downsample if n_w * n_h > 1 else 0
+    return (q + 1) * q + 1 + (n_w * qc + 1) * n_h * qc
+
+
+class TiledPages(NamedTuple):
+    """A batch of pages in crop mode: views (B, 3, S, S) their global views, crops (N, 3, C, C) every page's crops
+    in page order, grids [(n_w, n_h)] one per page ((1, 1): no crops)."""
+    views: torch.Tensor
+    crops: torch.Tensor
+    grids: list
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -515,6 +622,13 @@ def window_unpartition(x, w, padded, hw):
     B = x.shape[0] // (Hp // w * Wp // w)
     x = x.view(B, Hp // w, Wp // w, w, w, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
     return x[:, :H, :W].contiguous()
+
+
+def resize_positions(pos, hw):
+    """SAM's absolute positions (1, g, g, C) -> (1, h, w, C) for views of another size (bicubic, antialiased, as
+    DeepSeek-OCR resizes them for its 640 px crops)."""
+    grid = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=hw, mode="bicubic", antialias=True, align_corners=False)
+    return grid.to(pos.dtype).permute(0, 2, 3, 1)
 
 
 def rel_pos_rows(table, size):
@@ -589,8 +703,9 @@ class SAMEncoder(nn.Module):
         self.glyph = nn.Linear(c.sam_dim, c.glyph_classes) if c.glyph_classes else None
 
     def trunk(self, images):
-        """images (B, 3, S, S) -> the last block's (B, g, g, sam_dim) grid."""
-        x = embed_patches(images, self.patch) + self.pos
+        """images (B, 3, S, S) -> the last block's (B, g, g, sam_dim) grid (positions resized for another S)."""
+        x = embed_patches(images, self.patch)
+        x = x + (self.pos if x.shape[1:3] == self.pos.shape[1:3] else resize_positions(self.pos, x.shape[1:3]))
         for block in self.blocks:
             if self.checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)  # recomputed in backward
@@ -694,9 +809,45 @@ class DeepEncoder(nn.Module):
         rows = torch.cat([proj.view(B, q, q, D), self.image_newline.expand(B, q, 1, D)], 2).reshape(B, -1, D)
         return torch.cat([rows, self.view_separator.expand(B, 1, D)], 1)
 
+    def layout_tiled(self, views, crops, grids):
+        """Crop mode, DeepSeek-OCR's order: per page its crops' tokens as one grid (n_h*qc rows of n_w*qc tokens, a
+        newline after each row), then its global view's rows (a newline after each), the view separator.
+        views (B, q*q, D), crops (N, qc*qc, D) -> (sum of vision_token_count over the pages, D)."""
+        D, q, pages, start = views.shape[-1], self.config.q, [], 0
+        for page, (n_w, n_h) in zip(views, grids):
+            parts = []
+            if n_w * n_h > 1:
+                qc = math.isqrt(crops.shape[1])
+                tiles = crops[start:start + n_w * n_h].view(n_h, n_w, qc, qc, D).permute(0, 2, 1, 3, 4)
+                rows = torch.cat([tiles.reshape(n_h * qc, n_w * qc, D), self.image_newline.expand(n_h * qc, 1, D)], 1)
+                parts.append(rows.reshape(-1, D))
+                start += n_w * n_h
+            parts.append(torch.cat([page.view(q, q, D), self.image_newline.expand(q, 1, D)], 1).reshape(-1, D))
+            pages.append(torch.cat(parts + [self.view_separator[None]]))
+        return torch.cat(pages)
+
+    def tiled(self, pages, glyphs=False):
+        """TiledPages -> (sum of vision_token_count over the pages, D) (layout_tiled); with glyphs=True also the aux
+        logits of the global views, then of the crops (crops of the global views' size only)."""
+        views, crops, grids = pages
+        B, same_size = len(views), crops.shape[-1] == views.shape[-1]
+        if glyphs and len(crops) and not same_size:
+            raise InputError(f"the glyph and slot heads need crops of the global view's size: crops are "
+                             f"{crops.shape[-1]} px, global views {views.shape[-1]} px")
+        if same_size:  # one pass: batch centring sees every view
+            f = self.features(torch.cat([views, crops]), glyphs)
+            crop_proj = f["proj"][B:]
+        else:
+            f = self.features(views, glyphs)
+            crop_proj = self.features(crops)["proj"] if len(crops) else None
+        out = self.layout_tiled(f["proj"][:B], crop_proj, grids)
+        return (out, dict(glyphs=f["glyphs"], slots=f["slots"])) if glyphs else out
+
     def forward(self, images, glyphs=False):
-        """-> (B, (q+1)*q+1, D) vision embeddings, and with glyphs=True also dict(glyphs=SAM's per-patch
-        logits, slots=the projected tokens' per-slot logits or None)."""
+        """-> (B, (q+1)*q+1, D) vision embeddings (TiledPages: tiled()), and with glyphs=True also dict(glyphs=SAM's
+        per-patch logits, slots=the projected tokens' per-slot logits or None)."""
+        if isinstance(images, TiledPages):
+            return self.tiled(images, glyphs)
         f = self.features(images, glyphs)
         return (self.layout(f["proj"]), dict(glyphs=f["glyphs"], slots=f["slots"])) if glyphs else self.layout(f["proj"])
 
@@ -746,14 +897,16 @@ def load_encoder(src, out_dim):
     return enc
 
 
-def encoder_flops(enc, glyphs=False):
+def encoder_flops(enc, glyphs=False, size=0):
     """Training FLOPs per image, each module counted at the positions it runs at: SAM's patch embedding, blocks
     and neck on its g x g grid, net_2 on (g/2)^2, net_3, CLIP, the projector and the slot head on q x q. 6 per
     weight entry (conv kernels included) and position, plus attention's 12 x keys x width per position and layer
     (PaLM's accounting, as gpt_flops_per_token); a frozen module (stage 2's SAM) runs forward only: a third of
-    that. Biases, norms and position embeddings are adds, not matmuls: left out."""
+    that. Biases, norms and position embeddings are adds, not matmuls: left out. size: a view of that size (a crop)
+    instead of image_size."""
     c, sam = enc.config, enc.sam
-    g, q = c.image_size // c.sam_patch, c.q
+    g = (size or c.image_size) // c.sam_patch
+    q = g // 4
 
     def cost(module, positions, keys=0, width=0):
         weights = [p for n, p in module.named_parameters()  # matmul weights (not tables added or looked up)
@@ -769,7 +922,8 @@ def encoder_flops(enc, glyphs=False):
     return total
 
 
-def train_flops(model, images, tokens, glyphs=False):
-    """One training step's FLOPs (the MFU numerator): the encoder per image plus the GPT per token."""
+def train_flops(model, images, tokens, glyphs=False, crops=0, crop_size=0):
+    """One training step's FLOPs (the MFU numerator): the encoder per image (and per crop) plus the GPT per token."""
     gpt_per_token = gpt_flops_per_token(model.gpt.config, model.gpt.num_params(exclude_embedding=True))
-    return encoder_flops(model.encoder, glyphs) * images + gpt_per_token * tokens
+    crop_flops = encoder_flops(model.encoder, glyphs, crop_size) * crops if crops else 0
+    return encoder_flops(model.encoder, glyphs) * images + crop_flops + gpt_per_token * tokens

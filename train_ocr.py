@@ -5,13 +5,15 @@ features -> concat -> projector; data_ocr.py) in front of the shared GPT, traine
     python train_ocr.py                         # synthetic documents, 2-core CPU, 6800 steps
     python train_ocr.py --overfit=True          # tier 1: 10 samples, must reach 10/10 exact
     python train_ocr.py --stage=2 --init_encoder=out/ocr-.../encoder   # SAM frozen, fresh GPT
+    python train_ocr.py config/ocr_gundam.py    # crop mode on 128 x 128 pages: a 64 px global view + 2 x 2 crops
     torchrun --nproc_per_node=8 train_ocr.py config/ocr_fox.py --train_data=train.jsonl   # GPU scale, Fox eval
 
-Prompt: <|bos|> <|image|> x ((q+1)*q+1) "\\nFree OCR." -> text <|eos|>. The image token is special (inserted
-by id, never generated). Every eval scores generated text (rollout, not teacher-forced) and runs a collapse
-monitor: the mean pairwise cosine similarity of pooled vision features at the SAM, CLIP and projected stages over
-a fixed probe set (noise, white, black, a text page). Collapsed features answer every page with the same text;
-the projected tokens are batch-centred (BatchCenter) against it by default. Notes: notes/ocr.md.
+Prompt: <|bos|> <|image|> x ((q+1)*q+1) "\\nFree OCR." -> text <|eos|> (crop mode: vision_token_count(grid)
+image tokens). The image token is special (inserted by id, never generated). Every eval scores generated text
+(rollout, not teacher-forced) and runs a collapse monitor: the mean pairwise cosine similarity of pooled vision
+features at the SAM, CLIP and projected stages over a fixed probe set (noise, white, black, a text page).
+Collapsed features answer every page with the same text; the projected tokens are batch-centred (BatchCenter)
+against it by default. Notes: notes/ocr.md.
 """
 import os
 import time
@@ -30,11 +32,11 @@ from runtime import (Clock, Logger, check_finite, configure_optimizers, get_lr, 
 from checkpoint import (adopt_checkpoint_config, load_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state, unwrap)
 from data import Tokenizer, batch_indices, load_image, normalize  # noqa: E402
-from data_ocr import (OCR_GLYPH_CLASSES, OCR_TOKEN_SLOTS, BatchCenter, DeepEncoder, EncoderConfig, OCRModel,  # noqa: E402
-                      fox_word_metrics, load_encoder, model_from_meta, ocr_draw_predictions,
-                      ocr_metrics, ocr_pairwise_cosine, ocr_probe_images, ocr_read_fox, ocr_read_jsonl,
-                      ocr_read_omnidocbench, ocr_shared_spread, ocr_synthetic_sample, train_flops,
-                      vision_token_count)
+from data_ocr import (OCR_GLYPH_CLASSES, OCR_STYLES, OCR_TOKEN_SLOTS, BatchCenter, DeepEncoder,  # noqa: E402
+                      EncoderConfig, OCRModel, TiledPages, fox_word_metrics, load_encoder, model_from_meta,
+                      ocr_draw_predictions, ocr_metrics, ocr_page_layout, ocr_pairwise_cosine, ocr_parse_layout,
+                      ocr_probe_images, ocr_read_fox, ocr_read_jsonl, ocr_read_omnidocbench, ocr_shared_spread,
+                      ocr_synthetic_sample, ocr_tile_sample, train_flops, vision_token_count)
 
 # -----------------------------------------------------------------------------
 # config (defaults: the 2-core CPU run on synthetic pages)
@@ -55,12 +57,25 @@ image_root = ''            # folder of val_data's images ('' = the reader's defa
 image_size = 64
 font_sizes = (10, 11)
 max_lines = 3
+min_lines = 1              # each page has min_lines..max_lines lines (as many as fit)
+line_chars = 0             # > 0: lines of at most this many characters (0: as many as fit the page's width)
+layouts = ()               # e.g. ('3x9', '6x16'): pages of LINESxCHARS in turn, each filling the page (pitch, line gap
+                           #   and font from ocr_page_layout, in place of font_sizes, the line knobs, pitch, line_gap)
+styles = ('paragraph', 'receipt', 'label')  # synthetic document styles drawn from
 noise = 0.04
 paper = (200, 255)         # paper grey level range (0-255)
 ink = (0, 90)              # ink grey level range
 pitch = 7                  # > 0: typewriter layout, one character per `pitch` px cell (0: proportional)
 line_gap = 16              # > 0: lines on a fixed grid `line_gap` px apart (0: random line positions)
 max_text_tokens = 48       # longer targets are cut (and counted); also the generation budget
+page_width = 0             # synthetic page size in px (0: image_size); a page larger than image_size needs crop_mode
+page_height = 0
+# tiling, DeepSeek-OCR's crop mode ("Gundam"): a global view of the page at image_size, plus crop_size crops (2..9,
+# by aspect ratio) of pages larger than one crop; the vision tokens: vision_token_count(..., grid)
+crop_mode = False
+crop_size = 64             # the local crop size (DeepSeek-OCR: 640 px crops, a 1024 px global view)
+min_crops = 2
+max_crops = 9
 # DeepEncoder: SAM-like windowed ViT -> neck -> 2 stride-2 convs -> CLIP-like ViT -> concat -> projector
 sam_patch = 4
 sam_dim = 64
@@ -124,7 +139,7 @@ config = configure(globals())
 
 RECIPE = 'ocr'
 TARGETS = {"ned": ("<=", 0.05), "fox_precision": (">=", 0.95), "collapse_cos": ("<", 0.95)}
-DIAGNOSTICS = ("exact_match", "distinct_outputs", "word_f1", "cos_sam", "cos_clip", "cos_proj")
+DIAGNOSTICS = ("exact_match", "distinct_outputs", "word_f1", "cos_sam", "cos_clip", "cos_proj", "compression")
 # the model's shape: a run from a checkpoint takes these from it, and says so
 MODEL_KEYS = ("image_size", "sam_patch", "sam_dim", "sam_layers", "sam_heads", "sam_window", "sam_global", "neck_dim",
               "clip_layers", "clip_heads", "center_vision", "n_layer", "n_head", "n_kv_head", "n_embd", "max_text_tokens")
@@ -140,6 +155,14 @@ if dataset != 'synthetic' and not val_data and not overfit:  # (overfit evaluate
     raise InputError(f"dataset={dataset!r} evaluates on val_data= (its {dataset} annotation file), which is not set")
 if stage == 2 and not init_encoder and init_from in ('scratch', ''):
     raise InputError("stage=2 trains on a stage-1 encoder: pass --init_encoder=<out_dir>/encoder")
+if not crop_mode and max(page_width, page_height) > image_size:
+    raise InputError(f"a {page_width or image_size} x {page_height or image_size} page is larger than image_size "
+                     f"{image_size}: read it with crop_mode=True (a global view plus crops)")
+LAYOUTS = [ocr_parse_layout(t) for t in layouts]
+if not styles or set(styles) - set(OCR_STYLES):
+    raise InputError(f"styles must be a non-empty tuple of {OCR_STYLES}, got {styles!r}")
+if crop_mode and not 1 <= min_crops <= max_crops:
+    raise InputError(f"crops: need 1 <= min_crops <= max_crops, got {min_crops} and {max_crops}")
 
 # -----------------------------------------------------------------------------
 # setup
@@ -190,6 +213,15 @@ pretrained_sam = bool(init_sam) or bool(init_encoder) and is_foreign(init_encode
 sam_frozen = stage == 2 or (pretrained_sam if freeze_sam is None else freeze_sam)
 # the glyph loss needs character positions: synthetic typewriter pages only, and a trainable SAM (stage 1)
 use_glyphs = glyph_weight > 0 and dataset == 'synthetic' and pitch > 0 and stage == 1 and not sam_frozen
+use_glyphs = use_glyphs and (not crop_mode or crop_size == image_size)  # (labels are cut per view of one size)
+
+
+def max_vision_tokens():
+    """The most vision tokens a page can take: one view, or in crop mode its largest grid of <= max_crops crops."""
+    grids = [(i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops + 1) if i * j <= max_crops]
+    grids = grids if crop_mode else [(1, 1)]
+    return max(vision_token_count(image_size, sam_patch, crop_size=crop_size, grid=g) for g in grids)
+
 if run.ckpt_src:
     raw_model = model_from_meta(run.meta)
     if not run.resume:  # a checkpoint to start from or evaluate (a resume also loads the optimizer, below)
@@ -199,7 +231,7 @@ else:
                             neck_dim, clip_layers, clip_heads, n_embd, center_vision,
                             OCR_GLYPH_CLASSES if use_glyphs else 0, OCR_TOKEN_SLOTS if use_glyphs and slot_weight > 0 else 0)
     gpt_cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
-                        sequence_len=vision_token_count(image_size, sam_patch) + 16 + max_text_tokens, image_token_id=IMAGE)
+                        sequence_len=max_vision_tokens() + 16 + max_text_tokens, image_token_id=IMAGE)
     if loaded_gpt is not None:  # (its shape is the config's now; a stage-1 or pretrained encoder is checked below)
         loaded_gpt.config.image_token_id = IMAGE
     raw_model = OCRModel(DeepEncoder(enc_cfg), loaded_gpt if loaded_gpt is not None else GPT(gpt_cfg))
@@ -222,6 +254,12 @@ image_mean, image_std = enc.config.image_mean, enc.config.image_std  # what the 
 if isinstance(enc.center, BatchCenter) and not eval_only and not overfit and batch_size * run.world_size < 2:
     raise InputError("center_vision subtracts the batch's mean from every image: it needs a global batch of >= 2 "
                      "images (one image would be centred to zero); raise batch_size or pass --center_vision=False")
+if crop_mode and crop_size % (4 * enc.config.sam_patch):
+    raise InputError(f"crop_size {crop_size} must be a multiple of 4 * sam_patch ({4 * enc.config.sam_patch})")
+if crop_mode and crop_size != enc.config.image_size and (isinstance(enc.center, BatchCenter)
+                                                         or not enc.clip.config.pos_interpolate):
+    raise InputError(f"crop_size {crop_size} != image_size {enc.config.image_size} needs an encoder whose CLIP "
+                     f"resizes its positions (a pretrained one) and center_vision=False (its mean is per position)")
 if sam_frozen:  # SAM (with neck, net_2, net_3) frozen, as DeepSeek-OCR stage 2
     enc.sam.requires_grad_(False)
     if enc.slot_head is not None:  # a stage-1 training aid, like SAM's glyph head
@@ -231,13 +269,21 @@ set_checkpointing(raw_model, activation_checkpointing)
 glyph_on = use_glyphs and enc.sam.glyph is not None  # (a checkpoint without the head trains without it)
 q = enc.config.q
 N_VISION = vision_token_count(enc.config.image_size, enc.config.sam_patch)
+PAGE = (page_width or enc.config.image_size, page_height or enc.config.image_size)
+TEXT = [dict(font_sizes=tuple(font_sizes), max_lines=max_lines, min_lines=min_lines, line_chars=line_chars, pitch=pitch,
+             line_gap=line_gap)]  # how text is laid out: this, or one layout per entry of `layouts`
+if LAYOUTS:
+    TEXT = [dict(max_lines=n, min_lines=n, line_chars=m, **ocr_page_layout(PAGE, n, m)) for n, m in LAYOUTS]
+    for t in TEXT:
+        t['font_sizes'] = (t.pop('font_size'),)
 n_params = sum(p.numel() for p in raw_model.parameters())
 if master:
     n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     M = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in dict(enc=enc, sam=enc.sam, clip=enc.clip).items()}
     print(f"DeepEncoder {M['enc']:.2f}M (SAM {M['sam']:.2f}M, CLIP {M['clip']:.2f}M) + GPT "
           f"{gpt.num_params() / 1e6:.2f}M | trainable {n_train / 1e6:.2f}M | stage {stage} | {N_VISION} vision tokens "
-          f"({q}x{q} + {q} newlines + 1) | out_dir {out_dir} | device {device} | dtype {run.dtype}")
+          f"({q}x{q} + {q} newlines + 1{' + crops' if crop_mode else ''}) | out_dir {out_dir} | device {device} | "
+          f"dtype {run.dtype}")
 
 optimizer = configure_optimizers(raw_model, lr, weight_decay, device_type=run.device_type)
 step, clock = 0, Clock(max_train_seconds, device=device)
@@ -265,15 +311,33 @@ def get_sample(split, index):
     if overfit:
         split, index = 'train', index % 10  # tier 1: the same 10 training pages, train and eval
     if dataset == 'synthetic':
-        return ocr_synthetic_sample(seed, split, index, image_size, tuple(font_sizes), max_lines, noise,
-                                    paper=tuple(paper), ink=tuple(ink), pitch=pitch, line_gap=line_gap,
-                                    glyph_patch=enc.config.sam_patch if glyph_on else 0)
-    item = real[split][index % len(real[split])]
-    return dict(image=load_image(item['image'], enc.config.image_size), text=item['text'], id=item['id'])
+        s = ocr_synthetic_sample(seed, split, index, image_size, noise=noise, styles=tuple(styles), paper=tuple(paper),
+                                 ink=tuple(ink), glyph_patch=enc.config.sam_patch if glyph_on else 0, page=PAGE,
+                                 **TEXT[index % len(TEXT)])
+    else:
+        item = real[split][index % len(real[split])]
+        s = dict(image=load_image(item['image'], None if crop_mode else enc.config.image_size), text=item['text'],
+                 id=item['id'])
+    return ocr_tile_sample(s, enc.config.image_size, crop_size, min_crops, max_crops, image_mean) if crop_mode else s
 
 
-def prompt_ids():
-    return [BOS] + [IMAGE] * N_VISION + tok.encode(PROMPT)
+def n_vision(sample):
+    """The vision tokens of a page: N_VISION, or in crop mode its global view's plus its crops'."""
+    return vision_token_count(enc.config.image_size, enc.config.sam_patch, crop_size=crop_size,
+                              grid=sample.get('grid', (1, 1)))
+
+
+def prompt_ids(n=N_VISION):
+    return [BOS] + [IMAGE] * n + tok.encode(PROMPT)
+
+
+def vision_input(samples):
+    """The samples' images normalised on the device: (B, 3, S, S), or in crop mode TiledPages."""
+    views = normalize(torch.stack([s['image'] for s in samples]), image_mean, image_std).to(device)
+    if not crop_mode:
+        return views
+    crops = normalize(torch.cat([s['crops'] for s in samples]), image_mean, image_std).to(device)
+    return TiledPages(views, crops, [s['grid'] for s in samples])
 
 
 def make_batch(samples, text_only=False):
@@ -285,7 +349,7 @@ def make_batch(samples, text_only=False):
         ans = tok.encode(s['text'])
         if len(ans) > max_text_tokens:
             ans, n_truncated = ans[:max_text_tokens], n_truncated + 1
-        head = [BOS] if text_only else prompt_ids()
+        head = [BOS] if text_only else prompt_ids(n_vision(s))
         seqs.append(head + ans + [EOS])
         starts.append(len(head) - 1)  # the first position whose target is an answer token
     T = max(len(s) for s in seqs) - 1
@@ -294,11 +358,12 @@ def make_batch(samples, text_only=False):
     for i, (s, st) in enumerate(zip(seqs, starts)):
         idx[i, :len(s) - 1] = torch.tensor(s[:-1])
         targets[i, st:len(s) - 1] = torch.tensor(s[st + 1:])
-    images = None if text_only else normalize(torch.stack([s['image'] for s in samples]), image_mean, image_std)
+    images = None if text_only else vision_input(samples)
     aux = None
-    if not text_only and all('glyphs' in s for s in samples):
-        aux = {k: torch.from_numpy(np.stack([s[k] for s in samples])).to(device) for k in ('glyphs', 'slots')}
-    return idx.to(device), targets.to(device), None if images is None else images.to(device), aux
+    if not text_only and all('glyphs' in s for s in samples):  # (crop mode: every global view, then every crop)
+        stack = (lambda v: np.concatenate([x[:1] for x in v] + [x[1:] for x in v])) if crop_mode else np.stack
+        aux = {k: torch.from_numpy(stack([s[k] for s in samples])).to(device) for k in ('glyphs', 'slots')}
+    return idx.to(device), targets.to(device), images, aux
 
 
 def train_batch(step, micro=0):
@@ -327,12 +392,22 @@ def save(step):
 
 
 @torch.no_grad()
-def generate_text(images, max_new=None, use_cache=True, stop=True):
-    """Batched greedy OCR: vision embeddings computed once, prefilled once into the KV cache.
+def generate_text(samples, max_new=None, use_cache=True, stop=True):
+    """Batched greedy OCR of the samples' pages: vision embeddings computed once, prefilled once into the KV cache.
+    Pages of different crop grids (prompt lengths) go in separate batches, their texts in the samples' order.
     (.tolist() waits for the device, so the bench's timings are complete.)"""
+    groups = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(n_vision(s), []).append(i)
+    if len(groups) > 1:
+        texts = [None] * len(samples)
+        for members in groups.values():
+            for i, t in zip(members, generate_text([samples[i] for i in members], max_new, use_cache, stop)[0]):
+                texts[i] = t
+        return texts, None
     with ctx:
-        vision = enc(normalize(images.to(device), image_mean, image_std))
-    idx = torch.tensor([prompt_ids()] * images.shape[0], device=device)
+        vision = enc(vision_input(samples))
+    idx = torch.tensor([prompt_ids(n_vision(samples[0]))] * len(samples), device=device)
     with ctx:
         out = gpt.generate(idx, max_new or max_text_tokens + 1, vision_embeds=vision, eos_id=EOS if stop else None,
                            suppress_ids=[BOS, PAD], use_cache=use_cache)
@@ -363,15 +438,16 @@ def per_sample_losses(samples):
 
 @torch.no_grad()
 def bench_generation():
-    """Greedy generation of bench_tokens tokens for 8 held-out pages, with the KV cache and by full
+    """Greedy generation of bench_tokens tokens for (up to) 8 held-out pages, with the KV cache and by full
     recomputation: tokens/s of each, the speedup, and whether the two outputs agree."""
-    images = torch.stack([get_sample('val', i)['image'] for i in range(8)])
+    samples = [get_sample('val', i) for i in range(8)]
+    samples = [s for s in samples if n_vision(s) == n_vision(samples[0])]  # one prompt length (crop grid)
     res = {}
     for name, cache in (('cache', True), ('recompute', False)):
-        generate_text(images[:2], 4, cache, stop=False)  # warm-up
+        generate_text(samples[:2], 4, cache, stop=False)  # warm-up
         t0 = time.perf_counter()
-        _, out = generate_text(images, bench_tokens, cache, stop=False)
-        res[name] = (out, images.shape[0] * bench_tokens / (time.perf_counter() - t0))
+        _, out = generate_text(samples, bench_tokens, cache, stop=False)
+        res[name] = (out, len(samples) * bench_tokens / (time.perf_counter() - t0))
     return dict(gen_tok_s=res['cache'][1], gen_tok_s_recompute=res['recompute'][1],
                 kv_speedup=res['cache'][1] / res['recompute'][1],
                 kv_match=float(torch.equal(res['cache'][0], res['recompute'][0])))
@@ -382,17 +458,25 @@ def evaluate(step, final=False):
     """OCR of n_eval held-out pages, the collapse monitor, a PNG of the first 16; at the end also the generation
     bench. Every metric goes to results.json / evals.jsonl / wandb; the targets and DIAGNOSTICS are printed."""
     raw_model.eval()
-    preds, gts, ids, images = [], [], [], []
+    preds, gts, ids, images, text_tokens, vision_tokens = [], [], [], [], [], []
     n = min(n_eval, len(real['val'])) if 'val' in real and not overfit else n_eval
     for start in range(0, n, eval_batch):
         samples = [get_sample('val', i) for i in range(start, min(n, start + eval_batch))]
-        texts, _ = generate_text(torch.stack([s['image'] for s in samples]))
+        texts, _ = generate_text(samples)
         preds += texts
         gts += [s['text'] for s in samples]
+        text_tokens += [len(tok.encode(s['text'])) for s in samples]
+        vision_tokens += [(n_vision(s), q * q + len(s.get('crops', ())) * (crop_size // enc.config.sam_patch // 4) ** 2)
+                          for s in samples]
         ids += [s['id'] for s in samples]
         images += [s['image'] for s in samples[:max(0, 16 - len(images))]]
     metrics = ocr_metrics(preds, gts)
     metrics['distinct_outputs'] = len(set(preds)) / len(preds)  # a collapsed model answers every page alike
+    # optical compression, the paper's way: text tokens (this run's tokenizer) per vision token, the vision tokens
+    # counted as the grid's q*q (+ the crops'), without newlines and separator (vision_tokens counts those too)
+    metrics.update(text_tokens=float(np.mean(text_tokens)), vision_tokens=float(np.mean([v for v, _ in vision_tokens])),
+                   vision_tokens_grid=float(np.mean([g for _, g in vision_tokens])),
+                   compression=float(np.mean([t / g for t, (_, g) in zip(text_tokens, vision_tokens)])))
     cos, spread = collapse_monitor()
     metrics.update(cos, collapse_cos=max(cos.values()), **spread)
     if overfit:
@@ -436,7 +520,7 @@ while step < max_steps:
     # losses per target token (per labelled cell) of the whole step: every micro-batch on every rank (exact)
     n_targets = sum((targets != -1).sum() for _, targets, _, _ in batches)
     n_cells = {k: sum((b[3][k] != -1).sum() for b in batches) for k in batches[0][3] or {}}
-    step_loss, tokens, n_images = 0.0, 0, 0
+    step_loss, tokens, n_images, n_crops = 0.0, 0, 0, 0
     for micro, (idx, targets, images, aux) in enumerate(batches):
         with sync_grads(model, micro, grad_accum_steps), plan_probe(planner):  # DDP all-reduces the gradients after the last only
             with ctx:
@@ -452,6 +536,7 @@ while step < max_steps:
         step_loss += loss.item()
         tokens += idx.numel() * run.world_size
         n_images += idx.shape[0] * run.world_size * (images is not None)
+        n_crops += len(images.crops) * run.world_size if isinstance(images, TiledPages) else 0
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -468,8 +553,9 @@ while step < max_steps:
         if master:
             dt = (clock.seconds - logged_seconds) / n_acc
             aux_avg = {f"{k}_loss": v / n_aux for k, v in aux_acc.items()}  # rank 0's (diagnostics; loss is global)
-            print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens, train_flops(raw_model, n_images, tokens, glyph_on),
-                           peak, extra=" | ".join(f"{k} {v:.4f}" for k, v in aux_avg.items())))
+            flops = train_flops(raw_model, n_images, tokens, glyph_on, n_crops, crop_size)
+            print(log_line(step, max_steps, loss_avg, lr_now, dt, tokens, flops, peak,
+                           extra=" | ".join(f"{k} {v:.4f}" for k, v in aux_avg.items())))
             logger.log(dict(loss=loss_avg, lr=lr_now, **aux_avg), step)
         loss_acc, aux_acc, n_acc, n_aux, logged_seconds = 0.0, {}, 0, 0, clock.seconds
     if master and (step % eval_interval == 0 or last):

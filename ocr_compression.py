@@ -1,0 +1,187 @@
+"""
+The optical-compression study (DeepSeek-OCR's headline curve): decoding precision against the compression ratio,
+text tokens per vision token, one line per vision-token budget. As in the paper, one model per budget reads pages
+of every text length: per budget one train_ocr.py run (a subprocess) on synthetic paragraph pages of all the
+lengths in turn, then per point one eval_only run of that checkpoint on pages of one length; each results.json
+gives the metrics and the measured token counts.
+
+  - the budget is image_size: with sam_patch 4 and the 16x compressor, q*q = (image_size / 16)^2 vision tokens
+    (64 px -> 16, 96 -> 36, 128 -> 64, 160 -> 100; sam_patch 16: 512 px -> 64, 640 -> 100), plus q newlines and
+    one separator that the ratio leaves out, as the paper counts 64 / 100 / 256 / 400;
+  - the text length is a layout, LINESxCHARS (e.g. 6x16: 6 lines of up to 16 characters), drawn at the budget's
+    resolution: the font scales with the page, as the paper renders one page at each mode's resolution;
+  - text tokens are counted by the run with its own tokenizer (bytes; the LLM's with --init_gpt in `extra`).
+
+    python ocr_compression.py                                     # the CPU grid: 3 budgets x 4 lengths
+    python ocr_compression.py --budgets=(64,) --lengths=('3x9',) --steps=300
+    python ocr_compression.py --extra="--init_gpt=hf:nanochat-students/base-d20 --device=cuda" --seconds=600
+
+Writes <out>/compression.md (the table and where precision crosses 95% and 60%), <out>/compression.png (Fox
+precision vs ratio, the paper's points beside), compression.json, and the runs: <out>/s<px> (training),
+<out>/s<px>_<length> (evals).
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from configurator import configure
+from data_ocr import ocr_page_layout, ocr_parse_layout
+from model import InputError
+
+# -----------------------------------------------------------------------------
+# config
+out = 'out/ocr-compression'
+budgets = (64, 96, 128)    # image sizes: 16, 36, 64 vision tokens at sam_patch 4
+sam_patch = 4              # a vision token covers 4 * sam_patch px square (16: DeepSeek-OCR's, 512 px -> 64 tokens)
+lengths = ('2x8', '3x12', '5x16', '8x21')  # LINESxCHARS per page, each filling the page
+steps = 1500               # training steps per budget
+seconds = 0.0              # > 0: also stop a budget's training after this many training seconds
+seed = 1337
+n_eval = 100
+threads = 1                # torch threads per run
+extra = ''                 # more train_ocr.py arguments, e.g. '--batch_size=32'
+# -----------------------------------------------------------------------------
+
+# DeepSeek-OCR on Fox's English pages (paper, Table 2): the two ends of each budget's range. The 100-token ratios
+# are the 64-token ones x 64/100 (the same page buckets: 600-700 and 1,200-1,300 text tokens).
+PAPER = {64: [(10.5, 96.5), (19.7, 59.1)], 100: [(6.7, 98.5), (12.6, 87.1)]}
+
+
+def launch(args):
+    """python train_ocr.py <args> in a fresh process, its output to the console; a failed run stops the study."""
+    cmd = [sys.executable, "train_ocr.py", *args]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+
+
+def train_ocr(args, run_dir):
+    """One train_ocr.py run -> (its results.json, wall seconds)."""
+    t0 = time.time()
+    launch([*args, "--bench_tokens=0", f"--torch_threads={threads}", f"--seed={seed}", f"--out_dir={run_dir}",
+            *shlex.split(extra)])
+    with open(os.path.join(run_dir, "results.json")) as f:
+        return json.load(f), time.time() - t0
+
+
+def run_budget(image_size):
+    """Trains one model on pages of every length at image_size, evaluates it on each -> the budget's rows."""
+    longest = max(n * (m + 1) for n, m in map(ocr_parse_layout, lengths))  # bytes, newlines included
+    shape = [f"--image_size={image_size}", f"--sam_patch={sam_patch}", "--styles=('paragraph',)"]
+    train_dir = os.path.join(out, f"s{image_size}")
+    _, train_seconds = train_ocr(shape + [f"--layouts={tuple(lengths)}", f"--max_text_tokens={longest + 8}",
+                                          f"--max_steps={steps}", f"--max_train_seconds={seconds}",
+                                          f"--eval_interval={steps}", "--n_eval=8"], train_dir)
+    rows = []
+    for length in lengths:
+        res, _ = train_ocr(shape + [f"--layouts=('{length}',)", "--eval_only=True", f"--n_eval={n_eval}",
+                                    f"--init_from={os.path.join(train_dir, 'ckpt')}"],
+                           os.path.join(out, f"s{image_size}_{length}"))
+        m = res["metrics"]
+        rows.append(dict(budget=round(m["vision_tokens_grid"]), image_size=image_size, length=length,
+                         text_tokens=m["text_tokens"], ratio=m["text_tokens"] / m["vision_tokens_grid"],
+                         fox_precision=m["fox_precision"], ned=m["ned"], steps=res["step"], seed=seed,
+                         seconds=train_seconds))
+    return rows
+
+
+def crossing(rows, level):
+    """Where precision falls below `level` as the ratio grows: interpolated between two points, or a sentence."""
+    rows = sorted(rows, key=lambda r: r["ratio"])
+    if rows[0]["fox_precision"] < level:
+        return f"below from the first point ({rows[0]['ratio']:.2f}x)"
+    for a, b in zip(rows, rows[1:]):
+        if a["fox_precision"] >= level > b["fox_precision"]:
+            t = (a["fox_precision"] - level) / (a["fox_precision"] - b["fox_precision"])
+            return f"{a['ratio'] + t * (b['ratio'] - a['ratio']):.2f}x"
+    return f"not crossed in range (up to {rows[-1]['ratio']:.2f}x)"
+
+
+def write_table(rows, path):
+    head = ("| vision tokens (q*q) | image px | text length | text tokens (mean) | ratio | Fox precision | NED | steps "
+            "| seed | training wall s (the budget's model) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(f"| {r['budget']} | {r['image_size']} | {r['length']} | {r['text_tokens']:.1f} | {r['ratio']:.2f}x "
+                   f"| {100 * r['fox_precision']:.1f}% | {r['ned']:.3f} | {r['steps']} | {r['seed']} "
+                   f"| {r['seconds']:.0f} |\n" for r in rows)
+    cross = "".join(f"| {b} | {crossing(rs, 0.95)} | {crossing(rs, 0.60)} |\n" for b, rs in by_budget(rows).items())
+    with open(path, "w") as f:
+        f.write("Ratio = text tokens (the run's tokenizer) / q*q vision tokens (newlines and the separator not "
+                "counted).\n\n" + head + body + "\n| vision tokens | precision < 95% at | precision < 60% at |\n"
+                "|---|---|---|\n" + cross)
+
+
+def by_budget(rows):
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["budget"], []).append(r)
+    return groups
+
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def plot(rows, path, size=(720, 480), margin=60):
+    """Fox precision (%) vs ratio with Pillow: a line per budget (dots), the paper's points as rings."""
+    from PIL import Image, ImageDraw
+    from data_ocr import ocr_font
+    img = Image.new("RGB", size, "white")
+    d, font = ImageDraw.Draw(img), ocr_font(12)
+    x_max = max([r["ratio"] for r in rows] + [x for pts in PAPER.values() for x, _ in pts]) * 1.05
+    w, h = size[0] - 2 * margin, size[1] - 2 * margin
+
+    def xy(ratio, precision):
+        return margin + ratio / x_max * w, margin + (1 - precision / 100) * h
+
+    d.rectangle([margin, margin, margin + w, margin + h], outline="black")
+    for p in range(0, 101, 20):
+        d.text((margin - 30, xy(0, p)[1] - 6), f"{p}%", fill="black", font=font)
+    for k in range(0, int(x_max) + 1, max(1, int(x_max) // 10)):
+        d.text((xy(k, 0)[0] - 6, margin + h + 6), f"{k}x", fill="black", font=font)
+    d.text((margin + w // 2 - 120, size[1] - 24), "compression: text tokens / vision tokens", fill="black", font=font)
+    d.text((margin, 20), "Fox precision vs compression (dots: this run, rings: DeepSeek-OCR paper)", fill="black",
+           font=font)
+    legend = []
+    for i, (budget, rs) in enumerate(sorted(by_budget(rows).items())):
+        c = COLOURS[i % len(COLOURS)]
+        pts = [xy(r["ratio"], 100 * r["fox_precision"]) for r in sorted(rs, key=lambda r: r["ratio"])]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        for x, y in pts:
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=c)
+        legend.append((f"{budget} tokens (this run)", c, True))
+    for j, (budget, pts) in enumerate(sorted(PAPER.items())):
+        c = COLOURS[(len(legend) + j) % len(COLOURS)]
+        for x, y in (xy(*p) for p in pts):
+            d.ellipse([x - 6, y - 6, x + 6, y + 6], outline=c, width=2)
+        legend.append((f"{budget} tokens (paper)", c, False))
+    for k, (label, c, filled) in enumerate(legend):
+        y = margin + h - 18 * (len(legend) - k) - 4
+        box = [margin + w - 190, y, margin + w - 180, y + 10]
+        d.ellipse(box, fill=c if filled else None, outline=c, width=2)
+        d.text((margin + w - 174, y - 2), label, fill="black", font=font)
+    img.save(path)
+    return path
+
+
+def main():
+    if not budgets or not lengths:
+        raise InputError("the grid needs at least one budget and one text length")
+    for s in budgets:
+        if s % (4 * sam_patch):
+            raise InputError(f"budget image_size {s} is not a multiple of 4 * sam_patch ({4 * sam_patch})")
+        for length in lengths:
+            ocr_page_layout(s, *ocr_parse_layout(length))  # every point fits before the first run starts
+    os.makedirs(out, exist_ok=True)
+    rows = [row for s in budgets for row in run_budget(s)]
+    write_table(rows, os.path.join(out, "compression.md"))
+    plot(rows, os.path.join(out, "compression.png"))
+    with open(os.path.join(out, "compression.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(open(os.path.join(out, "compression.md")).read())
+
+
+if __name__ == "__main__":
+    config = configure(globals())
+    main()

@@ -1,0 +1,62 @@
+"""The optical-compression study runner (ocr_compression.py): page layouts, the crossing arithmetic, and a 2-point
+grid end to end (training and evals in this process) whose table, PNG and ratios are checked."""
+import json
+import os
+
+import pytest
+
+import ocr_compression as oc
+from data_ocr import ocr_page_layout, ocr_parse_layout, ocr_synthetic_sample
+from inprocess import run_script
+from model import InputError
+
+
+def test_page_layouts_fill_the_page():
+    assert ocr_parse_layout("6x16") == (6, 16)
+    assert ocr_page_layout(64, 3, 9) == dict(pitch=6, line_gap=20, font_size=9)  # near the recipe's 7 px / 16 px
+    assert ocr_page_layout((128, 64), 3, 18) == dict(pitch=6, line_gap=20, font_size=9)  # the same density, wider
+    with pytest.raises(InputError, match="LINESxCHARS"):
+        ocr_parse_layout("6-16")
+    with pytest.raises(InputError, match="does not fit a 64 x 64 page"):
+        ocr_page_layout(64, 3, 40)
+    # min_lines = max_lines and line_chars: every page has exactly that many lines, none longer than line_chars
+    lay = ocr_page_layout(96, 5, 16)
+    for i in range(20):
+        s = ocr_synthetic_sample(0, "val", i, 96, (lay["font_size"],), 5, styles=("paragraph",), pitch=lay["pitch"],
+                                 line_gap=lay["line_gap"], min_lines=5, line_chars=16)
+        lines = s["text"].split("\n")
+        assert len(lines) == 5 and max(map(len, lines)) <= 16
+
+
+def rows(*points):
+    return [dict(ratio=r, fox_precision=p) for r, p in points]
+
+
+def test_crossings_are_interpolated_between_points():
+    assert oc.crossing(rows((2, 1.0), (4, 0.9), (8, 0.5)), 0.95) == "3.00x"  # 1.0 -> 0.9 between 2x and 4x
+    assert oc.crossing(rows((8, 0.5), (2, 1.0), (4, 0.9)), 0.60) == "7.00x"  # sorted first; 0.9 -> 0.5 over 4x..8x
+    assert oc.crossing(rows((2, 0.99), (4, 0.97)), 0.95) == "not crossed in range (up to 4.00x)"
+    assert oc.crossing(rows((2, 0.4), (4, 0.1)), 0.60) == "below from the first point (2.00x)"
+
+
+def test_a_two_point_grid_writes_the_table_and_the_plot(tmp_path, monkeypatch):
+    def launch(args):  # train_ocr.py in this process (a fresh interpreter per run costs ~5 s)
+        r = run_script("train_ocr.py", args, env=dict(OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    small = "--sam_dim=16 --sam_window=4 --neck_dim=8 --n_layer=1 --n_embd=32 --n_head=2 --n_kv_head=2 --batch_size=4"
+    monkeypatch.setattr(oc, "launch", launch)
+    for k, v in dict(out=str(tmp_path), budgets=(32,), lengths=("1x4", "2x6"), steps=2, n_eval=4, extra=small).items():
+        monkeypatch.setattr(oc, k, v)
+    oc.main()
+    table = open(tmp_path / "compression.md").read()
+    assert os.path.getsize(tmp_path / "compression.png") > 1000
+    got = json.load(open(tmp_path / "compression.json"))
+    assert [r["length"] for r in got] == ["1x4", "2x6"] and all(r["steps"] == 2 for r in got)
+    for r in got:  # the ratio is the eval's measured text tokens over the q*q vision tokens (32 px: 2 x 2)
+        res = json.load(open(tmp_path / f"s32_{r['length']}" / "results.json"))
+        texts = [s["gt"] for s in res["samples"]]
+        assert res["n_eval"] == 4 and r["text_tokens"] == sum(len(t.encode()) for t in texts) / 4  # byte tokens
+        assert r["budget"] == 4 and r["ratio"] == pytest.approx(r["text_tokens"] / 4)
+        assert f"| 4 | 32 | {r['length']} | {r['text_tokens']:.1f} | {r['ratio']:.2f}x |" in table
+    assert "| 4 | " in table.split("precision < 60% at")[1]  # the crossings line of the budget
