@@ -706,16 +706,21 @@ def top_k_attention(scores, start, end, k, gumbel=False):
     head-mean scores) and every non-patch key; the other patches get 0. gumbel=True picks the k by Gumbel top-k
     (k draws without replacement from the head-mean softmax: places not yet favoured get tried). Straight-through:
     the value is the hard map, the gradient the full softmax's (every patch's logit learns).
-    -> (attention, log-probability (B, Q) of the k picked: the sum of their head-mean log-softmax, exact for k = 1,
-    for k > 1 a surrogate whose gradient raises every picked patch: REINFORCE's score)."""
+    -> (attention, log-probability (B, Q) of the picks in their order: each pick's share of the head-mean softmax
+    over the patches not yet picked (Plackett-Luce, the law of Gumbel top-k): REINFORCE's score)."""
     soft = scores.softmax(-1)
     mean = scores[..., start:end].mean(1, keepdim=True)  # (B, 1, Q, N)
     pick = mean - torch.log(-torch.log(torch.rand_like(mean).clamp(1e-9, 1 - 1e-9))) if gumbel else mean
-    chosen = torch.zeros_like(pick, dtype=torch.bool).scatter_(-1, pick.topk(min(k, end - start), -1).indices, True)
+    order = pick.topk(min(k, end - start), -1).indices  # best first
+    chosen = torch.zeros_like(pick, dtype=torch.bool).scatter_(-1, order, True)
     keep = F.pad(chosen, (start, scores.shape[-1] - end), value=True).expand_as(scores)
     hard = scores.masked_fill(~keep, float("-inf")).softmax(-1)
-    logp = (mean.log_softmax(-1) * chosen).sum(-1)[:, 0]
-    return soft + (hard - soft).detach(), logp
+    logp, left = 0.0, mean
+    for i in range(order.shape[-1]):
+        j = order[..., i:i + 1]
+        logp = logp + (left.gather(-1, j) - left.logsumexp(-1, keepdim=True))[..., 0]
+        left = left.scatter(-1, j, float("-inf"))
+    return soft + (hard - soft).detach(), logp[:, 0]
 
 
 def embed_patches(images, conv):

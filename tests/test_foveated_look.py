@@ -1,5 +1,6 @@
 """Foveated, learning where to look without labels: the hard top-k glimpse read (value, straight-through gradient,
 Gumbel draws), the contrast push, and the attention-peak diagnostic on hand-made maps."""
+import math
 import os
 import sys
 
@@ -51,6 +52,27 @@ def test_gumbel_top_1_draws_patches_as_often_as_the_softmax_says():
     # the pick's log-probability is the log-softmax of the patch drawn
     drawn = att[:, 0, 0].argmax(-1)
     assert torch.allclose(logp[:, 0], logits.log_softmax(-1)[drawn], atol=1e-6)
+
+
+def test_gumbel_top_2_draws_ordered_pairs_with_their_plackett_luce_probability():
+    torch.manual_seed(3)
+    logits = torch.tensor([1.5, 0.5, 0.0])
+    p = logits.softmax(-1)
+    scores = logits.expand(30000, 1, 1, 3).contiguous()
+    _, logp = top_k_attention(scores, 0, 3, k=2, gumbel=True)
+    pairs = {}
+    for a in range(3):
+        for b in range(3):
+            if a != b:  # first a, then b among the rest
+                pairs[(a, b)] = (p[a] * p[b] / (1 - p[a])).log().item()
+    # each draw's log-probability is its ordered pair's; the pair's frequency is its probability
+    seen = {}
+    for lp in logp[:, 0].tolist():
+        match = [ab for ab, v in pairs.items() if abs(v - lp) < 1e-4]
+        assert match, lp
+        seen[match[0]] = seen.get(match[0], 0) + 1
+    for ab, v in pairs.items():
+        assert abs(seen.get(ab, 0) / 30000 - math.exp(v)) < 0.015, (ab, seen.get(ab, 0) / 30000, math.exp(v))
 
 
 def test_top_k_reads_see_k_patches_per_layer_and_gumbel_only_in_training():
