@@ -594,7 +594,7 @@ def fov_metrics(a, image_size, patch_size, target_size=0, read_head=None, glimps
             # the share of frames whose attention peak lands on one of the target's patches (uniform: ~1/N)
             m[f"target_peak_{path}"] = on_target.gather(-1, maps[:, 1:].argmax(-1, keepdim=True)).float().mean().item()
         for path, g in (glimpse_maps or {}).items():  # the location maps' mass on the target (uniform: ~1/N)
-            m[f"glimpse_target_{path}"] = fov_target_hit(g, a["xy"][:, 1:], target_size, image_size, patch_size)
+            m[f"glimpse_target_{path}"] = float(fov_target_mass(g, on_target).mean())
     return m, per_frame
 
 

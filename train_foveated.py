@@ -381,8 +381,8 @@ class FoveatedVLM(nn.Module):
     def policy_loss(pred_f, pred_c, targets, logp_f, logp_c):
         """REINFORCE on the drawn glimpses: the fine read of frame t is rewarded by its prediction's gain over the
         static read's on the same video and frame, the static read by minus its own error; each reward against
-        the batch mean for that frame, in units of the batch's spread. logp_f, logp_c (B, T): the reads' log-probabilities (the last frame's read
-        predicts nothing and gets no reward)."""
+        the batch mean for that frame, in units of the batch's spread. logp_f, logp_c (B, T): the reads'
+        log-probabilities (the last frame's read predicts nothing and gets no reward)."""
         err_f = (pred_f.float() - targets[:, 1:].float()).pow(2).mean(-1).detach()  # (B, T-1)
         err_c = (pred_c.float() - targets[:, 1:].float()).pow(2).mean(-1).detach()
         gain, own = err_c - err_f, -err_c
