@@ -6,13 +6,13 @@ lengths in turn, then per point one eval_only run of that checkpoint on pages of
 gives the metrics and the measured token counts.
 
   - the budget is image_size: with sam_patch 4 and the 16x compressor, q*q = (image_size / 16)^2 vision tokens
-    (64 px -> 16, 96 -> 36, 128 -> 64, 160 -> 100; sam_patch 16: 512 px -> 64, 640 -> 100), plus q newlines and
-    one separator that the ratio leaves out, as the paper counts 64 / 100 / 256 / 400;
+    (48 px -> 9, 64 -> 16, 80 -> 25, 128 -> 64, 160 -> 100; sam_patch 16: 512 px -> 64, 640 -> 100), plus q
+    newlines and one separator that the ratio leaves out, as the paper counts 64 / 100 / 256 / 400;
   - the text length is a layout, LINESxCHARS (e.g. 6x16: 6 lines of up to 16 characters), drawn at the budget's
     resolution: the font scales with the page, as the paper renders one page at each mode's resolution;
   - text tokens are counted by the run with its own tokenizer (bytes; the LLM's with --init_gpt in `extra`).
 
-    python ocr_compression.py                                     # the CPU grid: 3 budgets x 4 lengths
+    python ocr_compression.py                                     # the CPU grid: 3 budgets x 5 lengths
     python ocr_compression.py --budgets=(64,) --lengths=('3x9',) --steps=300
     python ocr_compression.py --extra="--init_gpt=hf:nanochat-students/base-d20 --device=cuda" --seconds=600
 
@@ -34,10 +34,10 @@ from model import InputError
 # -----------------------------------------------------------------------------
 # config
 out = 'out/ocr-compression'
-budgets = (64, 96, 128)    # image sizes: 16, 36, 64 vision tokens at sam_patch 4
+budgets = (48, 64, 80)     # image sizes: 9, 16, 25 vision tokens at sam_patch 4
 sam_patch = 4              # a vision token covers 4 * sam_patch px square (16: DeepSeek-OCR's, 512 px -> 64 tokens)
-lengths = ('2x8', '3x12', '5x16', '8x21')  # LINESxCHARS per page, each filling the page
-steps = 1500               # training steps per budget
+lengths = ('2x4', '3x7', '4x10', '5x12', '6x15')  # LINESxCHARS per page, each filling the page (48 px: pitch 11..2 px)
+steps = 6800               # training steps per budget (the OCR recipe's default)
 seconds = 0.0              # > 0: also stop a budget's training after this many training seconds
 seed = 1337
 n_eval = 100
@@ -57,13 +57,25 @@ def launch(args):
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
 
 
-def train_ocr(args, run_dir):
-    """One train_ocr.py run -> (its results.json, wall seconds)."""
-    t0 = time.time()
-    launch([*args, "--bench_tokens=0", f"--torch_threads={threads}", f"--seed={seed}", f"--out_dir={run_dir}",
-            *shlex.split(extra)])
+def train_ocr(args, run_dir, after=None):
+    """One train_ocr.py run -> (its results.json, its record). A run that already finished in run_dir with the
+    same arguments (and, for an eval, after the same training run `after`) is read back, not repeated: an
+    interrupted grid resumes, and budgets can run in parallel processes (one --budgets each, the same --out)
+    before one last call with all of them writes the table."""
+    args = [*args, "--bench_tokens=0", f"--torch_threads={threads}", f"--seed={seed}", f"--out_dir={run_dir}",
+            *shlex.split(extra)]
+    done = os.path.join(run_dir, "grid_run.json")  # written after the run succeeded: arguments, wall time, after
+    record = json.load(open(done)) if os.path.exists(done) else {}
+    if record.get("args") == args and record.get("after") == after:
+        print(f"read back {run_dir} (finished earlier with the same arguments)", flush=True)
+    else:
+        t0 = time.time()
+        launch(args)
+        record = dict(args=args, wall=time.time() - t0, after=after)
+        with open(done, "w") as f:
+            json.dump(record, f)
     with open(os.path.join(run_dir, "results.json")) as f:
-        return json.load(f), time.time() - t0
+        return json.load(f), record
 
 
 def run_budget(image_size):
@@ -71,19 +83,19 @@ def run_budget(image_size):
     longest = max(n * (m + 1) for n, m in map(ocr_parse_layout, lengths))  # bytes, newlines included
     shape = [f"--image_size={image_size}", f"--sam_patch={sam_patch}", "--styles=('paragraph',)"]
     train_dir = os.path.join(out, f"s{image_size}")
-    _, train_seconds = train_ocr(shape + [f"--layouts={tuple(lengths)}", f"--max_text_tokens={longest + 8}",
+    _, trained = train_ocr(shape + [f"--layouts={tuple(lengths)}", f"--max_text_tokens={longest + 8}",
                                           f"--max_steps={steps}", f"--max_train_seconds={seconds}",
                                           f"--eval_interval={steps}", "--n_eval=8"], train_dir)
     rows = []
     for length in lengths:
         res, _ = train_ocr(shape + [f"--layouts=('{length}',)", "--eval_only=True", f"--n_eval={n_eval}",
                                     f"--init_from={os.path.join(train_dir, 'ckpt')}"],
-                           os.path.join(out, f"s{image_size}_{length}"))
+                           os.path.join(out, f"s{image_size}_{length}"), after=trained)
         m = res["metrics"]
         rows.append(dict(budget=round(m["vision_tokens_grid"]), image_size=image_size, length=length,
                          text_tokens=m["text_tokens"], ratio=m["text_tokens"] / m["vision_tokens_grid"],
                          fox_precision=m["fox_precision"], ned=m["ned"], steps=res["step"], seed=seed,
-                         seconds=train_seconds))
+                         seconds=trained["wall"]))
     return rows
 
 

@@ -60,3 +60,14 @@ def test_a_two_point_grid_writes_the_table_and_the_plot(tmp_path, monkeypatch):
         assert r["budget"] == 4 and r["ratio"] == pytest.approx(r["text_tokens"] / 4)
         assert f"| 4 | 32 | {r['length']} | {r['text_tokens']:.1f} | {r['ratio']:.2f}x |" in table
     assert "| 4 | " in table.split("precision < 60% at")[1]  # the crossings line of the budget
+
+    # a second call with the same settings reads every run back (an interrupted or split grid resumes) ...
+    launched = []
+    monkeypatch.setattr(oc, "launch", launched.append)
+    oc.main()
+    assert launched == [] and json.load(open(tmp_path / "compression.json")) == got
+    # ... and a changed setting runs again: new steps retrain the budget, and its evals follow
+    monkeypatch.setattr(oc, "launch", lambda args: (launched.append(args), launch(args)))
+    monkeypatch.setattr(oc, "steps", 3)
+    oc.main()
+    assert len(launched) == 3 and all(r["steps"] == 3 for r in json.load(open(tmp_path / "compression.json")))
