@@ -370,6 +370,13 @@ class GPT(nn.Module):
         if n_slots != n_rows:
             raise InputError(f"vision token count mismatch: the prompt has {n_slots} image-token positions "
                              f"(id {image_id}) but {n_rows} vision embeddings were given")
+        if n_rows and vision_embeds.dim() == 3 and vision_embeds.shape[0] == idx.shape[0]:
+            # (B, N, C): each prompt holds its own N, else the in-order scatter shifts images across prompts
+            per_prompt = (idx == image_id).sum(1).tolist()
+            bad = next((i for i, n in enumerate(per_prompt) if n != vision_embeds.shape[1]), None)
+            if bad is not None:
+                raise InputError(f"vision token count mismatch in prompt {bad}: {per_prompt[bad]} image-token "
+                                 f"positions but {vision_embeds.shape[1]} vision embeddings per image")
         if n_rows:
             rows = vision_embeds.reshape(-1, x.shape[-1]).to(x.dtype)
             x = x.masked_scatter((idx == image_id).unsqueeze(-1), rows)

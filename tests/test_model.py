@@ -449,6 +449,12 @@ def test_scatter_count_mismatch_raises_naming_both_counts():
     with pytest.raises(ValueError, match=r"prompt has 0 image-token positions .* but 5 vision embeddings"):
         tiny_gpt()(torch.tensor([[1, 2]]), vision_embeds=torch.randn(1, 5, 32))  # no image token at all
 
+    # the same total, split wrong: (B, N, C) embeddings need N image tokens in every prompt
+    idx = torch.tensor([[1, IMG, IMG, IMG, 2], [1, IMG, 2, 2, 2]])
+    with pytest.raises(ValueError, match=r"mismatch in prompt 0: 3 image-token positions but 2 vision embeddings"):
+        m.embed(idx, torch.randn(2, 2, 32))
+    m.embed(idx, torch.randn(4, 32))  # flat rows may be split unevenly (a variable count per prompt, as seg's)
+
 
 def test_scatter_width_mismatch_raises():
     m = tiny_gpt(image_token_id=IMG)
