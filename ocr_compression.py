@@ -2,23 +2,27 @@
 The optical-compression study (DeepSeek-OCR's headline curve): decoding precision against the compression ratio,
 text tokens per vision token, one line per vision-token budget. As in the paper, one model per budget reads pages
 of every text length: per budget one train_ocr.py run (a subprocess) on synthetic paragraph pages of all the
-lengths in turn, then per point one eval_only run of that checkpoint on pages of one length; each results.json
-gives the metrics and the measured token counts.
+lengths, then per point one eval_only run of that checkpoint on pages of one length; each results.json gives the
+metrics and the measured token counts. A budget is set one of two ways (`budget_knob`):
 
-  - the budget is image_size: with sam_patch 4 and the 16x compressor, q*q = (image_size / 16)^2 vision tokens
-    (48 px -> 9, 64 -> 16, 80 -> 25, 128 -> 64, 160 -> 100; sam_patch 16: 512 px -> 64, 640 -> 100), plus q
-    newlines and one separator that the ratio leaves out, as the paper counts 64 / 100 / 256 / 400;
-  - the text length is a layout, LINESxCHARS (e.g. 6x16: 6 lines of up to 16 characters), drawn at the budget's
-    resolution: the font scales with the page, as the paper renders one page at each mode's resolution;
-  - text tokens are counted by the run with its own tokenizer (bytes; the LLM's with --init_gpt in `extra`).
+  - 'sam_patch' (the default, the CPU grid): 64 px pages at train_ocr's fixed typewriter font (7 px pitch, 16 px
+    lines, the recipe's legible default), a vision token covering 4 * sam_patch px square: sam_patch 4 / 8 / 16
+    -> 16 / 4 / 1 tokens, a deeper compressor in effect; a length LINESxCHARS is an eval page of exactly LINES
+    lines of up to CHARS characters, training pages have 1 to the most LINES lines;
+  - 'image_size' (the paper's way): the page's size at `sam_patch`, q*q = (image_size / (4 * sam_patch))^2 tokens
+    (sam_patch 4: 64 px -> 16; sam_patch 16: 512 px -> 64, 640 -> 100), each length drawn to fill the page, the
+    font scaling with it, as the paper renders one page at each mode's resolution;
+  - the ratio leaves out the q newlines and the separator, as the paper counts 64 / 100 / 256 / 400; text tokens
+    are counted by the run with its own tokenizer (bytes; the LLM's with --init_gpt in `extra`).
 
-    python ocr_compression.py                                     # the CPU grid: 3 budgets x 5 lengths
-    python ocr_compression.py --budgets=(64,) --lengths=('3x9',) --steps=300
-    python ocr_compression.py --extra="--init_gpt=hf:nanochat-students/base-d20 --device=cuda" --seconds=600
+    python ocr_compression.py                                     # the CPU grid: 1 / 4 / 16 tokens x 4 lengths
+    python ocr_compression.py --budgets=(4,) --lengths=('3x8',) --steps=300
+    python ocr_compression.py --budget_knob=image_size --sam_patch=16 --budgets="(512,640)" \
+        --lengths="('20x60','30x80')" --extra="--init_gpt=hf:nanochat-students/base-d20 --device=cuda"
 
 Writes <out>/compression.md (the table and where precision crosses 95% and 60%), <out>/compression.png (Fox
-precision vs ratio, the paper's points beside), compression.json, and the runs: <out>/s<px> (training),
-<out>/s<px>_<length> (evals).
+precision vs ratio, the paper's points beside), compression.json, and the runs: <out>/p<sam_patch> or
+<out>/s<px> (training), the same + _<length> (evals). Finished runs are read back (see train_ocr below).
 """
 import json
 import os
@@ -34,9 +38,11 @@ from model import InputError
 # -----------------------------------------------------------------------------
 # config
 out = 'out/ocr-compression'
-budgets = (48, 64, 80)     # image sizes: 9, 16, 25 vision tokens at sam_patch 4
-sam_patch = 4              # a vision token covers 4 * sam_patch px square (16: DeepSeek-OCR's, 512 px -> 64 tokens)
-lengths = ('2x4', '3x7', '4x10', '5x12', '6x15')  # LINESxCHARS per page, each filling the page (48 px: pitch 11..2 px)
+budget_knob = 'sam_patch'  # what a budget sets: 'sam_patch' (the area a token covers, fixed font) or 'image_size'
+budgets = (16, 8, 4)       # sam_patch values: 1, 4, 16 vision tokens on 64 px pages (image sizes with 'image_size')
+image_size = 64            # the page when budget_knob = 'sam_patch'
+sam_patch = 4              # the patch when budget_knob = 'image_size' (16: DeepSeek-OCR's, 512 px -> 64 tokens)
+lengths = ('1x4', '1x8', '2x8', '3x8')  # LINESxCHARS per eval page (3x8: the recipe's full 64 px page)
 steps = 6800               # training steps per budget (the OCR recipe's default)
 seconds = 0.0              # > 0: also stop a budget's training after this many training seconds
 seed = 1337
@@ -78,21 +84,34 @@ def train_ocr(args, run_dir, after=None):
         return json.load(f), record
 
 
-def run_budget(image_size):
-    """Trains one model on pages of every length at image_size, evaluates it on each -> the budget's rows."""
+def text_args(length=None):
+    """train_ocr.py's text arguments: one length, or (None) every length in turn for training. Fixed font: the
+    script's typewriter pages in training (1 to the most lines of any length, each filled), exactly LINES lines
+    of up to CHARS characters in an eval."""
+    if budget_knob == 'image_size':
+        return [f"--layouts={(length,) if length else tuple(lengths)}"]
+    most = max(n for n, _ in map(ocr_parse_layout, lengths))
+    n, m = ocr_parse_layout(length) if length else (1, 0)
+    return [f"--min_lines={n}", f"--max_lines={n if length else most}", f"--line_chars={m}"]
+
+
+def run_budget(budget):
+    """Trains one model on pages of every length at this budget, evaluates it on each -> the budget's rows."""
+    px, patch = (budget, sam_patch) if budget_knob == 'image_size' else (image_size, budget)
     longest = max(n * (m + 1) for n, m in map(ocr_parse_layout, lengths))  # bytes, newlines included
-    shape = [f"--image_size={image_size}", f"--sam_patch={sam_patch}", "--styles=('paragraph',)"]
-    train_dir = os.path.join(out, f"s{image_size}")
-    _, trained = train_ocr(shape + [f"--layouts={tuple(lengths)}", f"--max_text_tokens={longest + 8}",
-                                          f"--max_steps={steps}", f"--max_train_seconds={seconds}",
-                                          f"--eval_interval={steps}", "--n_eval=8"], train_dir)
+    shape = [f"--image_size={px}", f"--sam_patch={patch}", "--styles=('paragraph',)",
+             f"--max_text_tokens={max(longest + 8, 48)}"]
+    name = f"s{px}" if budget_knob == 'image_size' else f"p{patch}"
+    train_dir = os.path.join(out, name)
+    _, trained = train_ocr(shape + text_args() + [f"--max_steps={steps}", f"--max_train_seconds={seconds}",
+                                                  f"--eval_interval={steps}", "--n_eval=8"], train_dir)
     rows = []
     for length in lengths:
-        res, _ = train_ocr(shape + [f"--layouts=('{length}',)", "--eval_only=True", f"--n_eval={n_eval}",
-                                    f"--init_from={os.path.join(train_dir, 'ckpt')}"],
-                           os.path.join(out, f"s{image_size}_{length}"), after=trained)
+        res, _ = train_ocr(shape + text_args(length) + ["--eval_only=True", f"--n_eval={n_eval}",
+                                                        f"--init_from={os.path.join(train_dir, 'ckpt')}"],
+                           os.path.join(out, f"{name}_{length}"), after=trained)
         m = res["metrics"]
-        rows.append(dict(budget=round(m["vision_tokens_grid"]), image_size=image_size, length=length,
+        rows.append(dict(budget=round(m["vision_tokens_grid"]), image_size=px, token_px=4 * patch, length=length,
                          text_tokens=m["text_tokens"], ratio=m["text_tokens"] / m["vision_tokens_grid"],
                          fox_precision=m["fox_precision"], ned=m["ned"], steps=res["step"], seed=seed,
                          seconds=trained["wall"]))
@@ -112,10 +131,10 @@ def crossing(rows, level):
 
 
 def write_table(rows, path):
-    head = ("| vision tokens (q*q) | image px | text length | text tokens (mean) | ratio | Fox precision | NED | steps "
-            "| seed | training wall s (the budget's model) |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    body = "".join(f"| {r['budget']} | {r['image_size']} | {r['length']} | {r['text_tokens']:.1f} | {r['ratio']:.2f}x "
-                   f"| {100 * r['fox_precision']:.1f}% | {r['ned']:.3f} | {r['steps']} | {r['seed']} "
+    head = ("| vision tokens (q*q) | image px | token px | text length | text tokens (mean) | ratio | Fox precision "
+            "| NED | steps | seed | training wall s (the budget's model) |\n" + "|---" * 11 + "|\n")
+    body = "".join(f"| {r['budget']} | {r['image_size']} | {r['token_px']} | {r['length']} | {r['text_tokens']:.1f} "
+                   f"| {r['ratio']:.2f}x | {100 * r['fox_precision']:.1f}% | {r['ned']:.3f} | {r['steps']} | {r['seed']} "
                    f"| {r['seconds']:.0f} |\n" for r in rows)
     cross = "".join(f"| {b} | {crossing(rs, 0.95)} | {crossing(rs, 0.60)} |\n" for b, rs in by_budget(rows).items())
     with open(path, "w") as f:
@@ -180,11 +199,16 @@ def plot(rows, path, size=(720, 480), margin=60):
 def main():
     if not budgets or not lengths:
         raise InputError("the grid needs at least one budget and one text length")
-    for s in budgets:
-        if s % (4 * sam_patch):
-            raise InputError(f"budget image_size {s} is not a multiple of 4 * sam_patch ({4 * sam_patch})")
+    if budget_knob not in ('image_size', 'sam_patch'):
+        raise InputError(f"budget_knob is 'image_size' or 'sam_patch', got {budget_knob!r}")
+    for b in budgets:  # every point fits before the first run starts
+        px, patch = (b, sam_patch) if budget_knob == 'image_size' else (image_size, b)
+        if px % (4 * patch):
+            raise InputError(f"image_size {px} is not a multiple of 4 * sam_patch ({4 * patch})")
         for length in lengths:
-            ocr_page_layout(s, *ocr_parse_layout(length))  # every point fits before the first run starts
+            fill = ocr_page_layout(px, *ocr_parse_layout(length))
+            if budget_knob == 'sam_patch' and (fill['pitch'] < 7 or fill['line_gap'] < 16):
+                raise InputError(f"{length} does not fit a {px} px page at the fixed font (7 px pitch, 16 px lines)")
     os.makedirs(out, exist_ok=True)
     rows = [row for s in budgets for row in run_budget(s)]
     write_table(rows, os.path.join(out, "compression.md"))

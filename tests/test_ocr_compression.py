@@ -46,7 +46,8 @@ def test_a_two_point_grid_writes_the_table_and_the_plot(tmp_path, monkeypatch):
 
     small = "--sam_dim=16 --sam_window=4 --neck_dim=8 --n_layer=1 --n_embd=32 --n_head=2 --n_kv_head=2 --batch_size=4"
     monkeypatch.setattr(oc, "launch", launch)
-    for k, v in dict(out=str(tmp_path), budgets=(32,), lengths=("1x4", "2x6"), steps=2, n_eval=4, extra=small).items():
+    for k, v in dict(out=str(tmp_path), budget_knob="image_size", budgets=(32,), lengths=("1x4", "2x6"), steps=2,
+                     n_eval=4, extra=small).items():
         monkeypatch.setattr(oc, k, v)
     oc.main()
     table = open(tmp_path / "compression.md").read()
@@ -58,7 +59,7 @@ def test_a_two_point_grid_writes_the_table_and_the_plot(tmp_path, monkeypatch):
         texts = [s["gt"] for s in res["samples"]]
         assert res["n_eval"] == 4 and r["text_tokens"] == sum(len(t.encode()) for t in texts) / 4  # byte tokens
         assert r["budget"] == 4 and r["ratio"] == pytest.approx(r["text_tokens"] / 4)
-        assert f"| 4 | 32 | {r['length']} | {r['text_tokens']:.1f} | {r['ratio']:.2f}x |" in table
+        assert f"| 4 | 32 | 16 | {r['length']} | {r['text_tokens']:.1f} | {r['ratio']:.2f}x |" in table
     assert "| 4 | " in table.split("precision < 60% at")[1]  # the crossings line of the budget
 
     # a second call with the same settings reads every run back (an interrupted or split grid resumes) ...
@@ -71,3 +72,37 @@ def test_a_two_point_grid_writes_the_table_and_the_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(oc, "steps", 3)
     oc.main()
     assert len(launched) == 3 and all(r["steps"] == 3 for r in json.load(open(tmp_path / "compression.json")))
+
+
+def test_a_sam_patch_budget_keeps_the_font_and_coarsens_the_tokens(tmp_path, monkeypatch):
+    """budget_knob='sam_patch': the budget is the area one token covers on image_size pages (64 px, sam_patch 16:
+    one token), the text at train_ocr's fixed 7 px font; an eval page has exactly LINES lines of <= CHARS."""
+    calls = []
+
+    def launch(args):
+        calls.append(args)
+        r = run_script("train_ocr.py", args, env=dict(OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    small = "--sam_dim=16 --sam_window=4 --neck_dim=8 --n_layer=1 --n_embd=32 --n_head=2 --n_kv_head=2 --batch_size=4"
+    monkeypatch.setattr(oc, "launch", launch)
+    for k, v in dict(out=str(tmp_path), budget_knob="sam_patch", budgets=(16,), lengths=("1x4", "2x8"), steps=2,
+                     n_eval=4, extra=small).items():
+        monkeypatch.setattr(oc, k, v)
+    oc.main()
+    assert "--max_lines=2" in calls[0] and "--line_chars=0" in calls[0]  # training: 1..2 filled lines
+    got = json.load(open(tmp_path / "compression.json"))
+    assert [(r["budget"], r["image_size"], r["token_px"]) for r in got] == [(1, 64, 64)] * 2
+    for r, (n, m) in zip(got, [(1, 4), (2, 8)]):
+        res = json.load(open(tmp_path / f"p16_{r['length']}" / "results.json"))
+        assert res["config"]["pitch"] == 7 and res["config"]["line_gap"] == 16  # the font did not move
+        for sample in res["samples"]:
+            lines = sample["gt"].split("\n")
+            assert len(lines) == n and max(map(len, lines)) <= m
+        assert r["ratio"] == pytest.approx(r["text_tokens"])  # one vision token
+    monkeypatch.setattr(oc, "lengths", ("5x8",))  # 5 lines of 16 px do not fit 64 px
+    with pytest.raises(InputError, match="5x8 does not fit a 64 px page at the fixed font"):
+        oc.main()
+    monkeypatch.setattr(oc, "budget_knob", "sam")
+    with pytest.raises(InputError, match="budget_knob is 'image_size' or 'sam_patch'"):
+        oc.main()
