@@ -134,8 +134,8 @@ def write_table(rows, path):
     head = ("| vision tokens (q*q) | image px | token px | text length | text tokens (mean) | ratio | Fox precision "
             "| NED | steps | seed | training wall s (the budget's model) |\n" + "|---" * 11 + "|\n")
     body = "".join(f"| {r['budget']} | {r['image_size']} | {r['token_px']} | {r['length']} | {r['text_tokens']:.1f} "
-                   f"| {r['ratio']:.2f}x | {100 * r['fox_precision']:.1f}% | {r['ned']:.3f} | {r['steps']} | {r['seed']} "
-                   f"| {r['seconds']:.0f} |\n" for r in rows)
+                   f"| {r['ratio']:.2f}x | {100 * r['fox_precision']:.1f}% | {r['ned']:.3f} | {r['steps']} "
+                   f"| {r['seed']} | {r['seconds']:.0f} |\n" for r in rows)
     cross = "".join(f"| {b} | {crossing(rs, 0.95)} | {crossing(rs, 0.60)} |\n" for b, rs in by_budget(rows).items())
     with open(path, "w") as f:
         f.write("Ratio = text tokens (the run's tokenizer) / q*q vision tokens (newlines and the separator not "
