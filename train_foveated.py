@@ -120,6 +120,7 @@ reinforce_weight = 0.0     # > 0 (read_top_k, read_gumbel): + a policy gradient 
                            # rewarded per video and frame by the prediction made from that read: the fine read by its
                            # gain over the static read's (coarse loss - fine loss), the static read by -its loss; each
                            # against the batch mean, in units of the batch's spread
+reinforce_static = True    # False: the policy term on the fine reads only (the static read's draws get none)
 contrast_weight = 0.0      # > 0: + contrast_weight x cos(fine read, coarse read) per frame (after frame 0): a push for
                            # the fine reads to hold something the static read does not
 n_passes = 1               # fine passes (each re-predicts the queries from the previous fine pass)
@@ -186,13 +187,13 @@ class FoveatedVLM(nn.Module):
     def __init__(self, vit_cfg, gpt_cfg, query_dim, latent_dim, coord_channels=True, max_frames=16, glimpse=False,
                  fine_proj=False, read_skip=False, recurrent=False, detach_coarse=True, read_weight=0.0,
                  look_weight=0.0, latent_target='frame', read_top_k=0, read_gumbel=False, contrast_weight=0.0,
-                 reinforce_weight=0.0):
+                 reinforce_weight=0.0, reinforce_static=True):
         super().__init__()
         self.glimpse = glimpse
         # training settings, not the weights' shape (so never in the checkpoint's "foveated" meta): see the config
         self.detach_coarse, self.read_weight, self.look_weight = detach_coarse, read_weight, look_weight
         self.read_top_k, self.read_gumbel, self.contrast_weight = read_top_k, read_gumbel, contrast_weight
-        self.reinforce_weight = reinforce_weight
+        self.reinforce_weight, self.reinforce_static = reinforce_weight, reinforce_static
         self.latent_target = latent_target
         self.n_patches = (vit_cfg.image_size // vit_cfg.patch_size) ** 2
         if glimpse and query_dim <= self.n_patches:
@@ -366,7 +367,7 @@ class FoveatedVLM(nn.Module):
             loss = loss + self.read_weight * (read_c + read_f)
         if policy:
             loss = loss + self.reinforce_weight * self.policy_loss(pred_f, pred_c, targets, torch.cat(logps_f, 1),
-                                                                   logps_c[0])
+                                                                   logps_c[0] if self.reinforce_static else None)
         if self.contrast_weight > 0:  # frame 0's fine read has no history to differ by
             loss = loss + self.contrast_weight * F.cosine_similarity(z_f[:, 1:], z_c[:, 1:], dim=-1).mean()
         look_loss = None
@@ -382,11 +383,11 @@ class FoveatedVLM(nn.Module):
         """REINFORCE on the drawn glimpses: the fine read of frame t is rewarded by its prediction's gain over the
         static read's on the same video and frame, the static read by minus its own error; each reward against
         the batch mean for that frame, in units of the batch's spread. logp_f, logp_c (B, T): the reads'
-        log-probabilities (the last frame's read predicts nothing and gets no reward)."""
+        log-probabilities (the last frame's read predicts nothing and gets no reward); logp_c None: fine only."""
         err_f = (pred_f.float() - targets[:, 1:].float()).pow(2).mean(-1).detach()  # (B, T-1)
         err_c = (pred_c.float() - targets[:, 1:].float()).pow(2).mean(-1).detach()
-        gain, own = err_c - err_f, -err_c
-        return -(fov_advantage(gain) * logp_f[:, :-1]).mean() - (fov_advantage(own) * logp_c[:, :-1]).mean()
+        loss = -(fov_advantage(err_c - err_f) * logp_f[:, :-1]).mean()
+        return loss if logp_c is None else loss - (fov_advantage(-err_c) * logp_c[:, :-1]).mean()
 
     def recurrent_reads(self, cache, mode, captions=None, look=None, logps=None):
         """The fine reads frame by frame: frame t is read with the query the GPT predicts after the fine reads of
@@ -460,7 +461,8 @@ def build_model(meta=None, llm=None):
                                              fine_proj=fine_proj, read_skip=read_skip, recurrent=recurrent)
     model = FoveatedVLM(vit_cfg, gpt_cfg, **fov, detach_coarse=detach_coarse, read_weight=read_weight,
                         look_weight=look_weight, latent_target=latent_target, read_top_k=read_top_k,
-                        read_gumbel=read_gumbel, contrast_weight=contrast_weight, reinforce_weight=reinforce_weight)
+                        read_gumbel=read_gumbel, contrast_weight=contrast_weight, reinforce_weight=reinforce_weight,
+                        reinforce_static=reinforce_static)
     if llm is not None:
         model.gpt = llm
     return model, dict(vit=asdict(vit_cfg), gpt=asdict(gpt_cfg), foveated=fov)

@@ -132,6 +132,10 @@ def test_policy_loss_rewards_the_fine_reads_gain_and_the_static_reads_own_error(
     assert torch.allclose(logp_f.grad, -torch.tensor([[a, -a, 0], [-a, a, 0]]) / 4, atol=1e-5)
     # the static read: frame 0's errors are equal (no advantage); in frame 1 video 0 erred less
     assert torch.allclose(logp_c.grad, -torch.tensor([[0, a, 0], [0, -a, 0]]) / 4, atol=1e-5)
+    # --reinforce_static=False: the fine term alone, the same gradient
+    fine_only = logp_f.detach().clone().requires_grad_(True)
+    ns["FoveatedVLM"].policy_loss(pred_f, pred_c, tgt, fine_only, None).backward()
+    assert torch.allclose(fine_only.grad, logp_f.grad)
 
 
 @pytest.mark.parametrize("weight", [0.0, 1.0])
@@ -143,6 +147,12 @@ def test_the_policy_gradient_is_added_only_when_weighted_and_only_in_training(we
     r = model(frames, tgt)
     extra = (r["loss"] - r["loss_fine"] - r["loss_coarse"]).abs().item()
     assert (extra > 1e-6) == (weight > 0)
+    if weight:  # the static read's term off: the same draws (same seed), a different policy term
+        model.reinforce_static = False
+        torch.manual_seed(5)
+        r2 = model(frames, tgt)
+        assert torch.equal(r2["loss_fine"], r["loss_fine"]) and not torch.allclose(r2["loss"], r["loss"])
+        model.reinforce_static = True
     model.eval()
     r = model(frames, tgt)
     assert torch.allclose(r["loss"], r["loss_fine"] + r["loss_coarse"], atol=1e-6)
