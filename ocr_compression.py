@@ -5,20 +5,20 @@ of every text length: per budget one train_ocr.py run (a subprocess) on syntheti
 lengths, then per point one eval_only run of that checkpoint on pages of one length; each results.json gives the
 metrics and the measured token counts. A budget is set one of two ways (`budget_knob`):
 
-  - 'sam_patch' (the default, the CPU grid): 64 px pages at train_ocr's fixed typewriter font (7 px pitch, 16 px
-    lines, the recipe's legible default), a vision token covering 4 * sam_patch px square: sam_patch 4 / 8 / 16
-    -> 16 / 4 / 1 tokens, a deeper compressor in effect; a length LINESxCHARS is an eval page of exactly LINES
-    lines of up to CHARS characters, training pages have 1 to the most LINES lines;
-  - 'image_size' (the paper's way): the page's size at `sam_patch`, q*q = (image_size / (4 * sam_patch))^2 tokens
-    (sam_patch 4: 64 px -> 16; sam_patch 16: 512 px -> 64, 640 -> 100), each length drawn to fill the page, the
-    font scaling with it, as the paper renders one page at each mode's resolution;
-  - the ratio leaves out the q newlines and the separator, as the paper counts 64 / 100 / 256 / 400; text tokens
-    are counted by the run with its own tokenizer (bytes; the LLM's with --init_gpt in `extra`).
+  - 'sam_patch' (the default): 64 px pages at train_ocr's typewriter font (7 px pitch, 16 px lines, the recipe's
+    legible default), a vision token covering 4 * sam_patch px square: sam_patch 4 / 8 / 16 -> 16 / 4 / 1
+    tokens, a deeper compressor in effect;
+  - 'image_size' (the paper's way): the same pages drawn at each size, the font scaled with it (`font`), at
+    `sam_patch`: q*q = (image_size / (4 * sam_patch))^2 tokens (sam_patch 4: 32 / 48 / 64 px -> 4 / 9 / 16);
+  - a length LINESxCHARS is an eval page of exactly LINES lines of up to CHARS characters; training pages have
+    1 to the most LINES lines. The ratio leaves out the q newlines and the separator, as the paper counts 64 / 100
+    / 256 / 400; text tokens are counted by the run with its own tokenizer (bytes; the LLM's with --init_gpt).
 
-    python ocr_compression.py                                     # the CPU grid: 1 / 4 / 16 tokens x 4 lengths
+    python ocr_compression.py                                     # 1 / 4 / 16 tokens (token area) x 4 lengths
+    python ocr_compression.py --budget_knob=image_size --budgets="(32,48,64,80)"   # 4 / 9 / 16 / 25 tokens
     python ocr_compression.py --budgets=(4,) --lengths=('3x8',) --steps=300
-    python ocr_compression.py --budget_knob=image_size --sam_patch=16 --budgets="(512,640)" \
-        --lengths="('20x60','30x80')" --extra="--init_gpt=hf:nanochat-students/base-d20 --device=cuda"
+    python ocr_compression.py --budget_knob=image_size --image_size=512 --sam_patch=16 --budgets="(512,640)" \
+        --lengths="('20x60','30x70')" --extra="--init_gpt=hf:nanochat-students/base-d20 --device=cuda"
 
 Writes <out>/compression.md (the table and where precision crosses 95% and 60%), <out>/compression.png (Fox
 precision vs ratio, the paper's points beside), compression.json, and the runs: <out>/p<sam_patch> or
@@ -32,7 +32,7 @@ import sys
 import time
 
 from configurator import configure
-from data_ocr import ocr_page_layout, ocr_parse_layout
+from data_ocr import ocr_parse_layout
 from model import InputError
 
 # -----------------------------------------------------------------------------
@@ -40,8 +40,8 @@ from model import InputError
 out = 'out/ocr-compression'
 budget_knob = 'sam_patch'  # what a budget sets: 'sam_patch' (the area a token covers, fixed font) or 'image_size'
 budgets = (16, 8, 4)       # sam_patch values: 1, 4, 16 vision tokens on 64 px pages (image sizes with 'image_size')
-image_size = 64            # the page when budget_knob = 'sam_patch'
-sam_patch = 4              # the patch when budget_knob = 'image_size' (16: DeepSeek-OCR's, 512 px -> 64 tokens)
+image_size = 64            # the page with 'sam_patch'; the page whose font (the recipe's) the others scale
+sam_patch = 4              # the patch with 'image_size' (16: DeepSeek-OCR's, 512 px -> 64 tokens)
 lengths = ('1x4', '1x8', '2x8', '3x8')  # LINESxCHARS per eval page (3x8: the recipe's full 64 px page)
 steps = 6800               # training steps per budget (the OCR recipe's default)
 seconds = 0.0              # > 0: also stop a budget's training after this many training seconds
@@ -84,15 +84,25 @@ def train_ocr(args, run_dir, after=None):
         return json.load(f), record
 
 
-def text_args(length=None):
-    """train_ocr.py's text arguments: one length, or (None) every length in turn for training. Fixed font: the
-    script's typewriter pages in training (1 to the most lines of any length, each filled), exactly LINES lines
-    of up to CHARS characters in an eval."""
-    if budget_knob == 'image_size':
-        return [f"--layouts={(length,) if length else tuple(lengths)}"]
-    most = max(n for n, _ in map(ocr_parse_layout, lengths))
-    n, m = ocr_parse_layout(length) if length else (1, 0)
-    return [f"--min_lines={n}", f"--max_lines={n if length else most}", f"--line_chars={m}"]
+def font(px):
+    """The typewriter font on a px page: the recipe's on image_size (7 px pitch, 16 px lines, 10-11 px letters at
+    64 px) scaled by px / image_size, so every budget's page shows the same text, smaller or larger (the paper's
+    one page at each mode's resolution): pitch, line gap, font sizes (pitch and gap rounded down, so it fits)."""
+    s = px / image_size
+    return int(7 * s), int(16 * s), (max(4, round(10 * s)), max(4, round(11 * s)))
+
+
+def text_args(px, length=None):
+    """train_ocr.py's text arguments on a px page: an eval page of one length (exactly LINES lines of up to CHARS
+    characters), or (None) training pages of 1 to the most LINES lines (filled on the image_size page, at most the
+    longest CHARS on a scaled one)."""
+    most_lines, most_chars = (max(x) for x in zip(*map(ocr_parse_layout, lengths)))
+    n, m = ocr_parse_layout(length) if length else (1, 0 if budget_knob == 'sam_patch' else most_chars)
+    args = [f"--min_lines={n}", f"--max_lines={n if length else most_lines}", f"--line_chars={m}"]
+    if budget_knob == 'sam_patch':
+        return args
+    pitch, line_gap, sizes = font(px)
+    return args + [f"--pitch={pitch}", f"--line_gap={line_gap}", f"--font_sizes={sizes}"]
 
 
 def run_budget(budget):
@@ -103,11 +113,11 @@ def run_budget(budget):
              f"--max_text_tokens={max(longest + 8, 48)}"]
     name = f"s{px}" if budget_knob == 'image_size' else f"p{patch}"
     train_dir = os.path.join(out, name)
-    _, trained = train_ocr(shape + text_args() + [f"--max_steps={steps}", f"--max_train_seconds={seconds}",
+    _, trained = train_ocr(shape + text_args(px) + [f"--max_steps={steps}", f"--max_train_seconds={seconds}",
                                                   f"--eval_interval={steps}", "--n_eval=8"], train_dir)
     rows = []
     for length in lengths:
-        res, _ = train_ocr(shape + text_args(length) + ["--eval_only=True", f"--n_eval={n_eval}",
+        res, _ = train_ocr(shape + text_args(px, length) + ["--eval_only=True", f"--n_eval={n_eval}",
                                                         f"--init_from={os.path.join(train_dir, 'ckpt')}"],
                            os.path.join(out, f"{name}_{length}"), after=trained)
         m = res["metrics"]
@@ -205,10 +215,11 @@ def main():
         px, patch = (b, sam_patch) if budget_knob == 'image_size' else (image_size, b)
         if px % (4 * patch):
             raise InputError(f"image_size {px} is not a multiple of 4 * sam_patch ({4 * patch})")
-        for length in lengths:
-            fill = ocr_page_layout(px, *ocr_parse_layout(length))
-            if budget_knob == 'sam_patch' and (fill['pitch'] < 7 or fill['line_gap'] < 16):
-                raise InputError(f"{length} does not fit a {px} px page at the fixed font (7 px pitch, 16 px lines)")
+        pitch, line_gap, _ = font(px if budget_knob == 'image_size' else image_size)
+        for n, m in map(ocr_parse_layout, lengths):
+            if pitch < 2 or n * line_gap > px - 4 or m * pitch > px - 4:
+                raise InputError(f"{n}x{m} does not fit a {px} px page at its font ({pitch} px pitch, {line_gap} px "
+                                 f"lines)")
     os.makedirs(out, exist_ok=True)
     rows = [row for s in budgets for row in run_budget(s)]
     write_table(rows, os.path.join(out, "compression.md"))

@@ -60,6 +60,10 @@ def test_a_two_point_grid_writes_the_table_and_the_plot(tmp_path, monkeypatch):
         assert res["n_eval"] == 4 and r["text_tokens"] == sum(len(t.encode()) for t in texts) / 4  # byte tokens
         assert r["budget"] == 4 and r["ratio"] == pytest.approx(r["text_tokens"] / 4)
         assert f"| 4 | 32 | 16 | {r['length']} | {r['text_tokens']:.1f} | {r['ratio']:.2f}x |" in table
+        # the recipe's 64 px font at half size (pitch and line gap rounded down), exactly LINES lines of <= CHARS
+        c, (n, m) = res["config"], oc.ocr_parse_layout(r["length"])
+        assert (c["pitch"], c["line_gap"], c["font_sizes"]) == (3, 8, [5, 6])
+        assert all(len(t.split("\n")) == n and max(map(len, t.split("\n"))) <= m for t in texts)
     assert "| 4 | " in table.split("precision < 60% at")[1]  # the crossings line of the budget
 
     # a second call with the same settings reads every run back (an interrupted or split grid resumes) ...
@@ -101,7 +105,7 @@ def test_a_sam_patch_budget_keeps_the_font_and_coarsens_the_tokens(tmp_path, mon
             assert len(lines) == n and max(map(len, lines)) <= m
         assert r["ratio"] == pytest.approx(r["text_tokens"])  # one vision token
     monkeypatch.setattr(oc, "lengths", ("5x8",))  # 5 lines of 16 px do not fit 64 px
-    with pytest.raises(InputError, match="5x8 does not fit a 64 px page at the fixed font"):
+    with pytest.raises(InputError, match="5x8 does not fit a 64 px page at its font"):
         oc.main()
     monkeypatch.setattr(oc, "budget_knob", "sam")
     with pytest.raises(InputError, match="budget_knob is 'image_size' or 'sam_patch'"):
