@@ -112,14 +112,14 @@ def run_budget(budget):
     shape = [f"--image_size={px}", f"--sam_patch={patch}", "--styles=('paragraph',)",
              f"--max_text_tokens={max(longest + 8, 48)}"]
     name = f"s{px}" if budget_knob == 'image_size' else f"p{patch}"
-    train_dir = os.path.join(out, name)
+    train_dir = os.path.join(os.path.abspath(out), name)  # absolute: the records match from any working dir
     _, trained = train_ocr(shape + text_args(px) + [f"--max_steps={steps}", f"--max_train_seconds={seconds}",
                                                   f"--eval_interval={steps}", "--n_eval=8"], train_dir)
     rows = []
     for length in lengths:
         res, _ = train_ocr(shape + text_args(px, length) + ["--eval_only=True", f"--n_eval={n_eval}",
                                                         f"--init_from={os.path.join(train_dir, 'ckpt')}"],
-                           os.path.join(out, f"{name}_{length}"), after=trained)
+                           os.path.join(os.path.abspath(out), f"{name}_{length}"), after=trained)
         m = res["metrics"]
         rows.append(dict(budget=round(m["vision_tokens_grid"]), image_size=px, token_px=4 * patch, length=length,
                          text_tokens=m["text_tokens"], ratio=m["text_tokens"] / m["vision_tokens_grid"],
