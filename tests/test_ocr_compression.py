@@ -39,17 +39,25 @@ def test_crossings_are_interpolated_between_points():
     assert oc.crossing(rows((2, 0.4), (4, 0.1)), 0.60) == "below from the first point (2.00x)"
 
 
-def test_a_two_point_grid_writes_the_table_and_the_plot(tmp_path, monkeypatch):
-    def launch(args):  # train_ocr.py in this process (a fresh interpreter per run costs ~5 s)
-        r = run_script("train_ocr.py", args, env=dict(OMP_NUM_THREADS="1"))
-        assert r.returncode == 0, r.stdout + r.stderr
+def launch(args, calls=None):
+    """train_ocr.py in this process (a fresh interpreter per run costs ~5 s), its arguments noted in `calls`."""
+    if calls is not None:
+        calls.append(args)
+    r = run_script("train_ocr.py", args, env=dict(OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
 
+
+def tiny_grid(monkeypatch, tmp_path, calls=None, **settings):
+    """oc.main() on a tiny model, 2 steps, 4 eval pages, these settings."""
     small = "--sam_dim=16 --sam_window=4 --neck_dim=8 --n_layer=1 --n_embd=32 --n_head=2 --n_kv_head=2 --batch_size=4"
-    monkeypatch.setattr(oc, "launch", launch)
-    for k, v in dict(out=str(tmp_path), budget_knob="image_size", budgets=(32,), lengths=("1x4", "2x6"), steps=2,
-                     n_eval=4, extra=small).items():
+    monkeypatch.setattr(oc, "launch", lambda args: launch(args, calls))
+    for k, v in dict(out=str(tmp_path), steps=2, n_eval=4, extra=small, **settings).items():
         monkeypatch.setattr(oc, k, v)
     oc.main()
+
+
+def test_a_two_point_grid_writes_the_table_and_the_plot(tmp_path, monkeypatch):
+    tiny_grid(monkeypatch, tmp_path, budget_knob="image_size", budgets=(32,), lengths=("1x4", "2x6"))
     table = open(tmp_path / "compression.md").read()
     assert os.path.getsize(tmp_path / "compression.png") > 1000
     got = json.load(open(tmp_path / "compression.json"))
@@ -72,7 +80,7 @@ def test_a_two_point_grid_writes_the_table_and_the_plot(tmp_path, monkeypatch):
     oc.main()
     assert launched == [] and json.load(open(tmp_path / "compression.json")) == got
     # ... and a changed setting runs again: new steps retrain the budget, and its evals follow
-    monkeypatch.setattr(oc, "launch", lambda args: (launched.append(args), launch(args)))
+    monkeypatch.setattr(oc, "launch", lambda args: launch(args, launched))
     monkeypatch.setattr(oc, "steps", 3)
     oc.main()
     assert len(launched) == 3 and all(r["steps"] == 3 for r in json.load(open(tmp_path / "compression.json")))
@@ -82,18 +90,7 @@ def test_a_sam_patch_budget_keeps_the_font_and_coarsens_the_tokens(tmp_path, mon
     """budget_knob='sam_patch': the budget is the area one token covers on image_size pages (64 px, sam_patch 16:
     one token), the text at train_ocr's fixed 7 px font; an eval page has exactly LINES lines of <= CHARS."""
     calls = []
-
-    def launch(args):
-        calls.append(args)
-        r = run_script("train_ocr.py", args, env=dict(OMP_NUM_THREADS="1"))
-        assert r.returncode == 0, r.stdout + r.stderr
-
-    small = "--sam_dim=16 --sam_window=4 --neck_dim=8 --n_layer=1 --n_embd=32 --n_head=2 --n_kv_head=2 --batch_size=4"
-    monkeypatch.setattr(oc, "launch", launch)
-    for k, v in dict(out=str(tmp_path), budget_knob="sam_patch", budgets=(16,), lengths=("1x4", "2x8"), steps=2,
-                     n_eval=4, extra=small).items():
-        monkeypatch.setattr(oc, k, v)
-    oc.main()
+    tiny_grid(monkeypatch, tmp_path, calls, budget_knob="sam_patch", budgets=(16,), lengths=("1x4", "2x8"))
     assert "--max_lines=2" in calls[0] and "--line_chars=0" in calls[0]  # training: 1..2 filled lines
     got = json.load(open(tmp_path / "compression.json"))
     assert [(r["budget"], r["image_size"], r["token_px"]) for r in got] == [(1, 64, 64)] * 2
