@@ -361,7 +361,8 @@ class GPT(nn.Module):
         """Token embeddings, with `vision_embeds` rows written in order where idx == image_token_id."""
         x = self.transformer.wte(idx)
         image_id = self.config.image_token_id
-        n_slots = int((idx == image_id).sum()) if image_id >= 0 else 0
+        slots = idx == image_id  # (B, T): where the vision rows go
+        n_slots = int(slots.sum()) if image_id >= 0 else 0
         if vision_embeds is not None and vision_embeds.shape[-1] != x.shape[-1]:
             # otherwise reshape(-1, n_embd) below would silently re-cut the rows (e.g. 2x as many, half used)
             raise InputError(f"vision embeddings are {vision_embeds.shape[-1]} wide but the LM's n_embd is "
@@ -372,14 +373,14 @@ class GPT(nn.Module):
                              f"(id {image_id}) but {n_rows} vision embeddings were given")
         if n_rows and vision_embeds.dim() == 3 and vision_embeds.shape[0] == idx.shape[0]:
             # (B, N, C): each prompt holds its own N, else the in-order scatter shifts images across prompts
-            per_prompt = (idx == image_id).sum(1).tolist()
+            per_prompt = slots.sum(1).tolist()
             bad = next((i for i, n in enumerate(per_prompt) if n != vision_embeds.shape[1]), None)
             if bad is not None:
                 raise InputError(f"vision token count mismatch in prompt {bad}: {per_prompt[bad]} image-token "
                                  f"positions but {vision_embeds.shape[1]} vision embeddings per image")
         if n_rows:
             rows = vision_embeds.reshape(-1, x.shape[-1]).to(x.dtype)
-            x = x.masked_scatter((idx == image_id).unsqueeze(-1), rows)
+            x = x.masked_scatter(slots.unsqueeze(-1), rows)
         return x
 
     # -- the transformer on embeddings (so recipes can feed soft/continuous inputs)
